@@ -1,0 +1,210 @@
+//! Wiring: sources -> outbox -> sink, with one shutdown signal.
+//!
+//! [`Daemon::start`] opens the outbox, builds TLS, binds every listener (so a bad address fails
+//! start-up, before READY=1) and spawns the tasks. [`Daemon::stop`] stops the listeners first
+//! (in-flight messages finish or are refused `AR`), then the sink, then waits for the outbox
+//! writer to commit its last batch.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::hl7::charset::Charset;
+use crate::hl7::intake::Responder;
+use crate::outbox::{Outbox, OutboxOptions, WriterThread};
+use crate::record::{FeedRecordSettings, RecordBuilder};
+use crate::sink::mqtt::{MqttSink, SinkSettings};
+use crate::sources::mllp::server::{FeedContext, MllpListener};
+use crate::telemetry::Telemetry;
+
+/// How often delivered rows past retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+/// How long listeners get to finish in-flight messages at shutdown.
+const LISTENER_GRACE: Duration = Duration::from_secs(5);
+
+/// A running siterelay.
+pub struct Daemon {
+    feeds: Vec<(String, SocketAddr)>,
+    shutdown: watch::Sender<bool>,
+    listeners: JoinSet<()>,
+    others: JoinSet<()>,
+    outbox: Outbox,
+    writer: WriterThread,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Daemon {
+    /// Start everything described by `cfg` (already checked by [`crate::config::load`]).
+    pub async fn start(cfg: &Config) -> anyhow::Result<Daemon> {
+        let tls = if cfg.mqtt.insecure_plaintext {
+            None
+        } else {
+            let (Some(ca), Some(cert), Some(key)) =
+                (&cfg.mqtt.ca_file, &cfg.mqtt.cert_file, &cfg.mqtt.key_file)
+            else {
+                bail!("mqtt.ca_file, cert_file and key_file are required for mutual TLS");
+            };
+            Some(crate::tls::mqtt_client_config(ca, cert, key).context("MQTT TLS set-up")?)
+        };
+
+        let (outbox, writer) = Outbox::open(
+            &cfg.outbox_path(),
+            OutboxOptions {
+                max_bytes: cfg.store.max_bytes,
+                retain_delivered: cfg.store.retain_delivered,
+            },
+        )
+        .context("opening the outbox")?;
+
+        let telemetry = Arc::new(Telemetry::new(cfg.mllp.iter().map(|f| f.name.as_str())));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let mut bound = Vec::new();
+        let mut feeds = Vec::new();
+        let mut record_feeds = HashMap::new();
+        for f in &cfg.mllp {
+            let default_charset =
+                Charset::from_msh18(&f.default_charset).context("default_charset")?;
+            let timezone = jiff::tz::TimeZone::get(&f.timezone).context("timezone")?;
+            record_feeds.insert(
+                f.name.clone(),
+                FeedRecordSettings {
+                    timezone,
+                    default_charset,
+                },
+            );
+            let tls = match &f.tls {
+                None => None,
+                Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::tls::mllp_server_config(
+                        &t.cert_file,
+                        &t.key_file,
+                        t.client_ca_file.as_deref(),
+                    )
+                    .with_context(|| format!("TLS for feed {}", f.name))?,
+                )),
+            };
+            let ctx = FeedContext {
+                name: Arc::from(f.name.as_str()),
+                max_message_bytes: f.max_message_bytes,
+                idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+                default_charset,
+                responder: Responder {
+                    application: "SITERELAY".into(),
+                    facility: cfg.appliance_id.clone(),
+                },
+                counters: telemetry.feed(&f.name),
+                outbox: outbox.clone(),
+                tls,
+            };
+            let l = MllpListener::bind(f.listen_addr(), f.max_connections, ctx)
+                .await
+                .with_context(|| format!("feed {}: cannot listen on {}", f.name, f.listen))?;
+            feeds.push((f.name.clone(), l.local_addr()?));
+            bound.push(l);
+        }
+
+        let max_message = cfg.mllp.iter().map(|f| f.max_message_bytes).max().unwrap_or(0);
+        // JSON escaping can grow control characters six-fold; leave room for the envelope.
+        let max_packet_bytes = (max_message * 6 + 64 * 1024).min(256 * 1024 * 1024) as usize;
+        let sink = MqttSink::new(
+            SinkSettings {
+                mqtt: cfg.mqtt.clone(),
+                appliance_id: cfg.appliance_id.clone(),
+                tls,
+                max_packet_bytes,
+                records: RecordBuilder {
+                    appliance: cfg.appliance_id.clone(),
+                    include_raw: cfg.records.include_raw,
+                    feeds: record_feeds,
+                    fallback: FeedRecordSettings {
+                        timezone: jiff::tz::TimeZone::get("Europe/London")
+                            .unwrap_or(jiff::tz::TimeZone::UTC),
+                        default_charset: Charset::Utf8,
+                    },
+                },
+            },
+            outbox.clone(),
+            telemetry.clone(),
+        );
+
+        let mut listeners = JoinSet::new();
+        for l in bound {
+            listeners.spawn(l.serve(shutdown_rx.clone()));
+        }
+        let mut others = JoinSet::new();
+        others.spawn(sink.run(shutdown_rx.clone()));
+        {
+            let outbox = outbox.clone();
+            let mut rx = shutdown_rx.clone();
+            others.spawn(async move {
+                loop {
+                    outbox.prune().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(PRUNE_EVERY) => {}
+                        _ = rx.wait_for(|s| *s) => break,
+                    }
+                }
+            });
+        }
+        info!(
+            appliance = %cfg.appliance_id,
+            feeds = feeds.len(),
+            version = env!("CARGO_PKG_VERSION"),
+            "siterelay started"
+        );
+        Ok(Daemon {
+            feeds,
+            shutdown,
+            listeners,
+            others,
+            outbox,
+            writer,
+            telemetry,
+        })
+    }
+
+    /// Bound address of each feed, in config order.
+    pub fn feeds(&self) -> &[(String, SocketAddr)] {
+        &self.feeds
+    }
+
+    /// Bound address of one feed.
+    pub fn addr(&self, feed: &str) -> Option<SocketAddr> {
+        self.feeds.iter().find(|(n, _)| n == feed).map(|(_, a)| *a)
+    }
+
+    /// Live counters.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
+    }
+
+    /// The outbox handle (for stats in tests and tools).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Graceful stop: listeners, then sink, then the outbox writer.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        let listeners = async { while self.listeners.join_next().await.is_some() {} };
+        if tokio::time::timeout(LISTENER_GRACE, listeners).await.is_err() {
+            warn!("listeners did not finish in time; aborting them (nothing unacknowledged is lost)");
+            self.listeners.abort_all();
+        }
+        while self.others.join_next().await.is_some() {}
+        self.outbox.flush().await;
+        drop(self.outbox);
+        // Let the writer finish its last transaction off the async threads.
+        let writer = self.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        info!("siterelay stopped");
+    }
+}

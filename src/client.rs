@@ -1,0 +1,180 @@
+//! A small MLLP client: `siterelay send`, the load generator and the tests use it.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::sources::mllp::framing::{FrameEvent, Framer, encode};
+
+/// An ACK received in answer to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckSummary {
+    /// MSA-1, e.g. `AA`.
+    pub code: String,
+    /// MSA-2 (the control id acknowledged).
+    pub control_id: String,
+    /// MSA-3 text, if any.
+    pub text: String,
+    /// The whole ACK message.
+    pub raw: Vec<u8>,
+}
+
+/// Client-side failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket error.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// No ACK within the timeout.
+    #[error("no ACK within {0:?}")]
+    Timeout(Duration),
+    /// The peer closed the connection without answering.
+    #[error("connection closed before an ACK arrived")]
+    Closed,
+    /// The answer had no MSA segment.
+    #[error("the answer is not an HL7 ACK (no MSA segment)")]
+    NotAnAck,
+}
+
+/// An MLLP connection that sends messages one at a time and reads each ACK.
+pub struct MllpClient<S> {
+    stream: S,
+    framer: Framer,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> MllpClient<S> {
+    /// Wrap a connected stream.
+    pub fn new(stream: S) -> Self {
+        MllpClient {
+            stream,
+            framer: Framer::new(16 * 1024 * 1024),
+            buf: vec![0; 16 * 1024],
+        }
+    }
+
+    /// Send one message (unframed HL7) and wait for its ACK.
+    pub async fn send(&mut self, message: &[u8], timeout: Duration) -> Result<AckSummary, ClientError> {
+        self.stream.write_all(&encode(message)).await?;
+        self.stream.flush().await?;
+        let ack = self.read_frame(timeout).await?;
+        parse_ack(&ack)
+    }
+
+    /// Write raw bytes (for tests of malformed framing).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Read the next complete frame.
+    pub async fn read_frame(&mut self, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+        let fut = async {
+            loop {
+                while let Some(ev) = self.framer.next_event() {
+                    if let FrameEvent::Message(m) = ev {
+                        return Ok(m);
+                    }
+                }
+                let n = self.stream.read(&mut self.buf).await?;
+                if n == 0 {
+                    return Err(ClientError::Closed);
+                }
+                self.framer.push(&self.buf[..n]);
+            }
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    /// Read until the peer closes; true if it closed within `timeout`.
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let fut = async {
+            loop {
+                match self.stream.read(&mut self.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, fut).await.is_ok()
+    }
+
+    /// The underlying stream.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}
+
+/// Read MSA-1..3 from an ACK (delimiters from its MSH).
+pub fn parse_ack(ack: &[u8]) -> Result<AckSummary, ClientError> {
+    let text = String::from_utf8_lossy(ack);
+    let field_sep = if text.starts_with("MSH") && text.len() > 3 {
+        text.as_bytes()[3] as char
+    } else {
+        '|'
+    };
+    let msa = text
+        .split(['\r', '\n'])
+        .find(|s| s.starts_with("MSA"))
+        .ok_or(ClientError::NotAnAck)?;
+    let fields: Vec<&str> = msa.split(field_sep).collect();
+    Ok(AckSummary {
+        code: fields.get(1).copied().unwrap_or("").to_string(),
+        control_id: fields.get(2).copied().unwrap_or("").to_string(),
+        text: fields.get(3).copied().unwrap_or("").to_string(),
+        raw: ack.to_vec(),
+    })
+}
+
+/// Split a file's contents into HL7 messages: each starts at a line beginning with `MSH`.
+/// Lines may end in CR, LF or CRLF; segments are re-joined with CR as HL7 requires.
+/// Bytes already framed with MLLP (0x0B ... 0x1C 0x0D) are accepted too.
+pub fn split_messages(content: &[u8]) -> Vec<Vec<u8>> {
+    if content.contains(&0x0b) {
+        let mut f = Framer::new(usize::MAX / 2);
+        f.push(content);
+        let mut out = Vec::new();
+        while let Some(ev) = f.next_event() {
+            if let FrameEvent::Message(m) = ev {
+                out.push(m);
+            }
+        }
+        return out;
+    }
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for line in content.split(|&b| b == b'\r' || b == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with(b"MSH") || out.is_empty() {
+            out.push(Vec::new());
+        }
+        let cur = out.last_mut().expect("pushed above");
+        cur.extend_from_slice(line);
+        cur.push(b'\r');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_split_into_messages_at_each_msh_whatever_the_line_endings() {
+        let file = b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.4\r\nPID|1\nMSH|^~\\&|A|B|C|D|20260101||ADT^A01|2|P|2.4\rPID|2\r\n\r\n";
+        let msgs = split_messages(file);
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0], b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.4\rPID|1\r");
+        assert!(msgs[1].ends_with(b"PID|2\r"));
+    }
+
+    #[test]
+    fn ack_fields_are_read_with_the_ack_delimiters() {
+        let a = parse_ack(b"MSH#^~\\&#X\rMSA#AE#CTRL1#bad thing\r").unwrap();
+        assert_eq!((a.code.as_str(), a.control_id.as_str(), a.text.as_str()), ("AE", "CTRL1", "bad thing"));
+    }
+}

@@ -1,0 +1,830 @@
+//! Configuration: one TOML file, typed with serde.
+//!
+//! Every section uses `deny_unknown_fields`, so a misspelt key is an error rather than a
+//! silently ignored setting. Defaults live in named functions so that `docs/configuration.md`
+//! can point at them. [`load`] is the single entry point: it parses the file, runs every semantic
+//! check ([`Config::check`]) and returns all problems at once, each with the file, the line and
+//! what to do. `siterelay check-config` and `siterelay run` call exactly the same function.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/siterelay/siterelay.toml";
+
+/// The whole configuration of one appliance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this appliance in MQTT topics and records, e.g. `rfh-edge-01`.
+    /// Letters, digits, `-` and `_` only (it becomes a topic level).
+    pub appliance_id: String,
+    /// Directory holding the outbox database. Created if missing (mode 0700).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The durable outbox.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// The central MQTT broker.
+    pub mqtt: MqttConfig,
+    /// What goes into each record.
+    #[serde(default)]
+    pub records: RecordsConfig,
+    /// HL7 v2 feeds received over MLLP, one table per listening address.
+    #[serde(default)]
+    pub mllp: Vec<MllpFeedConfig>,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `siterelay=debug`. `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `auto` (no timestamps when running under systemd, i.e. when `JOURNAL_STREAM` is set),
+    /// `always` or `never`.
+    #[serde(default)]
+    pub timestamps: Timestamps,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            timestamps: Timestamps::default(),
+        }
+    }
+}
+
+/// Whether log lines carry their own timestamps.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Timestamps {
+    /// Timestamps unless `JOURNAL_STREAM` is set (journald adds its own).
+    #[default]
+    Auto,
+    /// Always print timestamps.
+    Always,
+    /// Never print timestamps.
+    Never,
+}
+
+/// Outbox settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Cap on undelivered message bytes. When reached, new messages are refused (`AR`) until the
+    /// broker drains the backlog. Never overwrites or drops the oldest. Integer bytes or a string
+    /// such as `"2 GiB"`.
+    #[serde(default = "default_store_max_bytes", deserialize_with = "de_bytes")]
+    pub max_bytes: u64,
+    /// How long delivered messages are kept (for audit and replay) before pruning. Integer seconds
+    /// or a string such as `"7d"`, `"12h"`, `"30m"`.
+    #[serde(default = "default_retain_delivered", deserialize_with = "de_duration")]
+    pub retain_delivered: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_bytes: default_store_max_bytes(),
+            retain_delivered: default_retain_delivered(),
+        }
+    }
+}
+
+/// MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum MqttProtocol {
+    /// MQTT 5 (default): PUBACK reason codes tell a refused record from a delivered one.
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1, for brokers that do not speak 5.
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// The central broker and how to reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host name or IP address. With TLS it must match a name (or IP) in the broker's
+    /// certificate.
+    pub host: String,
+    /// Broker port.
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// PEM file with the CA certificate(s) the broker certificate must chain to.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file with this appliance's client certificate (chain).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with this appliance's private key (PKCS#8, PKCS#1 or SEC1). Keep it mode 0600.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// MQTT client id. Default `siterelay-<appliance_id>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// First topic level. Records go to `<topic_prefix>/<appliance_id>/records/<feed>`.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// `"5"` (default) or `"3.1.1"`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// MQTT keep-alive interval.
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// Time allowed for TCP + TLS + CONNACK.
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    /// Upper bound of the reconnect backoff (exponential with jitter, starting at 0.5 s).
+    #[serde(default = "default_reconnect_max_secs")]
+    pub reconnect_max_secs: u64,
+    /// A PUBACK that has not arrived this long after its PUBLISH marks the connection as broken:
+    /// it is dropped and every unconfirmed record is sent again on a new one.
+    #[serde(default = "default_ack_timeout_secs")]
+    pub ack_timeout_secs: u64,
+    /// Records published and not yet acknowledged at any moment (QoS 1 window).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Allow a connection without TLS. For lab use only: a warning is logged at every start.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+}
+
+/// Record content switches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    /// Include the original message text as `raw` in every record.
+    #[serde(default = "default_true")]
+    pub include_raw: bool,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig { include_raw: true }
+    }
+}
+
+/// One HL7 v2 over MLLP feed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MllpFeedConfig {
+    /// Feed name: a topic level and the key of per-feed sequence numbers, e.g. `pas-adt`.
+    pub name: String,
+    /// Address to listen on, e.g. `0.0.0.0:2575`.
+    pub listen: String,
+    /// Largest message accepted, in bytes. A larger frame is refused and the connection closed.
+    #[serde(default = "default_max_message_bytes", deserialize_with = "de_bytes")]
+    pub max_message_bytes: u64,
+    /// A connection with no traffic for this long is closed.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Concurrent connections accepted on this feed; further connections wait in the backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time zone for HL7 timestamps that carry no offset (IANA name).
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Character set assumed when MSH-18 is empty: `ASCII`, `8859/1`, `8859/15`, `UNICODE UTF-8`.
+    #[serde(default = "default_charset")]
+    pub default_charset: String,
+    /// TLS on the listener (optional).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+}
+
+/// TLS for an MLLP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain presented to senders.
+    pub cert_file: PathBuf,
+    /// PEM private key for `cert_file`.
+    pub key_file: PathBuf,
+    /// When set, senders must present a client certificate that chains to this CA.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/siterelay")
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_store_max_bytes() -> u64 {
+    2 * 1024 * 1024 * 1024
+}
+fn default_retain_delivered() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_mqtt_port() -> u16 {
+    8883
+}
+fn default_topic_prefix() -> String {
+    "siterelay".into()
+}
+fn default_keep_alive_secs() -> u64 {
+    30
+}
+fn default_connect_timeout_secs() -> u64 {
+    10
+}
+fn default_reconnect_max_secs() -> u64 {
+    30
+}
+fn default_ack_timeout_secs() -> u64 {
+    60
+}
+fn default_max_inflight() -> u16 {
+    100
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_message_bytes() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_idle_timeout_secs() -> u64 {
+    600
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_timezone() -> String {
+    "Europe/London".into()
+}
+fn default_charset() -> String {
+    "UNICODE UTF-8".into()
+}
+
+impl MqttConfig {
+    /// Client id sent in CONNECT.
+    pub fn client_id(&self, appliance_id: &str) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("siterelay-{appliance_id}"))
+    }
+}
+
+impl MllpFeedConfig {
+    /// The listen address; [`Config::check`] has verified that it parses.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+            .parse()
+            .expect("listen address validated by Config::check")
+    }
+}
+
+impl Config {
+    /// Path of the outbox database inside `data_dir`.
+    pub fn outbox_path(&self) -> PathBuf {
+        self.data_dir.join("outbox.sqlite")
+    }
+
+    /// Every semantic check start-up needs, beyond what serde already enforced.
+    /// Returns problems keyed by their TOML path so the caller can add line numbers.
+    pub fn check(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        if !is_topic_safe(&self.appliance_id) {
+            p.push(Problem::at(
+                "appliance_id",
+                "must be 1-64 characters of letters, digits, '-' or '_' (it becomes an MQTT topic level)",
+            ));
+        }
+        check_level(&self.log.level, &mut p);
+        if self.store.max_bytes < 1024 * 1024 {
+            p.push(Problem::at(
+                "store.max_bytes",
+                "must be at least 1 MiB (e.g. \"2 GiB\")",
+            ));
+        }
+        self.check_mqtt(&mut p);
+        if self.mllp.is_empty() {
+            p.push(Problem::at(
+                "mllp",
+                "no feeds configured: add at least one [[mllp]] table with name and listen",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, f) in self.mllp.iter().enumerate() {
+            let at = |k: &str| format!("mllp[{i}].{k}");
+            if !is_topic_safe(&f.name) {
+                p.push(Problem::at(
+                    at("name"),
+                    "must be 1-64 characters of letters, digits, '-' or '_' (it becomes an MQTT topic level)",
+                ));
+            } else if !names.insert(f.name.clone()) {
+                p.push(Problem::at(
+                    at("name"),
+                    format!("feed name '{}' is used twice: names must be unique", f.name),
+                ));
+            }
+            match f.listen.parse::<SocketAddr>() {
+                Ok(a) => {
+                    if a.port() != 0 && !addrs.insert(a) {
+                        p.push(Problem::at(
+                            at("listen"),
+                            format!("address {a} is used by another feed"),
+                        ));
+                    }
+                }
+                Err(_) => p.push(Problem::at(
+                    at("listen"),
+                    format!(
+                        "'{}' is not a socket address: use IP:PORT, e.g. \"0.0.0.0:2575\" or \"[::]:2575\"",
+                        f.listen
+                    ),
+                )),
+            }
+            if !(1024..=64 * 1024 * 1024).contains(&f.max_message_bytes) {
+                p.push(Problem::at(
+                    at("max_message_bytes"),
+                    "must be between 1 KiB and 64 MiB",
+                ));
+            }
+            if f.idle_timeout_secs == 0 {
+                p.push(Problem::at(at("idle_timeout_secs"), "must be at least 1"));
+            }
+            if f.max_connections == 0 {
+                p.push(Problem::at(at("max_connections"), "must be at least 1"));
+            }
+            if jiff::tz::TimeZone::get(&f.timezone).is_err() {
+                p.push(Problem::at(
+                    at("timezone"),
+                    format!(
+                        "unknown time zone '{}': use an IANA name such as \"Europe/London\" or \"UTC\"",
+                        f.timezone
+                    ),
+                ));
+            }
+            if crate::hl7::charset::Charset::from_msh18(&f.default_charset).is_none() {
+                p.push(Problem::at(
+                    at("default_charset"),
+                    "must be one of \"ASCII\", \"8859/1\", \"8859/15\", \"UNICODE UTF-8\"",
+                ));
+            }
+            if let Some(t) = &f.tls {
+                check_pem(&t.cert_file, PemKind::Certs, &format!("mllp[{i}].tls.cert_file"), &mut p);
+                check_pem(&t.key_file, PemKind::Key, &format!("mllp[{i}].tls.key_file"), &mut p);
+                if let Some(ca) = &t.client_ca_file {
+                    check_pem(ca, PemKind::Certs, &format!("mllp[{i}].tls.client_ca_file"), &mut p);
+                }
+            }
+        }
+        p
+    }
+
+    fn check_mqtt(&self, p: &mut Vec<Problem>) {
+        let m = &self.mqtt;
+        if m.host.trim().is_empty() {
+            p.push(Problem::at("mqtt.host", "must name the broker host"));
+        }
+        if m.port == 0 {
+            p.push(Problem::at("mqtt.port", "must be 1-65535"));
+        }
+        if !is_topic_safe(&m.topic_prefix) {
+            p.push(Problem::at(
+                "mqtt.topic_prefix",
+                "must be letters, digits, '-' or '_' (one topic level)",
+            ));
+        }
+        if m.max_inflight == 0 {
+            p.push(Problem::at("mqtt.max_inflight", "must be at least 1"));
+        }
+        if m.keep_alive_secs < 5 {
+            p.push(Problem::at("mqtt.keep_alive_secs", "must be at least 5"));
+        }
+        if m.ack_timeout_secs == 0 {
+            p.push(Problem::at("mqtt.ack_timeout_secs", "must be at least 1"));
+        }
+        if m.reconnect_max_secs == 0 {
+            p.push(Problem::at("mqtt.reconnect_max_secs", "must be at least 1"));
+        }
+        let files = [
+            ("ca_file", &m.ca_file, PemKind::Certs),
+            ("cert_file", &m.cert_file, PemKind::Certs),
+            ("key_file", &m.key_file, PemKind::Key),
+        ];
+        for (key, file, kind) in files {
+            match file {
+                Some(path) => check_pem(path, kind, &format!("mqtt.{key}"), p),
+                None if !m.insecure_plaintext => p.push(Problem::at(
+                    format!("mqtt.{key}"),
+                    format!(
+                        "is required for mutual TLS: set {key} = \"/etc/siterelay/...\" (plaintext MQTT needs insecure_plaintext = true)"
+                    ),
+                )),
+                None => {}
+            }
+        }
+    }
+}
+
+fn check_level(level: &str, p: &mut Vec<Problem>) {
+    if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+        p.push(Problem::at(
+            "log.level",
+            format!("'{level}' is not a valid filter: use error, warn, info, debug or trace"),
+        ));
+    }
+}
+
+/// True for a non-empty string of `[A-Za-z0-9_-]` at most 64 long.
+pub fn is_topic_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[derive(Clone, Copy)]
+enum PemKind {
+    Certs,
+    Key,
+}
+
+fn check_pem(path: &Path, kind: PemKind, key: &str, p: &mut Vec<Problem>) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            p.push(Problem::at(
+                key,
+                format!(
+                    "cannot read '{}': {} (check the path and that the siterelay user may read it)",
+                    path.display(),
+                    e
+                ),
+            ));
+            return;
+        }
+    };
+    let ok = match kind {
+        PemKind::Certs => CertificateDer::pem_slice_iter(&bytes).any(|c| c.is_ok()),
+        PemKind::Key => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+    };
+    if !ok {
+        let what = match kind {
+            PemKind::Certs => "a PEM certificate (-----BEGIN CERTIFICATE-----)",
+            PemKind::Key => "a PEM private key (-----BEGIN PRIVATE KEY----- or RSA/EC PRIVATE KEY)",
+        };
+        p.push(Problem::at(
+            key,
+            format!("'{}' does not contain {what}", path.display()),
+        ));
+    }
+}
+
+/// One configuration problem, located by TOML key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `mllp[0].listen`.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub message: String,
+    /// 1-based line in the file, when it could be found.
+    pub line: Option<usize>,
+}
+
+impl Problem {
+    fn at(key: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            key: key.into(),
+            message: message.into(),
+            line: None,
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: PathBuf,
+    /// Problems, in file order where lines are known.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, pr) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match pr.line {
+                Some(l) => write!(f, "{}:{}: ", self.file.display(), l)?,
+                None => write!(f, "{}: ", self.file.display())?,
+            }
+            if pr.key.is_empty() {
+                write!(f, "{}", pr.message)?;
+            } else {
+                write!(f, "{}: {}", pr.key, pr.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Warnings that do not stop start-up (e.g. file permissions).
+pub fn warnings(path: &Path, cfg: &Config) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut w = Vec::new();
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o002 != 0
+    {
+        w.push(format!(
+            "{} is world-writable: anyone on this box could redirect patient data (chmod o-w)",
+            path.display()
+        ));
+    }
+    if let Some(k) = &cfg.mqtt.key_file
+        && let Ok(m) = std::fs::metadata(k)
+        && m.permissions().mode() & 0o004 != 0
+    {
+        w.push(format!(
+            "{} is world-readable: the appliance's private key should be mode 0600 or 0640",
+            k.display()
+        ));
+    }
+    if cfg.mqtt.insecure_plaintext {
+        w.push("mqtt.insecure_plaintext = true: records leave this box unencrypted and the broker is not authenticated".into());
+    }
+    w
+}
+
+/// Read, parse and check a configuration file. The one function both `run` and `check-config` use.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![Problem::at(
+            "",
+            format!("cannot read the configuration file: {e}"),
+        )],
+    })?;
+    parse(path, &text)
+}
+
+/// Parse and check configuration text; `path` is used in messages only.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let fail = |problems| ConfigError {
+        file: path.to_path_buf(),
+        problems,
+    };
+    let cfg: Config = match toml::from_str(text) {
+        Ok(c) => c,
+        Err(e) => {
+            let line = e.span().map(|s| line_of(text, s.start));
+            return Err(fail(vec![Problem {
+                key: String::new(),
+                message: describe_toml_error(&e),
+                line,
+            }]));
+        }
+    };
+    let mut problems = cfg.check();
+    if problems.is_empty() {
+        return Ok(cfg);
+    }
+    for pr in &mut problems {
+        pr.line = locate(text, &pr.key);
+    }
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    Err(fail(problems))
+}
+
+/// toml's message without its own multi-line source excerpt (we print file:line ourselves).
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    if msg.starts_with("unknown field") {
+        format!("{msg}: remove it or fix its spelling (see docs/configuration.md)")
+    } else if msg.starts_with("missing field") {
+        format!("{msg}: add it (see docs/configuration.md)")
+    } else {
+        msg
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Find the line of a dotted key path such as `mllp[1].tls.cert_file`; falls back to the nearest
+/// ancestor that exists in the file.
+fn locate(text: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut best: Option<usize> = None;
+    let mut segs = Vec::new();
+    for part in key.split('.') {
+        if let Some((name, idx)) = part.split_once('[') {
+            segs.push((name.to_string(), idx.trim_end_matches(']').parse::<usize>().ok()));
+        } else {
+            segs.push((part.to_string(), None));
+        }
+    }
+    let mut cur: Option<&toml::Spanned<DeValue<'_>>> = None;
+    for (name, idx) in &segs {
+        let next = match cur {
+            None => doc
+                .get_ref()
+                .iter()
+                .find(|(k, _)| k.get_ref().as_ref() == name.as_str())
+                .map(|(_, v)| v),
+            Some(v) => v.get_ref().get(name.as_str()),
+        };
+        let Some(mut v) = next else { break };
+        best = Some(line_of(text, v.span().start));
+        if let Some(i) = idx {
+            match v.get_ref().get(*i) {
+                Some(item) => {
+                    v = item;
+                    best = Some(line_of(text, v.span().start));
+                }
+                None => break,
+            }
+        }
+        cur = Some(v);
+    }
+    best
+}
+
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(n),
+        Raw::Text(s) => parse_bytes(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "'{s}' is not a size: use a number of bytes or e.g. \"512 MiB\", \"2 GiB\""
+            ))
+        }),
+    }
+}
+
+/// Parse `"512 MiB"`, `"2GiB"`, `"100 MB"`, `"4096"`.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(Duration::from_secs(n)),
+        Raw::Text(s) => parse_duration(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "'{s}' is not a duration: use seconds or e.g. \"7d\", \"12h\", \"30m\", \"45s\""
+            ))
+        }),
+    }
+}
+
+/// Parse `"7d"`, `"12h"`, `"30m"`, `"45s"` or plain seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.checked_mul(mult)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(Path::new("t.toml"), text) {
+            Ok(_) => vec![],
+            Err(e) => e.problems,
+        }
+    }
+
+    const MINIMAL: &str = r#"
+appliance_id = "box-1"
+data_dir = "/tmp/x"
+[mqtt]
+host = "localhost"
+insecure_plaintext = true
+[[mllp]]
+name = "adt"
+listen = "127.0.0.1:2575"
+"#;
+
+    #[test]
+    fn minimal_plaintext_config_is_accepted_with_defaults() {
+        let cfg = parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(cfg.mllp[0].max_message_bytes, 4 * 1024 * 1024);
+        assert_eq!(cfg.store.retain_delivered, Duration::from_secs(7 * 86400));
+        assert_eq!(cfg.mqtt.topic_prefix, "siterelay");
+        assert_eq!(cfg.mqtt.protocol, MqttProtocol::V5);
+        assert_eq!(cfg.mqtt.client_id("box-1"), "siterelay-box-1");
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_its_line() {
+        let text = MINIMAL.replace("name = \"adt\"", "name = \"adt\"\nlisen = \"x\"");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].line, Some(9));
+        assert!(p[0].message.contains("unknown field `lisen`"), "{:?}", p);
+    }
+
+    #[test]
+    fn bad_address_and_duplicate_name_are_each_reported_with_lines() {
+        let text = format!(
+            "{MINIMAL}[[mllp]]\nname = \"adt\"\nlisten = \"0.0.0.0:99999\"\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!((p[0].key.as_str(), p[0].line), ("mllp[1].name", Some(11)));
+        assert_eq!((p[1].key.as_str(), p[1].line), ("mllp[1].listen", Some(12)));
+        assert!(p[1].message.contains("not a socket address"));
+    }
+
+    #[test]
+    fn tls_files_are_required_unless_plaintext_is_explicit() {
+        let text = MINIMAL.replace("insecure_plaintext = true", "");
+        let p = problems(&text);
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file"]);
+        assert!(p.iter().all(|p| p.line == Some(4)), "{p:?}");
+    }
+
+    #[test]
+    fn annotated_example_config_uses_only_known_keys_and_valid_values() {
+        let text = include_str!("../docs/siterelay.example.toml");
+        let cfg: Config = toml::from_str(text).expect("example parses with deny_unknown_fields");
+        assert_eq!(cfg.mllp.len(), 2);
+        // Only the certificate files, absent on a development machine, may be reported.
+        let problems = cfg.check();
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.key.starts_with("mqtt.") && p.key.ends_with("_file")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations_accept_units() {
+        assert_eq!(parse_bytes("2 GiB"), Some(2 << 30));
+        assert_eq!(parse_bytes("512MiB"), Some(512 << 20));
+        assert_eq!(parse_bytes("10 parsecs"), None);
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604800)));
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1w"), None);
+    }
+}

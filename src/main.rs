@@ -1,0 +1,326 @@
+//! `siterelay` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing::{error, info, warn};
+
+use siterelay::client::{MllpClient, split_messages};
+use siterelay::config::{self, DEFAULT_CONFIG_PATH, Timestamps};
+
+#[derive(Parser)]
+#[command(name = "siterelay", version, about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Check a configuration file exactly as start-up does; exit 1 on any problem.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Send HL7 messages from files over MLLP and print each ACK (exit 1 on any non-AA).
+    Send {
+        /// Destination, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// Seconds to wait for each ACK.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// Files holding one or more messages (segments separated by CR, LF or CRLF; each
+        /// message starts with MSH), or MLLP-framed bytes.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Inspect the outbox.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Per feed: pending, delivered, oldest pending age, bytes. Safe while the daemon runs.
+    Stats {
+        /// Configuration file (to find data_dir).
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Send {
+            to,
+            timeout_secs,
+            files,
+        } => send(&to, Duration::from_secs(timeout_secs), &files),
+        Command::Queue {
+            command: QueueCommand::Stats { config, json },
+        } => queue_stats(&config, json),
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(cfg) => {
+            for w in config::warnings(path, &cfg) {
+                eprintln!("{}: warning: {w}", path.display());
+            }
+            println!(
+                "{}: OK ({} MLLP feed(s), broker {}:{})",
+                path.display(),
+                cfg.mllp.len(),
+                cfg.mqtt.host,
+                cfg.mqtt.port
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{} problem(s) found; see docs/configuration.md",
+                e.problems.len()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str, timestamps: Timestamps) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let with_time = match timestamps {
+        Timestamps::Always => true,
+        Timestamps::Never => false,
+        Timestamps::Auto => !under_journald,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(!under_journald && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if with_time {
+        builder.init();
+    } else {
+        builder.without_time().init();
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("configuration error")]);
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&cfg.log.level, cfg.log.timestamps);
+    for w in config::warnings(path, &cfg) {
+        warn!("{w}");
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(daemon(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn daemon(cfg: config::Config) -> anyhow::Result<()> {
+    use sd_notify::NotifyState;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let d = siterelay::app::Daemon::start(&cfg).await?;
+    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("running")]);
+    let watchdog = sd_notify::watchdog_enabled().map(|usec| {
+        // Ping at half the interval systemd expects.
+        let every = (usec / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    d.stop().await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    Ok(())
+}
+
+fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut messages = Vec::new();
+        for f in files {
+            match std::fs::read(f) {
+                Ok(bytes) => {
+                    let found = split_messages(&bytes);
+                    if found.is_empty() {
+                        eprintln!("{}: no HL7 message found", f.display());
+                        return ExitCode::FAILURE;
+                    }
+                    messages.extend(found.into_iter().map(|m| (f.clone(), m)));
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", f.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let stream = match tokio::net::TcpStream::connect(to).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot connect to {to}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut client = MllpClient::new(stream);
+        let mut failures = 0;
+        for (i, (file, m)) in messages.iter().enumerate() {
+            match client.send(m, timeout).await {
+                Ok(ack) => {
+                    if ack.code != "AA" && ack.code != "CA" {
+                        failures += 1;
+                    }
+                    println!(
+                        "{} #{}: {} {}{}",
+                        file.display(),
+                        i + 1,
+                        ack.code,
+                        ack.control_id,
+                        if ack.text.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", ack.text)
+                        }
+                    );
+                }
+                Err(e) => {
+                    println!("{} #{}: no ACK: {e}", file.display(), i + 1);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        if failures > 0 {
+            eprintln!("{failures} of {} message(s) not accepted", messages.len());
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+fn queue_stats(path: &Path, json: bool) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let db = cfg.outbox_path();
+    if !db.exists() {
+        eprintln!("{}: no outbox yet (the daemon has not run with this data_dir)", db.display());
+        return ExitCode::FAILURE;
+    }
+    let stats = match siterelay::outbox::Reader::open(&db).and_then(|r| r.stats()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}\n(run as the daemon's user, e.g. sudo -u siterelay siterelay queue stats)");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let rows: Vec<_> = stats
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "feed": s.feed,
+                    "pending": s.pending,
+                    "pending_bytes": s.pending_bytes,
+                    "delivered": s.delivered,
+                    "delivered_bytes": s.delivered_bytes,
+                    "oldest_pending_age_secs": s.oldest_pending_age.map(|d| d.as_secs_f64()),
+                    "last_seq": s.last_seq,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<24} {:>10} {:>14} {:>12} {:>10} {:>14} {:>10}",
+        "FEED", "PENDING", "PENDING BYTES", "OLDEST", "DELIVERED", "DELIV. BYTES", "LAST SEQ"
+    );
+    for s in &stats {
+        println!(
+            "{:<24} {:>10} {:>14} {:>12} {:>10} {:>14} {:>10}",
+            s.feed,
+            s.pending,
+            s.pending_bytes,
+            s.oldest_pending_age
+                .map(human_age)
+                .unwrap_or_else(|| "-".into()),
+            s.delivered,
+            s.delivered_bytes,
+            s.last_seq
+        );
+    }
+    if stats.is_empty() {
+        println!("(outbox is empty)");
+    }
+    ExitCode::SUCCESS
+}
+
+fn human_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}

@@ -1,0 +1,938 @@
+//! The durable outbox: every message lives here from before its acknowledgement until the central
+//! broker has confirmed it (and for `retain_delivered` after that).
+//!
+//! # Design note
+//!
+//! **File.** One SQLite database, `<data_dir>/outbox.sqlite`, created with mode 0600 (SQLite gives
+//! its `-wal` and `-shm` files the same mode). `journal_mode=WAL`, `synchronous=FULL`: a commit
+//! returns only after the WAL has been fsynced, so a committed row survives a power cut.
+//! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system.
+//!
+//! **Schema** (`PRAGMA user_version = 1`):
+//! - `messages(id INTEGER PRIMARY KEY, record_id TEXT UNIQUE, feed, seq, received_at_us,
+//!   source_kind, peer, format, control_id, size, raw BLOB, state, delivered_at_us)`;
+//!   `UNIQUE(feed, seq)`. `id` is the global arrival order; `raw` holds the bytes exactly as
+//!   received; `record_id` is a UUIDv7 fixed at insert, so every resend of a record carries the
+//!   same `id` (the central side's idempotency key). `state` is 0 (pending) or 1 (delivered).
+//! - `feed_seq(feed PRIMARY KEY, last_seq)`: the last sequence number handed out per feed. Kept
+//!   apart from `messages` so pruning every row of a feed never lets its `seq` restart.
+//! - Partial indexes: pending rows by `id` (what the sink reads), delivered rows by
+//!   `delivered_at_us` (what pruning reads).
+//!
+//! **Who changes a row.** Only the writer thread (one `rusqlite::Connection`, owned by
+//! [`writer_loop`]) writes. Sources send [`Cmd::Append`] and wait for the commit; the sink sends
+//! [`Cmd::MarkDelivered`] when a PUBACK arrives; a timer sends [`Cmd::Prune`]. The writer drains
+//! everything queued, applies it in ONE transaction and commits once: many connections share one
+//! fsync (group commit). Readers (the sink, `siterelay queue stats`) use their own read-only
+//! connections; WAL lets them read while the writer writes.
+//!
+//! **States.** insert -> pending (0) -> delivered (1) -> deleted by pruning once
+//! `delivered_at_us` is older than `retain_delivered`, or earlier when the whole file would exceed
+//! `max_bytes` (oldest delivered first). A pending row is never deleted or overwritten: when
+//! pending bytes reach `max_bytes`, [`Outbox::append`] answers [`AppendError::Full`] and the source
+//! refuses the message (`AR`), so the sender keeps it and retries.
+//!
+//! **Crash at each step.**
+//! - Before the commit of an append: the row is not there and no ACK was sent; the sender resends.
+//! - After the commit, before the ACK reached the sender: the row is there and will be delivered;
+//!   the sender may resend (a duplicate with a new `seq`: at-least-once).
+//! - After PUBLISH, before PUBACK: the row is pending; it is published again after restart.
+//! - After PUBACK, before the delivered mark commits: the row is pending; it is published again
+//!   with the same `record_id`, which the central side deduplicates.
+//! - During pruning: a transaction either deletes a batch or not; nothing pending is touched.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+/// Depth of the command channel into the writer thread (bounded: sources wait when it is full).
+const CMD_CHANNEL_DEPTH: usize = 8192;
+/// Most commands applied in one transaction.
+const MAX_BATCH: usize = 4096;
+/// Rows deleted per pruning transaction, so pruning never holds the write lock for long.
+const PRUNE_CHUNK: usize = 2000;
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// HL7 over MLLP on TCP.
+    Mllp,
+    /// A serial port.
+    Serial,
+}
+
+impl SourceKind {
+    /// Stored and published name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Mllp => "mllp",
+            SourceKind::Serial => "serial",
+        }
+    }
+    fn parse(s: &str) -> SourceKind {
+        match s {
+            "serial" => SourceKind::Serial,
+            _ => SourceKind::Mllp,
+        }
+    }
+}
+
+/// Payload format of a stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// HL7 version 2 (ER7, pipe-delimited).
+    Hl7v2,
+    /// ASTM E1394 records.
+    Astm,
+    /// Line-oriented device output.
+    Lines,
+}
+
+impl Format {
+    /// Stored and published name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Hl7v2 => "hl7v2",
+            Format::Astm => "astm",
+            Format::Lines => "lines",
+        }
+    }
+    fn parse(s: &str) -> Format {
+        match s {
+            "astm" => Format::Astm,
+            "lines" => Format::Lines,
+            _ => Format::Hl7v2,
+        }
+    }
+}
+
+/// A message to be stored.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Feed name (from the config).
+    pub feed: Arc<str>,
+    /// Where it came from.
+    pub source_kind: SourceKind,
+    /// Peer address or device path.
+    pub peer: Option<String>,
+    /// Payload format.
+    pub format: Format,
+    /// MSH-10 or equivalent, for logs and stats.
+    pub control_id: Option<String>,
+    /// The bytes exactly as received.
+    pub raw: Vec<u8>,
+    /// Receive time, microseconds since the Unix epoch (UTC).
+    pub received_at_us: i64,
+}
+
+/// What the store assigned to a committed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Global row id (arrival order).
+    pub row_id: i64,
+    /// Per-feed sequence number, gap-free and increasing.
+    pub seq: u64,
+    /// Record id published with every send of this message.
+    pub record_id: String,
+}
+
+/// Why a message could not be stored. The message was not stored in every case.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    /// Undelivered data has reached the configured cap.
+    #[error("outbox full: {pending_bytes} bytes undelivered, cap {max_bytes}")]
+    Full {
+        /// Undelivered bytes now.
+        pending_bytes: u64,
+        /// The configured cap.
+        max_bytes: u64,
+    },
+    /// SQLite failed (disk full, I/O error...).
+    #[error("outbox write failed: {0}")]
+    Failed(String),
+    /// The writer has stopped (shutting down).
+    #[error("outbox is closed")]
+    Closed,
+}
+
+/// Errors opening or reading the store.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// SQLite error, with the file.
+    #[error("{path}: {source}")]
+    Sqlite {
+        /// Database file.
+        path: PathBuf,
+        /// The error.
+        source: rusqlite::Error,
+    },
+    /// File-system error, with the file.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file was written by a newer siterelay.
+    #[error("{path}: schema version {found} is newer than this siterelay understands ({expected})")]
+    Schema {
+        /// Database file.
+        path: PathBuf,
+        /// Version in the file.
+        found: i64,
+        /// Version this build writes.
+        expected: i64,
+    },
+}
+
+/// Options for opening the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxOptions {
+    /// Cap on undelivered bytes.
+    pub max_bytes: u64,
+    /// Keep delivered rows this long.
+    pub retain_delivered: Duration,
+}
+
+/// Counters shared with telemetry; updated by the writer after each commit.
+#[derive(Debug, Default)]
+pub struct OutboxGauges {
+    /// Undelivered messages.
+    pub pending_count: AtomicU64,
+    /// Undelivered bytes.
+    pub pending_bytes: AtomicU64,
+    /// Bytes of all rows (pending + retained delivered).
+    pub total_bytes: AtomicU64,
+    /// Commits performed (each one fsync).
+    pub commits: AtomicU64,
+    /// Messages appended since start.
+    pub appended: AtomicU64,
+    /// Messages marked delivered since start.
+    pub delivered: AtomicU64,
+    /// Appends refused because the store was full.
+    pub refused_full: AtomicU64,
+}
+
+enum Cmd {
+    Append(NewMessage, oneshot::Sender<Result<Stored, AppendError>>),
+    MarkDelivered(Vec<i64>),
+    Prune,
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Cmd>,
+    path: PathBuf,
+    appended: Arc<Notify>,
+    gauges: Arc<OutboxGauges>,
+}
+
+/// The writer thread; join it after dropping every [`Outbox`] handle to be sure all commits ran.
+pub struct WriterThread(std::thread::JoinHandle<()>);
+
+impl WriterThread {
+    /// Wait for the writer to finish its last transaction.
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    id              INTEGER PRIMARY KEY,
+    record_id       TEXT    NOT NULL UNIQUE,
+    feed            TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
+    received_at_us  INTEGER NOT NULL,
+    source_kind     TEXT    NOT NULL,
+    peer            TEXT,
+    format          TEXT    NOT NULL,
+    control_id      TEXT,
+    size            INTEGER NOT NULL,
+    raw             BLOB    NOT NULL,
+    state           INTEGER NOT NULL DEFAULT 0,
+    delivered_at_us INTEGER,
+    UNIQUE (feed, seq)
+);
+CREATE INDEX IF NOT EXISTS messages_pending ON messages(id) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS messages_delivered ON messages(delivered_at_us) WHERE state = 1;
+CREATE TABLE IF NOT EXISTS feed_seq (
+    feed     TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+);
+";
+
+fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> OutboxError + '_ {
+    move |source| OutboxError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Current time in microseconds since the Unix epoch.
+pub fn now_us() -> i64 {
+    jiff::Timestamp::now().as_microsecond()
+}
+
+impl Outbox {
+    /// Open (creating if needed) the outbox at `path` and start its writer thread.
+    pub fn open(path: &Path, opts: OutboxOptions) -> Result<(Outbox, WriterThread), OutboxError> {
+        if let Some(dir) = path.parent() {
+            create_private_dir(dir)?;
+        }
+        create_private_file(path)?;
+        let conn = Connection::open(path).map_err(sqlite(path))?;
+        init_schema(&conn, path)?;
+        let state = WriterState::load(&conn, path, opts)?;
+        let gauges = Arc::new(OutboxGauges::default());
+        state.publish_gauges(&gauges);
+        info!(
+            path = %path.display(),
+            pending = state.pending_count,
+            pending_bytes = state.pending_bytes,
+            "outbox open"
+        );
+        let (tx, rx) = mpsc::channel(CMD_CHANNEL_DEPTH);
+        let appended = Arc::new(Notify::new());
+        let thread = {
+            let gauges = gauges.clone();
+            let appended = appended.clone();
+            std::thread::Builder::new()
+                .name("outbox-writer".into())
+                .spawn(move || writer_loop(conn, state, rx, gauges, appended))
+                .map_err(|source| OutboxError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        };
+        Ok((
+            Outbox {
+                tx,
+                path: path.to_path_buf(),
+                appended,
+                gauges,
+            },
+            WriterThread(thread),
+        ))
+    }
+
+    /// Store one message. Returns once the transaction holding it has committed (fsynced).
+    pub async fn append(&self, msg: NewMessage) -> Result<Stored, AppendError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Append(msg, tx))
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Mark rows delivered (their PUBACK arrived). Committed with the next group.
+    pub async fn mark_delivered(&self, row_ids: Vec<i64>) {
+        if row_ids.is_empty() {
+            return;
+        }
+        if self.tx.send(Cmd::MarkDelivered(row_ids)).await.is_err() {
+            warn!("outbox closed before delivered marks were written: those records will be resent");
+        }
+    }
+
+    /// Ask the writer to prune delivered rows past retention.
+    pub async fn prune(&self) {
+        let _ = self.tx.send(Cmd::Prune).await;
+    }
+
+    /// Wait until every command sent before this call has been committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Notified after every commit that added rows (the sink waits on it when idle).
+    pub fn appended(&self) -> Arc<Notify> {
+        self.appended.clone()
+    }
+
+    /// Live counters.
+    pub fn gauges(&self) -> Arc<OutboxGauges> {
+        self.gauges.clone()
+    }
+
+    /// A new read-only connection for the sink.
+    pub fn reader(&self) -> Result<Reader, OutboxError> {
+        Reader::open(&self.path)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), OutboxError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| OutboxError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn create_private_file(path: &Path) -> Result<(), OutboxError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| OutboxError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+    }
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
+    let e = sqlite(path);
+    conn.busy_timeout(Duration::from_secs(5)).map_err(&e)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(&e)?;
+    if version > SCHEMA_VERSION {
+        return Err(OutboxError::Schema {
+            path: path.to_path_buf(),
+            found: version,
+            expected: SCHEMA_VERSION,
+        });
+    }
+    if version == 0 {
+        // auto_vacuum must be chosen before the first table exists.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+            .map_err(&e)?;
+    }
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(&e)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        warn!(mode, "outbox could not switch to WAL journal mode");
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")
+        .map_err(&e)?;
+    conn.execute_batch(SCHEMA).map_err(&e)?;
+    conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
+        .map_err(&e)?;
+    Ok(())
+}
+
+/// State owned by the writer thread, mirrored into [`OutboxGauges`].
+struct WriterState {
+    opts: OutboxOptions,
+    last_seq: HashMap<Arc<str>, u64>,
+    pending_count: u64,
+    pending_bytes: u64,
+    total_bytes: u64,
+}
+
+impl WriterState {
+    fn load(conn: &Connection, path: &Path, opts: OutboxOptions) -> Result<Self, OutboxError> {
+        let e = sqlite(path);
+        let mut last_seq = HashMap::new();
+        let mut stmt = conn
+            .prepare("SELECT feed, last_seq FROM feed_seq")
+            .map_err(&e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(&e)?;
+        for row in rows {
+            let (feed, seq) = row.map_err(&e)?;
+            last_seq.insert(Arc::from(feed), seq as u64);
+        }
+        let (pending_count, pending_bytes): (i64, i64) = conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE state = 0",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(&e)?;
+        let total_bytes: i64 = conn
+            .query_row("SELECT COALESCE(SUM(size), 0) FROM messages", [], |r| {
+                r.get(0)
+            })
+            .map_err(&e)?;
+        Ok(WriterState {
+            opts,
+            last_seq,
+            pending_count: pending_count as u64,
+            pending_bytes: pending_bytes as u64,
+            total_bytes: total_bytes as u64,
+        })
+    }
+
+    fn publish_gauges(&self, g: &OutboxGauges) {
+        g.pending_count.store(self.pending_count, Ordering::Relaxed);
+        g.pending_bytes.store(self.pending_bytes, Ordering::Relaxed);
+        g.total_bytes.store(self.total_bytes, Ordering::Relaxed);
+    }
+}
+
+type Reply = (oneshot::Sender<Result<Stored, AppendError>>, Result<Stored, AppendError>);
+
+/// The single writer: drain commands, apply them in one transaction, commit, answer.
+fn writer_loop(
+    mut conn: Connection,
+    mut state: WriterState,
+    mut rx: mpsc::Receiver<Cmd>,
+    gauges: Arc<OutboxGauges>,
+    appended: Arc<Notify>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let added = apply_batch(&mut conn, &mut state, &mut batch, &gauges);
+        state.publish_gauges(&gauges);
+        if added {
+            appended.notify_one();
+        }
+    }
+    debug!("outbox writer stopped");
+}
+
+/// Apply one batch in a single transaction; answers every append. Returns true if rows were added.
+fn apply_batch(
+    conn: &mut Connection,
+    state: &mut WriterState,
+    batch: &mut Vec<Cmd>,
+    gauges: &OutboxGauges,
+) -> bool {
+    let mut replies: Vec<Reply> = Vec::new();
+    let mut flushes = Vec::new();
+    let mut prune = false;
+    let saved_seq = state.last_seq.clone();
+    let saved = (state.pending_count, state.pending_bytes, state.total_bytes);
+    let mut appended_n = 0u64;
+    let mut delivered_n = 0u64;
+
+    let result = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (record_id, feed, seq, received_at_us, source_kind, peer, \
+                 format, control_id, size, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let mut mark = tx.prepare_cached(
+                "UPDATE messages SET state = 1, delivered_at_us = ?2 WHERE id = ?1 AND state = 0 \
+                 RETURNING size",
+            )?;
+            let now = now_us();
+            let mut touched_feeds: Vec<Arc<str>> = Vec::new();
+            for cmd in batch.drain(..) {
+                match cmd {
+                    Cmd::Append(msg, reply) => {
+                        let size = msg.raw.len() as u64;
+                        if state.pending_bytes + size > state.opts.max_bytes {
+                            gauges.refused_full.fetch_add(1, Ordering::Relaxed);
+                            let err = AppendError::Full {
+                                pending_bytes: state.pending_bytes,
+                                max_bytes: state.opts.max_bytes,
+                            };
+                            replies.push((reply, Err(err)));
+                            continue;
+                        }
+                        let seq = state.last_seq.get(&msg.feed).copied().unwrap_or(0) + 1;
+                        let record_id = uuid::Uuid::now_v7().to_string();
+                        insert.execute(params![
+                            record_id,
+                            &*msg.feed,
+                            seq as i64,
+                            msg.received_at_us,
+                            msg.source_kind.as_str(),
+                            msg.peer,
+                            msg.format.as_str(),
+                            msg.control_id,
+                            size as i64,
+                            msg.raw,
+                        ])?;
+                        let row_id = tx.last_insert_rowid();
+                        if !touched_feeds.contains(&msg.feed) {
+                            touched_feeds.push(msg.feed.clone());
+                        }
+                        state.last_seq.insert(msg.feed, seq);
+                        state.pending_count += 1;
+                        state.pending_bytes += size;
+                        state.total_bytes += size;
+                        appended_n += 1;
+                        replies.push((
+                            reply,
+                            Ok(Stored {
+                                row_id,
+                                seq,
+                                record_id,
+                            }),
+                        ));
+                    }
+                    Cmd::MarkDelivered(ids) => {
+                        for id in ids {
+                            let size: Option<i64> =
+                                mark.query_row(params![id, now], |r| r.get(0)).optional()?;
+                            if let Some(size) = size {
+                                state.pending_count -= 1;
+                                state.pending_bytes -= size as u64;
+                                delivered_n += 1;
+                            }
+                        }
+                    }
+                    Cmd::Prune => prune = true,
+                    Cmd::Flush(done) => flushes.push(done),
+                }
+            }
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO feed_seq (feed, last_seq) VALUES (?1, ?2) \
+                 ON CONFLICT(feed) DO UPDATE SET last_seq = excluded.last_seq",
+            )?;
+            for feed in &touched_feeds {
+                upsert.execute(params![&**feed, state.last_seq[feed] as i64])?;
+            }
+        }
+        tx.commit()
+    })();
+
+    match result {
+        Ok(()) => {
+            gauges.commits.fetch_add(1, Ordering::Relaxed);
+            gauges.appended.fetch_add(appended_n, Ordering::Relaxed);
+            gauges.delivered.fetch_add(delivered_n, Ordering::Relaxed);
+            for (reply, r) in replies {
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            // Nothing in this batch was stored: roll the in-memory view back and refuse every
+            // append in it, so no sender is told a message was kept.
+            error!(error = %e, "outbox transaction failed; refusing the messages in it");
+            state.last_seq = saved_seq;
+            (state.pending_count, state.pending_bytes, state.total_bytes) = saved;
+            for (reply, r) in replies {
+                let r = match r {
+                    Ok(_) => Err(AppendError::Failed(e.to_string())),
+                    Err(other) => Err(other),
+                };
+                let _ = reply.send(r);
+            }
+            appended_n = 0;
+        }
+    }
+    if prune && let Err(e) = prune_delivered(conn, state) {
+        error!(error = %e, "pruning delivered messages failed");
+    }
+    for f in flushes {
+        let _ = f.send(());
+    }
+    appended_n > 0
+}
+
+/// Delete delivered rows past retention, then oldest delivered rows while the file's rows exceed
+/// `max_bytes`. Never touches pending rows.
+fn prune_delivered(conn: &mut Connection, state: &mut WriterState) -> rusqlite::Result<()> {
+    let cutoff = now_us() - state.opts.retain_delivered.as_micros() as i64;
+    let mut removed = 0u64;
+    loop {
+        let over_cap = state.total_bytes > state.opts.max_bytes;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let freed: i64 = tx.query_row(
+            "WITH doomed AS (SELECT id, size FROM messages WHERE state = 1 AND \
+             (delivered_at_us < ?1 OR ?2) ORDER BY delivered_at_us LIMIT ?3) \
+             SELECT COALESCE(SUM(size), 0) FROM doomed",
+            params![cutoff, over_cap, PRUNE_CHUNK as i64],
+            |r| r.get(0),
+        )?;
+        let n = tx.execute(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE state = 1 AND \
+             (delivered_at_us < ?1 OR ?2) ORDER BY delivered_at_us LIMIT ?3)",
+            params![cutoff, over_cap, PRUNE_CHUNK as i64],
+        )?;
+        tx.commit()?;
+        state.total_bytes = state.total_bytes.saturating_sub(freed as u64);
+        removed += n as u64;
+        if n < PRUNE_CHUNK {
+            break;
+        }
+    }
+    if removed > 0 {
+        conn.execute_batch("PRAGMA incremental_vacuum;")?;
+        info!(removed, "pruned delivered messages");
+    }
+    Ok(())
+}
+
+/// A message waiting for delivery, as read by the sink.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    /// Global row id.
+    pub row_id: i64,
+    /// Stable record id.
+    pub record_id: String,
+    /// Feed name.
+    pub feed: String,
+    /// Per-feed sequence number.
+    pub seq: u64,
+    /// Receive time (µs since epoch).
+    pub received_at_us: i64,
+    /// Source kind.
+    pub source_kind: SourceKind,
+    /// Peer.
+    pub peer: Option<String>,
+    /// Format.
+    pub format: Format,
+    /// Raw bytes.
+    pub raw: Vec<u8>,
+}
+
+/// A read-only connection to the outbox.
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Reader {
+    /// Open read-only. Works while the daemon writes (WAL).
+    pub fn open(path: &Path) -> Result<Reader, OutboxError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sqlite(path))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(sqlite(path))?;
+        Ok(Reader {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Pending rows with `id > after`, oldest first.
+    pub fn pending_after(&self, after: i64, limit: usize) -> Result<Vec<PendingRow>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw \
+                 FROM messages WHERE state = 0 AND id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map(params![after, limit as i64], |r| {
+                Ok(PendingRow {
+                    row_id: r.get(0)?,
+                    record_id: r.get(1)?,
+                    feed: r.get(2)?,
+                    seq: r.get::<_, i64>(3)? as u64,
+                    received_at_us: r.get(4)?,
+                    source_kind: SourceKind::parse(&r.get::<_, String>(5)?),
+                    peer: r.get(6)?,
+                    format: Format::parse(&r.get::<_, String>(7)?),
+                    raw: r.get(8)?,
+                })
+            })
+            .map_err(sqlite(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
+    }
+
+    /// Per-feed queue statistics.
+    pub fn stats(&self) -> Result<Vec<FeedStats>, OutboxError> {
+        let now = now_us();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT feed, \
+                   SUM(state = 0), SUM(CASE WHEN state = 0 THEN size ELSE 0 END), \
+                   SUM(state = 1), SUM(CASE WHEN state = 1 THEN size ELSE 0 END), \
+                   MIN(CASE WHEN state = 0 THEN received_at_us END), MAX(seq) \
+                 FROM messages GROUP BY feed ORDER BY feed",
+            )
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let oldest: Option<i64> = r.get(5)?;
+                Ok(FeedStats {
+                    feed: r.get(0)?,
+                    pending: r.get::<_, i64>(1)? as u64,
+                    pending_bytes: r.get::<_, i64>(2)? as u64,
+                    delivered: r.get::<_, i64>(3)? as u64,
+                    delivered_bytes: r.get::<_, i64>(4)? as u64,
+                    oldest_pending_age: oldest
+                        .map(|t| Duration::from_micros((now - t).max(0) as u64)),
+                    last_seq: r.get::<_, i64>(6)? as u64,
+                })
+            })
+            .map_err(sqlite(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
+    }
+
+    /// Delivery latency figures (receive -> delivered mark) of delivered rows, in µs, unsorted.
+    pub fn delivery_latencies_us(&self) -> Result<Vec<i64>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT delivered_at_us - received_at_us FROM messages WHERE state = 1",
+            )
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(sqlite(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
+    }
+}
+
+/// Queue statistics of one feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedStats {
+    /// Feed name.
+    pub feed: String,
+    /// Messages waiting for the broker.
+    pub pending: u64,
+    /// Their bytes.
+    pub pending_bytes: u64,
+    /// Delivered messages still retained.
+    pub delivered: u64,
+    /// Their bytes.
+    pub delivered_bytes: u64,
+    /// Age of the oldest pending message.
+    pub oldest_pending_age: Option<Duration>,
+    /// Highest sequence number stored for the feed.
+    pub last_seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(feed: &str, body: &str) -> NewMessage {
+        NewMessage {
+            feed: Arc::from(feed),
+            source_kind: SourceKind::Mllp,
+            peer: Some("127.0.0.1:1".into()),
+            format: Format::Hl7v2,
+            control_id: Some("C1".into()),
+            raw: body.as_bytes().to_vec(),
+            received_at_us: now_us(),
+        }
+    }
+
+    fn opts(max_bytes: u64) -> OutboxOptions {
+        OutboxOptions {
+            max_bytes,
+            retain_delivered: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn seq_is_gap_free_per_feed_and_survives_reopen_and_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            assert_eq!(ob.append(msg("a", "x")).await.unwrap().seq, 1);
+            assert_eq!(ob.append(msg("b", "x")).await.unwrap().seq, 1);
+            let s = ob.append(msg("a", "x")).await.unwrap();
+            assert_eq!(s.seq, 2);
+            ob.mark_delivered(vec![1, 2, s.row_id]).await;
+            ob.flush().await;
+            drop(ob);
+            w.join();
+        }
+        // Delivered rows pruned (zero retention): the feed's seq must not restart.
+        let (ob, w) = Outbox::open(
+            &path,
+            OutboxOptions {
+                max_bytes: 1 << 20,
+                retain_delivered: Duration::ZERO,
+            },
+        )
+        .unwrap();
+        ob.prune().await;
+        ob.flush().await;
+        assert!(ob.reader().unwrap().stats().unwrap().is_empty());
+        assert_eq!(ob.append(msg("a", "x")).await.unwrap().seq, 3);
+        drop(ob);
+        w.join();
+    }
+
+    #[tokio::test]
+    async fn full_store_refuses_new_messages_and_keeps_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _w) = Outbox::open(&dir.path().join("o.sqlite"), opts(10)).unwrap();
+        ob.append(msg("a", "12345678")).await.unwrap();
+        let err = ob.append(msg("a", "123")).await.unwrap_err();
+        assert!(matches!(err, AppendError::Full { pending_bytes: 8, max_bytes: 10 }));
+        let rows = ob.reader().unwrap().pending_after(0, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].raw, b"12345678");
+        // Delivering frees room.
+        ob.mark_delivered(vec![rows[0].row_id]).await;
+        ob.flush().await;
+        assert_eq!(ob.append(msg("a", "123")).await.unwrap().seq, 2);
+    }
+
+    #[tokio::test]
+    async fn database_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/o.sqlite");
+        let (ob, _w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+        ob.append(msg("a", "x")).await.unwrap();
+        for p in [path.clone(), dir.path().join("sub/o.sqlite-wal")] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _w) = Outbox::open(&dir.path().join("o.sqlite"), opts(1 << 30)).unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let ob = ob.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50 {
+                    ob.append(msg("a", &format!("{t}-{i}"))).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let g = ob.gauges();
+        assert_eq!(g.appended.load(Ordering::Relaxed), 400);
+        assert!(g.commits.load(Ordering::Relaxed) < 400);
+        let rows = ob.reader().unwrap().pending_after(0, 1000).unwrap();
+        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+    }
+}

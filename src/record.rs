@@ -1,0 +1,155 @@
+//! Records: the JSON documents published to the central integration layer.
+//!
+//! A record is built from an outbox row at publish time (not at receive time), so the stored
+//! bytes stay the single source of truth. Schema `siterelay.record.v1` is documented in
+//! `docs/contract.md` and `docs/schema/record.v1.schema.json`. v1 only ever grows by new optional
+//! members; consumers must ignore members they do not know.
+
+use std::collections::HashMap;
+
+use jiff::tz::TimeZone;
+use serde::Serialize;
+
+use crate::hl7::charset::{self, Charset};
+use crate::hl7::header::{Header, parse_header};
+use crate::hl7::time::{TimeValue, parse_dtm};
+use crate::outbox::{Format, PendingRow};
+
+/// Schema name carried by every record.
+pub const SCHEMA: &str = "siterelay.record.v1";
+
+/// Per-feed settings that shape a record.
+#[derive(Debug, Clone)]
+pub struct FeedRecordSettings {
+    /// Zone assumed for timestamps without an offset.
+    pub timezone: TimeZone,
+    /// Charset assumed when MSH-18 is empty.
+    pub default_charset: Charset,
+}
+
+/// Everything needed to turn rows into records.
+#[derive(Debug, Clone)]
+pub struct RecordBuilder {
+    /// This appliance's id.
+    pub appliance: String,
+    /// Whether `raw` is included.
+    pub include_raw: bool,
+    /// Settings per feed name.
+    pub feeds: HashMap<String, FeedRecordSettings>,
+    /// Used for feeds no longer in the config (rows stored before a config change).
+    pub fallback: FeedRecordSettings,
+}
+
+#[derive(Serialize)]
+struct Record<'a> {
+    schema: &'static str,
+    id: &'a str,
+    appliance: &'a str,
+    feed: &'a str,
+    seq: u64,
+    received_at: String,
+    source: Source<'a>,
+    format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    charset: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hl7: Option<Hl7Header<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Source<'a> {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Hl7Header<'a> {
+    version: &'a str,
+    message_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trigger_event: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_structure: Option<&'a str>,
+    control_id: &'a str,
+    processing_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sending_application: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sending_facility: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receiving_application: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receiving_facility: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_datetime: Option<TimeValue>,
+}
+
+/// RFC 3339 UTC with microseconds, e.g. `2026-11-30T04:50:00.123456Z`.
+pub fn rfc3339_us(us: i64) -> String {
+    match jiff::Timestamp::from_microsecond(us) {
+        Ok(t) => format!("{t:.6}"),
+        Err(_) => "1970-01-01T00:00:00.000000Z".into(),
+    }
+}
+
+impl RecordBuilder {
+    /// Topic for a feed's records.
+    pub fn topic(prefix: &str, appliance: &str, feed: &str) -> String {
+        format!("{prefix}/{appliance}/records/{feed}")
+    }
+
+    /// Build the JSON record for one stored message.
+    pub fn build(&self, row: &PendingRow) -> Vec<u8> {
+        let settings = self.feeds.get(&row.feed).unwrap_or(&self.fallback);
+        let header = match row.format {
+            Format::Hl7v2 => parse_header(&row.raw).ok(),
+            _ => None,
+        };
+        let cs = header
+            .as_ref()
+            .and_then(|h| h.charset.as_deref())
+            .and_then(Charset::from_msh18)
+            .unwrap_or(settings.default_charset);
+        let text = charset::decode(&row.raw, None, cs)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&row.raw).into_owned());
+        let record = Record {
+            schema: SCHEMA,
+            id: &row.record_id,
+            appliance: &self.appliance,
+            feed: &row.feed,
+            seq: row.seq,
+            received_at: rfc3339_us(row.received_at_us),
+            source: Source {
+                kind: row.source_kind.as_str(),
+                peer: row.peer.as_deref(),
+            },
+            format: row.format.as_str(),
+            charset: Some(cs.charset_name()),
+            hl7: header.as_ref().map(|h| hl7_section(h, &settings.timezone)),
+            raw: self.include_raw.then_some(text),
+        };
+        serde_json::to_vec(&record).expect("records serialise")
+    }
+}
+
+fn hl7_section<'a>(h: &'a Header, tz: &TimeZone) -> Hl7Header<'a> {
+    Hl7Header {
+        version: &h.version,
+        message_type: &h.message_type,
+        trigger_event: h.trigger_event.as_deref(),
+        message_structure: h.message_structure.as_deref(),
+        control_id: &h.control_id,
+        processing_id: &h.processing_id,
+        sending_application: h.sending_application.as_deref(),
+        sending_facility: h.sending_facility.as_deref(),
+        receiving_application: h.receiving_application.as_deref(),
+        receiving_facility: h.receiving_facility.as_deref(),
+        message_datetime: h
+            .datetime
+            .as_deref()
+            .and_then(|d| parse_dtm(d, tz, h.delimiters.component)),
+    }
+}

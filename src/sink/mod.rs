@@ -1,0 +1,3 @@
+//! Sinks: where records leave the appliance.
+
+pub mod mqtt;

@@ -1,0 +1,517 @@
+//! MQTT sink: publishes pending outbox rows as records and marks each one delivered only when
+//! *its* PUBACK arrives.
+//!
+//! rumqttc's `publish()` returning `Ok` only means the request was queued. To know which record a
+//! PUBACK confirms, this module follows the order rumqttc reports: every publish we queue is
+//! pushed onto a FIFO; rumqttc emits `Outgoing::Publish(pkid)` for queued publishes in the same
+//! order, which binds the front of the FIFO to that packet id; `Incoming::PubAck(pkid)` then names
+//! the record. A fresh rumqttc client and event loop are made for every connection (clean
+//! session), so rumqttc never replays anything on its own: after a reconnect this module resends
+//! every row still pending, oldest first, and nothing is marked delivered without a PUBACK from
+//! the connection that carried it.
+//!
+//! One task owns the event loop (it only polls and forwards events); the session task owns the
+//! window of records in flight. With MQTT 5, a PUBACK whose reason code is a failure is not a
+//! delivery: the record stays pending, is counted, and is published again after a delay.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rumqttc::{TlsConfiguration, Transport};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{MqttConfig, MqttProtocol};
+use crate::outbox::{Outbox, Reader};
+use crate::record::RecordBuilder;
+use crate::telemetry::Telemetry;
+
+/// Rows read from the outbox per query.
+const FETCH_BATCH: usize = 256;
+/// Delay before a record refused by the broker (MQTT 5 reason code) is published again.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
+/// Longest wait for outstanding PUBACKs during a clean shutdown.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+/// Backoff starts here and doubles up to `reconnect_max_secs`.
+const BACKOFF_START: Duration = Duration::from_millis(500);
+/// A session that stayed up this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// What the sink needs at start.
+pub struct SinkSettings {
+    /// Broker settings.
+    pub mqtt: MqttConfig,
+    /// This appliance's id (topic level).
+    pub appliance_id: String,
+    /// TLS client configuration; None only with `insecure_plaintext`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Largest MQTT packet we send or accept.
+    pub max_packet_bytes: usize,
+    /// Turns rows into records.
+    pub records: RecordBuilder,
+}
+
+/// Events from either protocol version, reduced to what the sink needs.
+#[derive(Debug)]
+enum SinkEvent {
+    Connected,
+    Sent { pkid: u16 },
+    Acked { pkid: u16, failure: Option<String> },
+    Failed(String),
+}
+
+enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+impl Client {
+    fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool {
+        match self {
+            Client::V5(c) => c
+                .try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+                .is_ok(),
+            Client::V311(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .is_ok(),
+        }
+    }
+
+    async fn disconnect(&self) {
+        let _ = match self {
+            Client::V5(c) => c.disconnect().await.map_err(|_| ()),
+            Client::V311(c) => c.disconnect().await.map_err(|_| ()),
+        };
+    }
+}
+
+/// One record waiting in the window.
+struct Outgoing {
+    row_id: i64,
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Shutdown,
+    Failed { error: String, connected_for: Option<Duration> },
+}
+
+/// The MQTT sink task.
+pub struct MqttSink {
+    settings: SinkSettings,
+    outbox: Outbox,
+    telemetry: Arc<Telemetry>,
+}
+
+impl MqttSink {
+    /// A sink over `outbox`.
+    pub fn new(settings: SinkSettings, outbox: Outbox, telemetry: Arc<Telemetry>) -> MqttSink {
+        MqttSink {
+            settings,
+            outbox,
+            telemetry,
+        }
+    }
+
+    /// Run until `shutdown` turns true: connect, publish, reconnect with backoff.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let m = &self.settings.mqtt;
+        if m.insecure_plaintext {
+            warn!("mqtt.insecure_plaintext = true: records are sent to the broker without TLS");
+        }
+        let mut reader = match self.outbox.reader() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                error!(error = %e, "sink cannot read the outbox");
+                return;
+            }
+        };
+        let cap = Duration::from_secs(m.reconnect_max_secs);
+        let mut backoff = Backoff::new(BACKOFF_START, cap);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match self.session(&mut reader, &mut shutdown).await {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Failed {
+                    error,
+                    connected_for,
+                } => {
+                    let c = &self.telemetry.sink;
+                    c.connection_failures.fetch_add(1, Ordering::Relaxed);
+                    c.connected.store(0, Ordering::Relaxed);
+                    if connected_for.is_some_and(|d| d >= STABLE_SESSION) {
+                        backoff.reset();
+                    }
+                    let wait = backoff.next();
+                    warn!(
+                        broker = %format!("{}:{}", m.host, m.port),
+                        error = %error,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "MQTT connection failed or lost; records stay pending"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.wait_for(|s| *s) => break,
+                    }
+                }
+            }
+        }
+        self.telemetry.sink.connected.store(0, Ordering::Relaxed);
+        info!("MQTT sink stopped");
+    }
+
+    fn connect(&self) -> (Client, mpsc::Receiver<SinkEvent>) {
+        let s = &self.settings;
+        let m = &s.mqtt;
+        let client_id = m.client_id(&s.appliance_id);
+        let transport = match &s.tls {
+            Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())),
+            None => Transport::Tcp,
+        };
+        let window = m.max_inflight as usize;
+        let (tx, rx) = mpsc::channel(window * 2 + 16);
+        let client = match m.protocol {
+            MqttProtocol::V5 => {
+                let mut o = rumqttc::v5::MqttOptions::new(client_id, m.host.clone(), m.port);
+                o.set_keep_alive(Duration::from_secs(m.keep_alive_secs))
+                    .set_clean_start(true)
+                    .set_connection_timeout(m.connect_timeout_secs)
+                    .set_max_packet_size(Some(s.max_packet_bytes as u32))
+                    .set_outgoing_inflight_upper_limit(m.max_inflight)
+                    .set_transport(transport);
+                let (client, el) = rumqttc::v5::AsyncClient::new(o, window + 16);
+                tokio::spawn(pump_v5(el, tx));
+                Client::V5(client)
+            }
+            MqttProtocol::V311 => {
+                let mut o = rumqttc::MqttOptions::new(client_id, m.host.clone(), m.port);
+                o.set_keep_alive(Duration::from_secs(m.keep_alive_secs))
+                    .set_clean_session(true)
+                    .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes)
+                    .set_inflight(m.max_inflight)
+                    .set_transport(transport);
+                let (client, mut el) = rumqttc::AsyncClient::new(o, window + 16);
+                let mut net = el.network_options();
+                net.set_connection_timeout(m.connect_timeout_secs);
+                el.set_network_options(net);
+                tokio::spawn(pump_v311(el, tx));
+                Client::V311(client)
+            }
+        };
+        (client, rx)
+    }
+
+    /// One connection: publish pending rows through a window of `max_inflight`.
+    async fn session(
+        &self,
+        reader: &mut Option<Reader>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> SessionEnd {
+        // Delivered marks from the previous session must be committed before we read pending
+        // rows again, or we would resend records the broker already confirmed.
+        self.outbox.flush().await;
+        let (client, mut events) = self.connect();
+        let counters = &self.telemetry.sink;
+        let window = self.settings.mqtt.max_inflight as usize;
+        let appended = self.outbox.appended();
+        let mut connected_at: Option<Instant> = None;
+        // Queued with rumqttc, waiting for their packet id.
+        let mut queued: VecDeque<Outgoing> = VecDeque::new();
+        // Sent, waiting for PUBACK, by packet id.
+        let mut inflight: HashMap<u16, Outgoing> = HashMap::new();
+        // Refused by the broker, to be sent again after a delay.
+        let mut retry: VecDeque<(Instant, Outgoing)> = VecDeque::new();
+        // Highest row id read in this session.
+        let mut cursor: i64 = 0;
+        let mut caught_up = false;
+        let mut delivered: Vec<i64> = Vec::new();
+        let mut draining_since: Option<Instant> = None;
+        // Send order of in-flight records, for the PUBACK timeout (stale entries skipped lazily).
+        let mut sent_order: VecDeque<(u16, i64, Instant)> = VecDeque::new();
+        let ack_timeout = Duration::from_secs(self.settings.mqtt.ack_timeout_secs);
+
+        let end = loop {
+            let in_window = queued.len() + inflight.len() + retry.len();
+            // Fill the window while connected.
+            if connected_at.is_some() && draining_since.is_none() {
+                let now = Instant::now();
+                while queued.len() + inflight.len() < window
+                    && retry.front().is_some_and(|(t, _)| *t <= now)
+                {
+                    let (_, o) = retry.pop_front().expect("checked");
+                    if !client.try_publish(&o.topic, o.payload.clone()) {
+                        retry.push_front((now, o));
+                        break;
+                    }
+                    counters.published.fetch_add(1, Ordering::Relaxed);
+                    queued.push_back(o);
+                }
+                let room = window.saturating_sub(queued.len() + inflight.len() + retry.len());
+                if room > 0 && !caught_up {
+                    let want = room.min(FETCH_BATCH);
+                    match self.fetch(reader, cursor, want).await {
+                        Ok(rows) => {
+                            caught_up = rows.len() < want;
+                            for o in rows {
+                                cursor = o.row_id;
+                                if !client.try_publish(&o.topic, o.payload.clone()) {
+                                    // Cannot happen with the channel sized to the window; if it
+                                    // does, the row stays pending and is read again next session.
+                                    break;
+                                }
+                                counters.published.fetch_add(1, Ordering::Relaxed);
+                                queued.push_back(o);
+                            }
+                        }
+                        Err(e) => {
+                            break SessionEnd::Failed {
+                                error: format!("reading the outbox: {e}"),
+                                connected_for: connected_at.map(|t| t.elapsed()),
+                            };
+                        }
+                    }
+                }
+            }
+            if !delivered.is_empty() {
+                self.outbox.mark_delivered(std::mem::take(&mut delivered)).await;
+            }
+            if let Some(since) = draining_since
+                && (in_window == 0 || since.elapsed() >= SHUTDOWN_DRAIN)
+            {
+                client.disconnect().await;
+                break SessionEnd::Shutdown;
+            }
+            while sent_order
+                .front()
+                .is_some_and(|(pkid, row, _)| inflight.get(pkid).is_none_or(|o| o.row_id != *row))
+            {
+                sent_order.pop_front();
+            }
+            let ack_deadline = sent_order.front().map(|(_, _, t)| *t + ack_timeout);
+            let next_retry = retry.front().map(|(t, _)| *t);
+            let room = queued.len() + inflight.len() + retry.len() < window;
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(SinkEvent::Connected) => {
+                        counters.connects.fetch_add(1, Ordering::Relaxed);
+                        counters.connected.store(1, Ordering::Relaxed);
+                        connected_at = Some(Instant::now());
+                        info!(broker = %format!("{}:{}", self.settings.mqtt.host, self.settings.mqtt.port), "connected to MQTT broker");
+                    }
+                    Some(SinkEvent::Sent { pkid }) => {
+                        if let Some(o) = queued.pop_front() {
+                            sent_order.push_back((pkid, o.row_id, Instant::now()));
+                            inflight.insert(pkid, o);
+                        }
+                    }
+                    Some(SinkEvent::Acked { pkid, failure }) => {
+                        if let Some(o) = inflight.remove(&pkid) {
+                            match failure {
+                                None => {
+                                    counters.acked.fetch_add(1, Ordering::Relaxed);
+                                    delivered.push(o.row_id);
+                                }
+                                Some(reason) => {
+                                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                                    warn!(row = o.row_id, reason = %reason, "broker refused a record; it stays pending");
+                                    retry.push_back((Instant::now() + REFUSED_RETRY, o));
+                                }
+                            }
+                        }
+                    }
+                    Some(SinkEvent::Failed(error)) => break SessionEnd::Failed {
+                        error,
+                        connected_for: connected_at.map(|t| t.elapsed()),
+                    },
+                    None => break SessionEnd::Failed {
+                        error: "event loop ended".into(),
+                        connected_for: connected_at.map(|t| t.elapsed()),
+                    },
+                },
+                _ = appended.notified(), if room && connected_at.is_some() => caught_up = false,
+                _ = sleep_until_opt(next_retry), if next_retry.is_some() => {}
+                _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() => {
+                    break SessionEnd::Failed {
+                        error: format!("no PUBACK within {}s: dropping the connection to resend", ack_timeout.as_secs()),
+                        connected_for: connected_at.map(|t| t.elapsed()),
+                    };
+                }
+                // Safety net: look for pending rows now and then even without a notification.
+                _ = tokio::time::sleep(Duration::from_secs(5)), if room && connected_at.is_some() => caught_up = false,
+                _ = shutdown.wait_for(|s| *s), if draining_since.is_none() => {
+                    if connected_at.is_none() {
+                        break SessionEnd::Shutdown;
+                    }
+                    debug!(outstanding = queued.len() + inflight.len(), "waiting briefly for outstanding PUBACKs");
+                    draining_since = Some(Instant::now());
+                    retry.clear();
+                }
+            }
+        };
+        if !delivered.is_empty() {
+            self.outbox.mark_delivered(delivered).await;
+        }
+        end
+    }
+
+    /// Read up to `limit` pending rows after `cursor` and build their records, off the async
+    /// threads.
+    async fn fetch(
+        &self,
+        reader: &mut Option<Reader>,
+        cursor: i64,
+        limit: usize,
+    ) -> Result<Vec<Outgoing>, String> {
+        let r = reader.take().expect("reader is returned after every fetch");
+        let builder = self.settings.records.clone();
+        let prefix = self.settings.mqtt.topic_prefix.clone();
+        let appliance = self.settings.appliance_id.clone();
+        let (r, result) = tokio::task::spawn_blocking(move || {
+            let result = r.pending_after(cursor, limit).map(|rows| {
+                rows.iter()
+                    .map(|row| Outgoing {
+                        row_id: row.row_id,
+                        topic: RecordBuilder::topic(&prefix, &appliance, &row.feed),
+                        payload: builder.build(row),
+                    })
+                    .collect::<Vec<_>>()
+            });
+            (r, result)
+        })
+        .await
+        .map_err(|e| format!("fetch task failed: {e}"))?;
+        *reader = Some(r);
+        result.map_err(|e| e.to_string())
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::{Event, Incoming};
+    loop {
+        // Stop polling (and drop the connection) as soon as the session has ended.
+        let polled = tokio::select! {
+            p = el.poll() => p,
+            _ = tx.closed() => return,
+        };
+        let ev = match polled {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
+            Ok(Event::Incoming(Packet::PubAck(ack))) => SinkEvent::Acked {
+                pkid: ack.pkid,
+                failure: match ack.reason {
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                    other => Some(format!("{other:?}")),
+                },
+            },
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(SinkEvent::Failed(describe_v5(&e))).await;
+                return;
+            }
+        };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
+    use rumqttc::{Event, Incoming, Outgoing};
+    loop {
+        // Stop polling (and drop the connection) as soon as the session has ended.
+        let polled = tokio::select! {
+            p = el.poll() => p,
+            _ = tx.closed() => return,
+        };
+        let ev = match polled {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => SinkEvent::Acked {
+                pkid: ack.pkid,
+                failure: None,
+            },
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(SinkEvent::Failed(e.to_string())).await;
+                return;
+            }
+        };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn describe_v5(e: &rumqttc::v5::ConnectionError) -> String {
+    e.to_string()
+}
+
+/// Exponential backoff with jitter: each wait is uniformly drawn from [d/2, d], d doubling up to
+/// the cap.
+struct Backoff {
+    start: Duration,
+    cap: Duration,
+    current: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    fn new(start: Duration, cap: Duration) -> Backoff {
+        let seed = (crate::outbox::now_us() as u64) ^ ((std::process::id() as u64) << 32) | 1;
+        Backoff {
+            start,
+            cap,
+            current: start.min(cap),
+            rng: seed,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.start.min(self.cap);
+    }
+
+    fn next(&mut self) -> Duration {
+        // xorshift64: jitter needs no cryptographic randomness.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let d = self.current;
+        let half = d / 2;
+        let jitter = half.mul_f64((self.rng % 10_000) as f64 / 10_000.0);
+        self.current = (d * 2).min(self.cap);
+        half + jitter
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(4));
+        let waits: Vec<_> = (0..6).map(|_| b.next()).collect();
+        let bounds = [500u64, 1000, 2000, 4000, 4000, 4000];
+        for (w, hi) in waits.iter().zip(bounds) {
+            let ms = w.as_millis() as u64;
+            assert!(ms >= hi / 2 && ms <= hi, "{ms} not in [{}, {hi}]", hi / 2);
+        }
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,262 @@
+//! MLLP listener: accepts connections for one feed and carries out what the framer and the intake
+//! decide. Owns the sockets; owns no protocol logic.
+//!
+//! Per connection, messages are handled strictly in order: frame -> assess -> commit to the
+//! outbox -> ACK. The ACK for a message is written only after the transaction holding it has
+//! committed. On shutdown the listener stops accepting at once; a connection finishes the message
+//! it is committing, answers `AR` to any further frame it already holds, and closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+use crate::hl7::charset::Charset;
+use crate::hl7::intake::{self, Intake, Responder};
+use crate::outbox::{AppendError, Format, NewMessage, Outbox, SourceKind, now_us};
+use crate::sources::mllp::framing::{FrameEvent, Framer, encode};
+use crate::telemetry::{FeedCounters, mllp as event};
+
+/// Read buffer per connection.
+const READ_CHUNK: usize = 64 * 1024;
+/// Time allowed for a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a connection of one feed needs.
+pub struct FeedContext {
+    /// Feed name.
+    pub name: Arc<str>,
+    /// Largest message.
+    pub max_message_bytes: u64,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Charset assumed when MSH-18 is empty.
+    pub default_charset: Charset,
+    /// Identity in minimal NAKs.
+    pub responder: Responder,
+    /// Counters.
+    pub counters: Arc<FeedCounters>,
+    /// Where messages go.
+    pub outbox: Outbox,
+    /// TLS, when configured.
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// A bound listener, ready to serve.
+pub struct MllpListener {
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    ctx: Arc<FeedContext>,
+}
+
+impl MllpListener {
+    /// Bind the feed's address (done before READY=1 so a bad address fails start-up).
+    pub async fn bind(
+        addr: SocketAddr,
+        max_connections: usize,
+        ctx: FeedContext,
+    ) -> std::io::Result<MllpListener> {
+        let listener = TcpListener::bind(addr).await?;
+        info!(feed = %ctx.name, addr = %listener.local_addr()?, tls = ctx.tls.is_some(), "listening");
+        Ok(MllpListener {
+            listener,
+            limit: Arc::new(Semaphore::new(max_connections)),
+            ctx: Arc::new(ctx),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accept until `shutdown` turns true, then wait for every connection to finish.
+    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        loop {
+            // Take a connection slot before accepting: beyond the cap, peers wait in the backlog.
+            let permit = tokio::select! {
+                p = self.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            // Reap finished connection tasks so the set does not grow.
+            while conns.try_join_next().is_some() {}
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let ctx = self.ctx.clone();
+                    let shutdown = shutdown.clone();
+                    conns.spawn(async move {
+                        let _permit = permit;
+                        match &ctx.tls {
+                            None => connection(stream, peer, &ctx, shutdown).await,
+                            Some(acc) => {
+                                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(stream))
+                                    .await
+                                {
+                                    Ok(Ok(tls)) => connection(tls, peer, &ctx, shutdown).await,
+                                    Ok(Err(e)) => {
+                                        warn!(feed = %ctx.name, %peer, error = %e, "TLS handshake failed")
+                                    }
+                                    Err(_) => {
+                                        warn!(feed = %ctx.name, %peer, "TLS handshake timed out")
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    error!(feed = %self.ctx.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        drop(self.listener);
+        while conns.join_next().await.is_some() {}
+        info!(feed = %self.ctx.name, "listener stopped");
+    }
+}
+
+/// Serve one connection until EOF, idle timeout, an error, or shutdown.
+async fn connection<S>(mut stream: S, peer: SocketAddr, ctx: &FeedContext, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let feed = &*ctx.name;
+    let peer_s = peer.to_string();
+    let c = &*ctx.counters;
+    event::connection_opened(c, feed, &peer_s);
+    let mut framer = Framer::new(ctx.max_message_bytes as usize);
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut handled = 0u64;
+    let why: &str = 'conn: loop {
+        while let Some(ev) = framer.next_event() {
+            match ev {
+                FrameEvent::Message(msg) => {
+                    let stopping = *shutdown.borrow();
+                    let ack = handle_message(msg, &peer_s, ctx, stopping).await;
+                    handled += 1;
+                    if let Err(e) = write_with_timeout(&mut stream, &encode(&ack), ctx.idle_timeout).await {
+                        warn!(feed, peer = %peer_s, error = %e, "could not write ACK");
+                        break 'conn "write failed";
+                    }
+                }
+                FrameEvent::Discarded { bytes } => event::discarded(c, feed, &peer_s, bytes),
+                FrameEvent::Abandoned { bytes } => {
+                    event::incomplete(c, feed, &peer_s, bytes, "new start block inside a frame")
+                }
+                FrameEvent::TooLarge { head, seen } => {
+                    event::oversized(c, feed, &peer_s, seen, ctx.max_message_bytes);
+                    c.ack_ae.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let nak = intake::answer_oversized(&head, ctx.max_message_bytes, &ctx.responder);
+                    let _ = write_with_timeout(&mut stream, &encode(&nak), Duration::from_secs(2)).await;
+                    break 'conn "frame too large";
+                }
+            }
+        }
+        let stopping = *shutdown.borrow();
+        if stopping {
+            break "shutting down";
+        }
+        let read = tokio::select! {
+            r = tokio::time::timeout(ctx.idle_timeout, stream.read(&mut buf)) => r,
+            _ = shutdown.wait_for(|s| *s) => break "shutting down",
+        };
+        match read {
+            Ok(Ok(0)) => {
+                match framer.finish() {
+                    Some(FrameEvent::Abandoned { bytes }) => {
+                        event::incomplete(c, feed, &peer_s, bytes, "connection closed before the end block")
+                    }
+                    Some(FrameEvent::Discarded { bytes }) => event::discarded(c, feed, &peer_s, bytes),
+                    _ => {}
+                }
+                break "closed by peer";
+            }
+            Ok(Ok(n)) => framer.push(&buf[..n]),
+            Ok(Err(e)) => {
+                warn!(feed, peer = %peer_s, error = %e, "read failed");
+                break "read error";
+            }
+            Err(_) => {
+                if framer.in_frame() {
+                    event::incomplete(c, feed, &peer_s, framer.buffered_bytes(), "idle timeout inside a frame");
+                }
+                break "idle timeout";
+            }
+        }
+    };
+    let _ = stream.shutdown().await;
+    event::connection_closed(c, feed, &peer_s, handled, why);
+}
+
+async fn write_with_timeout<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "peer did not read the ACK")),
+    }
+}
+
+/// Assess, store and answer one message. Returns the ACK to send (unframed).
+async fn handle_message(msg: Vec<u8>, peer: &str, ctx: &FeedContext, shutting_down: bool) -> Vec<u8> {
+    let feed = &*ctx.name;
+    let c = &*ctx.counters;
+    let size = msg.len();
+    let received_at_us = now_us();
+    let header = match intake::assess(&msg, ctx.default_charset, &ctx.responder) {
+        Intake::Store(h) => h,
+        Intake::Reject { ack, reason } => {
+            event::rejected(c, feed, peer, size, &reason);
+            return ack;
+        }
+    };
+    if shutting_down {
+        event::refused(c, feed, &header.control_id, size, "shutting down");
+        return intake::answer_refused(&header, "siterelay is shutting down: resend later");
+    }
+    let new = NewMessage {
+        feed: ctx.name.clone(),
+        source_kind: SourceKind::Mllp,
+        peer: Some(peer.to_string()),
+        format: Format::Hl7v2,
+        control_id: Some(header.control_id.clone()),
+        raw: msg,
+        received_at_us,
+    };
+    match ctx.outbox.append(new).await {
+        Ok(stored) => {
+            event::stored(c, feed, &header.control_id, stored.seq, size);
+            intake::answer_stored(&header)
+        }
+        Err(e) => {
+            let text = match &e {
+                AppendError::Full { .. } => "store full: message not accepted, resend later",
+                AppendError::Failed(_) => "store failure: message not accepted, resend later",
+                AppendError::Closed => "siterelay is shutting down: resend later",
+            };
+            event::refused(c, feed, &header.control_id, size, &e.to_string());
+            intake::answer_refused(&header, text)
+        }
+    }
+}

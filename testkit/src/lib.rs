@@ -1,0 +1,28 @@
+//! Test and example support for siterelay.
+//!
+//! - [`pki`]: a throwaway CA with server and client certificates as PEM files.
+//! - [`broker`]: [`TestBroker`], an in-process MQTT v3.1.1/v5 broker over mutual TLS with
+//!   fault injection.
+//! - [`subscriber`]: [`Subscriber`], a reconnecting MQTT v5 subscriber that collects messages.
+//! - [`mosquitto`]: [`Mosquitto`], a launcher for a real Mosquitto with the same PKI.
+//! - [`tls`], [`client`]: rustls configs (always the `ring` provider) and rumqttc options.
+
+pub mod broker;
+pub mod client;
+pub mod mosquitto;
+pub mod pki;
+pub mod subscriber;
+pub mod tls;
+
+pub use broker::{BrokerOptions, Fault, TestBroker};
+pub use mosquitto::{Mosquitto, mosquitto_available, mosquitto_or_skip};
+pub use pki::{Pki, PkiOptions};
+pub use subscriber::{Received, Subscriber};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 to find a free port")
+}

@@ -1,0 +1,202 @@
+//! Shared set-up for the end-to-end tests: a throwaway PKI, a real broker (in-process or
+//! Mosquitto), a config file written the way a user would, and synthetic HL7 messages.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use siterelay::client::MllpClient;
+use siterelay::config::Config;
+use siterelay_testkit::broker::{BrokerOptions, Fault, TestBroker};
+use siterelay_testkit::mosquitto::Mosquitto;
+use siterelay_testkit::pki::Pki;
+use siterelay_testkit::subscriber::Subscriber;
+use tokio::net::TcpStream;
+
+pub const APPLIANCE: &str = "test-box";
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Which real broker a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    InProcess,
+    Mosquitto,
+}
+
+pub enum Inner {
+    Test(TestBroker),
+    Mosq(Mosquitto),
+    Down,
+}
+
+/// A broker that can be stopped and started again on the same port.
+pub struct Broker {
+    pub kind: Kind,
+    pub port: u16,
+    pub inner: Inner,
+    dir: PathBuf,
+}
+
+impl Broker {
+    pub async fn start(kind: Kind, env: &Env) -> Broker {
+        let mut b = Broker::down(kind, env);
+        b.up(env).await;
+        b
+    }
+
+    /// A broker not yet running, with its port reserved.
+    pub fn down(kind: Kind, env: &Env) -> Broker {
+        Broker {
+            kind,
+            port: siterelay_testkit::free_port(),
+            inner: Inner::Down,
+            dir: env.dir.path().join("broker"),
+        }
+    }
+
+    pub async fn up(&mut self, env: &Env) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.inner = match self.kind {
+            Kind::InProcess => {
+                let mut o = BrokerOptions::from_pki(&env.pki);
+                o.port = self.port;
+                Inner::Test(TestBroker::start(o).await.expect("start in-process broker"))
+            }
+            Kind::Mosquitto => {
+                let m = match &self.inner {
+                    _ => Mosquitto::start_on(&env.pki, &self.dir, None, self.port)
+                        .await
+                        .expect("start mosquitto"),
+                };
+                Inner::Mosq(m)
+            }
+        };
+    }
+
+    pub async fn stop(&mut self) {
+        match std::mem::replace(&mut self.inner, Inner::Down) {
+            Inner::Test(b) => b.shutdown().await,
+            Inner::Mosq(mut m) => m.stop().await,
+            Inner::Down => {}
+        }
+    }
+
+    pub fn test_broker(&self) -> &TestBroker {
+        match &self.inner {
+            Inner::Test(b) => b,
+            _ => panic!("not an in-process broker"),
+        }
+    }
+
+    pub fn set_fault(&self, f: Fault) {
+        self.test_broker().set_fault(f)
+    }
+
+    pub async fn subscribe(&self, env: &Env, filter: &str) -> Subscriber {
+        Subscriber::connect(self.port, &env.pki, None, filter)
+            .await
+            .expect("subscriber connects")
+    }
+}
+
+/// A temporary directory with a PKI.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(dir.path(), "main").unwrap();
+        Env { dir, pki }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Config text as a user would write it. `feeds` are (name, listen address).
+    pub fn config_text(&self, broker_port: u16, feeds: &[(&str, &str)], mqtt_extra: &str) -> String {
+        let mut s = format!(
+            r#"appliance_id = "{APPLIANCE}"
+data_dir = "{data}"
+
+[log]
+level = "info"
+
+[mqtt]
+host = "localhost"
+port = {broker_port}
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+reconnect_max_secs = 1
+{mqtt_extra}
+"#,
+            data = self.data_dir().display(),
+            ca = self.pki.ca_file().display(),
+            cert = self.pki.client_cert_file().display(),
+            key = self.pki.client_key_file().display(),
+        );
+        for (name, listen) in feeds {
+            s.push_str(&format!("\n[[mllp]]\nname = \"{name}\"\nlisten = \"{listen}\"\n"));
+        }
+        s
+    }
+
+    pub fn config(&self, broker_port: u16, feeds: &[(&str, &str)], mqtt_extra: &str) -> Config {
+        let text = self.config_text(broker_port, feeds, mqtt_extra);
+        siterelay::config::parse(Path::new("test.toml"), &text).expect("valid test config")
+    }
+
+    pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+/// A synthetic ADT^A01 (NHS number from the never-issued 999 range).
+pub fn adt(control_id: &str) -> Vec<u8> {
+    format!(
+        "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20261130093000||ADT^A01^ADT_A01|{control_id}|P|2.4|||AL|NE\r\
+EVN|A01|20261130093000\r\
+PID|1||9990000018^^^NHS^NH~MRN{control_id}^^^RXX^MR||TEST^PATIENT^ONE||19800615|F|||1 TEST STREET^^TESTTOWN^^ZZ99 9ZZ\r\
+PV1|1|I|WARD1^BED1^^RXX||||C1234^DOCTOR^TEST\r"
+    )
+    .into_bytes()
+}
+
+pub async fn connect(addr: std::net::SocketAddr) -> MllpClient<TcpStream> {
+    MllpClient::new(TcpStream::connect(addr).await.expect("connect to listener"))
+}
+
+/// Parse a record payload.
+pub fn json(payload: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(payload).expect("record is JSON")
+}
+
+/// Wait until `f` is true or the timeout passes.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+/// Mosquitto availability: a failure when CI requires it, a visible skip otherwise.
+pub fn mosquitto_or_skip() -> bool {
+    if siterelay_testkit::mosquitto::mosquitto_available() {
+        return true;
+    }
+    if std::env::var("SITERELAY_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+        panic!("SITERELAY_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install mosquitto)");
+    }
+    eprintln!("mosquitto not installed: skipping (set SITERELAY_REQUIRE_MOSQUITTO=1 to make this a failure)");
+    false
+}

@@ -1,0 +1,207 @@
+//! End-to-end over real sockets, a real SQLite file and the in-process mutual-TLS broker.
+//! The same scenarios run against Mosquitto in `tests/e2e_mosquitto.rs`.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::scenarios;
+use common::*;
+use siterelay::app::Daemon;
+use siterelay_testkit::broker::Fault;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_messages_over_eight_connections_arrive_exactly_as_sent() {
+    scenarios::thousand_messages_over_eight_connections(Kind::InProcess).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_acked_while_the_broker_is_down_all_arrive_in_seq_order_once_it_is_up() {
+    scenarios::broker_down_then_up_delivers_everything_in_order(Kind::InProcess).await;
+}
+
+/// The broker takes the PUBLISH but never answers: the record stays pending; after the PUBACK
+/// timeout the connection is dropped and the record is sent again; once the broker behaves it is
+/// delivered and only then marked delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_stays_pending_until_its_puback_arrives() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    broker.set_fault(Fault::NeverPuback);
+    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "ack_timeout_secs = 1");
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    for i in 0..5 {
+        assert_eq!(c.send(&adt(&format!("N{i}")), ACK_WAIT).await.unwrap().code, "AA");
+    }
+    let tb = broker.test_broker();
+    assert!(wait_until(Duration::from_secs(10), || tb.publishes_received() >= 5).await);
+    // Well past one PUBACK timeout: published (maybe more than once), never confirmed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let g = d.outbox().gauges();
+    assert_eq!(g.pending_count.load(Ordering::Relaxed), 5);
+    assert_eq!(g.delivered.load(Ordering::Relaxed), 0);
+    assert!(sub.recv(Duration::from_millis(100)).await.is_none());
+    assert!(
+        d.telemetry().sink.connects.load(Ordering::Relaxed) >= 2,
+        "the silent connection was dropped and a new one made"
+    );
+
+    broker.set_fault(Fault::None);
+    let got = sub.collect(5, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 5);
+    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    d.stop().await;
+}
+
+/// The broker drops the connection right after each PUBLISH: nothing is marked delivered, and
+/// everything is resent once the broker behaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_dropped_after_publish_leaves_records_pending_and_they_are_resent() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    broker.set_fault(Fault::DropAfterPublish);
+    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    for i in 0..3 {
+        assert_eq!(c.send(&adt(&format!("D{i}")), ACK_WAIT).await.unwrap().code, "AA");
+    }
+    let tb = broker.test_broker();
+    assert!(wait_until(Duration::from_secs(10), || tb.publishes_received() >= 2).await);
+    let g = d.outbox().gauges();
+    assert_eq!(g.delivered.load(Ordering::Relaxed), 0);
+    assert_eq!(g.pending_count.load(Ordering::Relaxed), 3);
+    broker.set_fault(Fault::None);
+    let got = sub.collect(3, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 3);
+    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    d.stop().await;
+}
+
+/// MQTT 5: a PUBACK whose reason code is a failure is not a delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puback_with_a_failure_reason_code_is_not_a_delivery() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    broker.set_fault(Fault::PubackReason(0x97)); // quota exceeded
+    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    assert_eq!(c.send(&adt("Q1"), ACK_WAIT).await.unwrap().code, "AA");
+    let t = d.telemetry();
+    assert!(wait_until(Duration::from_secs(10), || t.sink.refused.load(Ordering::Relaxed) >= 1).await);
+    let g = d.outbox().gauges();
+    assert_eq!(g.pending_count.load(Ordering::Relaxed), 1);
+    broker.set_fault(Fault::None);
+    // Retried after the refusal delay (5 s).
+    let got = sub.collect(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1);
+    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    d.stop().await;
+}
+
+/// MQTT 3.1.1 works too (for brokers without 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_1_delivers_records() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "protocol = \"3.1.1\"");
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    for i in 0..10 {
+        assert_eq!(c.send(&adt(&format!("V{i}")), ACK_WAIT).await.unwrap().code, "AA");
+    }
+    assert_eq!(sub.collect(10, Duration::from_secs(20)).await.len(), 10);
+    let g = d.outbox().gauges();
+    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    d.stop().await;
+}
+
+/// The record carries the contract's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_carries_header_fields_and_times() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    c.send(&adt("REC1"), ACK_WAIT).await.unwrap();
+    let (topic, payload, retain) = sub.recv(Duration::from_secs(10)).await.expect("record");
+    assert_eq!(topic, "siterelay/test-box/records/adt");
+    assert!(!retain);
+    let r = json(&payload);
+    assert_eq!(r["appliance"], "test-box");
+    assert_eq!(r["seq"], 1);
+    assert_eq!(r["format"], "hl7v2");
+    assert_eq!(r["charset"], "UNICODE UTF-8");
+    assert!(r["source"]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(r["received_at"].as_str().unwrap().ends_with('Z'));
+    let h = &r["hl7"];
+    assert_eq!(h["version"], "2.4");
+    assert_eq!(h["message_type"], "ADT");
+    assert_eq!(h["trigger_event"], "A01");
+    assert_eq!(h["message_structure"], "ADT_A01");
+    assert_eq!(h["control_id"], "REC1");
+    assert_eq!(h["sending_application"], "PAS");
+    assert_eq!(h["sending_facility"], "RXX");
+    assert_eq!(h["receiving_application"], "SITERELAY");
+    assert_eq!(h["receiving_facility"], "HUB");
+    assert_eq!(h["processing_id"], "P");
+    // November: GMT, offset assumed from the feed's zone.
+    assert_eq!(h["message_datetime"]["value"], "2026-11-30T09:30:00+00:00");
+    assert_eq!(h["message_datetime"]["hl7"], "20261130093000");
+    assert_eq!(h["message_datetime"]["precision"], "second");
+    assert_eq!(h["message_datetime"]["zone"], "assumed");
+    d.stop().await;
+}
+
+/// `include_raw = false` leaves `raw` out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn include_raw_false_leaves_the_message_text_out() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let text = env.config_text(broker.port, &[("adt", "127.0.0.1:0")], "")
+        + "\n[records]\ninclude_raw = false\n";
+    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let d = Daemon::start(&cfg).await.unwrap();
+    connect(d.addr("adt").unwrap()).await.send(&adt("NR1"), ACK_WAIT).await.unwrap();
+    let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
+    let r = json(&payload);
+    assert!(r.get("raw").is_none());
+    assert_eq!(r["hl7"]["control_id"], "NR1");
+    d.stop().await;
+}
+
+/// A full store answers `AR` and keeps what it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_store_answers_ar_and_keeps_everything_already_acknowledged() {
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let text = env.config_text(broker.port, &[("adt", "127.0.0.1:0")], "")
+        + "\n[store]\nmax_bytes = \"1 MiB\"\n";
+    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let mut big = adt("BIG");
+    big.extend(std::iter::repeat_n(b'X', 200 * 1024));
+    big.push(b'\r');
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(c.send(&big, ACK_WAIT).await.unwrap());
+    }
+    let aa = codes.iter().filter(|a| a.code == "AA").count();
+    assert_eq!(aa, 5, "5 x ~200 KiB fit under 1 MiB");
+    let ar = &codes[5];
+    assert_eq!(ar.code, "AR");
+    assert!(ar.text.contains("store full"), "{}", ar.text);
+    assert_eq!(d.outbox().gauges().pending_count.load(Ordering::Relaxed), 5);
+    d.stop().await;
+}

@@ -1,0 +1,177 @@
+//! Bad input on a real MLLP socket: each case gets its defined outcome, and the listener keeps
+//! serving everyone else.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use siterelay::app::Daemon;
+use siterelay::client::parse_ack;
+
+async fn daemon(env: &Env, extra_feed: &str) -> Daemon {
+    let broker = Broker::down(Kind::InProcess, env);
+    let text = env.config_text(broker.port, &[], "")
+        + &format!("\n[[mllp]]\nname = \"adt\"\nlisten = \"127.0.0.1:0\"\n{extra_feed}\n");
+    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    Daemon::start(&cfg).await.unwrap()
+}
+
+/// After each bad case, a fresh connection still gets `AA`.
+async fn still_serving(d: &Daemon, id: &str) {
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let ack = c.send(&adt(id), ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AA");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_before_a_start_block_is_discarded_and_counted_and_the_message_is_acked() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    c.write_raw(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let ack = c.send(&adt("G1"), ACK_WAIT).await.unwrap();
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AA", "G1"));
+    let t = d.telemetry().feed("adt");
+    assert_eq!(t.discarded_bytes.load(Ordering::Relaxed), 18);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_over_the_size_limit_is_refused_with_ae_and_the_connection_closed() {
+    let env = Env::new();
+    let d = daemon(&env, "max_message_bytes = 2048").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let mut big = vec![0x0b];
+    big.extend(adt("BIG1"));
+    big.extend(std::iter::repeat_n(b'X', 4096));
+    c.write_raw(&big).await.unwrap();
+    let frame = c.read_frame(ACK_WAIT).await.unwrap();
+    let ack = parse_ack(&frame).unwrap();
+    assert_eq!(ack.code, "AE");
+    assert_eq!(ack.control_id, "BIG1");
+    assert!(ack.text.contains("2048"), "{}", ack.text);
+    assert!(c.closed_within(Duration::from_secs(5)).await, "connection closed");
+    assert_eq!(d.telemetry().feed("adt").oversized.load(Ordering::Relaxed), 1);
+    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 0, "nothing stored");
+    still_serving(&d, "after-big").await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_without_an_end_block_is_never_acked_or_stored() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    {
+        let mut c = connect(d.addr("adt").unwrap()).await;
+        let mut partial = vec![0x0b];
+        partial.extend(adt("P1"));
+        c.write_raw(&partial).await.unwrap();
+        assert!(c.read_frame(Duration::from_millis(500)).await.is_err(), "no ACK for a partial frame");
+        // Dropping the client closes the socket mid-frame.
+    }
+    let t = d.telemetry().feed("adt");
+    assert!(wait_until(Duration::from_secs(5), || t.incomplete.load(Ordering::Relaxed) == 1).await);
+    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 0);
+    still_serving(&d, "after-partial").await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_is_closed_after_the_idle_timeout() {
+    let env = Env::new();
+    let d = daemon(&env, "idle_timeout_secs = 1").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    assert!(c.closed_within(Duration::from_secs(5)).await);
+    still_serving(&d, "after-idle").await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_hl7_payload_gets_an_ae_nak_and_is_not_stored() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let ack = c.send(b"hello, this is not HL7", ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AE");
+    assert_eq!(ack.control_id, "");
+    assert!(ack.raw.starts_with(b"MSH|^~\\&|SITERELAY|test-box|"));
+    assert!(String::from_utf8_lossy(&ack.raw).contains("\rERR|"), "ERR segment present");
+    // Same connection keeps working.
+    assert_eq!(c.send(&adt("OK1"), ACK_WAIT).await.unwrap().code, "AA");
+    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 1);
+    assert_eq!(d.telemetry().feed("adt").ack_ae.load(Ordering::Relaxed), 1);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_frame_gets_an_ae_nak() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let ack = c.send(b"", ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AE");
+    assert_eq!(c.send(&adt("OK2"), ACK_WAIT).await.unwrap().code, "AA");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_missing_its_control_id_gets_ae() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let msg = b"MSH|^~\\&|PAS|RXX|SR|HUB|20261130093000||ADT^A01||P|2.4\rPID|1\r";
+    let ack = c.send(msg, ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AE");
+    assert!(String::from_utf8_lossy(&ack.raw).contains("|101^"), "ERR code 101 (required field missing)");
+    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_mirrors_the_message_header() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let ack = c.send(&adt("MIRROR1"), ACK_WAIT).await.unwrap();
+    let text = String::from_utf8(ack.raw.clone()).unwrap();
+    let msh: Vec<&str> = text.split('\r').next().unwrap().split('|').collect();
+    assert_eq!(&msh[2..6], ["SITERELAY", "HUB", "PAS", "RXX"], "sender and receiver swapped");
+    assert_eq!(msh[8], "ACK^A01^ACK");
+    assert_ne!(msh[9], "MIRROR1", "fresh control id");
+    assert_eq!((msh[10], msh[11]), ("P", "2.4"));
+    assert!(text.contains("\rMSA|AA|MIRROR1"));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_messages_on_one_connection_are_acked_in_order() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let mut burst = Vec::new();
+    for i in 0..20 {
+        burst.extend(siterelay::sources::mllp::framing::encode(&adt(&format!("PL{i}"))));
+    }
+    c.write_raw(&burst).await.unwrap();
+    for i in 0..20 {
+        let ack = parse_ack(&c.read_frame(ACK_WAIT).await.unwrap()).unwrap();
+        assert_eq!((ack.code.as_str(), ack.control_id.clone()), ("AA", format!("PL{i}")));
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_under_a_utf8_charset_gets_ae() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let mut msg = b"MSH|^~\\&|PAS|RXX|SR|HUB|20261130093000||ADT^A01|U1|P|2.4|||||||UNICODE UTF-8\rPID|1||||TEST^".to_vec();
+    msg.extend([0xff, 0xfe]);
+    msg.push(b'\r');
+    let ack = c.send(&msg, ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AE");
+    assert_eq!(ack.control_id, "U1");
+    d.stop().await;
+}

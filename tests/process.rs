@@ -1,0 +1,261 @@
+//! The real `siterelay` binary: SIGKILL durability, SIGTERM, TLS refusals in the log, and the
+//! `check-config`, `send` and `queue stats` commands.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use siterelay_testkit::pki::Pki;
+
+const BIN: &str = env!("CARGO_BIN_EXE_siterelay");
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(config: &Path, log: PathBuf) -> Proc {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap();
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn sigterm(&mut self) -> Option<std::process::ExitStatus> {
+        unsafe_free_sigterm(self.child.id());
+        for _ in 0..100 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(st.success());
+}
+
+async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("siterelay did not listen on {port}");
+}
+
+fn pending(env: &Env) -> u64 {
+    let r = siterelay::outbox::Reader::open(&env.data_dir().join("outbox.sqlite")).unwrap();
+    r.stats().unwrap().iter().map(|s| s.pending).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acked_message_survives_sigkill_and_is_delivered_after_restart() {
+    let env = Env::new();
+    let mut broker = Broker::down(Kind::InProcess, &env);
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = env.write_config("s.toml", &env.config_text(broker.port, &[("adt", &listen)], ""));
+    let mut p = Proc::start(&cfg, env.dir.path().join("run1.log"));
+    wait_listening(port).await;
+    let mut c = connect(listen.parse().unwrap()).await;
+    let mut ids = HashSet::new();
+    for i in 0..100 {
+        let id = format!("K{i}");
+        assert_eq!(c.send(&adt(&id), ACK_WAIT).await.unwrap().code, "AA");
+        ids.insert(id);
+    }
+    p.kill9();
+    assert_eq!(pending(&env), 100, "all ACKed messages are in the file after SIGKILL");
+
+    broker.up(&env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut p = Proc::start(&cfg, env.dir.path().join("run2.log"));
+    let got = sub.collect(100, Duration::from_secs(30)).await;
+    let seen: HashSet<String> = got
+        .iter()
+        .map(|(_, pl, _)| json(pl)["hl7"]["control_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen, ids);
+    assert!(wait_until(Duration::from_secs(10), || pending(&env) == 0).await);
+    let status = p.sigterm().expect("exits within 10 s of SIGTERM");
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", p.log());
+    let log = p.log();
+    assert!(log.contains("siterelay stopped"), "{log}");
+    assert!(!log.contains("TEST^PATIENT") && !log.contains("9990000018"), "no patient data in logs");
+}
+
+async fn refused_connection_is_logged(use_other_client: bool) {
+    let env = Env::new();
+    let other = Pki::generate(env.dir.path(), "other").unwrap();
+    let mut broker = Broker::down(Kind::InProcess, &env);
+    if !use_other_client {
+        // The broker presents a certificate from a CA the appliance does not trust.
+        let mut o = siterelay_testkit::broker::BrokerOptions::from_pki(&env.pki);
+        o.cert_file = other.server_cert_file();
+        o.key_file = other.server_key_file();
+        o.port = broker.port;
+        broker.inner = Inner::Test(siterelay_testkit::broker::TestBroker::start(o).await.unwrap());
+    } else {
+        broker.up(&env).await;
+    }
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut text = env.config_text(broker.port, &[("adt", &listen)], "");
+    if use_other_client {
+        text = text
+            .replace(&env.pki.client_cert_file().display().to_string(), &other.client_cert_file().display().to_string())
+            .replace(&env.pki.client_key_file().display().to_string(), &other.client_key_file().display().to_string());
+    }
+    let cfg = env.write_config("s.toml", &text);
+    let p = Proc::start(&cfg, env.dir.path().join("run.log"));
+    wait_listening(port).await;
+    let mut c = connect(listen.parse().unwrap()).await;
+    assert_eq!(c.send(&adt("T1"), ACK_WAIT).await.unwrap().code, "AA");
+    let ok = wait_until(Duration::from_secs(10), || {
+        p.log().matches("MQTT connection failed").count() >= 2
+    })
+    .await;
+    let log = p.log();
+    assert!(ok, "repeated failures logged:\n{log}");
+    let reason_named = if use_other_client {
+        // The broker rejects our certificate: rustls reports the alert it received.
+        log.contains("alert") || log.contains("reset") || log.contains("closed")
+    } else {
+        log.contains("UnknownIssuer") || log.contains("invalid peer certificate")
+    };
+    assert!(reason_named, "the TLS reason is in the log:\n{log}");
+    assert_eq!(pending(&env), 1, "the record stays pending");
+    if use_other_client {
+        assert!(broker.test_broker().handshake_failures() >= 1);
+    }
+    assert_eq!(broker.test_broker().publishes_received(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_from_another_ca_is_refused_and_the_reason_logged() {
+    refused_connection_is_logged(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_certificate_from_another_ca_is_refused_and_the_reason_logged() {
+    refused_connection_is_logged(false).await;
+}
+
+fn check_config(path: &Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_config_reports_each_problem_with_file_and_line() {
+    let env = Env::new();
+    let good = env.config_text(8883, &[("adt", "0.0.0.0:2575")], "");
+    let p = env.write_config("good.toml", &good);
+    let (ok, err) = check_config(&p);
+    assert!(ok, "{err}");
+
+    // Unknown key.
+    let bad = good.replace("reconnect_max_secs = 1", "reconnect_max_secs = 1\nreconect = 5");
+    let line = bad.lines().position(|l| l.starts_with("reconect")).unwrap() + 1;
+    let p = env.write_config("unknown.toml", &bad);
+    let (ok, err) = check_config(&p);
+    assert!(!ok);
+    assert!(err.contains(&format!("unknown.toml:{line}: unknown field `reconect`")), "{err}");
+
+    // Bad address.
+    let bad = good.replace("0.0.0.0:2575", "0.0.0.0:99999");
+    let line = bad.lines().position(|l| l.starts_with("listen")).unwrap() + 1;
+    let p = env.write_config("addr.toml", &bad);
+    let (ok, err) = check_config(&p);
+    assert!(!ok);
+    assert!(err.contains(&format!("addr.toml:{line}: mllp[0].listen: '0.0.0.0:99999' is not a socket address")), "{err}");
+
+    // Missing certificate file.
+    let missing = env.dir.path().join("nope/client.pem");
+    let bad = good.replace(&env.pki.client_cert_file().display().to_string(), &missing.display().to_string());
+    let line = bad.lines().position(|l| l.starts_with("cert_file")).unwrap() + 1;
+    let p = env.write_config("cert.toml", &bad);
+    let (ok, err) = check_config(&p);
+    assert!(!ok);
+    assert!(err.contains(&format!("cert.toml:{line}: mqtt.cert_file: cannot read '{}'", missing.display())), "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("cert.toml:")).count(), 1, "one message: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = env.write_config("s.toml", &env.config_text(broker.port, &[("adt", &listen)], ""));
+    let _p = Proc::start(&cfg, env.dir.path().join("run.log"));
+    wait_listening(port).await;
+
+    // A file with two messages, LF line endings as an editor would save them.
+    let mut file = String::new();
+    for id in ["F1", "F2"] {
+        file.push_str(&String::from_utf8(adt(id)).unwrap().replace('\r', "\n"));
+    }
+    let msgs = env.write_config("two.hl7", &file);
+    let out = Command::new(BIN).args(["send", "--to", &listen]).arg(&msgs).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("#1: AA F1") && stdout.contains("#2: AA F2"), "{stdout}");
+
+    let junk = env.write_config("junk.hl7", "MSH|^~\\&|A|B|C|D|20260101||ADT^A01||P|2.4\n");
+    let out = Command::new(BIN).args(["send", "--to", &listen]).arg(&junk).output().unwrap();
+    assert!(!out.status.success(), "a non-AA answer makes send fail");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("#1: AE"));
+
+    let out = Command::new(BIN)
+        .args(["queue", "stats", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["feed"], "adt");
+    assert_eq!(v[0]["pending"], 2);
+    assert_eq!(v[0]["last_seq"], 2);
+    assert!(v[0]["oldest_pending_age_secs"].as_f64().unwrap() >= 0.0);
+}
