@@ -111,7 +111,12 @@ impl Daemon {
             bound.push(l);
         }
 
-        let max_message = cfg.mllp.iter().map(|f| f.max_message_bytes).max().unwrap_or(0);
+        let max_message = cfg
+            .mllp
+            .iter()
+            .map(|f| f.max_message_bytes)
+            .max()
+            .unwrap_or(0);
         // JSON escaping can grow control characters six-fold; leave room for the envelope.
         let max_packet_bytes = (max_message * 6 + 64 * 1024).min(256 * 1024 * 1024) as usize;
         let sink = MqttSink::new(
@@ -195,8 +200,13 @@ impl Daemon {
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         let listeners = async { while self.listeners.join_next().await.is_some() {} };
-        if tokio::time::timeout(LISTENER_GRACE, listeners).await.is_err() {
-            warn!("listeners did not finish in time; aborting them (nothing unacknowledged is lost)");
+        if tokio::time::timeout(LISTENER_GRACE, listeners)
+            .await
+            .is_err()
+        {
+            warn!(
+                "listeners did not finish in time; aborting them (nothing unacknowledged is lost)"
+            );
             self.listeners.abort_all();
         }
         while self.others.join_next().await.is_some() {}

@@ -54,7 +54,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MllpClient<S> {
     }
 
     /// Send one message (unframed HL7) and wait for its ACK.
-    pub async fn send(&mut self, message: &[u8], timeout: Duration) -> Result<AckSummary, ClientError> {
+    pub async fn send(
+        &mut self,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<AckSummary, ClientError> {
         self.stream.write_all(&encode(message)).await?;
         self.stream.flush().await?;
         let ack = self.read_frame(timeout).await?;
@@ -168,13 +172,19 @@ mod tests {
         let file = b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.4\r\nPID|1\nMSH|^~\\&|A|B|C|D|20260101||ADT^A01|2|P|2.4\rPID|2\r\n\r\n";
         let msgs = split_messages(file);
         assert_eq!(msgs.len(), 2);
-        assert_eq!(msgs[0], b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.4\rPID|1\r");
+        assert_eq!(
+            msgs[0],
+            b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.4\rPID|1\r"
+        );
         assert!(msgs[1].ends_with(b"PID|2\r"));
     }
 
     #[test]
     fn ack_fields_are_read_with_the_ack_delimiters() {
         let a = parse_ack(b"MSH#^~\\&#X\rMSA#AE#CTRL1#bad thing\r").unwrap();
-        assert_eq!((a.code.as_str(), a.control_id.as_str(), a.text.as_str()), ("AE", "CTRL1", "bad thing"));
+        assert_eq!(
+            (a.code.as_str(), a.control_id.as_str(), a.text.as_str()),
+            ("AE", "CTRL1", "bad thing")
+        );
     }
 }

@@ -379,10 +379,25 @@ impl Config {
                 ));
             }
             if let Some(t) = &f.tls {
-                check_pem(&t.cert_file, PemKind::Certs, &format!("mllp[{i}].tls.cert_file"), &mut p);
-                check_pem(&t.key_file, PemKind::Key, &format!("mllp[{i}].tls.key_file"), &mut p);
+                check_pem(
+                    &t.cert_file,
+                    PemKind::Certs,
+                    &format!("mllp[{i}].tls.cert_file"),
+                    &mut p,
+                );
+                check_pem(
+                    &t.key_file,
+                    PemKind::Key,
+                    &format!("mllp[{i}].tls.key_file"),
+                    &mut p,
+                );
                 if let Some(ca) = &t.client_ca_file {
-                    check_pem(ca, PemKind::Certs, &format!("mllp[{i}].tls.client_ca_file"), &mut p);
+                    check_pem(
+                        ca,
+                        PemKind::Certs,
+                        &format!("mllp[{i}].tls.client_ca_file"),
+                        &mut p,
+                    );
                 }
             }
         }
@@ -639,7 +654,10 @@ fn locate(text: &str, key: &str) -> Option<usize> {
     let mut segs = Vec::new();
     for part in key.split('.') {
         if let Some((name, idx)) = part.split_once('[') {
-            segs.push((name.to_string(), idx.trim_end_matches(']').parse::<usize>().ok()));
+            segs.push((
+                name.to_string(),
+                idx.trim_end_matches(']').parse::<usize>().ok(),
+            ));
         } else {
             segs.push((part.to_string(), None));
         }
@@ -784,9 +802,7 @@ listen = "127.0.0.1:2575"
 
     #[test]
     fn bad_address_and_duplicate_name_are_each_reported_with_lines() {
-        let text = format!(
-            "{MINIMAL}[[mllp]]\nname = \"adt\"\nlisten = \"0.0.0.0:99999\"\n"
-        );
+        let text = format!("{MINIMAL}[[mllp]]\nname = \"adt\"\nlisten = \"0.0.0.0:99999\"\n");
         let p = problems(&text);
         assert_eq!(p.len(), 2, "{p:?}");
         assert_eq!((p[0].key.as_str(), p[0].line), ("mllp[1].name", Some(11)));

@@ -12,7 +12,11 @@ use siterelay::client::{MllpClient, split_messages};
 use siterelay::config::{self, DEFAULT_CONFIG_PATH, Timestamps};
 
 #[derive(Parser)]
-#[command(name = "siterelay", version, about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out")]
+#[command(
+    name = "siterelay",
+    version,
+    about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -142,7 +146,10 @@ fn run(path: &Path) -> ExitCode {
     for w in config::warnings(path, &cfg) {
         warn!("{w}");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
@@ -263,13 +270,18 @@ fn queue_stats(path: &Path, json: bool) -> ExitCode {
     };
     let db = cfg.outbox_path();
     if !db.exists() {
-        eprintln!("{}: no outbox yet (the daemon has not run with this data_dir)", db.display());
+        eprintln!(
+            "{}: no outbox yet (the daemon has not run with this data_dir)",
+            db.display()
+        );
         return ExitCode::FAILURE;
     }
     let stats = match siterelay::outbox::Reader::open(&db).and_then(|r| r.stats()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("{e}\n(run as the daemon's user, e.g. sudo -u siterelay siterelay queue stats)");
+            eprintln!(
+                "{e}\n(run as the daemon's user, e.g. sudo -u siterelay siterelay queue stats)"
+            );
             return ExitCode::FAILURE;
         }
     };

@@ -9,9 +9,10 @@
 //! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system.
 //!
 //! **Schema** (`PRAGMA user_version = 1`):
-//! - `messages(id INTEGER PRIMARY KEY, record_id TEXT UNIQUE, feed, seq, received_at_us,
+//! - `messages(id INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT UNIQUE, feed, seq, received_at_us,
 //!   source_kind, peer, format, control_id, size, raw BLOB, state, delivered_at_us)`;
-//!   `UNIQUE(feed, seq)`. `id` is the global arrival order; `raw` holds the bytes exactly as
+//!   `UNIQUE(feed, seq)`. `id` is the global arrival order (AUTOINCREMENT: never reused, even
+//!   after pruning the newest rows, so the sink's cursor never skips a row); `raw` holds the bytes exactly as
 //!   received; `record_id` is a UUIDv7 fixed at insert, so every resend of a record carries the
 //!   same `id` (the central side's idempotency key). `state` is 0 (pending) or 1 (delivered).
 //! - `feed_seq(feed PRIMARY KEY, last_seq)`: the last sequence number handed out per feed. Kept
@@ -250,7 +251,7 @@ const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
-    id              INTEGER PRIMARY KEY,
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
     record_id       TEXT    NOT NULL UNIQUE,
     feed            TEXT    NOT NULL,
     seq             INTEGER NOT NULL,
@@ -343,7 +344,9 @@ impl Outbox {
             return;
         }
         if self.tx.send(Cmd::MarkDelivered(row_ids)).await.is_err() {
-            warn!("outbox closed before delivered marks were written: those records will be resent");
+            warn!(
+                "outbox closed before delivered marks were written: those records will be resent"
+            );
         }
     }
 
@@ -496,7 +499,10 @@ impl WriterState {
     }
 }
 
-type Reply = (oneshot::Sender<Result<Stored, AppendError>>, Result<Stored, AppendError>);
+type Reply = (
+    oneshot::Sender<Result<Stored, AppendError>>,
+    Result<Stored, AppendError>,
+);
 
 /// The single writer: drain commands, apply them in one transaction, commit, answer.
 fn writer_loop(
@@ -794,16 +800,18 @@ impl Reader {
         rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
     }
 
-    /// Delivery latency figures (receive -> delivered mark) of delivered rows, in µs, unsorted.
-    pub fn delivery_latencies_us(&self) -> Result<Vec<i64>, OutboxError> {
+    /// Receive-to-delivered latencies (µs, unsorted) of delivered rows received at or after
+    /// `since_us`. For measurements (the load generator).
+    pub fn delivery_latencies_since_us(&self, since_us: i64) -> Result<Vec<i64>, OutboxError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT delivered_at_us - received_at_us FROM messages WHERE state = 1",
+                "SELECT delivered_at_us - received_at_us FROM messages \
+                 WHERE state = 1 AND received_at_us >= ?1",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
-            .query_map([], |r| r.get(0))
+            .query_map([since_us], |r| r.get(0))
             .map_err(sqlite(&self.path))?;
         rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
     }
@@ -889,7 +897,13 @@ mod tests {
         let (ob, _w) = Outbox::open(&dir.path().join("o.sqlite"), opts(10)).unwrap();
         ob.append(msg("a", "12345678")).await.unwrap();
         let err = ob.append(msg("a", "123")).await.unwrap_err();
-        assert!(matches!(err, AppendError::Full { pending_bytes: 8, max_bytes: 10 }));
+        assert!(matches!(
+            err,
+            AppendError::Full {
+                pending_bytes: 8,
+                max_bytes: 10
+            }
+        ));
         let rows = ob.reader().unwrap().pending_after(0, 10).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].raw, b"12345678");

@@ -115,13 +115,19 @@ pub mod mllp {
     /// A frame exceeded the size limit.
     pub fn oversized(c: &FeedCounters, feed: &str, peer: &str, seen: usize, limit: u64) {
         inc(&c.oversized);
-        warn!(feed, peer, seen, limit, "frame exceeds max_message_bytes: refusing and closing");
+        warn!(
+            feed,
+            peer, seen, limit, "frame exceeds max_message_bytes: refusing and closing"
+        );
     }
 
     /// A frame was never finished.
     pub fn incomplete(c: &FeedCounters, feed: &str, peer: &str, bytes: usize, why: &str) {
         inc(&c.incomplete);
-        warn!(feed, peer, bytes, why, "incomplete frame dropped (it was never acknowledged)");
+        warn!(
+            feed,
+            peer, bytes, why, "incomplete frame dropped (it was never acknowledged)"
+        );
     }
 
     /// A message was committed and answered `AA`/`CA`.

@@ -96,7 +96,8 @@ pub fn mllp_server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    Ok(Arc::new(
-        builder.with_single_cert(load_certs(cert_file)?, load_key(key_file)?)?,
-    ))
+    Ok(Arc::new(builder.with_single_cert(
+        load_certs(cert_file)?,
+        load_key(key_file)?,
+    )?))
 }

@@ -30,11 +30,18 @@ async fn record_stays_pending_until_its_puback_arrives() {
     let broker = Broker::start(Kind::InProcess, &env).await;
     broker.set_fault(Fault::NeverPuback);
     let mut sub = broker.subscribe(&env, "siterelay/#").await;
-    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "ack_timeout_secs = 1");
+    let cfg = env.config(
+        broker.port,
+        &[("adt", "127.0.0.1:0")],
+        "ack_timeout_secs = 1",
+    );
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
     for i in 0..5 {
-        assert_eq!(c.send(&adt(&format!("N{i}")), ACK_WAIT).await.unwrap().code, "AA");
+        assert_eq!(
+            c.send(&adt(&format!("N{i}")), ACK_WAIT).await.unwrap().code,
+            "AA"
+        );
     }
     let tb = broker.test_broker();
     assert!(wait_until(Duration::from_secs(10), || tb.publishes_received() >= 5).await);
@@ -52,7 +59,13 @@ async fn record_stays_pending_until_its_puback_arrives() {
     broker.set_fault(Fault::None);
     let got = sub.collect(5, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 5);
-    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || g
+            .pending_count
+            .load(Ordering::Relaxed)
+            == 0)
+        .await
+    );
     d.stop().await;
 }
 
@@ -68,7 +81,10 @@ async fn connection_dropped_after_publish_leaves_records_pending_and_they_are_re
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
     for i in 0..3 {
-        assert_eq!(c.send(&adt(&format!("D{i}")), ACK_WAIT).await.unwrap().code, "AA");
+        assert_eq!(
+            c.send(&adt(&format!("D{i}")), ACK_WAIT).await.unwrap().code,
+            "AA"
+        );
     }
     let tb = broker.test_broker();
     assert!(wait_until(Duration::from_secs(10), || tb.publishes_received() >= 2).await);
@@ -78,7 +94,13 @@ async fn connection_dropped_after_publish_leaves_records_pending_and_they_are_re
     broker.set_fault(Fault::None);
     let got = sub.collect(3, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 3);
-    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || g
+            .pending_count
+            .load(Ordering::Relaxed)
+            == 0)
+        .await
+    );
     d.stop().await;
 }
 
@@ -94,14 +116,27 @@ async fn puback_with_a_failure_reason_code_is_not_a_delivery() {
     let mut c = connect(d.addr("adt").unwrap()).await;
     assert_eq!(c.send(&adt("Q1"), ACK_WAIT).await.unwrap().code, "AA");
     let t = d.telemetry();
-    assert!(wait_until(Duration::from_secs(10), || t.sink.refused.load(Ordering::Relaxed) >= 1).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || t
+            .sink
+            .refused
+            .load(Ordering::Relaxed)
+            >= 1)
+        .await
+    );
     let g = d.outbox().gauges();
     assert_eq!(g.pending_count.load(Ordering::Relaxed), 1);
     broker.set_fault(Fault::None);
     // Retried after the refusal delay (5 s).
     let got = sub.collect(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1);
-    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || g
+            .pending_count
+            .load(Ordering::Relaxed)
+            == 0)
+        .await
+    );
     d.stop().await;
 }
 
@@ -111,15 +146,28 @@ async fn mqtt_3_1_1_delivers_records() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
     let mut sub = broker.subscribe(&env, "siterelay/#").await;
-    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "protocol = \"3.1.1\"");
+    let cfg = env.config(
+        broker.port,
+        &[("adt", "127.0.0.1:0")],
+        "protocol = \"3.1.1\"",
+    );
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
     for i in 0..10 {
-        assert_eq!(c.send(&adt(&format!("V{i}")), ACK_WAIT).await.unwrap().code, "AA");
+        assert_eq!(
+            c.send(&adt(&format!("V{i}")), ACK_WAIT).await.unwrap().code,
+            "AA"
+        );
     }
     assert_eq!(sub.collect(10, Duration::from_secs(20)).await.len(), 10);
     let g = d.outbox().gauges();
-    assert!(wait_until(Duration::from_secs(10), || g.pending_count.load(Ordering::Relaxed) == 0).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || g
+            .pending_count
+            .load(Ordering::Relaxed)
+            == 0)
+        .await
+    );
     d.stop().await;
 }
 
@@ -141,7 +189,12 @@ async fn record_carries_header_fields_and_times() {
     assert_eq!(r["seq"], 1);
     assert_eq!(r["format"], "hl7v2");
     assert_eq!(r["charset"], "UNICODE UTF-8");
-    assert!(r["source"]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        r["source"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     assert!(r["received_at"].as_str().unwrap().ends_with('Z'));
     let h = &r["hl7"];
     assert_eq!(h["version"], "2.4");
@@ -172,7 +225,11 @@ async fn include_raw_false_leaves_the_message_text_out() {
         + "\n[records]\ninclude_raw = false\n";
     let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
     let d = Daemon::start(&cfg).await.unwrap();
-    connect(d.addr("adt").unwrap()).await.send(&adt("NR1"), ACK_WAIT).await.unwrap();
+    connect(d.addr("adt").unwrap())
+        .await
+        .send(&adt("NR1"), ACK_WAIT)
+        .await
+        .unwrap();
     let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
     let r = json(&payload);
     assert!(r.get("raw").is_none());

@@ -52,9 +52,19 @@ async fn frame_over_the_size_limit_is_refused_with_ae_and_the_connection_closed(
     assert_eq!(ack.code, "AE");
     assert_eq!(ack.control_id, "BIG1");
     assert!(ack.text.contains("2048"), "{}", ack.text);
-    assert!(c.closed_within(Duration::from_secs(5)).await, "connection closed");
-    assert_eq!(d.telemetry().feed("adt").oversized.load(Ordering::Relaxed), 1);
-    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 0, "nothing stored");
+    assert!(
+        c.closed_within(Duration::from_secs(5)).await,
+        "connection closed"
+    );
+    assert_eq!(
+        d.telemetry().feed("adt").oversized.load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        d.outbox().gauges().appended.load(Ordering::Relaxed),
+        0,
+        "nothing stored"
+    );
     still_serving(&d, "after-big").await;
     d.stop().await;
 }
@@ -68,11 +78,20 @@ async fn frame_without_an_end_block_is_never_acked_or_stored() {
         let mut partial = vec![0x0b];
         partial.extend(adt("P1"));
         c.write_raw(&partial).await.unwrap();
-        assert!(c.read_frame(Duration::from_millis(500)).await.is_err(), "no ACK for a partial frame");
+        assert!(
+            c.read_frame(Duration::from_millis(500)).await.is_err(),
+            "no ACK for a partial frame"
+        );
         // Dropping the client closes the socket mid-frame.
     }
     let t = d.telemetry().feed("adt");
-    assert!(wait_until(Duration::from_secs(5), || t.incomplete.load(Ordering::Relaxed) == 1).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || t
+            .incomplete
+            .load(Ordering::Relaxed)
+            == 1)
+        .await
+    );
     assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 0);
     still_serving(&d, "after-partial").await;
     d.stop().await;
@@ -97,7 +116,10 @@ async fn non_hl7_payload_gets_an_ae_nak_and_is_not_stored() {
     assert_eq!(ack.code, "AE");
     assert_eq!(ack.control_id, "");
     assert!(ack.raw.starts_with(b"MSH|^~\\&|SITERELAY|test-box|"));
-    assert!(String::from_utf8_lossy(&ack.raw).contains("\rERR|"), "ERR segment present");
+    assert!(
+        String::from_utf8_lossy(&ack.raw).contains("\rERR|"),
+        "ERR segment present"
+    );
     // Same connection keeps working.
     assert_eq!(c.send(&adt("OK1"), ACK_WAIT).await.unwrap().code, "AA");
     assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 1);
@@ -124,7 +146,10 @@ async fn message_missing_its_control_id_gets_ae() {
     let msg = b"MSH|^~\\&|PAS|RXX|SR|HUB|20261130093000||ADT^A01||P|2.4\rPID|1\r";
     let ack = c.send(msg, ACK_WAIT).await.unwrap();
     assert_eq!(ack.code, "AE");
-    assert!(String::from_utf8_lossy(&ack.raw).contains("|101^"), "ERR code 101 (required field missing)");
+    assert!(
+        String::from_utf8_lossy(&ack.raw).contains("|101^"),
+        "ERR code 101 (required field missing)"
+    );
     assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 0);
     d.stop().await;
 }
@@ -137,7 +162,11 @@ async fn ack_mirrors_the_message_header() {
     let ack = c.send(&adt("MIRROR1"), ACK_WAIT).await.unwrap();
     let text = String::from_utf8(ack.raw.clone()).unwrap();
     let msh: Vec<&str> = text.split('\r').next().unwrap().split('|').collect();
-    assert_eq!(&msh[2..6], ["SITERELAY", "HUB", "PAS", "RXX"], "sender and receiver swapped");
+    assert_eq!(
+        &msh[2..6],
+        ["SITERELAY", "HUB", "PAS", "RXX"],
+        "sender and receiver swapped"
+    );
     assert_eq!(msh[8], "ACK^A01^ACK");
     assert_ne!(msh[9], "MIRROR1", "fresh control id");
     assert_eq!((msh[10], msh[11]), ("P", "2.4"));
@@ -152,12 +181,17 @@ async fn pipelined_messages_on_one_connection_are_acked_in_order() {
     let mut c = connect(d.addr("adt").unwrap()).await;
     let mut burst = Vec::new();
     for i in 0..20 {
-        burst.extend(siterelay::sources::mllp::framing::encode(&adt(&format!("PL{i}"))));
+        burst.extend(siterelay::sources::mllp::framing::encode(&adt(&format!(
+            "PL{i}"
+        ))));
     }
     c.write_raw(&burst).await.unwrap();
     for i in 0..20 {
         let ack = parse_ack(&c.read_frame(ACK_WAIT).await.unwrap()).unwrap();
-        assert_eq!((ack.code.as_str(), ack.control_id.clone()), ("AA", format!("PL{i}")));
+        assert_eq!(
+            (ack.code.as_str(), ack.control_id.clone()),
+            ("AA", format!("PL{i}"))
+        );
     }
     d.stop().await;
 }

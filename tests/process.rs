@@ -65,13 +65,19 @@ impl Drop for Proc {
 }
 
 fn unsafe_free_sigterm(pid: u32) {
-    let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
 async fn wait_listening(port: u16) {
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -90,7 +96,10 @@ async fn every_acked_message_survives_sigkill_and_is_delivered_after_restart() {
     let mut broker = Broker::down(Kind::InProcess, &env);
     let port = siterelay_testkit::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let cfg = env.write_config("s.toml", &env.config_text(broker.port, &[("adt", &listen)], ""));
+    let cfg = env.write_config(
+        "s.toml",
+        &env.config_text(broker.port, &[("adt", &listen)], ""),
+    );
     let mut p = Proc::start(&cfg, env.dir.path().join("run1.log"));
     wait_listening(port).await;
     let mut c = connect(listen.parse().unwrap()).await;
@@ -101,7 +110,11 @@ async fn every_acked_message_survives_sigkill_and_is_delivered_after_restart() {
         ids.insert(id);
     }
     p.kill9();
-    assert_eq!(pending(&env), 100, "all ACKed messages are in the file after SIGKILL");
+    assert_eq!(
+        pending(&env),
+        100,
+        "all ACKed messages are in the file after SIGKILL"
+    );
 
     broker.up(&env).await;
     let mut sub = broker.subscribe(&env, "siterelay/#").await;
@@ -114,10 +127,17 @@ async fn every_acked_message_survives_sigkill_and_is_delivered_after_restart() {
     assert_eq!(seen, ids);
     assert!(wait_until(Duration::from_secs(10), || pending(&env) == 0).await);
     let status = p.sigterm().expect("exits within 10 s of SIGTERM");
-    assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", p.log());
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status:?}\n{}",
+        p.log()
+    );
     let log = p.log();
     assert!(log.contains("siterelay stopped"), "{log}");
-    assert!(!log.contains("TEST^PATIENT") && !log.contains("9990000018"), "no patient data in logs");
+    assert!(
+        !log.contains("TEST^PATIENT") && !log.contains("9990000018"),
+        "no patient data in logs"
+    );
 }
 
 async fn refused_connection_is_logged(use_other_client: bool) {
@@ -130,7 +150,11 @@ async fn refused_connection_is_logged(use_other_client: bool) {
         o.cert_file = other.server_cert_file();
         o.key_file = other.server_key_file();
         o.port = broker.port;
-        broker.inner = Inner::Test(siterelay_testkit::broker::TestBroker::start(o).await.unwrap());
+        broker.inner = Inner::Test(
+            siterelay_testkit::broker::TestBroker::start(o)
+                .await
+                .unwrap(),
+        );
     } else {
         broker.up(&env).await;
     }
@@ -139,8 +163,14 @@ async fn refused_connection_is_logged(use_other_client: bool) {
     let mut text = env.config_text(broker.port, &[("adt", &listen)], "");
     if use_other_client {
         text = text
-            .replace(&env.pki.client_cert_file().display().to_string(), &other.client_cert_file().display().to_string())
-            .replace(&env.pki.client_key_file().display().to_string(), &other.client_key_file().display().to_string());
+            .replace(
+                &env.pki.client_cert_file().display().to_string(),
+                &other.client_cert_file().display().to_string(),
+            )
+            .replace(
+                &env.pki.client_key_file().display().to_string(),
+                &other.client_key_file().display().to_string(),
+            );
     }
     let cfg = env.write_config("s.toml", &text);
     let p = Proc::start(&cfg, env.dir.path().join("run.log"));
@@ -183,7 +213,10 @@ fn check_config(path: &Path) -> (bool, String) {
         .arg(path)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -195,12 +228,18 @@ fn check_config_reports_each_problem_with_file_and_line() {
     assert!(ok, "{err}");
 
     // Unknown key.
-    let bad = good.replace("reconnect_max_secs = 1", "reconnect_max_secs = 1\nreconect = 5");
+    let bad = good.replace(
+        "reconnect_max_secs = 1",
+        "reconnect_max_secs = 1\nreconect = 5",
+    );
     let line = bad.lines().position(|l| l.starts_with("reconect")).unwrap() + 1;
     let p = env.write_config("unknown.toml", &bad);
     let (ok, err) = check_config(&p);
     assert!(!ok);
-    assert!(err.contains(&format!("unknown.toml:{line}: unknown field `reconect`")), "{err}");
+    assert!(
+        err.contains(&format!("unknown.toml:{line}: unknown field `reconect`")),
+        "{err}"
+    );
 
     // Bad address.
     let bad = good.replace("0.0.0.0:2575", "0.0.0.0:99999");
@@ -208,17 +247,39 @@ fn check_config_reports_each_problem_with_file_and_line() {
     let p = env.write_config("addr.toml", &bad);
     let (ok, err) = check_config(&p);
     assert!(!ok);
-    assert!(err.contains(&format!("addr.toml:{line}: mllp[0].listen: '0.0.0.0:99999' is not a socket address")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "addr.toml:{line}: mllp[0].listen: '0.0.0.0:99999' is not a socket address"
+        )),
+        "{err}"
+    );
 
     // Missing certificate file.
     let missing = env.dir.path().join("nope/client.pem");
-    let bad = good.replace(&env.pki.client_cert_file().display().to_string(), &missing.display().to_string());
-    let line = bad.lines().position(|l| l.starts_with("cert_file")).unwrap() + 1;
+    let bad = good.replace(
+        &env.pki.client_cert_file().display().to_string(),
+        &missing.display().to_string(),
+    );
+    let line = bad
+        .lines()
+        .position(|l| l.starts_with("cert_file"))
+        .unwrap()
+        + 1;
     let p = env.write_config("cert.toml", &bad);
     let (ok, err) = check_config(&p);
     assert!(!ok);
-    assert!(err.contains(&format!("cert.toml:{line}: mqtt.cert_file: cannot read '{}'", missing.display())), "{err}");
-    assert_eq!(err.lines().filter(|l| l.contains("cert.toml:")).count(), 1, "one message: {err}");
+    assert!(
+        err.contains(&format!(
+            "cert.toml:{line}: mqtt.cert_file: cannot read '{}'",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.contains("cert.toml:")).count(),
+        1,
+        "one message: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +288,10 @@ async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
     let broker = Broker::down(Kind::InProcess, &env);
     let port = siterelay_testkit::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let cfg = env.write_config("s.toml", &env.config_text(broker.port, &[("adt", &listen)], ""));
+    let cfg = env.write_config(
+        "s.toml",
+        &env.config_text(broker.port, &[("adt", &listen)], ""),
+    );
     let _p = Proc::start(&cfg, env.dir.path().join("run.log"));
     wait_listening(port).await;
 
@@ -237,13 +301,24 @@ async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
         file.push_str(&String::from_utf8(adt(id)).unwrap().replace('\r', "\n"));
     }
     let msgs = env.write_config("two.hl7", &file);
-    let out = Command::new(BIN).args(["send", "--to", &listen]).arg(&msgs).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["send", "--to", &listen])
+        .arg(&msgs)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("#1: AA F1") && stdout.contains("#2: AA F2"), "{stdout}");
+    assert!(
+        stdout.contains("#1: AA F1") && stdout.contains("#2: AA F2"),
+        "{stdout}"
+    );
 
     let junk = env.write_config("junk.hl7", "MSH|^~\\&|A|B|C|D|20260101||ADT^A01||P|2.4\n");
-    let out = Command::new(BIN).args(["send", "--to", &listen]).arg(&junk).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["send", "--to", &listen])
+        .arg(&junk)
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "a non-AA answer makes send fail");
     assert!(String::from_utf8_lossy(&out.stdout).contains("#1: AE"));
 
@@ -252,7 +327,11 @@ async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
         .arg(&cfg)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["feed"], "adt");
     assert_eq!(v[0]["pending"], 2);

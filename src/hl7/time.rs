@@ -66,11 +66,7 @@ fn digits(s: &str, from: usize, n: usize) -> Option<i32> {
 /// Parse an HL7 DTM/TS value (only its first component, `TS.1`, is considered).
 /// Returns `None` when it is not a valid timestamp.
 pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValue> {
-    let first = raw
-        .split(component_sep as char)
-        .next()
-        .unwrap_or("")
-        .trim();
+    let first = raw.split(component_sep as char).next().unwrap_or("").trim();
     if first.is_empty() {
         return None;
     }
@@ -86,13 +82,19 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
             if hh > 14 || mm > 59 {
                 return None;
             }
-            (b, Some(Offset::from_seconds(sign * (hh * 3600 + mm * 60)).ok()?))
+            (
+                b,
+                Some(Offset::from_seconds(sign * (hh * 3600 + mm * 60)).ok()?),
+            )
         }
         None => (first, None),
     };
     let (main, frac) = match body.split_once('.') {
         Some((m, f)) => {
-            if f.is_empty() || f.len() > 4 || !f.bytes().all(|b| b.is_ascii_digit()) || m.len() != 14
+            if f.is_empty()
+                || f.len() > 4
+                || !f.bytes().all(|b| b.is_ascii_digit())
+                || m.len() != 14
             {
                 return None;
             }
@@ -111,8 +113,16 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
         _ => return None,
     };
     let year = digits(main, 0, 4)? as i16;
-    let month = if main.len() >= 6 { digits(main, 4, 2)? as i8 } else { 1 };
-    let day = if main.len() >= 8 { digits(main, 6, 2)? as i8 } else { 1 };
+    let month = if main.len() >= 6 {
+        digits(main, 4, 2)? as i8
+    } else {
+        1
+    };
+    let day = if main.len() >= 8 {
+        digits(main, 6, 2)? as i8
+    } else {
+        1
+    };
     let date = Date::new(year, month, day).ok()?;
     if precision <= Precision::Day {
         let value = match precision {
@@ -128,15 +138,26 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
         });
     }
     let hour = digits(main, 8, 2)? as i8;
-    let minute = if main.len() >= 12 { digits(main, 10, 2)? as i8 } else { 0 };
-    let second = if main.len() >= 14 { digits(main, 12, 2)? as i8 } else { 0 };
+    let minute = if main.len() >= 12 {
+        digits(main, 10, 2)? as i8
+    } else {
+        0
+    };
+    let second = if main.len() >= 14 {
+        digits(main, 12, 2)? as i8
+    } else {
+        0
+    };
     let nanos = match frac {
         Some(f) => format!("{f:0<9}").parse::<i32>().ok()?,
         None => 0,
     };
     let dt = DateTime::new(year, month, day, hour, minute, second, nanos).ok()?;
     let (zoned, zone) = match offset {
-        Some(off) => (dt.to_zoned_datetime(TimeZone::fixed(off)).ok()?, ZoneSource::Given),
+        Some(off) => (
+            dt.to_zoned_datetime(TimeZone::fixed(off)).ok()?,
+            ZoneSource::Given,
+        ),
         None => (dt.to_zoned_datetime(tz.clone()).ok()?, ZoneSource::Assumed),
     };
     let off = zoned.offset();
@@ -200,7 +221,10 @@ mod tests {
         assert_eq!(t.value, "1980-06-15");
         assert_eq!(t.precision, Precision::Day);
         assert_eq!(t.zone, None);
-        assert_eq!(parse_dtm("198006", &london(), b'^').unwrap().value, "1980-06");
+        assert_eq!(
+            parse_dtm("198006", &london(), b'^').unwrap().value,
+            "1980-06"
+        );
         assert_eq!(parse_dtm("1980", &london(), b'^').unwrap().value, "1980");
     }
 
@@ -213,7 +237,16 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected() {
-        for bad in ["", "2026133", "20261301", "20260230", "2026113025", "20261130.5", "abc", "20261130+1"] {
+        for bad in [
+            "",
+            "2026133",
+            "20261301",
+            "20260230",
+            "2026113025",
+            "20261130.5",
+            "abc",
+            "20261130+1",
+        ] {
             assert_eq!(parse_dtm(bad, &london(), b'^'), None, "{bad}");
         }
     }

@@ -72,7 +72,12 @@ impl Client {
     fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool {
         match self {
             Client::V5(c) => c
-                .try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload)
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
                 .is_ok(),
             Client::V311(c) => c
                 .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
@@ -98,7 +103,10 @@ struct Outgoing {
 /// Why a session ended.
 enum SessionEnd {
     Shutdown,
-    Failed { error: String, connected_for: Option<Duration> },
+    Failed {
+        error: String,
+        connected_for: Option<Duration>,
+    },
 }
 
 /// The MQTT sink task.
@@ -280,7 +288,9 @@ impl MqttSink {
                 }
             }
             if !delivered.is_empty() {
-                self.outbox.mark_delivered(std::mem::take(&mut delivered)).await;
+                self.outbox
+                    .mark_delivered(std::mem::take(&mut delivered))
+                    .await;
             }
             if let Some(since) = draining_since
                 && (in_window == 0 || since.elapsed() >= SHUTDOWN_DRAIN)

@@ -6,6 +6,18 @@
 //! - [`subscriber`]: [`Subscriber`], a reconnecting MQTT v5 subscriber that collects messages.
 //! - [`mosquitto`]: [`Mosquitto`], a launcher for a real Mosquitto with the same PKI.
 //! - [`tls`], [`client`]: rustls configs (always the `ring` provider) and rumqttc options.
+//!
+//! Typical use in a `#[tokio::test]`:
+//!
+//! ```text
+//! let (_dir, pki) = Pki::generate_in_tempdir("t")?;
+//! let broker = TestBroker::start(BrokerOptions::from_pki(&pki)).await?;
+//! let mut sub = Subscriber::connect(broker.port(), &pki, None, "siterelay/#").await?;
+//! // ... point siterelay at localhost:broker.port() with pki.ca_file(),
+//! //     pki.client_cert_file(), pki.client_key_file() ...
+//! let (topic, payload, retain) = sub.recv(Duration::from_secs(5)).await.unwrap();
+//! broker.set_fault(Fault::NeverPuback);
+//! ```
 
 pub mod broker;
 pub mod client;

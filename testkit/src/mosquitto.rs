@@ -87,10 +87,21 @@ impl Mosquitto {
     /// contents), starts Mosquitto on a free port and waits (up to 10 s) until it accepts a
     /// TLS connection. Errors include the tail of Mosquitto's log.
     pub async fn start(pki: &Pki, dir: &Path, acl: Option<&str>) -> Result<Mosquitto> {
+        Self::start_on(pki, dir, acl, 0).await
+    }
+
+    /// Like [`Mosquitto::start`] on a given port (0 = pick a free one), e.g. to bring a broker
+    /// back on the port a client is configured for.
+    pub async fn start_on(
+        pki: &Pki,
+        dir: &Path,
+        acl: Option<&str>,
+        port: u16,
+    ) -> Result<Mosquitto> {
         let bin = find_mosquitto()
             .ok_or_else(|| anyhow!("mosquitto not found (apt-get install mosquitto)"))?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let port = crate::free_port();
+        let port = if port == 0 { crate::free_port() } else { port };
         let stem = format!("mosquitto-{}-{port}", pki.name());
         let config_file = dir.join(format!("{stem}.conf"));
         let log_file = dir.join(format!("{stem}.log"));

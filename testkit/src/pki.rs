@@ -179,10 +179,13 @@ impl Pki {
         let cert = params
             .signed_by(&key, &issuer)
             .context("signing a client certificate")?;
+        let base = format!("{}-client-{}", sanitize(&self.name), sanitize(cn));
         let stem = if days == i64::from(self.options.client_valid_days) {
-            format!("{}-client-{}", sanitize(&self.name), sanitize(cn))
+            base
+        } else if days >= 0 {
+            format!("{base}-{days}d")
         } else {
-            format!("{}-client-{}-{}d", sanitize(&self.name), sanitize(cn), days)
+            format!("{base}-expired{}d", days.unsigned_abs())
         };
         let cert_file = self.dir.join(format!("{stem}.pem"));
         let key_file = self.dir.join(format!("{stem}.key"));

@@ -21,6 +21,10 @@ pub type Received = (String, Vec<u8>, bool);
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
+/// Client ids of [`Subscriber`]s start with this; [`Fault`](crate::broker::Fault)s never apply
+/// to them.
+pub const SUBSCRIBER_CLIENT_ID_PREFIX: &str = "testkit-sub-";
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Subscription state shared with the background task.
@@ -62,11 +66,23 @@ impl Subscriber {
         client_cert_files: Option<(PathBuf, PathBuf)>,
         filter: &str,
     ) -> Result<Subscriber> {
+        Self::connect_within(port, pki, client_cert_files, filter, SUBSCRIBE_TIMEOUT).await
+    }
+
+    /// Like [`Subscriber::connect`] but giving up after `timeout` (e.g. short, when the
+    /// connection is expected to be refused).
+    pub async fn connect_within(
+        port: u16,
+        pki: &Pki,
+        client_cert_files: Option<(PathBuf, PathBuf)>,
+        filter: &str,
+        timeout: Duration,
+    ) -> Result<Subscriber> {
         let (cert, key) =
             client_cert_files.unwrap_or_else(|| (pki.client_cert_file(), pki.client_key_file()));
         let tls = crate::tls::client_config(&pki.ca_file(), Some((&cert, &key)))?;
         let client_id = format!(
-            "testkit-sub-{}-{}",
+            "{SUBSCRIBER_CLIENT_ID_PREFIX}{}-{}",
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::SeqCst)
         );
@@ -84,7 +100,7 @@ impl Subscriber {
             last_error.clone(),
         ));
         let ok = matches!(
-            tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribed.wait_for(|s| s.active)).await,
+            tokio::time::timeout(timeout, subscribed.wait_for(|s| s.active)).await,
             Ok(Ok(_))
         );
         if !ok {
@@ -95,7 +111,7 @@ impl Subscriber {
                 .clone()
                 .unwrap_or_else(|| "no SUBACK".to_string());
             return Err(anyhow!(
-                "subscriber could not subscribe {filter:?} on localhost:{port} within {SUBSCRIBE_TIMEOUT:?}: {err}"
+                "subscriber could not subscribe {filter:?} on localhost:{port} within {timeout:?}: {err}"
             ));
         }
         Ok(Subscriber {

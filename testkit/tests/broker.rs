@@ -368,3 +368,85 @@ async fn unsubscribe_and_session_takeover() {
     let err = poll5(&mut el, T, |_| false).await.unwrap_err();
     assert_ne!(err, "timeout");
 }
+
+#[tokio::test]
+async fn large_payload_and_burst() {
+    let (_dir, pki, broker) = setup("burst").await;
+    let mut sub = Subscriber::connect(broker.port(), &pki, None, "bulk/#")
+        .await
+        .unwrap();
+    let (c, mut el) = v5_client(broker.port(), &pki, "bulk-pub").await;
+    let big: Vec<u8> = (0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    c.publish("bulk/big", QoS5::AtLeastOnce, false, big.clone())
+        .await
+        .unwrap();
+    poll5(&mut el, T, is_puback5).await.unwrap();
+    let got = sub.recv(T).await.unwrap();
+    assert_eq!(got.1.len(), big.len());
+    assert!(got.1 == big);
+
+    let n = 1000;
+    let started = std::time::Instant::now();
+    let publisher = tokio::spawn(async move {
+        for i in 0..n {
+            c.publish(
+                "bulk/n",
+                QoS5::AtLeastOnce,
+                false,
+                format!("{i}").into_bytes(),
+            )
+            .await
+            .unwrap();
+        }
+        c
+    });
+    let mut acks = 0;
+    while acks < n {
+        poll5(&mut el, T, is_puback5).await.unwrap();
+        acks += 1;
+    }
+    let _c = publisher.await.unwrap();
+    let got = sub.collect(n, T).await;
+    assert_eq!(got.len(), n);
+    for (i, (_, p, _)) in got.iter().enumerate() {
+        assert_eq!(p, &format!("{i}").into_bytes());
+    }
+    assert!(started.elapsed() < T, "burst took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn fault_refuse_connect_spares_testkit_subscribers() {
+    let (_dir, pki, broker) = setup("refuse").await;
+    broker.set_fault(Fault::RefuseConnect);
+    // The testkit's own subscribers are never subject to faults.
+    let mut sub = Subscriber::connect(broker.port(), &pki, None, "r/#")
+        .await
+        .unwrap();
+
+    let opts = client::v5_options(
+        "appliance-v5",
+        broker.port(),
+        pki.client_tls_config().unwrap(),
+    );
+    let (_c, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let err = poll5(&mut el, T, is_connack5).await.unwrap_err();
+    assert!(err.contains("ServerUnavailable"), "{err}");
+
+    let opts = client::v4_options(
+        "appliance-v4",
+        broker.port(),
+        pki.client_tls_config().unwrap(),
+    );
+    let (_c4, mut el4) = rumqttc::AsyncClient::new(opts, 10);
+    let err = poll4(&mut el4, T, is_connack4).await.unwrap_err();
+    assert!(err.contains("ServiceUnavailable"), "{err}");
+    assert_eq!(broker.connects_refused(), 2);
+
+    broker.set_fault(Fault::None);
+    let (c, mut el) = v5_client(broker.port(), &pki, "appliance-v5").await;
+    c.publish("r/1", QoS5::AtLeastOnce, false, b"in".to_vec())
+        .await
+        .unwrap();
+    poll5(&mut el, T, is_puback5).await.unwrap();
+    assert_eq!(sub.recv(T).await.unwrap().1, b"in".to_vec());
+}

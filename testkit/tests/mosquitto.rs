@@ -63,6 +63,19 @@ async fn mosquitto_pubsub_with_testkit_pki() {
     poll5(&mut el, T, is_puback5).await.unwrap();
     assert_eq!(sub.recv(T).await.unwrap().0, "siterelay/again");
     m.stop().await;
+
+    // A fresh instance on the same port (as after a "broker down" phase).
+    let port = m.port();
+    drop(m);
+    let acks = sub.subscribe_count();
+    let m2 = Mosquitto::start_on(&pki, dir.path(), None, port)
+        .await
+        .unwrap();
+    assert_eq!(m2.port(), port);
+    assert!(
+        sub.wait_subscribe_count(acks + 1, Duration::from_secs(10))
+            .await
+    );
 }
 
 #[tokio::test]

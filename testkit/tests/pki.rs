@@ -69,9 +69,16 @@ async fn expired_client_cert_is_refused_and_tls_without_client_cert_is_optional(
         .await
         .unwrap();
     let (cert, key) = pki.issue_client_for_days("old-appliance", -1).unwrap();
-    let err = Subscriber::connect(broker.port(), &pki, Some((cert, key)), "#")
-        .await
-        .unwrap_err();
+    assert!(cert.to_str().unwrap().ends_with("-expired1d.pem"));
+    let err = Subscriber::connect_within(
+        broker.port(),
+        &pki,
+        Some((cert, key)),
+        "#",
+        std::time::Duration::from_secs(1),
+    )
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("subscriber could not subscribe"));
     assert!(broker.handshake_failures() >= 1);
 

@@ -2,6 +2,8 @@
 //! Mosquitto), a config file written the way a user would, and synthetic HL7 messages.
 #![allow(dead_code)]
 
+pub mod scenarios;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ pub enum Kind {
     Mosquitto,
 }
 
+#[allow(clippy::large_enum_variant)]
 pub enum Inner {
     Test(TestBroker),
     Mosq(Mosquitto),
@@ -55,21 +58,23 @@ impl Broker {
     }
 
     pub async fn up(&mut self, env: &Env) {
+        self.up_with_fault(env, Fault::None).await
+    }
+
+    /// Start with a fault already active (in-process broker only; Mosquitto ignores it).
+    pub async fn up_with_fault(&mut self, env: &Env, fault: Fault) {
         std::fs::create_dir_all(&self.dir).unwrap();
         self.inner = match self.kind {
             Kind::InProcess => {
-                let mut o = BrokerOptions::from_pki(&env.pki);
-                o.port = self.port;
+                let mut o = BrokerOptions::from_pki(&env.pki).with_port(self.port);
+                o.fault = fault;
                 Inner::Test(TestBroker::start(o).await.expect("start in-process broker"))
             }
-            Kind::Mosquitto => {
-                let m = match &self.inner {
-                    _ => Mosquitto::start_on(&env.pki, &self.dir, None, self.port)
-                        .await
-                        .expect("start mosquitto"),
-                };
-                Inner::Mosq(m)
-            }
+            Kind::Mosquitto => Inner::Mosq(
+                Mosquitto::start_on(&env.pki, &self.dir, None, self.port)
+                    .await
+                    .expect("start mosquitto"),
+            ),
         };
     }
 
@@ -117,7 +122,12 @@ impl Env {
     }
 
     /// Config text as a user would write it. `feeds` are (name, listen address).
-    pub fn config_text(&self, broker_port: u16, feeds: &[(&str, &str)], mqtt_extra: &str) -> String {
+    pub fn config_text(
+        &self,
+        broker_port: u16,
+        feeds: &[(&str, &str)],
+        mqtt_extra: &str,
+    ) -> String {
         let mut s = format!(
             r#"appliance_id = "{APPLIANCE}"
 data_dir = "{data}"
@@ -140,7 +150,9 @@ reconnect_max_secs = 1
             key = self.pki.client_key_file().display(),
         );
         for (name, listen) in feeds {
-            s.push_str(&format!("\n[[mllp]]\nname = \"{name}\"\nlisten = \"{listen}\"\n"));
+            s.push_str(&format!(
+                "\n[[mllp]]\nname = \"{name}\"\nlisten = \"{listen}\"\n"
+            ));
         }
         s
     }
@@ -195,8 +207,12 @@ pub fn mosquitto_or_skip() -> bool {
         return true;
     }
     if std::env::var("SITERELAY_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-        panic!("SITERELAY_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install mosquitto)");
+        panic!(
+            "SITERELAY_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install mosquitto)"
+        );
     }
-    eprintln!("mosquitto not installed: skipping (set SITERELAY_REQUIRE_MOSQUITTO=1 to make this a failure)");
+    eprintln!(
+        "mosquitto not installed: skipping (set SITERELAY_REQUIRE_MOSQUITTO=1 to make this a failure)"
+    );
     false
 }

@@ -70,11 +70,19 @@ pub async fn thousand_messages_over_eight_connections(kind: Kind) {
     assert_eq!(seen_ids.len(), 1000, "every message arrives");
     for (feed, mut s) in seqs {
         s.sort_unstable();
-        assert_eq!(s, (1..=500).collect::<Vec<u64>>(), "feed {feed}: seq gap-free");
+        assert_eq!(
+            s,
+            (1..=500).collect::<Vec<u64>>(),
+            "feed {feed}: seq gap-free"
+        );
     }
     let gauges = d.outbox().gauges();
     assert!(
-        wait_until(Duration::from_secs(10), || gauges.pending_count.load(Ordering::Relaxed) == 0).await,
+        wait_until(Duration::from_secs(10), || gauges
+            .pending_count
+            .load(Ordering::Relaxed)
+            == 0)
+        .await,
         "every record marked delivered"
     );
     d.stop().await;
@@ -85,23 +93,30 @@ pub async fn thousand_messages_over_eight_connections(kind: Kind) {
 pub async fn broker_down_then_up_delivers_everything_in_order(kind: Kind) {
     let env = Env::new();
     let mut broker = Broker::down(kind, &env);
-    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0"), ("lab", "127.0.0.1:0")], "");
+    let cfg = env.config(
+        broker.port,
+        &[("adt", "127.0.0.1:0"), ("lab", "127.0.0.1:0")],
+        "",
+    );
     let d = Daemon::start(&cfg).await.unwrap();
     for feed in ["adt", "lab"] {
         let mut client = connect(d.addr(feed).unwrap()).await;
         for i in 0..150 {
-            let ack = client.send(&adt(&format!("{feed}{i}")), ACK_WAIT).await.unwrap();
+            let ack = client
+                .send(&adt(&format!("{feed}{i}")), ACK_WAIT)
+                .await
+                .unwrap();
             assert_eq!(ack.code, "AA");
         }
     }
     let gauges = d.outbox().gauges();
     assert_eq!(gauges.pending_count.load(Ordering::Relaxed), 300);
 
-    broker.up(&env).await;
-    if kind == Kind::InProcess {
-        // Hold the appliance off until our subscriber is in place.
-        broker.set_fault(siterelay_testkit::broker::Fault::RefuseConnect);
-    }
+    // In-process: hold the appliance off (CONNACK refused) until our subscriber is in place.
+    // Mosquitto: the subscriber connects well within the appliance's first backoff wait.
+    broker
+        .up_with_fault(&env, siterelay_testkit::broker::Fault::RefuseConnect)
+        .await;
     let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     if kind == Kind::InProcess {
         broker.set_fault(siterelay_testkit::broker::Fault::None);
@@ -121,7 +136,11 @@ pub async fn broker_down_then_up_delivers_everything_in_order(kind: Kind) {
     }
     assert_eq!(ids.len(), 300);
     assert!(
-        wait_until(Duration::from_secs(10), || gauges.pending_count.load(Ordering::Relaxed) == 0).await
+        wait_until(Duration::from_secs(10), || gauges
+            .pending_count
+            .load(Ordering::Relaxed)
+            == 0)
+        .await
     );
     d.stop().await;
     broker.stop().await;

@@ -130,8 +130,12 @@ impl MllpListener {
 }
 
 /// Serve one connection until EOF, idle timeout, an error, or shutdown.
-async fn connection<S>(mut stream: S, peer: SocketAddr, ctx: &FeedContext, mut shutdown: watch::Receiver<bool>)
-where
+async fn connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    ctx: &FeedContext,
+    mut shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let feed = &*ctx.name;
@@ -148,7 +152,9 @@ where
                     let stopping = *shutdown.borrow();
                     let ack = handle_message(msg, &peer_s, ctx, stopping).await;
                     handled += 1;
-                    if let Err(e) = write_with_timeout(&mut stream, &encode(&ack), ctx.idle_timeout).await {
+                    if let Err(e) =
+                        write_with_timeout(&mut stream, &encode(&ack), ctx.idle_timeout).await
+                    {
                         warn!(feed, peer = %peer_s, error = %e, "could not write ACK");
                         break 'conn "write failed";
                     }
@@ -160,8 +166,10 @@ where
                 FrameEvent::TooLarge { head, seen } => {
                     event::oversized(c, feed, &peer_s, seen, ctx.max_message_bytes);
                     c.ack_ae.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let nak = intake::answer_oversized(&head, ctx.max_message_bytes, &ctx.responder);
-                    let _ = write_with_timeout(&mut stream, &encode(&nak), Duration::from_secs(2)).await;
+                    let nak =
+                        intake::answer_oversized(&head, ctx.max_message_bytes, &ctx.responder);
+                    let _ = write_with_timeout(&mut stream, &encode(&nak), Duration::from_secs(2))
+                        .await;
                     break 'conn "frame too large";
                 }
             }
@@ -177,10 +185,16 @@ where
         match read {
             Ok(Ok(0)) => {
                 match framer.finish() {
-                    Some(FrameEvent::Abandoned { bytes }) => {
-                        event::incomplete(c, feed, &peer_s, bytes, "connection closed before the end block")
+                    Some(FrameEvent::Abandoned { bytes }) => event::incomplete(
+                        c,
+                        feed,
+                        &peer_s,
+                        bytes,
+                        "connection closed before the end block",
+                    ),
+                    Some(FrameEvent::Discarded { bytes }) => {
+                        event::discarded(c, feed, &peer_s, bytes)
                     }
-                    Some(FrameEvent::Discarded { bytes }) => event::discarded(c, feed, &peer_s, bytes),
                     _ => {}
                 }
                 break "closed by peer";
@@ -192,7 +206,13 @@ where
             }
             Err(_) => {
                 if framer.in_frame() {
-                    event::incomplete(c, feed, &peer_s, framer.buffered_bytes(), "idle timeout inside a frame");
+                    event::incomplete(
+                        c,
+                        feed,
+                        &peer_s,
+                        framer.buffered_bytes(),
+                        "idle timeout inside a frame",
+                    );
                 }
                 break "idle timeout";
             }
@@ -214,12 +234,20 @@ async fn write_with_timeout<S: AsyncWrite + Unpin>(
     .await
     {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "peer did not read the ACK")),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer did not read the ACK",
+        )),
     }
 }
 
 /// Assess, store and answer one message. Returns the ACK to send (unframed).
-async fn handle_message(msg: Vec<u8>, peer: &str, ctx: &FeedContext, shutting_down: bool) -> Vec<u8> {
+async fn handle_message(
+    msg: Vec<u8>,
+    peer: &str,
+    ctx: &FeedContext,
+    shutting_down: bool,
+) -> Vec<u8> {
     let feed = &*ctx.name;
     let c = &*ctx.counters;
     let size = msg.len();

@@ -80,6 +80,8 @@ pub enum Out {
     ConnAck {
         assigned_client_id: Option<String>,
     },
+    /// CONNACK refusing the connection: "server unavailable" (v3.1.1 code 3, v5 0x88).
+    ConnRefused,
     /// Packet id is assigned by the connection writer for QoS > 0.
     Publish(Message),
     PubAck {
@@ -394,6 +396,10 @@ fn write_v4(out: &Out, pkid: u16, buf: &mut BytesMut) -> Result<bool, String> {
         Out::ConnAck { .. } => {
             v4::Packet::ConnAck(v4::ConnAck::new(v4::ConnectReturnCode::Success, false))
         }
+        Out::ConnRefused => v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::ServiceUnavailable,
+            false,
+        )),
         Out::Publish(m) => v4::Packet::Publish(v4::Publish {
             dup: false,
             qos: v4_qos(m.qos),
@@ -454,6 +460,11 @@ fn write_v5(
                 authentication_method: None,
                 authentication_data: None,
             }),
+        }),
+        Out::ConnRefused => v5::Packet::ConnAck(v5::ConnAck {
+            session_present: false,
+            code: v5::ConnectReturnCode::ServerUnavailable,
+            properties: None,
         }),
         Out::Publish(m) => v5::Packet::Publish(v5::Publish {
             dup: false,

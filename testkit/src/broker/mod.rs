@@ -32,7 +32,13 @@ use crate::pki::Pki;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Misbehaviour injected into the handling of PUBLISH packets (see [`BrokerOptions::fault_client_prefix`]).
+/// Misbehaviour injected into the handling of CONNECT/PUBLISH packets.
+///
+/// A fault applies to clients whose client id starts with
+/// [`BrokerOptions::fault_client_prefix`] (all clients if `None`), but never to the testkit's
+/// own [`Subscriber`](crate::subscriber::Subscriber)s (client ids starting with
+/// [`SUBSCRIBER_CLIENT_ID_PREFIX`](crate::subscriber::SUBSCRIBER_CLIENT_ID_PREFIX)), so a
+/// test can always observe what gets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fault {
     /// Behave normally.
@@ -47,6 +53,10 @@ pub enum Fault {
     /// unspecified error, 0x87 not authorized, 0x97 quota exceeded) and do not route it.
     /// For v3.1.1 clients this behaves like [`Fault::NeverPuback`].
     PubackReason(u8),
+    /// Answer CONNECT with a refusing CONNACK ("server unavailable": v3.1.1 return code 3,
+    /// v5 reason 0x88) and close the connection (counted in
+    /// [`TestBroker::connects_refused`]).
+    RefuseConnect,
 }
 
 /// Configuration of a [`TestBroker`].
@@ -122,6 +132,7 @@ struct Shared {
     publishes_received: AtomicU64,
     connections_accepted: AtomicU64,
     handshake_failures: AtomicU64,
+    connects_refused: AtomicU64,
     next_conn_id: AtomicU64,
 }
 
@@ -131,6 +142,9 @@ impl Shared {
     }
 
     fn fault_for(&self, client_id: &str) -> Fault {
+        if client_id.starts_with(crate::subscriber::SUBSCRIBER_CLIENT_ID_PREFIX) {
+            return Fault::None;
+        }
         let f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
         match &f.prefix {
             Some(p) if !client_id.starts_with(p.as_str()) => Fault::None,
@@ -145,6 +159,7 @@ pub struct TestBroker {
     port: u16,
     shared: Arc<Shared>,
     accept_task: Option<JoinHandle<()>>,
+    conns: Arc<Mutex<JoinSet<()>>>,
 }
 
 impl std::fmt::Debug for TestBroker {
@@ -182,13 +197,21 @@ impl TestBroker {
             publishes_received: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
+            connects_refused: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
         });
-        let accept_task = tokio::spawn(accept_loop(listener, acceptor, shared.clone()));
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            shared.clone(),
+            conns.clone(),
+        ));
         Ok(TestBroker {
             port,
             shared,
             accept_task: Some(accept_task),
+            conns,
         })
     }
 
@@ -242,6 +265,11 @@ impl TestBroker {
     /// Number of connections whose TLS handshake failed (e.g. client certificate rejected).
     pub fn handshake_failures(&self) -> u64 {
         self.shared.handshake_failures.load(Ordering::SeqCst)
+    }
+
+    /// Number of CONNECTs refused because of [`Fault::RefuseConnect`].
+    pub fn connects_refused(&self) -> u64 {
+        self.shared.connects_refused.load(Ordering::SeqCst)
     }
 
     /// Client ids of the MQTT sessions currently connected, sorted.
@@ -318,13 +346,15 @@ impl TestBroker {
     }
 
     /// Stops listening and closes every client connection at once (tasks are aborted, so
-    /// clients see the broker vanish; no wills are published). The port can be bound again
-    /// as soon as this returns.
+    /// clients see the broker vanish; no wills are published). Returns once the listener
+    /// and all connections are closed; the port can be bound again right away.
     pub async fn shutdown(mut self) {
         if let Some(task) = self.accept_task.take() {
             task.abort();
             let _ = task.await;
         }
+        let mut conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        conns.shutdown().await;
     }
 }
 
@@ -333,23 +363,31 @@ impl Drop for TestBroker {
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
+        // Dropping the JoinSet aborts every connection task.
+        drop(std::mem::take(
+            &mut *self.conns.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
     }
 }
 
-/// Accepts connections; owns every connection task through a `JoinSet`, so aborting this
-/// task aborts them all.
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
-    let mut conns = JoinSet::new();
+/// Accepts connections, spawning each into `conns` (owned by the `TestBroker`, which aborts
+/// them all on shutdown/drop).
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    conns: Arc<Mutex<JoinSet<()>>>,
+) {
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => {
-                    let _ = tcp.set_nodelay(true);
-                    conns.spawn(serve_connection(shared.clone(), tcp, acceptor.clone()));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nodelay(true);
+                let mut set = conns.lock().unwrap_or_else(|e| e.into_inner());
+                // Reap finished connections.
+                while set.try_join_next().is_some() {}
+                set.spawn(serve_connection(shared.clone(), tcp, acceptor.clone()));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }
@@ -391,6 +429,17 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, acceptor: TlsAcce
 
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mpsc::unbounded_channel();
+    if !client_id.is_empty() && shared.fault_for(&client_id) == Fault::RefuseConnect {
+        shared.connects_refused.fetch_add(1, Ordering::SeqCst);
+        let _ = tx.send(Out::ConnRefused);
+        let _ = tx.send(Out::Close);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            write_loop(wr, rx, v5, max_packet_size),
+        )
+        .await;
+        return;
+    }
     let assigned = client_id
         .is_empty()
         .then(|| format!("testkit-auto-{conn_id}"));
@@ -459,10 +508,18 @@ async fn read_connect<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> O
             }
             ConnectPeek::NeedMore => {}
         }
+        reserve_for_read(buf);
         match rd.read_buf(buf).await {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
+    }
+}
+
+/// Keeps reads large: `read_buf` on a full `BytesMut` would only add 64 bytes at a time.
+fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 8 * 1024 {
+        buf.reserve(64 * 1024);
     }
 }
 
@@ -496,6 +553,7 @@ impl Conn<'_> {
                     Err(_) => return End::Abrupt,
                 }
             }
+            reserve_for_read(&mut buf);
             let read = match idle_limit {
                 Some(limit) => match tokio::time::timeout(limit, rd.read_buf(&mut buf)).await {
                     Ok(r) => r,
@@ -544,7 +602,8 @@ impl Conn<'_> {
                     return Some(End::Abrupt);
                 }
                 match self.shared.fault_for(self.client_id) {
-                    Fault::None => {}
+                    // Only matters at CONNECT time.
+                    Fault::None | Fault::RefuseConnect => {}
                     Fault::NeverPuback => return None,
                     Fault::DropAfterPublish => return Some(End::Abrupt),
                     Fault::PubackReason(reason) => {
