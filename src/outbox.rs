@@ -9,16 +9,23 @@
 //! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system.
 //!
 //! **Schema** (`PRAGMA user_version = 1`):
-//! - `messages(id INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT UNIQUE, feed, seq, received_at_us,
-//!   source_kind, peer, format, control_id, size, raw BLOB, state, delivered_at_us)`;
-//!   `UNIQUE(feed, seq)`. `id` is the global arrival order (AUTOINCREMENT: never reused, even
-//!   after pruning the newest rows, so the sink's cursor never skips a row); `raw` holds the bytes exactly as
-//!   received; `record_id` is a UUIDv7 fixed at insert, so every resend of a record carries the
-//!   same `id` (the central side's idempotency key). `state` is 0 (pending) or 1 (delivered).
-//! - `feed_seq(feed PRIMARY KEY, last_seq)`: the last sequence number handed out per feed. Kept
-//!   apart from `messages` so pruning every row of a feed never lets its `seq` restart.
+//! - `messages(id INTEGER PRIMARY KEY, record_id, feed, seq, received_at_us, source_kind, peer,
+//!   format, control_id, size, raw BLOB, state, delivered_at_us)`. `id` is the global arrival
+//!   order, assigned by the writer from an in-memory counter (so it never goes backwards while
+//!   the process runs, even when pruning deletes the newest rows; the sink's cursor relies on
+//!   that). `raw` holds the bytes exactly as received; `record_id` is a UUIDv7 fixed at insert,
+//!   so every resend of a record carries the same `id` (the central side's idempotency key).
+//!   `state` is 0 (pending) or 1 (delivered).
+//! - `feed_seq(feed PRIMARY KEY, last_seq)`: a floor for each feed's sequence numbers, written
+//!   by pruning in the same transaction that deletes rows, so pruning every row of a feed never
+//!   lets its `seq` restart. At open, a feed's last seq is the larger of this floor and the
+//!   highest `seq` still in `messages`.
 //! - Partial indexes: pending rows by `id` (what the sink reads), delivered rows by
 //!   `delivered_at_us` (what pruning reads).
+//! - Deliberately no other index: uniqueness of `id`, `record_id` and `(feed, seq)` is
+//!   guaranteed by the single writer, and every index page is another 4 KiB written into the
+//!   WAL before each fsync. An append commit touches two pages (the table's last leaf and the
+//!   pending index).
 //!
 //! **Who changes a row.** Only the writer thread (one `rusqlite::Connection`, owned by
 //! [`writer_loop`]) writes. Sources send [`Cmd::Append`] and wait for the commit; the sink sends
@@ -56,6 +63,8 @@ use tracing::{debug, error, info, warn};
 const CMD_CHANNEL_DEPTH: usize = 8192;
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 4096;
+/// Longest the writer waits for the previous commit's senders before committing without them.
+const GROUP_COMMIT_WAIT: Duration = Duration::from_micros(200);
 /// Rows deleted per pruning transaction, so pruning never holds the write lock for long.
 const PRUNE_CHUNK: usize = 2000;
 
@@ -251,8 +260,8 @@ const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    record_id       TEXT    NOT NULL UNIQUE,
+    id              INTEGER PRIMARY KEY,
+    record_id       TEXT    NOT NULL,
     feed            TEXT    NOT NULL,
     seq             INTEGER NOT NULL,
     received_at_us  INTEGER NOT NULL,
@@ -263,8 +272,7 @@ CREATE TABLE IF NOT EXISTS messages (
     size            INTEGER NOT NULL,
     raw             BLOB    NOT NULL,
     state           INTEGER NOT NULL DEFAULT 0,
-    delivered_at_us INTEGER,
-    UNIQUE (feed, seq)
+    delivered_at_us INTEGER
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages(id) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS messages_delivered ON messages(delivered_at_us) WHERE state = 1;
@@ -440,8 +448,11 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
     if !mode.eq_ignore_ascii_case("wal") {
         warn!(mode, "outbox could not switch to WAL journal mode");
     }
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")
-        .map_err(&e)?;
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; \
+         PRAGMA journal_size_limit = 67108864;",
+    )
+    .map_err(&e)?;
     conn.execute_batch(SCHEMA).map_err(&e)?;
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
@@ -452,6 +463,8 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
 struct WriterState {
     opts: OutboxOptions,
     last_seq: HashMap<Arc<str>, u64>,
+    /// Next row id: only ever increases while the process runs.
+    next_id: i64,
     pending_count: u64,
     pending_bytes: u64,
     total_bytes: u64,
@@ -471,6 +484,22 @@ impl WriterState {
             let (feed, seq) = row.map_err(&e)?;
             last_seq.insert(Arc::from(feed), seq as u64);
         }
+        let mut stmt = conn
+            .prepare("SELECT feed, MAX(seq) FROM messages GROUP BY feed")
+            .map_err(&e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(&e)?;
+        for row in rows {
+            let (feed, seq) = row.map_err(&e)?;
+            let slot = last_seq.entry(Arc::from(feed)).or_insert(0);
+            *slot = (*slot).max(seq as u64);
+        }
+        let max_id: i64 = conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |r| {
+                r.get(0)
+            })
+            .map_err(&e)?;
         let (pending_count, pending_bytes): (i64, i64) = conn
             .query_row(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE state = 0",
@@ -486,6 +515,7 @@ impl WriterState {
         Ok(WriterState {
             opts,
             last_seq,
+            next_id: max_id + 1,
             pending_count: pending_count as u64,
             pending_bytes: pending_bytes as u64,
             total_bytes: total_bytes as u64,
@@ -513,14 +543,24 @@ fn writer_loop(
     appended: Arc<Notify>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut last_appends = 0usize;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
+        drain_into(&mut rx, &mut batch);
+        // Group commit: when the previous commit carried several senders' messages, those
+        // senders are about to send again; wait a moment for them so they share this fsync
+        // instead of splitting into alternating half-full commits. A lone sender never waits.
+        if last_appends > 1 {
+            let deadline = std::time::Instant::now() + GROUP_COMMIT_WAIT;
+            while count_appends(&batch) < last_appends
+                && batch.len() < MAX_BATCH
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::yield_now();
+                drain_into(&mut rx, &mut batch);
             }
         }
+        last_appends = count_appends(&batch);
         let added = apply_batch(&mut conn, &mut state, &mut batch, &gauges);
         state.publish_gauges(&gauges);
         if added {
@@ -528,6 +568,22 @@ fn writer_loop(
         }
     }
     debug!("outbox writer stopped");
+}
+
+fn drain_into(rx: &mut mpsc::Receiver<Cmd>, batch: &mut Vec<Cmd>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(c) => batch.push(c),
+            Err(_) => break,
+        }
+    }
+}
+
+fn count_appends(batch: &[Cmd]) -> usize {
+    batch
+        .iter()
+        .filter(|c| matches!(c, Cmd::Append(..)))
+        .count()
 }
 
 /// Apply one batch in a single transaction; answers every append. Returns true if rows were added.
@@ -541,7 +597,12 @@ fn apply_batch(
     let mut flushes = Vec::new();
     let mut prune = false;
     let saved_seq = state.last_seq.clone();
-    let saved = (state.pending_count, state.pending_bytes, state.total_bytes);
+    let saved = (
+        state.pending_count,
+        state.pending_bytes,
+        state.total_bytes,
+        state.next_id,
+    );
     let mut appended_n = 0u64;
     let mut delivered_n = 0u64;
 
@@ -549,15 +610,14 @@ fn apply_batch(
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (record_id, feed, seq, received_at_us, source_kind, peer, \
-                 format, control_id, size, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO messages (id, record_id, feed, seq, received_at_us, source_kind, peer, \
+                 format, control_id, size, raw) VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             let mut mark = tx.prepare_cached(
                 "UPDATE messages SET state = 1, delivered_at_us = ?2 WHERE id = ?1 AND state = 0 \
                  RETURNING size",
             )?;
             let now = now_us();
-            let mut touched_feeds: Vec<Arc<str>> = Vec::new();
             for cmd in batch.drain(..) {
                 match cmd {
                     Cmd::Append(msg, reply) => {
@@ -584,11 +644,10 @@ fn apply_batch(
                             msg.control_id,
                             size as i64,
                             msg.raw,
+                            state.next_id,
                         ])?;
-                        let row_id = tx.last_insert_rowid();
-                        if !touched_feeds.contains(&msg.feed) {
-                            touched_feeds.push(msg.feed.clone());
-                        }
+                        let row_id = state.next_id;
+                        state.next_id += 1;
                         state.last_seq.insert(msg.feed, seq);
                         state.pending_count += 1;
                         state.pending_bytes += size;
@@ -618,13 +677,6 @@ fn apply_batch(
                     Cmd::Flush(done) => flushes.push(done),
                 }
             }
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO feed_seq (feed, last_seq) VALUES (?1, ?2) \
-                 ON CONFLICT(feed) DO UPDATE SET last_seq = excluded.last_seq",
-            )?;
-            for feed in &touched_feeds {
-                upsert.execute(params![&**feed, state.last_seq[feed] as i64])?;
-            }
         }
         tx.commit()
     })();
@@ -643,7 +695,12 @@ fn apply_batch(
             // append in it, so no sender is told a message was kept.
             error!(error = %e, "outbox transaction failed; refusing the messages in it");
             state.last_seq = saved_seq;
-            (state.pending_count, state.pending_bytes, state.total_bytes) = saved;
+            (
+                state.pending_count,
+                state.pending_bytes,
+                state.total_bytes,
+                state.next_id,
+            ) = saved;
             for (reply, r) in replies {
                 let r = match r {
                     Ok(_) => Err(AppendError::Failed(e.to_string())),
@@ -671,6 +728,16 @@ fn prune_delivered(conn: &mut Connection, state: &mut WriterState) -> rusqlite::
     loop {
         let over_cap = state.total_bytes > state.opts.max_bytes;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Record each feed's last seq before rows go, so seq never restarts.
+        {
+            let mut floor = tx.prepare_cached(
+                "INSERT INTO feed_seq (feed, last_seq) VALUES (?1, ?2) \
+                 ON CONFLICT(feed) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+            )?;
+            for (feed, seq) in &state.last_seq {
+                floor.execute(params![&**feed, *seq as i64])?;
+            }
+        }
         let freed: i64 = tx.query_row(
             "WITH doomed AS (SELECT id, size FROM messages WHERE state = 1 AND \
              (delivered_at_us < ?1 OR ?2) ORDER BY delivered_at_us LIMIT ?3) \

@@ -37,6 +37,8 @@ const REFUSED_RETRY: Duration = Duration::from_secs(5);
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 /// Backoff starts here and doubles up to `reconnect_max_secs`.
 const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Repeated connection failures are logged at WARN at most this often (DEBUG otherwise).
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// A session that stayed up this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -141,6 +143,9 @@ impl MqttSink {
         };
         let cap = Duration::from_secs(m.reconnect_max_secs);
         let mut backoff = Backoff::new(BACKOFF_START, cap);
+        // Failures in a row, and when one was last logged at WARN (then at most once a minute).
+        let mut streak = 0u64;
+        let mut last_warned: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -158,12 +163,25 @@ impl MqttSink {
                         backoff.reset();
                     }
                     let wait = backoff.next();
-                    warn!(
-                        broker = %format!("{}:{}", m.host, m.port),
-                        error = %error,
-                        retry_in_ms = wait.as_millis() as u64,
-                        "MQTT connection failed or lost; records stay pending"
-                    );
+                    if connected_for.is_some() {
+                        streak = 0;
+                        last_warned = None;
+                    }
+                    streak += 1;
+                    let broker = format!("{}:{}", m.host, m.port);
+                    let retry_in_ms = wait.as_millis() as u64;
+                    if last_warned.is_none_or(|t| t.elapsed() >= FAILURE_LOG_EVERY) {
+                        last_warned = Some(Instant::now());
+                        warn!(
+                            broker,
+                            error = %error,
+                            failures_in_a_row = streak,
+                            retry_in_ms,
+                            "MQTT connection failed or lost; records stay pending"
+                        );
+                    } else {
+                        debug!(broker, error = %error, failures_in_a_row = streak, retry_in_ms, "MQTT connection failed again");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.wait_for(|s| *s) => break,
@@ -430,7 +448,7 @@ async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
             },
             Ok(_) => continue,
             Err(e) => {
-                let _ = tx.send(SinkEvent::Failed(describe_v5(&e))).await;
+                let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
                 return;
             }
         };
@@ -457,7 +475,7 @@ async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
             },
             Ok(_) => continue,
             Err(e) => {
-                let _ = tx.send(SinkEvent::Failed(e.to_string())).await;
+                let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
                 return;
             }
         };
@@ -467,8 +485,30 @@ async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
     }
 }
 
-fn describe_v5(e: &rumqttc::v5::ConnectionError) -> String {
-    e.to_string()
+/// The error text plus, for the TLS failures an installer meets, what to check.
+fn describe(error: String) -> String {
+    let hint = if error.contains("UnknownIssuer") {
+        Some("the broker's certificate does not chain to mqtt.ca_file")
+    } else if error.contains("NotValidForName") {
+        Some("the broker's certificate does not name mqtt.host")
+    } else if error.contains("Expired") {
+        Some("a certificate has expired (check the appliance's and the broker's, and the clock)")
+    } else if error.contains("UnknownCA")
+        || error.contains("BadCertificate")
+        || error.contains("CertificateRequired")
+    {
+        Some(
+            "the broker does not accept this appliance's client certificate (mqtt.cert_file): is it issued by the CA the broker trusts for clients?",
+        )
+    } else if error.contains("Connection refused") {
+        Some("nothing listens at mqtt.host:mqtt.port")
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => format!("{error} ({h})"),
+        None => error,
+    }
 }
 
 /// Exponential backoff with jitter: each wait is uniformly drawn from [d/2, d], d doubling up to
