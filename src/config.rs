@@ -51,9 +51,26 @@ pub struct LogConfig {
     #[serde(default = "default_log_level")]
     pub level: String,
     /// `auto` (no timestamps when running under systemd, i.e. when `JOURNAL_STREAM` is set),
-    /// `always` or `never`.
+    /// `always` or `never`. Applies to stderr output.
     #[serde(default)]
     pub timestamps: Timestamps,
+    /// `auto` (the journal's native protocol, with fields such as `FEED=` and `CONTROL_ID=`,
+    /// when running under systemd; stderr otherwise), `stderr` or `journald`.
+    #[serde(default)]
+    pub output: LogOutput,
+}
+
+/// Where log events go.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogOutput {
+    /// journald when `JOURNAL_STREAM` is set and the journal socket is reachable, else stderr.
+    #[default]
+    Auto,
+    /// Plain text lines on stderr.
+    Stderr,
+    /// journald's native protocol (structured fields); falls back to stderr if unreachable.
+    Journald,
 }
 
 impl Default for LogConfig {
@@ -61,6 +78,7 @@ impl Default for LogConfig {
         LogConfig {
             level: default_log_level(),
             timestamps: Timestamps::default(),
+            output: LogOutput::default(),
         }
     }
 }

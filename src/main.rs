@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
 use siterelay::client::{MllpClient, split_messages};
-use siterelay::config::{self, DEFAULT_CONFIG_PATH, Timestamps};
+use siterelay::config::{self, DEFAULT_CONFIG_PATH, LogConfig, LogOutput, Timestamps};
 
 #[derive(Parser)]
 #[command(
@@ -111,20 +111,40 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-fn init_logging(level: &str, timestamps: Timestamps) {
+fn init_logging(log: &LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let with_time = match timestamps {
+    use tracing_subscriber::prelude::*;
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(&log.level))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    };
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let want_journald = match log.output {
+        LogOutput::Auto => under_systemd,
+        LogOutput::Journald => true,
+        LogOutput::Stderr => false,
+    };
+    if want_journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer.with_syslog_identifier("siterelay".into()))
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("journald unavailable ({e}); logging to stderr"),
+        }
+    }
+    let with_time = match log.timestamps {
         Timestamps::Always => true,
         Timestamps::Never => false,
-        Timestamps::Auto => !under_journald,
+        Timestamps::Auto => !under_systemd,
     };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(!under_journald && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter())
+        .with_ansi(!under_systemd && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if with_time {
         builder.init();
@@ -142,7 +162,7 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&cfg.log.level, cfg.log.timestamps);
+    init_logging(&cfg.log);
     for w in config::warnings(path, &cfg) {
         warn!("{w}");
     }

@@ -20,6 +20,10 @@ struct Proc {
 
 impl Proc {
     fn start(config: &Path, log: PathBuf) -> Proc {
+        Proc::start_with_env(config, log, &[])
+    }
+
+    fn start_with_env(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Proc {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -29,6 +33,7 @@ impl Proc {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(f))
             .spawn()
@@ -341,4 +346,29 @@ async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
     assert_eq!(v[0]["pending"], 2);
     assert_eq!(v[0]["last_seq"], 2);
     assert!(v[0]["oldest_pending_age_secs"].as_f64().unwrap() >= 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_stderr_lines_carry_no_timestamps() {
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let text = env
+        .config_text(broker.port, &[("adt", &listen)], "")
+        .replace("[log]\n", "[log]\noutput = \"stderr\"\n");
+    let cfg = env.write_config("s.toml", &text);
+    let mut p = Proc::start_with_env(
+        &cfg,
+        env.dir.path().join("run.log"),
+        &[("JOURNAL_STREAM", "8:12345")],
+    );
+    wait_listening(port).await;
+    assert!(p.sigterm().expect("exits on SIGTERM").success());
+    let log = p.log();
+    assert!(log.contains("siterelay started"), "{log}");
+    assert!(
+        log.lines().all(|l| !l.starts_with("20")),
+        "journald adds its own timestamps:\n{log}"
+    );
 }

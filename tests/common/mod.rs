@@ -184,9 +184,22 @@ pub async fn connect(addr: std::net::SocketAddr) -> MllpClient<TcpStream> {
     MllpClient::new(TcpStream::connect(addr).await.expect("connect to listener"))
 }
 
-/// Parse a record payload.
+/// Parse a record payload and check it against the published JSON Schema
+/// (`docs/schema/record.v1.schema.json`).
 pub fn json(payload: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(payload).expect("record is JSON")
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let v: serde_json::Value = serde_json::from_slice(payload).expect("record is JSON");
+    let validator = SCHEMA.get_or_init(|| {
+        let text = include_str!("../../docs/schema/record.v1.schema.json");
+        let schema: serde_json::Value = serde_json::from_str(text).expect("schema is JSON");
+        jsonschema::validator_for(&schema).expect("schema compiles")
+    });
+    let errors: Vec<String> = validator.iter_errors(&v).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "record violates the schema: {errors:?}\n{v}"
+    );
+    v
 }
 
 /// Wait until `f` is true or the timeout passes.
