@@ -809,8 +809,14 @@ impl Reader {
         })
     }
 
-    /// Pending rows with `id > after`, oldest first.
-    pub fn pending_after(&self, after: i64, limit: usize) -> Result<Vec<PendingRow>, OutboxError> {
+    /// Pending rows with `id > after`, oldest first: at most `limit` rows, and no more rows once
+    /// their raw bytes reach `max_bytes` (always at least one row if any is pending).
+    pub fn pending_after(
+        &self,
+        after: i64,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<PendingRow>, OutboxError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -833,7 +839,17 @@ impl Reader {
                 })
             })
             .map_err(sqlite(&self.path))?;
-        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for row in rows {
+            let row = row.map_err(sqlite(&self.path))?;
+            bytes += row.raw.len() as u64;
+            out.push(row);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Per-feed queue statistics.
@@ -971,13 +987,30 @@ mod tests {
                 max_bytes: 10
             }
         ));
-        let rows = ob.reader().unwrap().pending_after(0, 10).unwrap();
+        let rows = ob.reader().unwrap().pending_after(0, 10, u64::MAX).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].raw, b"12345678");
         // Delivering frees room.
         ob.mark_delivered(vec![rows[0].row_id]).await;
         ob.flush().await;
         assert_eq!(ob.append(msg("a", "123")).await.unwrap().seq, 2);
+    }
+
+    #[tokio::test]
+    async fn pending_reads_stop_at_the_byte_budget_but_return_at_least_one_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _w) = Outbox::open(&dir.path().join("o.sqlite"), opts(1 << 20)).unwrap();
+        for _ in 0..5 {
+            ob.append(msg("a", "0123456789")).await.unwrap();
+        }
+        let r = ob.reader().unwrap();
+        assert_eq!(r.pending_after(0, 10, 25).unwrap().len(), 3);
+        assert_eq!(r.pending_after(0, 10, 1).unwrap().len(), 1);
+        let after_two = r.pending_after(2, 10, u64::MAX).unwrap();
+        assert_eq!(
+            after_two.iter().map(|p| p.seq).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
     }
 
     #[tokio::test]
@@ -1012,7 +1045,11 @@ mod tests {
         let g = ob.gauges();
         assert_eq!(g.appended.load(Ordering::Relaxed), 400);
         assert!(g.commits.load(Ordering::Relaxed) < 400);
-        let rows = ob.reader().unwrap().pending_after(0, 1000).unwrap();
+        let rows = ob
+            .reader()
+            .unwrap()
+            .pending_after(0, 1000, u64::MAX)
+            .unwrap();
         let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
     }

@@ -29,8 +29,12 @@ use crate::outbox::{Outbox, Reader};
 use crate::record::RecordBuilder;
 use crate::telemetry::Telemetry;
 
-/// Rows read from the outbox per query.
-const FETCH_BATCH: usize = 256;
+/// Rows read from the outbox per query (also the most records held prefetched).
+const FETCH_BATCH: usize = 512;
+/// Bytes of raw messages read per query at most (large messages are fetched a few at a time).
+const FETCH_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Delivered marks handed to the outbox writer at once.
+const MARK_BATCH: usize = 256;
 /// Delay before a record refused by the broker (MQTT 5 reason code) is published again.
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait for outstanding PUBACKs during a clean shutdown.
@@ -257,6 +261,8 @@ impl MqttSink {
         // Highest row id read in this session.
         let mut cursor: i64 = 0;
         let mut caught_up = false;
+        // Records read from the outbox and built, waiting for room in the window.
+        let mut ready: VecDeque<Outgoing> = VecDeque::new();
         let mut delivered: Vec<i64> = Vec::new();
         let mut draining_since: Option<Instant> = None;
         // Send order of in-flight records, for the PUBACK timeout (stale entries skipped lazily).
@@ -279,22 +285,17 @@ impl MqttSink {
                     counters.published.fetch_add(1, Ordering::Relaxed);
                     queued.push_back(o);
                 }
-                let room = window.saturating_sub(queued.len() + inflight.len() + retry.len());
-                if room > 0 && !caught_up {
-                    let want = room.min(FETCH_BATCH);
+                // Keep a prefetched buffer so publishing never waits on a database read.
+                if ready.len() < FETCH_BATCH / 2 && !caught_up {
+                    let want = FETCH_BATCH - ready.len();
                     match self.fetch(reader, cursor, want).await {
                         Ok(rows) => {
-                            caught_up = rows.len() < want;
-                            for o in rows {
-                                cursor = o.row_id;
-                                if !client.try_publish(&o.topic, o.payload.clone()) {
-                                    // Cannot happen with the channel sized to the window; if it
-                                    // does, the row stays pending and is read again next session.
-                                    break;
-                                }
-                                counters.published.fetch_add(1, Ordering::Relaxed);
-                                queued.push_back(o);
+                            // Empty means caught up (a short read may only mean the byte budget).
+                            caught_up = rows.is_empty();
+                            if let Some(last) = rows.last() {
+                                cursor = last.row_id;
                             }
+                            ready.extend(rows);
                         }
                         Err(e) => {
                             break SessionEnd::Failed {
@@ -304,8 +305,21 @@ impl MqttSink {
                         }
                     }
                 }
+                while queued.len() + inflight.len() + retry.len() < window {
+                    let Some(o) = ready.pop_front() else { break };
+                    if !client.try_publish(&o.topic, o.payload.clone()) {
+                        // The request channel is sized to the window, so this does not happen;
+                        // if it did, the record simply waits for the next turn.
+                        ready.push_front(o);
+                        break;
+                    }
+                    counters.published.fetch_add(1, Ordering::Relaxed);
+                    queued.push_back(o);
+                }
             }
-            if !delivered.is_empty() {
+            // Hand delivered marks to the writer in batches: when many have gathered, or when
+            // no further event is waiting (so a quiet link still records deliveries at once).
+            if delivered.len() >= MARK_BATCH || (!delivered.is_empty() && events.is_empty()) {
                 self.outbox
                     .mark_delivered(std::mem::take(&mut delivered))
                     .await;
@@ -402,7 +416,7 @@ impl MqttSink {
         let prefix = self.settings.mqtt.topic_prefix.clone();
         let appliance = self.settings.appliance_id.clone();
         let (r, result) = tokio::task::spawn_blocking(move || {
-            let result = r.pending_after(cursor, limit).map(|rows| {
+            let result = r.pending_after(cursor, limit, FETCH_MAX_BYTES).map(|rows| {
                 rows.iter()
                     .map(|row| Outgoing {
                         row_id: row.row_id,
