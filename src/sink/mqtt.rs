@@ -135,9 +135,6 @@ impl MqttSink {
     /// Run until `shutdown` turns true: connect, publish, reconnect with backoff.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let m = &self.settings.mqtt;
-        if m.insecure_plaintext {
-            warn!("mqtt.insecure_plaintext = true: records are sent to the broker without TLS");
-        }
         let mut reader = match self.outbox.reader() {
             Ok(r) => Some(r),
             Err(e) => {
