@@ -16,11 +16,13 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::health::{FeedInfo, HealthContext};
 use crate::hl7::charset::Charset;
 use crate::hl7::intake::Responder;
+use crate::inventory::{FeedInventory, FeedInventoryData};
 use crate::outbox::{Outbox, OutboxOptions, WriterThread};
 use crate::record::{FeedRecordSettings, RecordBuilder};
-use crate::sink::mqtt::{MqttSink, SinkSettings};
+use crate::sink::mqtt::{FleetSettings, INVENTORY_KEY, MqttSink, SinkSettings};
 use crate::sources::mllp::server::{FeedContext, MllpListener};
 use crate::telemetry::Telemetry;
 
@@ -64,6 +66,21 @@ impl Daemon {
         .context("opening the outbox")?;
 
         let telemetry = Arc::new(Telemetry::new(cfg.mllp.iter().map(|f| f.name.as_str())));
+        // What each feed has carried, as saved by the previous run.
+        let mut saved: std::collections::BTreeMap<String, FeedInventoryData> = outbox
+            .reader()
+            .ok()
+            .and_then(|r| r.meta(INVENTORY_KEY).ok().flatten())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let inventories: Vec<(String, Arc<FeedInventory>)> = cfg
+            .mllp
+            .iter()
+            .map(|f| {
+                let data = saved.remove(&f.name).unwrap_or_default();
+                (f.name.clone(), Arc::new(FeedInventory::from_saved(data)))
+            })
+            .collect();
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut bound = Vec::new();
@@ -101,6 +118,11 @@ impl Daemon {
                     facility: cfg.appliance_id.clone(),
                 },
                 counters: telemetry.feed(&f.name),
+                inventory: inventories
+                    .iter()
+                    .find(|(n, _)| n == &f.name)
+                    .map(|(_, i)| i.clone())
+                    .expect("an inventory per feed"),
                 outbox: outbox.clone(),
                 tls,
             };
@@ -111,6 +133,28 @@ impl Daemon {
             bound.push(l);
         }
 
+        let health = HealthContext {
+            appliance: cfg.appliance_id.clone(),
+            started_at_us: crate::outbox::now_us(),
+            started: std::time::Instant::now(),
+            telemetry: telemetry.clone(),
+            gauges: outbox.gauges(),
+            store_max_bytes: cfg.store.max_bytes,
+            data_dir: cfg.data_dir.clone(),
+            client_cert: cfg.mqtt.cert_file.clone(),
+            ca_file: cfg.mqtt.ca_file.clone(),
+            feeds: cfg
+                .mllp
+                .iter()
+                .zip(&feeds)
+                .map(|(f, (_, addr))| FeedInfo {
+                    name: f.name.clone(),
+                    kind: "mllp",
+                    endpoint: addr.to_string(),
+                    tls: f.tls.is_some(),
+                })
+                .collect(),
+        };
         let max_message = cfg
             .mllp
             .iter()
@@ -134,6 +178,12 @@ impl Daemon {
                             .unwrap_or(jiff::tz::TimeZone::UTC),
                         default_charset: Charset::Utf8,
                     },
+                },
+                fleet: FleetSettings {
+                    health: health.clone(),
+                    health_interval: Duration::from_secs(cfg.mqtt.health_interval_secs),
+                    host: crate::health::host_facts(),
+                    inventories,
                 },
             },
             outbox.clone(),

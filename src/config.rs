@@ -173,6 +173,10 @@ pub struct MqttConfig {
     /// it is dropped and every unconfirmed record is sent again on a new one.
     #[serde(default = "default_ack_timeout_secs")]
     pub ack_timeout_secs: u64,
+    /// Seconds between health reports on `<prefix>/<appliance_id>/health` (also sent on
+    /// significant changes, at most every 5 s).
+    #[serde(default = "default_health_interval_secs")]
+    pub health_interval_secs: u64,
     /// Records published and not yet acknowledged at any moment (QoS 1 window).
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
@@ -266,6 +270,9 @@ fn default_reconnect_max_secs() -> u64 {
 }
 fn default_ack_timeout_secs() -> u64 {
     60
+}
+fn default_health_interval_secs() -> u64 {
+    30
 }
 fn default_max_inflight() -> u16 {
     100
@@ -441,6 +448,12 @@ impl Config {
         }
         if m.keep_alive_secs < 5 {
             p.push(Problem::at("mqtt.keep_alive_secs", "must be at least 5"));
+        }
+        if m.health_interval_secs < 5 {
+            p.push(Problem::at(
+                "mqtt.health_interval_secs",
+                "must be at least 5",
+            ));
         }
         if m.ack_timeout_secs == 0 {
             p.push(Problem::at("mqtt.ack_timeout_secs", "must be at least 1"));

@@ -6,12 +6,15 @@
 //! - [`outbox`]: the durable SQLite store every message passes through before it is acknowledged;
 //! - [`sink`]: where records leave (mutual-TLS MQTT), each marked delivered only on its PUBACK;
 //! - [`record`]: the JSON record contract; [`telemetry`]: counters and named events;
+//! - [`health`], [`inventory`]: what the appliance reports about itself (fleet monitoring);
 //! - [`config`], [`app`] (wiring), [`client`] (an MLLP client for `siterelay send` and tests).
 
 pub mod app;
 pub mod client;
 pub mod config;
+pub mod health;
 pub mod hl7;
+pub mod inventory;
 pub mod outbox;
 pub mod record;
 pub mod sink;

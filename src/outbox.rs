@@ -235,6 +235,10 @@ enum Cmd {
     MarkDelivered(Vec<i64>),
     Prune,
     Flush(oneshot::Sender<()>),
+    /// Increment an integer in `meta` and answer the new value (birth sequence numbers).
+    Increment(&'static str, oneshot::Sender<Result<i64, AppendError>>),
+    /// Store a value in `meta` (e.g. the feed inventory).
+    PutMeta(&'static str, String),
 }
 
 /// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
@@ -279,6 +283,10 @@ CREATE INDEX IF NOT EXISTS messages_delivered ON messages(delivered_at_us) WHERE
 CREATE TABLE IF NOT EXISTS feed_seq (
     feed     TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 ";
 
@@ -369,6 +377,21 @@ impl Outbox {
         if self.tx.send(Cmd::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Increment the integer stored under `key` (starting from 0) and return the committed value.
+    pub async fn increment(&self, key: &'static str) -> Result<i64, AppendError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Increment(key, tx))
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Store `value` under `key` (committed with the next group).
+    pub async fn put_meta(&self, key: &'static str, value: String) {
+        let _ = self.tx.send(Cmd::PutMeta(key, value)).await;
     }
 
     /// Notified after every commit that added rows (the sink waits on it when idle).
@@ -595,6 +618,7 @@ fn apply_batch(
 ) -> bool {
     let mut replies: Vec<Reply> = Vec::new();
     let mut flushes = Vec::new();
+    let mut increments: Vec<(oneshot::Sender<Result<i64, AppendError>>, i64)> = Vec::new();
     let mut prune = false;
     let saved_seq = state.last_seq.clone();
     let saved = (
@@ -675,6 +699,23 @@ fn apply_batch(
                     }
                     Cmd::Prune => prune = true,
                     Cmd::Flush(done) => flushes.push(done),
+                    Cmd::Increment(key, reply) => {
+                        let v: i64 = tx.query_row(
+                            "INSERT INTO meta (key, value) VALUES (?1, '0') \
+                             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 \
+                             RETURNING CAST(value AS INTEGER)",
+                            params![key],
+                            |r| r.get(0),
+                        )?;
+                        increments.push((reply, v));
+                    }
+                    Cmd::PutMeta(key, value) => {
+                        tx.execute(
+                            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            params![key, value],
+                        )?;
+                    }
                 }
             }
         }
@@ -688,6 +729,9 @@ fn apply_batch(
             gauges.delivered.fetch_add(delivered_n, Ordering::Relaxed);
             for (reply, r) in replies {
                 let _ = reply.send(r);
+            }
+            for (reply, v) in increments {
+                let _ = reply.send(Ok(v));
             }
         }
         Err(e) => {
@@ -707,6 +751,9 @@ fn apply_batch(
                     Err(other) => Err(other),
                 };
                 let _ = reply.send(r);
+            }
+            for (reply, _) in increments {
+                let _ = reply.send(Err(AppendError::Failed(e.to_string())));
             }
             appended_n = 0;
         }
@@ -787,6 +834,20 @@ pub struct PendingRow {
     pub raw: Vec<u8>,
 }
 
+fn row_to_pending(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingRow> {
+    Ok(PendingRow {
+        row_id: r.get(0)?,
+        record_id: r.get(1)?,
+        feed: r.get(2)?,
+        seq: r.get::<_, i64>(3)? as u64,
+        received_at_us: r.get(4)?,
+        source_kind: SourceKind::parse(&r.get::<_, String>(5)?),
+        peer: r.get(6)?,
+        format: Format::parse(&r.get::<_, String>(7)?),
+        raw: r.get(8)?,
+    })
+}
+
 /// A read-only connection to the outbox.
 pub struct Reader {
     conn: Connection,
@@ -825,19 +886,7 @@ impl Reader {
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
-            .query_map(params![after, limit as i64], |r| {
-                Ok(PendingRow {
-                    row_id: r.get(0)?,
-                    record_id: r.get(1)?,
-                    feed: r.get(2)?,
-                    seq: r.get::<_, i64>(3)? as u64,
-                    received_at_us: r.get(4)?,
-                    source_kind: SourceKind::parse(&r.get::<_, String>(5)?),
-                    peer: r.get(6)?,
-                    format: Format::parse(&r.get::<_, String>(7)?),
-                    raw: r.get(8)?,
-                })
-            })
+            .query_map(params![after, limit as i64], row_to_pending)
             .map_err(sqlite(&self.path))?;
         let mut out = Vec::new();
         let mut bytes = 0u64;
@@ -850,6 +899,69 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+
+    /// A value from `meta`.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, OutboxError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Receive time (µs) of the oldest pending message.
+    pub fn oldest_pending_us(&self) -> Result<Option<i64>, OutboxError> {
+        self.conn
+            .query_row(
+                "SELECT received_at_us FROM messages WHERE state = 0 ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sqlite(&self.path))
+    }
+
+    /// Rows of one feed with `seq >= from_seq` (delivered or not), oldest first: what a replay
+    /// can still send.
+    pub fn feed_rows_from(
+        &self,
+        feed: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<PendingRow>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw \
+                 FROM messages WHERE feed = ?1 AND seq >= ?2 ORDER BY id LIMIT ?3",
+            )
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map(params![feed, from_seq as i64, limit as i64], row_to_pending)
+            .map_err(sqlite(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
+    }
+
+    /// For a replay: how many rows of `feed` with `seq >= from_seq` are still retained, and the
+    /// first and last such seq.
+    pub fn feed_range(
+        &self,
+        feed: &str,
+        from_seq: u64,
+    ) -> Result<(u64, Option<u64>, Option<u64>), OutboxError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), MIN(seq), MAX(seq) FROM messages WHERE feed = ?1 AND seq >= ?2",
+                params![feed, from_seq as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                        r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    ))
+                },
+            )
+            .map_err(sqlite(&self.path))
     }
 
     /// Per-feed queue statistics.

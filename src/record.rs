@@ -56,6 +56,9 @@ struct Record<'a> {
     hl7: Option<Hl7Header<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<String>,
+    /// Present (true) only on records resent by a `replay` command.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replay: bool,
 }
 
 #[derive(Serialize)]
@@ -103,6 +106,11 @@ impl RecordBuilder {
 
     /// Build the JSON record for one stored message.
     pub fn build(&self, row: &PendingRow) -> Vec<u8> {
+        self.build_with(row, false)
+    }
+
+    /// Build a record, flagged `"replay": true` when it is resent by a replay command.
+    pub fn build_with(&self, row: &PendingRow, replay: bool) -> Vec<u8> {
         let settings = self.feeds.get(&row.feed).unwrap_or(&self.fallback);
         let header = match row.format {
             Format::Hl7v2 => parse_header(&row.raw).ok(),
@@ -130,6 +138,7 @@ impl RecordBuilder {
             charset: Some(cs.charset_name()),
             hl7: header.as_ref().map(|h| hl7_section(h, &settings.timezone)),
             raw: self.include_raw.then_some(text),
+            replay,
         };
         serde_json::to_vec(&record).expect("records serialise")
     }

@@ -52,6 +52,20 @@ pub struct SinkCounters {
     pub refused: AtomicU64,
     /// 1 while connected.
     pub connected: AtomicU64,
+    /// Last connection error (no message content).
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl SinkCounters {
+    /// Remember the last connection error.
+    pub fn set_last_error(&self, e: &str) {
+        *self.last_error.lock().expect("lock") = Some(e.to_string());
+    }
+
+    /// The last connection error.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("lock").clone()
+    }
 }
 
 /// All counters of one running daemon.

@@ -29,7 +29,7 @@ async fn record_stays_pending_until_its_puback_arrives() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
     broker.set_fault(Fault::NeverPuback);
-    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     let cfg = env.config(
         broker.port,
         &[("adt", "127.0.0.1:0")],
@@ -76,7 +76,7 @@ async fn connection_dropped_after_publish_leaves_records_pending_and_they_are_re
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
     broker.set_fault(Fault::DropAfterPublish);
-    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
@@ -110,7 +110,7 @@ async fn puback_with_a_failure_reason_code_is_not_a_delivery() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
     broker.set_fault(Fault::PubackReason(0x97)); // quota exceeded
-    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
@@ -145,7 +145,7 @@ async fn puback_with_a_failure_reason_code_is_not_a_delivery() {
 async fn mqtt_3_1_1_delivers_records() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
-    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     let cfg = env.config(
         broker.port,
         &[("adt", "127.0.0.1:0")],
@@ -176,7 +176,7 @@ async fn mqtt_3_1_1_delivers_records() {
 async fn record_carries_header_fields_and_times() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
-    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
@@ -220,7 +220,7 @@ async fn record_carries_header_fields_and_times() {
 async fn include_raw_false_leaves_the_message_text_out() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
-    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     let text = env.config_text(broker.port, &[("adt", "127.0.0.1:0")], "")
         + "\n[records]\ninclude_raw = false\n";
     let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();

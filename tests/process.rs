@@ -122,7 +122,7 @@ async fn every_acked_message_survives_sigkill_and_is_delivered_after_restart() {
     );
 
     broker.up(&env).await;
-    let mut sub = broker.subscribe(&env, "siterelay/#").await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
     let mut p = Proc::start(&cfg, env.dir.path().join("run2.log"));
     let got = sub.collect(100, Duration::from_secs(30)).await;
     let seen: HashSet<String> = got

@@ -1,3 +1,4 @@
 //! Sinks: where records leave the appliance.
 
+pub mod control;
 pub mod mqtt;

@@ -1,5 +1,6 @@
 //! MQTT sink: publishes pending outbox rows as records and marks each one delivered only when
-//! *its* PUBACK arrives.
+//! *its* PUBACK arrives; and, on the same connection, the appliance's control plane (birth and
+//! death, health, inventory, commands: see [`super::control`]).
 //!
 //! rumqttc's `publish()` returning `Ok` only means the request was queued. To know which record a
 //! PUBACK confirms, this module follows the order rumqttc reports: every publish we queue is
@@ -13,6 +14,8 @@
 //! One task owns the event loop (it only polls and forwards events); the session task owns the
 //! window of records in flight. With MQTT 5, a PUBACK whose reason code is a failure is not a
 //! delivery: the record stays pending, is counted, and is published again after a delay.
+//! Control messages (status, health, inventory, replies) go through the same FIFO but outside the
+//! record window and never through the outbox: they are current state, not data.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -25,8 +28,11 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{MqttConfig, MqttProtocol};
+use crate::health::{HealthContext, HostFacts};
+use crate::inventory::{FeedInventory, FeedInventoryData};
 use crate::outbox::{Outbox, Reader};
-use crate::record::RecordBuilder;
+use crate::record::{RecordBuilder, rfc3339_us};
+use crate::sink::control::{self, Command, Topics};
 use crate::telemetry::Telemetry;
 
 /// Rows read from the outbox per query (also the most records held prefetched).
@@ -45,6 +51,29 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// A session that stayed up this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// How often the session looks for significant changes (peers, backlog, new inventory keys).
+const CHANGE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// An early health report (on a significant change) is sent at most this often.
+const HEALTH_MIN_GAP: Duration = Duration::from_secs(5);
+/// The inventory is republished at least this often, and at most every `INVENTORY_MIN_GAP`.
+const INVENTORY_EVERY: Duration = Duration::from_secs(3600);
+const INVENTORY_MIN_GAP: Duration = Duration::from_secs(10);
+/// Key of the birth sequence number in the outbox's `meta` table.
+const BDSEQ_KEY: &str = "bdseq";
+/// Key of the saved inventory in the outbox's `meta` table.
+pub const INVENTORY_KEY: &str = "inventory";
+
+/// The fleet-monitoring side of the sink.
+pub struct FleetSettings {
+    /// Sources of the health report.
+    pub health: HealthContext,
+    /// Regular health interval.
+    pub health_interval: Duration,
+    /// Host facts for the birth message.
+    pub host: HostFacts,
+    /// Live inventory per feed.
+    pub inventories: Vec<(String, Arc<FeedInventory>)>,
+}
 
 /// What the sink needs at start.
 pub struct SinkSettings {
@@ -58,6 +87,8 @@ pub struct SinkSettings {
     pub max_packet_bytes: usize,
     /// Turns rows into records.
     pub records: RecordBuilder,
+    /// Birth/death, health, inventory, commands.
+    pub fleet: FleetSettings,
 }
 
 /// Events from either protocol version, reduced to what the sink needs.
@@ -66,6 +97,7 @@ enum SinkEvent {
     Connected,
     Sent { pkid: u16 },
     Acked { pkid: u16, failure: Option<String> },
+    Message { topic: String, payload: Vec<u8> },
     Failed(String),
 }
 
@@ -75,19 +107,28 @@ enum Client {
 }
 
 impl Client {
-    fn try_publish(&self, topic: &str, payload: Vec<u8>) -> bool {
+    fn try_publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
         match self {
             Client::V5(c) => c
                 .try_publish(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
+                    retain,
                     payload,
                 )
                 .is_ok(),
             Client::V311(c) => c
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
                 .is_ok(),
+        }
+    }
+
+    fn try_subscribe(&self, filter: &str) -> bool {
+        match self {
+            Client::V5(c) => c
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .is_ok(),
+            Client::V311(c) => c.try_subscribe(filter, rumqttc::QoS::AtLeastOnce).is_ok(),
         }
     }
 
@@ -106,6 +147,20 @@ struct Outgoing {
     payload: Vec<u8>,
 }
 
+/// A publish queued with rumqttc, as the FIFO knows it.
+enum Queued {
+    Record(Outgoing),
+    /// Status, health, inventory or a reply: nothing to mark when its PUBACK arrives.
+    Control,
+}
+
+/// A replay command being carried out, a chunk at a time.
+struct ReplayJob {
+    feed: String,
+    next_seq: u64,
+    remaining: usize,
+}
+
 /// Why a session ended.
 enum SessionEnd {
     Shutdown,
@@ -120,15 +175,18 @@ pub struct MqttSink {
     settings: SinkSettings,
     outbox: Outbox,
     telemetry: Arc<Telemetry>,
+    topics: Topics,
 }
 
 impl MqttSink {
     /// A sink over `outbox`.
     pub fn new(settings: SinkSettings, outbox: Outbox, telemetry: Arc<Telemetry>) -> MqttSink {
+        let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.appliance_id);
         MqttSink {
             settings,
             outbox,
             telemetry,
+            topics,
         }
     }
 
@@ -160,6 +218,7 @@ impl MqttSink {
                     let c = &self.telemetry.sink;
                     c.connection_failures.fetch_add(1, Ordering::Relaxed);
                     c.connected.store(0, Ordering::Relaxed);
+                    c.set_last_error(&error);
                     if connected_for.is_some_and(|d| d >= STABLE_SESSION) {
                         backoff.reset();
                     }
@@ -185,7 +244,7 @@ impl MqttSink {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.wait_for(|s| *s) => break,
+                        _ = stopped(&mut shutdown) => break,
                     }
                 }
             }
@@ -194,7 +253,7 @@ impl MqttSink {
         info!("MQTT sink stopped");
     }
 
-    fn connect(&self) -> (Client, mpsc::Receiver<SinkEvent>) {
+    fn connect(&self, bdseq: i64) -> (Client, mpsc::Receiver<SinkEvent>) {
         let s = &self.settings;
         let m = &s.mqtt;
         let client_id = m.client_id(&s.appliance_id);
@@ -202,8 +261,9 @@ impl MqttSink {
             Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())),
             None => Transport::Tcp,
         };
+        let will = control::death(&s.appliance_id, bdseq, "lost", None);
         let window = m.max_inflight as usize;
-        let (tx, rx) = mpsc::channel(window * 2 + 16);
+        let (tx, rx) = mpsc::channel(window * 2 + 64);
         let client = match m.protocol {
             MqttProtocol::V5 => {
                 let mut o = rumqttc::v5::MqttOptions::new(client_id, m.host.clone(), m.port);
@@ -212,8 +272,15 @@ impl MqttSink {
                     .set_connection_timeout(m.connect_timeout_secs)
                     .set_max_packet_size(Some(s.max_packet_bytes as u32))
                     .set_outgoing_inflight_upper_limit(m.max_inflight)
+                    .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                        &self.topics.status,
+                        will,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ))
                     .set_transport(transport);
-                let (client, el) = rumqttc::v5::AsyncClient::new(o, window + 16);
+                let (client, el) = rumqttc::v5::AsyncClient::new(o, window + 64);
                 tokio::spawn(pump_v5(el, tx));
                 Client::V5(client)
             }
@@ -223,8 +290,14 @@ impl MqttSink {
                     .set_clean_session(true)
                     .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes)
                     .set_inflight(m.max_inflight)
+                    .set_last_will(rumqttc::LastWill::new(
+                        &self.topics.status,
+                        will,
+                        rumqttc::QoS::AtLeastOnce,
+                        true,
+                    ))
                     .set_transport(transport);
-                let (client, mut el) = rumqttc::AsyncClient::new(o, window + 16);
+                let (client, mut el) = rumqttc::AsyncClient::new(o, window + 64);
                 let mut net = el.network_options();
                 net.set_connection_timeout(m.connect_timeout_secs);
                 el.set_network_options(net);
@@ -235,7 +308,7 @@ impl MqttSink {
         (client, rx)
     }
 
-    /// One connection: publish pending rows through a window of `max_inflight`.
+    /// One connection: control plane plus records through a window of `max_inflight`.
     async fn session(
         &self,
         reader: &mut Option<Reader>,
@@ -244,15 +317,28 @@ impl MqttSink {
         // Delivered marks from the previous session must be committed before we read pending
         // rows again, or we would resend records the broker already confirmed.
         self.outbox.flush().await;
-        let (client, mut events) = self.connect();
+        let bdseq = match self.outbox.increment(BDSEQ_KEY).await {
+            Ok(v) => v,
+            Err(e) => {
+                return SessionEnd::Failed {
+                    error: format!("cannot record the birth sequence number: {e}"),
+                    connected_for: None,
+                };
+            }
+        };
+        let (client, mut events) = self.connect(bdseq);
         let counters = &self.telemetry.sink;
+        let appliance = &self.settings.appliance_id;
+        let fleet = &self.settings.fleet;
         let window = self.settings.mqtt.max_inflight as usize;
         let appended = self.outbox.appended();
         let mut connected_at: Option<Instant> = None;
         // Queued with rumqttc, waiting for their packet id.
-        let mut queued: VecDeque<Outgoing> = VecDeque::new();
-        // Sent, waiting for PUBACK, by packet id.
+        let mut queued: VecDeque<Queued> = VecDeque::new();
+        // Records sent, waiting for PUBACK, by packet id.
         let mut inflight: HashMap<u16, Outgoing> = HashMap::new();
+        // Control messages sent and not yet acknowledged.
+        let mut control_inflight: usize = 0;
         // Refused by the broker, to be sent again after a delay.
         let mut retry: VecDeque<(Instant, Outgoing)> = VecDeque::new();
         // Highest row id read in this session.
@@ -260,27 +346,52 @@ impl MqttSink {
         let mut caught_up = false;
         // Records read from the outbox and built, waiting for room in the window.
         let mut ready: VecDeque<Outgoing> = VecDeque::new();
+        let mut replay: Option<ReplayJob> = None;
         let mut delivered: Vec<i64> = Vec::new();
         let mut draining_since: Option<Instant> = None;
         // Send order of in-flight records, for the PUBACK timeout (stale entries skipped lazily).
         let mut sent_order: VecDeque<(u16, i64, Instant)> = VecDeque::new();
         let ack_timeout = Duration::from_secs(self.settings.mqtt.ack_timeout_secs);
+        // Fleet bookkeeping.
+        let mut health_timer = tokio::time::interval(fleet.health_interval);
+        health_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut change_timer = tokio::time::interval(CHANGE_CHECK_EVERY);
+        let mut last_health: Option<Instant> = None;
+        let mut last_signature = Vec::new();
+        let mut delivered_at_last_health = self.outbox.gauges().delivered.load(Ordering::Relaxed);
+        let mut last_inventory: Option<Instant> = None;
+        let mut inventory_dirty = false;
+
+        // Queue a control publish (outside the record window).
+        macro_rules! control {
+            ($topic:expr, $payload:expr, $retain:expr) => {{
+                if client.try_publish($topic, $payload, $retain) {
+                    queued.push_back(Queued::Control);
+                } else {
+                    warn!(topic = %$topic, "control message dropped: MQTT request queue full");
+                }
+            }};
+        }
 
         let end = loop {
-            let in_window = queued.len() + inflight.len() + retry.len();
+            let records_in_window = queued
+                .iter()
+                .filter(|q| matches!(q, Queued::Record(_)))
+                .count()
+                + inflight.len()
+                + retry.len();
             // Fill the window while connected.
             if connected_at.is_some() && draining_since.is_none() {
+                // Records refused earlier whose delay has passed (they already count in the window).
                 let now = Instant::now();
-                while queued.len() + inflight.len() < window
-                    && retry.front().is_some_and(|(t, _)| *t <= now)
-                {
+                while retry.front().is_some_and(|(t, _)| *t <= now) {
                     let (_, o) = retry.pop_front().expect("checked");
-                    if !client.try_publish(&o.topic, o.payload.clone()) {
+                    if !client.try_publish(&o.topic, o.payload.clone(), false) {
                         retry.push_front((now, o));
                         break;
                     }
                     counters.published.fetch_add(1, Ordering::Relaxed);
-                    queued.push_back(o);
+                    queued.push_back(Queued::Record(o));
                 }
                 // Keep a prefetched buffer so publishing never waits on a database read.
                 if ready.len() < FETCH_BATCH / 2 && !caught_up {
@@ -302,16 +413,40 @@ impl MqttSink {
                         }
                     }
                 }
-                while queued.len() + inflight.len() + retry.len() < window {
+                if ready.is_empty()
+                    && let Some(job) = &mut replay
+                {
+                    match self.fetch_replay(reader, job).await {
+                        Ok(rows) => {
+                            if rows.is_empty() || job.remaining == 0 {
+                                info!(feed = %job.feed, "replay finished");
+                                replay = None;
+                            }
+                            ready.extend(rows);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "replay stopped: cannot read the outbox");
+                            replay = None;
+                        }
+                    }
+                }
+                let mut in_window = queued
+                    .iter()
+                    .filter(|q| matches!(q, Queued::Record(_)))
+                    .count()
+                    + inflight.len()
+                    + retry.len();
+                while in_window < window {
                     let Some(o) = ready.pop_front() else { break };
-                    if !client.try_publish(&o.topic, o.payload.clone()) {
+                    if !client.try_publish(&o.topic, o.payload.clone(), false) {
                         // The request channel is sized to the window, so this does not happen;
                         // if it did, the record simply waits for the next turn.
                         ready.push_front(o);
                         break;
                     }
                     counters.published.fetch_add(1, Ordering::Relaxed);
-                    queued.push_back(o);
+                    queued.push_back(Queued::Record(o));
+                    in_window += 1;
                 }
             }
             // Hand delivered marks to the writer in batches: when many have gathered, or when
@@ -321,11 +456,12 @@ impl MqttSink {
                     .mark_delivered(std::mem::take(&mut delivered))
                     .await;
             }
-            if let Some(since) = draining_since
-                && (in_window == 0 || since.elapsed() >= SHUTDOWN_DRAIN)
-            {
-                client.disconnect().await;
-                break SessionEnd::Shutdown;
+            if let Some(since) = draining_since {
+                let outstanding = records_in_window + control_inflight + queued.len();
+                if outstanding == 0 || since.elapsed() >= SHUTDOWN_DRAIN {
+                    client.disconnect().await;
+                    break SessionEnd::Shutdown;
+                }
             }
             while sent_order
                 .front()
@@ -335,21 +471,42 @@ impl MqttSink {
             }
             let ack_deadline = sent_order.front().map(|(_, _, t)| *t + ack_timeout);
             let next_retry = retry.front().map(|(t, _)| *t);
-            let room = queued.len() + inflight.len() + retry.len() < window;
+            let room = records_in_window < window;
+            let connected = connected_at.is_some();
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(SinkEvent::Connected) => {
                         counters.connects.fetch_add(1, Ordering::Relaxed);
                         counters.connected.store(1, Ordering::Relaxed);
                         connected_at = Some(Instant::now());
-                        info!(broker = %format!("{}:{}", self.settings.mqtt.host, self.settings.mqtt.port), "connected to MQTT broker");
+                        info!(broker = %format!("{}:{}", self.settings.mqtt.host, self.settings.mqtt.port), bdseq, "connected to MQTT broker");
+                        let now = rfc3339_us(crate::outbox::now_us());
+                        let birth = control::birth(
+                            appliance,
+                            bdseq,
+                            &rfc3339_us(fleet.health.started_at_us),
+                            &fleet.host,
+                            &fleet.health.feeds,
+                            &now,
+                        );
+                        control!(&self.topics.status, birth, true);
+                        if !client.try_subscribe(&self.topics.commands) {
+                            warn!("could not subscribe to commands");
+                        }
+                        control!(&self.topics.inventory, self.inventory_payload().await, true);
+                        last_inventory = Some(Instant::now());
+                        let h = self.health_payload(reader, &mut delivered_at_last_health).await;
+                        control!(&self.topics.health, h, false);
+                        last_health = Some(Instant::now());
                     }
-                    Some(SinkEvent::Sent { pkid }) => {
-                        if let Some(o) = queued.pop_front() {
+                    Some(SinkEvent::Sent { pkid }) => match queued.pop_front() {
+                        Some(Queued::Record(o)) => {
                             sent_order.push_back((pkid, o.row_id, Instant::now()));
                             inflight.insert(pkid, o);
                         }
-                    }
+                        Some(Queued::Control) => control_inflight += 1,
+                        None => {}
+                    },
                     Some(SinkEvent::Acked { pkid, failure }) => {
                         if let Some(o) = inflight.remove(&pkid) {
                             match failure {
@@ -363,6 +520,72 @@ impl MqttSink {
                                     retry.push_back((Instant::now() + REFUSED_RETRY, o));
                                 }
                             }
+                        } else {
+                            if let Some(reason) = failure {
+                                warn!(reason = %reason, "broker refused a control message");
+                            }
+                            control_inflight = control_inflight.saturating_sub(1);
+                        }
+                    }
+                    Some(SinkEvent::Message { topic, payload }) => {
+                        if let Some(name) = self.topics.command_name(&topic) {
+                            let feeds: Vec<String> =
+                                fleet.health.feeds.iter().map(|f| f.name.clone()).collect();
+                            let req = control::parse_command(name, &payload, &feeds);
+                            info!(command = %req.name, ok = req.command.is_ok(), "command received");
+                            let result = match &req.command {
+                                Err(e) => Err(e.clone()),
+                                Ok(Command::Ping) => Ok(serde_json::json!({
+                                    "pong": true,
+                                    "uptime_secs": fleet.health.started.elapsed().as_secs(),
+                                    "bdseq": bdseq,
+                                })),
+                                Ok(Command::Rebirth) => {
+                                    let now = rfc3339_us(crate::outbox::now_us());
+                                    let birth = control::birth(
+                                        appliance,
+                                        bdseq,
+                                        &rfc3339_us(fleet.health.started_at_us),
+                                        &fleet.host,
+                                        &fleet.health.feeds,
+                                        &now,
+                                    );
+                                    control!(&self.topics.status, birth, true);
+                                    control!(&self.topics.inventory, self.inventory_payload().await, true);
+                                    last_inventory = Some(Instant::now());
+                                    Ok(serde_json::json!({ "bdseq": bdseq }))
+                                }
+                                Ok(Command::Health) => {
+                                    let h = self.health_payload(reader, &mut delivered_at_last_health).await;
+                                    control!(&self.topics.health, h, false);
+                                    last_health = Some(Instant::now());
+                                    Ok(serde_json::json!({}))
+                                }
+                                Ok(Command::Replay { feed, from_seq, limit }) => {
+                                    match self.replay_range(reader, feed, *from_seq).await {
+                                        Ok((count, first, last)) => {
+                                            let n = count.min(*limit as u64);
+                                            if n > 0 {
+                                                replay = Some(ReplayJob {
+                                                    feed: feed.clone(),
+                                                    next_seq: first.unwrap_or(*from_seq),
+                                                    remaining: n as usize,
+                                                });
+                                            }
+                                            Ok(serde_json::json!({
+                                                "feed": feed,
+                                                "from_seq": from_seq,
+                                                "records": n,
+                                                "first_seq": first,
+                                                "last_seq": last,
+                                            }))
+                                        }
+                                        Err(e) => Err(format!("cannot read the outbox: {e}")),
+                                    }
+                                }
+                            };
+                            let now = rfc3339_us(crate::outbox::now_us());
+                            control!(&self.topics.replies, control::reply(appliance, &req, result, &now), false);
                         }
                     }
                     Some(SinkEvent::Failed(error)) => break SessionEnd::Failed {
@@ -374,7 +597,7 @@ impl MqttSink {
                         connected_for: connected_at.map(|t| t.elapsed()),
                     },
                 },
-                _ = appended.notified(), if room && connected_at.is_some() => caught_up = false,
+                _ = appended.notified(), if room && connected => caught_up = false,
                 _ = sleep_until_opt(next_retry), if next_retry.is_some() => {}
                 _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() => {
                     break SessionEnd::Failed {
@@ -382,15 +605,47 @@ impl MqttSink {
                         connected_for: connected_at.map(|t| t.elapsed()),
                     };
                 }
-                // Safety net: look for pending rows now and then even without a notification.
-                _ = tokio::time::sleep(Duration::from_secs(5)), if room && connected_at.is_some() => caught_up = false,
-                _ = shutdown.wait_for(|s| *s), if draining_since.is_none() => {
+                _ = health_timer.tick(), if connected && draining_since.is_none() => {
+                    if last_health.is_none_or(|t| t.elapsed() >= fleet.health_interval / 2) {
+                        let h = self.health_payload(reader, &mut delivered_at_last_health).await;
+                        control!(&self.topics.health, h, false);
+                        last_health = Some(Instant::now());
+                    }
+                }
+                _ = change_timer.tick(), if connected && draining_since.is_none() => {
+                    // Safety net for missed notifications, and significant-change detection.
+                    caught_up = false;
+                    let sig = self.signature();
+                    if sig != last_signature && last_health.is_none_or(|t| t.elapsed() >= HEALTH_MIN_GAP) {
+                        last_signature = sig;
+                        let h = self.health_payload(reader, &mut delivered_at_last_health).await;
+                        control!(&self.topics.health, h, false);
+                        last_health = Some(Instant::now());
+                    }
+                    for (_, inv) in &fleet.inventories {
+                        inventory_dirty |= inv.take_changed();
+                    }
+                    let due = last_inventory.is_none_or(|t| t.elapsed() >= INVENTORY_EVERY);
+                    let soon = inventory_dirty && last_inventory.is_none_or(|t| t.elapsed() >= INVENTORY_MIN_GAP);
+                    if due || soon {
+                        inventory_dirty = false;
+                        control!(&self.topics.inventory, self.inventory_payload().await, true);
+                        last_inventory = Some(Instant::now());
+                    }
+                }
+                _ = stopped(shutdown), if draining_since.is_none() => {
                     if connected_at.is_none() {
                         break SessionEnd::Shutdown;
                     }
-                    debug!(outstanding = queued.len() + inflight.len(), "waiting briefly for outstanding PUBACKs");
+                    debug!(outstanding = records_in_window, "publishing shutdown status, waiting briefly for outstanding PUBACKs");
+                    let now = rfc3339_us(crate::outbox::now_us());
+                    control!(&self.topics.status, control::death(appliance, bdseq, "shutdown", Some(&now)), true);
+                    // Save what the inventory learned.
+                    self.inventory_payload().await;
                     draining_since = Some(Instant::now());
                     retry.clear();
+                    ready.clear();
+                    replay = None;
                 }
             }
         };
@@ -400,35 +655,185 @@ impl MqttSink {
         end
     }
 
-    /// Read up to `limit` pending rows after `cursor` and build their records, off the async
-    /// threads.
+    /// What counts as a significant change: peers per feed, backlog empty or not, broker errors.
+    fn signature(&self) -> Vec<u64> {
+        let t = &self.telemetry;
+        let mut sig: Vec<u64> = self
+            .settings
+            .fleet
+            .health
+            .feeds
+            .iter()
+            .map(|f| t.feed(&f.name).connections_open.load(Ordering::Relaxed))
+            .collect();
+        let g = self.outbox.gauges();
+        sig.push(u64::from(g.pending_count.load(Ordering::Relaxed) > 0));
+        sig.push(g.refused_full.load(Ordering::Relaxed));
+        sig.push(t.sink.refused.load(Ordering::Relaxed));
+        sig
+    }
+
+    /// Build a health report (reads the oldest pending time off the async threads).
+    async fn health_payload(
+        &self,
+        reader: &mut Option<Reader>,
+        delivered_base: &mut u64,
+    ) -> Vec<u8> {
+        let oldest = self
+            .with_reader(reader, |r| r.oldest_pending_us())
+            .await
+            .ok()
+            .flatten();
+        let delivered = self.outbox.gauges().delivered.load(Ordering::Relaxed);
+        let interval = delivered.saturating_sub(*delivered_base);
+        *delivered_base = delivered;
+        let report = self.settings.fleet.health.report(oldest, interval);
+        serde_json::to_vec(&report).expect("health serialises")
+    }
+
+    /// The inventory payload; also saves the inventory in the outbox.
+    async fn inventory_payload(&self) -> Vec<u8> {
+        let mut saved = std::collections::BTreeMap::new();
+        let mut feeds = serde_json::Map::new();
+        for (name, inv) in &self.settings.fleet.inventories {
+            let d = inv.snapshot();
+            feeds.insert(name.clone(), inventory_view(&d));
+            saved.insert(name.clone(), d);
+        }
+        if let Ok(text) = serde_json::to_string(&saved) {
+            self.outbox.put_meta(INVENTORY_KEY, text).await;
+        }
+        serde_json::to_vec(&serde_json::json!({
+            "schema": control::INVENTORY_SCHEMA,
+            "appliance": self.settings.appliance_id,
+            "at": rfc3339_us(crate::outbox::now_us()),
+            "feeds": feeds,
+        }))
+        .expect("inventory serialises")
+    }
+
+    /// Run `f` on the reader off the async threads.
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        reader: &mut Option<Reader>,
+        f: impl FnOnce(&Reader) -> Result<T, crate::outbox::OutboxError> + Send + 'static,
+    ) -> Result<T, String> {
+        let r = reader.take().expect("reader is returned after every use");
+        let (r, result) = tokio::task::spawn_blocking(move || {
+            let out = f(&r);
+            (r, out)
+        })
+        .await
+        .map_err(|e| format!("reader task failed: {e}"))?;
+        *reader = Some(r);
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Read up to `limit` pending rows after `cursor` and build their records.
     async fn fetch(
         &self,
         reader: &mut Option<Reader>,
         cursor: i64,
         limit: usize,
     ) -> Result<Vec<Outgoing>, String> {
-        let r = reader.take().expect("reader is returned after every fetch");
         let builder = self.settings.records.clone();
         let prefix = self.settings.mqtt.topic_prefix.clone();
         let appliance = self.settings.appliance_id.clone();
-        let (r, result) = tokio::task::spawn_blocking(move || {
-            let result = r.pending_after(cursor, limit, FETCH_MAX_BYTES).map(|rows| {
+        self.with_reader(reader, move |r| {
+            r.pending_after(cursor, limit, FETCH_MAX_BYTES).map(|rows| {
                 rows.iter()
                     .map(|row| Outgoing {
                         row_id: row.row_id,
                         topic: RecordBuilder::topic(&prefix, &appliance, &row.feed),
                         payload: builder.build(row),
                     })
-                    .collect::<Vec<_>>()
-            });
-            (r, result)
+                    .collect()
+            })
         })
         .await
-        .map_err(|e| format!("fetch task failed: {e}"))?;
-        *reader = Some(r);
-        result.map_err(|e| e.to_string())
     }
+
+    async fn replay_range(
+        &self,
+        reader: &mut Option<Reader>,
+        feed: &str,
+        from_seq: u64,
+    ) -> Result<(u64, Option<u64>, Option<u64>), String> {
+        let feed = feed.to_string();
+        self.with_reader(reader, move |r| r.feed_range(&feed, from_seq))
+            .await
+    }
+
+    /// The next chunk of a replay, records flagged `"replay": true`.
+    async fn fetch_replay(
+        &self,
+        reader: &mut Option<Reader>,
+        job: &mut ReplayJob,
+    ) -> Result<Vec<Outgoing>, String> {
+        let builder = self.settings.records.clone();
+        let prefix = self.settings.mqtt.topic_prefix.clone();
+        let appliance = self.settings.appliance_id.clone();
+        let (feed, from, limit) = (
+            job.feed.clone(),
+            job.next_seq,
+            job.remaining.min(FETCH_BATCH),
+        );
+        let rows = self
+            .with_reader(reader, move |r| {
+                r.feed_rows_from(&feed, from, limit).map(|rows| {
+                    rows.iter()
+                        .map(|row| {
+                            (
+                                row.seq,
+                                Outgoing {
+                                    row_id: row.row_id,
+                                    topic: RecordBuilder::topic(&prefix, &appliance, &row.feed),
+                                    payload: builder.build_with(row, true),
+                                },
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .await?;
+        if let Some((seq, _)) = rows.last() {
+            job.next_seq = seq + 1;
+        }
+        job.remaining = job.remaining.saturating_sub(rows.len());
+        Ok(rows.into_iter().map(|(_, o)| o).collect())
+    }
+}
+
+/// The published form of one feed's inventory.
+fn inventory_view(d: &FeedInventoryData) -> serde_json::Value {
+    let pairs = |m: &std::collections::BTreeMap<String, u64>| -> Vec<serde_json::Value> {
+        m.iter()
+            .map(|(k, n)| {
+                let (app, fac) = k.split_once('|').unwrap_or((k.as_str(), ""));
+                serde_json::json!({ "application": app, "facility": fac, "count": n })
+            })
+            .collect()
+    };
+    serde_json::json!({
+        "kind": "mllp",
+        "format": "hl7v2",
+        "messages": d.messages,
+        "message_types": d.message_types,
+        "versions": d.versions,
+        "senders": pairs(&d.senders),
+        "receivers": pairs(&d.receivers),
+        "charsets": d.charsets,
+        "segments": d.segments,
+        "average_bytes": if d.messages > 0 { d.total_bytes / d.messages } else { 0 },
+        "largest_bytes": d.largest_bytes,
+        "first_seen": (d.first_seen_us > 0).then(|| rfc3339_us(d.first_seen_us)),
+        "last_seen": (d.last_seen_us > 0).then(|| rfc3339_us(d.last_seen_us)),
+    })
+}
+
+/// Resolves once shutdown is requested (holds no borrow of the watch value across awaits).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
@@ -450,6 +855,10 @@ async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
         let ev = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
+            Ok(Event::Incoming(Packet::Publish(p))) => SinkEvent::Message {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+            },
             Ok(Event::Incoming(Packet::PubAck(ack))) => SinkEvent::Acked {
                 pkid: ack.pkid,
                 failure: match ack.reason {
@@ -480,6 +889,10 @@ async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
         let ev = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
+            Ok(Event::Incoming(Incoming::Publish(p))) => SinkEvent::Message {
+                topic: p.topic.clone(),
+                payload: p.payload.to_vec(),
+            },
             Ok(Event::Incoming(Incoming::PubAck(ack))) => SinkEvent::Acked {
                 pkid: ack.pkid,
                 failure: None,

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::hl7::charset::Charset;
 use crate::hl7::intake::{self, Intake, Responder};
+use crate::inventory::{FeedInventory, Hl7Facts, segment_ids};
 use crate::outbox::{AppendError, Format, NewMessage, Outbox, SourceKind, now_us};
 use crate::sources::mllp::framing::{FrameEvent, Framer, encode};
 use crate::telemetry::{FeedCounters, mllp as event};
@@ -42,6 +43,8 @@ pub struct FeedContext {
     pub responder: Responder,
     /// Counters.
     pub counters: Arc<FeedCounters>,
+    /// What the feed carries (learned from traffic).
+    pub inventory: Arc<FeedInventory>,
     /// Where messages go.
     pub outbox: Outbox,
     /// TLS, when configured.
@@ -263,6 +266,7 @@ async fn handle_message(
         event::refused(c, feed, &header.control_id, size, "shutting down");
         return intake::answer_refused(&header, "siterelay is shutting down: resend later");
     }
+    let segments = segment_ids(&msg);
     let new = NewMessage {
         feed: ctx.name.clone(),
         source_kind: SourceKind::Mllp,
@@ -275,6 +279,26 @@ async fn handle_message(
     match ctx.outbox.append(new).await {
         Ok(stored) => {
             event::stored(c, feed, &header.control_id, stored.seq, size);
+            let charset = header
+                .charset
+                .as_deref()
+                .and_then(Charset::from_msh18)
+                .unwrap_or(ctx.default_charset);
+            ctx.inventory.observe_hl7(
+                &Hl7Facts {
+                    message_type: &header.message_type,
+                    trigger: header.trigger_event.as_deref(),
+                    version: &header.version,
+                    sending_application: header.sending_application.as_deref(),
+                    sending_facility: header.sending_facility.as_deref(),
+                    receiving_application: header.receiving_application.as_deref(),
+                    receiving_facility: header.receiving_facility.as_deref(),
+                    charset: charset.charset_name(),
+                },
+                &segments,
+                size,
+                received_at_us,
+            );
             intake::answer_stored(&header)
         }
         Err(e) => {

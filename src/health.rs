@@ -1,0 +1,372 @@
+//! What the appliance says about itself: the health report, the birth certificate's host facts,
+//! certificate expiry and clock state. Pure reads of counters and of the system; publishing is
+//! the sink's job.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::outbox::OutboxGauges;
+use crate::record::rfc3339_us;
+use crate::telemetry::Telemetry;
+
+/// Schema of health payloads.
+pub const HEALTH_SCHEMA: &str = "siterelay.health.v1";
+
+/// A feed as configured, for birth and health.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedInfo {
+    /// Feed name.
+    pub name: String,
+    /// `mllp` (later `serial`).
+    pub kind: &'static str,
+    /// Listen address or device path.
+    pub endpoint: String,
+    /// Whether the listener uses TLS.
+    pub tls: bool,
+}
+
+/// Static facts the health report needs.
+#[derive(Debug, Clone)]
+pub struct HealthContext {
+    /// Appliance id.
+    pub appliance: String,
+    /// Process start (wall clock, µs since epoch).
+    pub started_at_us: i64,
+    /// Process start (monotonic).
+    pub started: Instant,
+    /// Counters.
+    pub telemetry: Arc<Telemetry>,
+    /// Outbox counters.
+    pub gauges: Arc<OutboxGauges>,
+    /// Configured store cap.
+    pub store_max_bytes: u64,
+    /// Data directory (disk free).
+    pub data_dir: PathBuf,
+    /// Client certificate file (expiry).
+    pub client_cert: Option<PathBuf>,
+    /// CA file (expiry).
+    pub ca_file: Option<PathBuf>,
+    /// Configured feeds.
+    pub feeds: Vec<FeedInfo>,
+}
+
+/// The health report (`siterelay.health.v1`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// Always `siterelay.health.v1`.
+    pub schema: &'static str,
+    /// Appliance id.
+    pub appliance: String,
+    /// When this report was made (RFC 3339 UTC).
+    pub at: String,
+    /// Seconds since the process started.
+    pub uptime_secs: u64,
+    /// Outbox state.
+    pub outbox: OutboxHealth,
+    /// Per feed.
+    pub feeds: Vec<FeedHealth>,
+    /// Broker connection.
+    pub mqtt: MqttHealth,
+    /// Free bytes on the data directory's file system.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_free_bytes: Option<u64>,
+    /// Resident memory of the process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// Days until certificates expire (negative: expired).
+    pub certificates: CertHealth,
+    /// Clock state.
+    pub clock: ClockHealth,
+}
+
+/// Outbox section of the health report.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxHealth {
+    /// Messages waiting for the broker.
+    pub pending_count: u64,
+    /// Their bytes.
+    pub pending_bytes: u64,
+    /// Age of the oldest pending message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_secs: Option<f64>,
+    /// Records confirmed by the broker since the previous report.
+    pub delivered_last_interval: u64,
+    /// Bytes of all rows kept (pending and retained delivered).
+    pub store_bytes: u64,
+    /// The cap on undelivered bytes.
+    pub store_max_bytes: u64,
+    /// Messages refused because the store was full, since start.
+    pub refused_full: u64,
+}
+
+/// One feed in the health report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedHealth {
+    /// Feed name.
+    pub name: String,
+    /// `mllp`.
+    pub kind: &'static str,
+    /// `listening` for MLLP feeds (serial: `connected`, `waiting`, `error`).
+    pub state: &'static str,
+    /// Connections open now.
+    pub connected_peers: u64,
+    /// Complete frames received since start.
+    pub received: u64,
+    /// Answers sent since start, by MSA-1 code.
+    pub acks: AckCounts,
+    /// Duplicates recognised (not forwarded twice). Always 0 until duplicate detection exists.
+    pub duplicates: u64,
+    /// Bytes discarded outside frames.
+    pub discarded_bytes: u64,
+    /// Frames over the size limit.
+    pub oversized: u64,
+    /// Frames never finished.
+    pub incomplete: u64,
+    /// Time of the last stored message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_message_at: Option<String>,
+}
+
+/// ACK counts by code.
+#[derive(Debug, Clone, Serialize)]
+#[allow(non_snake_case)]
+pub struct AckCounts {
+    /// Accepted.
+    pub AA: u64,
+    /// Rejected: unusable content.
+    pub AE: u64,
+    /// Refused: try later.
+    pub AR: u64,
+}
+
+/// MQTT section of the health report.
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttHealth {
+    /// Connected now (true whenever a health report is published).
+    pub connected: bool,
+    /// Successful connections since start.
+    pub connects: u64,
+    /// Failed attempts or lost connections since start.
+    pub connection_failures: u64,
+    /// Records published (including resends).
+    pub published: u64,
+    /// PUBACKs that confirmed delivery.
+    pub acked: u64,
+    /// PUBACKs with a failure reason code.
+    pub refused: u64,
+    /// The last connection error, without any message content.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Certificate expiry.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertHealth {
+    /// This appliance's client certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_days_left: Option<i64>,
+    /// The CA certificate the broker must chain to (the earliest expiring one in the file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_days_left: Option<i64>,
+}
+
+/// Clock state as the kernel reports it (NTP discipline).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClockHealth {
+    /// The kernel clock is synchronised (NTP or similar); None if unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synchronized: Option<bool>,
+    /// Kernel's maximum error estimate, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_error_us: Option<i64>,
+    /// Kernel's estimated error, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub est_error_us: Option<i64>,
+    /// True when the wall clock is obviously wrong: before this build was made, or before the
+    /// client certificate's start of validity.
+    pub suspect: bool,
+}
+
+/// Days from now until the certificate(s) in a PEM file expire: the earliest one.
+pub fn cert_days_left(path: &Path) -> Option<i64> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let now = jiff::Timestamp::now().as_second();
+    CertificateDer::pem_file_iter(path)
+        .ok()?
+        .filter_map(|c| c.ok())
+        .filter_map(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            Some(cert.validity().not_after.timestamp())
+        })
+        .min()
+        .map(|not_after| (not_after - now).div_euclid(86_400))
+}
+
+fn cert_not_before(path: &Path) -> Option<i64> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let der = CertificateDer::pem_file_iter(path).ok()?.next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.validity().not_before.timestamp())
+}
+
+/// The kernel's view of clock synchronisation (adjtimex), when available.
+pub fn clock_state(client_cert: Option<&Path>) -> ClockHealth {
+    // SAFETY: adjtimex with modes = 0 only reads the kernel's timex state into our struct.
+    let (synchronized, max_error_us, est_error_us) = unsafe {
+        let mut tx: libc::timex = std::mem::zeroed();
+        let state = libc::adjtimex(&mut tx);
+        if state < 0 {
+            (None, None, None)
+        } else {
+            let unsync = tx.status & libc::STA_UNSYNC != 0 || state == libc::TIME_ERROR;
+            (Some(!unsync), Some(tx.maxerror), Some(tx.esterror))
+        }
+    };
+    let now = jiff::Timestamp::now().as_second();
+    // Built on or after this date: a clock reading earlier is certainly wrong.
+    const NOT_BEFORE_2026: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+    let cert_start = client_cert.and_then(cert_not_before).unwrap_or(0);
+    ClockHealth {
+        synchronized,
+        max_error_us,
+        est_error_us,
+        suspect: now < NOT_BEFORE_2026 || now < cert_start,
+    }
+}
+
+/// Free bytes on the file system holding `path`.
+pub fn disk_free(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return None;
+        }
+        Some(s.f_bavail as u64 * s.f_frsize as u64)
+    }
+}
+
+/// Resident set size of this process.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(1) as u64)
+}
+
+/// Host facts for the birth message.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostFacts {
+    /// `PRETTY_NAME` from /etc/os-release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// Kernel release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// CPU architecture.
+    pub arch: &'static str,
+    /// Host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// Read the host facts.
+pub fn host_facts() -> HostFacts {
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        });
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    HostFacts {
+        os,
+        kernel: read("/proc/sys/kernel/osrelease"),
+        arch: std::env::consts::ARCH,
+        hostname: read("/proc/sys/kernel/hostname"),
+    }
+}
+
+impl HealthContext {
+    /// Build a report. `oldest_pending_us` comes from the outbox reader; `delivered_last_interval`
+    /// from the caller's bookkeeping.
+    pub fn report(&self, oldest_pending_us: Option<i64>, delivered_last_interval: u64) -> Health {
+        let now_us = crate::outbox::now_us();
+        let g = &self.gauges;
+        let t = &self.telemetry;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let feeds = self
+            .feeds
+            .iter()
+            .map(|f| {
+                let c = t.feed(&f.name);
+                let last = ld(&c.last_message_us);
+                FeedHealth {
+                    name: f.name.clone(),
+                    kind: f.kind,
+                    state: "listening",
+                    connected_peers: ld(&c.connections_open),
+                    received: ld(&c.frames),
+                    acks: AckCounts {
+                        AA: ld(&c.ack_aa),
+                        AE: ld(&c.ack_ae),
+                        AR: ld(&c.ack_ar),
+                    },
+                    duplicates: 0,
+                    discarded_bytes: ld(&c.discarded_bytes),
+                    oversized: ld(&c.oversized),
+                    incomplete: ld(&c.incomplete),
+                    last_message_at: (last > 0).then(|| rfc3339_us(last as i64)),
+                }
+            })
+            .collect();
+        let s = &t.sink;
+        Health {
+            schema: HEALTH_SCHEMA,
+            appliance: self.appliance.clone(),
+            at: rfc3339_us(now_us),
+            uptime_secs: self.started.elapsed().as_secs(),
+            outbox: OutboxHealth {
+                pending_count: ld(&g.pending_count),
+                pending_bytes: ld(&g.pending_bytes),
+                oldest_pending_age_secs: oldest_pending_us
+                    .map(|t| ((now_us - t).max(0) as f64) / 1e6),
+                delivered_last_interval,
+                store_bytes: ld(&g.total_bytes),
+                store_max_bytes: self.store_max_bytes,
+                refused_full: ld(&g.refused_full),
+            },
+            feeds,
+            mqtt: MqttHealth {
+                connected: ld(&s.connected) == 1,
+                connects: ld(&s.connects),
+                connection_failures: ld(&s.connection_failures),
+                published: ld(&s.published),
+                acked: ld(&s.acked),
+                refused: ld(&s.refused),
+                last_error: s.last_error(),
+            },
+            disk_free_bytes: disk_free(&self.data_dir),
+            rss_bytes: rss_bytes(),
+            certificates: CertHealth {
+                client_days_left: self.client_cert.as_deref().and_then(cert_days_left),
+                ca_days_left: self.ca_file.as_deref().and_then(cert_days_left),
+            },
+            clock: clock_state(self.client_cert.as_deref()),
+        }
+    }
+}
