@@ -143,6 +143,7 @@ impl Daemon {
             data_dir: cfg.data_dir.clone(),
             client_cert: cfg.mqtt.cert_file.clone(),
             ca_file: cfg.mqtt.ca_file.clone(),
+            broker: format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
             feeds: cfg
                 .mllp
                 .iter()
@@ -195,6 +196,11 @@ impl Daemon {
             listeners.spawn(l.serve(shutdown_rx.clone()));
         }
         let mut others = JoinSet::new();
+        others.spawn(crate::status::serve(
+            crate::status::socket_path(&cfg.data_dir),
+            Arc::new(health.clone()),
+            shutdown_rx.clone(),
+        ));
         others.spawn(sink.run(shutdown_rx.clone()));
         {
             let outbox = outbox.clone();

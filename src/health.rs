@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::outbox::OutboxGauges;
 use crate::record::rfc3339_us;
@@ -52,13 +52,15 @@ pub struct HealthContext {
     pub ca_file: Option<PathBuf>,
     /// Configured feeds.
     pub feeds: Vec<FeedInfo>,
+    /// `host:port` of the broker.
+    pub broker: String,
 }
 
 /// The health report (`siterelay.health.v1`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
     /// Always `siterelay.health.v1`.
-    pub schema: &'static str,
+    pub schema: String,
     /// Appliance id.
     pub appliance: String,
     /// When this report was made (RFC 3339 UTC).
@@ -72,10 +74,10 @@ pub struct Health {
     /// Broker connection.
     pub mqtt: MqttHealth,
     /// Free bytes on the data directory's file system.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub disk_free_bytes: Option<u64>,
     /// Resident memory of the process.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rss_bytes: Option<u64>,
     /// Days until certificates expire (negative: expired).
     pub certificates: CertHealth,
@@ -84,14 +86,14 @@ pub struct Health {
 }
 
 /// Outbox section of the health report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutboxHealth {
     /// Messages waiting for the broker.
     pub pending_count: u64,
     /// Their bytes.
     pub pending_bytes: u64,
     /// Age of the oldest pending message.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub oldest_pending_age_secs: Option<f64>,
     /// Records confirmed by the broker since the previous report.
     pub delivered_last_interval: u64,
@@ -104,14 +106,14 @@ pub struct OutboxHealth {
 }
 
 /// One feed in the health report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FeedHealth {
     /// Feed name.
     pub name: String,
     /// `mllp`.
-    pub kind: &'static str,
+    pub kind: String,
     /// `listening` for MLLP feeds (serial: `connected`, `waiting`, `error`).
-    pub state: &'static str,
+    pub state: String,
     /// Connections open now.
     pub connected_peers: u64,
     /// Complete frames received since start.
@@ -127,12 +129,12 @@ pub struct FeedHealth {
     /// Frames never finished.
     pub incomplete: u64,
     /// Time of the last stored message.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_message_at: Option<String>,
 }
 
 /// ACK counts by code.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[allow(non_snake_case)]
 pub struct AckCounts {
     /// Accepted.
@@ -144,8 +146,10 @@ pub struct AckCounts {
 }
 
 /// MQTT section of the health report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MqttHealth {
+    /// `host:port` of the broker.
+    pub broker: String,
     /// Connected now (true whenever a health report is published).
     pub connected: bool,
     /// Successful connections since start.
@@ -159,32 +163,32 @@ pub struct MqttHealth {
     /// PUBACKs with a failure reason code.
     pub refused: u64,
     /// The last connection error, without any message content.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_error: Option<String>,
 }
 
 /// Certificate expiry.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CertHealth {
     /// This appliance's client certificate.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub client_days_left: Option<i64>,
     /// The CA certificate the broker must chain to (the earliest expiring one in the file).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ca_days_left: Option<i64>,
 }
 
 /// Clock state as the kernel reports it (NTP discipline).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClockHealth {
     /// The kernel clock is synchronised (NTP or similar); None if unknown.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub synchronized: Option<bool>,
     /// Kernel's maximum error estimate, microseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub max_error_us: Option<i64>,
     /// Kernel's estimated error, microseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub est_error_us: Option<i64>,
     /// True when the wall clock is obviously wrong: before this build was made, or before the
     /// client certificate's start of validity.
@@ -267,15 +271,15 @@ pub fn rss_bytes() -> Option<u64> {
 #[derive(Debug, Clone, Serialize)]
 pub struct HostFacts {
     /// `PRETTY_NAME` from /etc/os-release.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub os: Option<String>,
     /// Kernel release.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub kernel: Option<String>,
     /// CPU architecture.
     pub arch: &'static str,
     /// Host name.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub hostname: Option<String>,
 }
 
@@ -317,8 +321,8 @@ impl HealthContext {
                 let last = ld(&c.last_message_us);
                 FeedHealth {
                     name: f.name.clone(),
-                    kind: f.kind,
-                    state: "listening",
+                    kind: f.kind.to_string(),
+                    state: "listening".to_string(),
                     connected_peers: ld(&c.connections_open),
                     received: ld(&c.frames),
                     acks: AckCounts {
@@ -336,7 +340,7 @@ impl HealthContext {
             .collect();
         let s = &t.sink;
         Health {
-            schema: HEALTH_SCHEMA,
+            schema: HEALTH_SCHEMA.to_string(),
             appliance: self.appliance.clone(),
             at: rfc3339_us(now_us),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -352,6 +356,7 @@ impl HealthContext {
             },
             feeds,
             mqtt: MqttHealth {
+                broker: self.broker.clone(),
                 connected: ld(&s.connected) == 1,
                 connects: ld(&s.connects),
                 connection_failures: ld(&s.connection_failures),

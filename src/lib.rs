@@ -19,5 +19,7 @@ pub mod outbox;
 pub mod record;
 pub mod sink;
 pub mod sources;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod watch;

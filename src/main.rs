@@ -49,6 +49,17 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// This appliance's state, from the running daemon (or from the outbox file if it is down).
+    Status {
+        /// Configuration file (to find data_dir).
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Print the JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Watch a fleet of appliances through the central broker (central team's view).
+    Watch(siterelay::watch::WatchArgs),
     /// Inspect the outbox.
     Queue {
         #[command(subcommand)]
@@ -82,6 +93,21 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::Stats { config, json },
         } => queue_stats(&config, json),
+        Command::Status { config, json } => status(&config, json),
+        Command::Watch(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            match rt.block_on(siterelay::watch::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("siterelay watch: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -278,6 +304,44 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
             ExitCode::SUCCESS
         }
     })
+}
+
+fn status(path: &Path, json: bool) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sock = siterelay::status::socket_path(&cfg.data_dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(siterelay::status::query(&sock)) {
+        Ok(h) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h).unwrap_or_default());
+            } else {
+                print!("{}", siterelay::status::render(&h));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "siterelay {}: daemon NOT answering on {} ({e}); what the outbox file says:",
+                cfg.appliance_id,
+                sock.display()
+            );
+            let code = queue_stats(path, json);
+            if code == ExitCode::SUCCESS {
+                ExitCode::from(3)
+            } else {
+                code
+            }
+        }
+    }
 }
 
 fn queue_stats(path: &Path, json: bool) -> ExitCode {

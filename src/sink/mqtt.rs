@@ -95,9 +95,19 @@ pub struct SinkSettings {
 #[derive(Debug)]
 enum SinkEvent {
     Connected,
-    Sent { pkid: u16 },
-    Acked { pkid: u16, failure: Option<String> },
-    Message { topic: String, payload: Vec<u8> },
+    Sent {
+        pkid: u16,
+    },
+    Acked {
+        pkid: u16,
+        failure: Option<String>,
+    },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// Our DISCONNECT has been written: the broker will not publish the Last Will.
+    Disconnected,
     Failed(String),
 }
 
@@ -459,7 +469,22 @@ impl MqttSink {
             if let Some(since) = draining_since {
                 let outstanding = records_in_window + control_inflight + queued.len();
                 if outstanding == 0 || since.elapsed() >= SHUTDOWN_DRAIN {
+                    // A clean DISCONNECT, so the broker discards the Last Will ("lost"); keep the
+                    // event loop running until rumqttc has actually written it.
                     client.disconnect().await;
+                    let written = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Some(ev) = events.recv().await {
+                            if matches!(ev, SinkEvent::Disconnected | SinkEvent::Failed(_)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    if written.is_err() {
+                        warn!(
+                            "DISCONNECT not confirmed in time; the broker may announce this appliance as lost"
+                        );
+                    }
                     break SessionEnd::Shutdown;
                 }
             }
@@ -588,6 +613,7 @@ impl MqttSink {
                             control!(&self.topics.replies, control::reply(appliance, &req, result, &now), false);
                         }
                     }
+                    Some(SinkEvent::Disconnected) => {}
                     Some(SinkEvent::Failed(error)) => break SessionEnd::Failed {
                         error,
                         connected_for: connected_at.map(|t| t.elapsed()),
@@ -824,7 +850,7 @@ fn inventory_view(d: &FeedInventoryData) -> serde_json::Value {
         "receivers": pairs(&d.receivers),
         "charsets": d.charsets,
         "segments": d.segments,
-        "average_bytes": if d.messages > 0 { d.total_bytes / d.messages } else { 0 },
+        "average_bytes": d.total_bytes.checked_div(d.messages).unwrap_or(0),
         "largest_bytes": d.largest_bytes,
         "first_seen": (d.first_seen_us > 0).then(|| rfc3339_us(d.first_seen_us)),
         "last_seen": (d.last_seen_us > 0).then(|| rfc3339_us(d.last_seen_us)),
@@ -855,6 +881,7 @@ async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
         let ev = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => SinkEvent::Disconnected,
             Ok(Event::Incoming(Packet::Publish(p))) => SinkEvent::Message {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload: p.payload.to_vec(),
@@ -889,6 +916,7 @@ async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
         let ev = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => SinkEvent::Disconnected,
             Ok(Event::Incoming(Incoming::Publish(p))) => SinkEvent::Message {
                 topic: p.topic.clone(),
                 payload: p.payload.to_vec(),

@@ -13,6 +13,8 @@ use siterelay_testkit::broker::{BrokerOptions, Fault, TestBroker};
 use siterelay_testkit::mosquitto::Mosquitto;
 use siterelay_testkit::pki::Pki;
 use siterelay_testkit::subscriber::Subscriber;
+use std::process::{Child, Command, Stdio};
+
 use tokio::net::TcpStream;
 
 pub const APPLIANCE: &str = "test-box";
@@ -38,6 +40,8 @@ pub struct Broker {
     pub port: u16,
     pub inner: Inner,
     dir: PathBuf,
+    /// Mosquitto ACL file contents, if any.
+    pub acl: Option<String>,
 }
 
 impl Broker {
@@ -54,6 +58,7 @@ impl Broker {
             port: siterelay_testkit::free_port(),
             inner: Inner::Down,
             dir: env.dir.path().join("broker"),
+            acl: None,
         }
     }
 
@@ -71,7 +76,7 @@ impl Broker {
                 Inner::Test(TestBroker::start(o).await.expect("start in-process broker"))
             }
             Kind::Mosquitto => Inner::Mosq(
-                Mosquitto::start_on(&env.pki, &self.dir, None, self.port)
+                Mosquitto::start_on(&env.pki, &self.dir, self.acl.as_deref(), self.port)
                     .await
                     .expect("start mosquitto"),
             ),
@@ -228,4 +233,83 @@ pub fn mosquitto_or_skip() -> bool {
         "mosquitto not installed: skipping (set SITERELAY_REQUIRE_MOSQUITTO=1 to make this a failure)"
     );
     false
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_siterelay");
+
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(config: &Path, log: PathBuf) -> Proc {
+        Proc::start_with_env(config, log, &[])
+    }
+
+    pub fn start_with_env(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Proc {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap();
+        Proc { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    pub fn sigterm(&mut self) -> Option<std::process::ExitStatus> {
+        unsafe_free_sigterm(self.child.id());
+        for _ in 0..100 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+pub async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("siterelay did not listen on {port}");
 }

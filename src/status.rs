@@ -1,0 +1,201 @@
+//! `siterelay status`: the local view for trust IT.
+//!
+//! The daemon listens on a Unix socket, `<data_dir>/status.sock` (mode 0600, in a 0700
+//! directory: only the daemon's user and root can ask). Each connection receives one JSON
+//! document, the same report the health topic carries, and is closed. When nothing answers,
+//! the command falls back to what the outbox file says.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::health::{Health, HealthContext};
+use crate::outbox::Reader;
+
+/// The socket path inside a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("status.sock")
+}
+
+/// Serve status requests until shutdown.
+pub async fn serve(path: PathBuf, ctx: Arc<HealthContext>, mut shutdown: watch::Receiver<bool>) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "status socket unavailable; `siterelay status` will read the outbox only");
+            return;
+        }
+    };
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    let reader = Reader::open(&ctx.data_dir.join("outbox.sqlite")).ok();
+    let reader = Arc::new(std::sync::Mutex::new(reader));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            continue;
+        };
+        let ctx = ctx.clone();
+        let reader = reader.clone();
+        tokio::spawn(async move {
+            let report = tokio::task::spawn_blocking(move || {
+                let oldest = reader.lock().ok().and_then(|r| {
+                    r.as_ref()
+                        .and_then(|r| r.oldest_pending_us().ok().flatten())
+                });
+                ctx.report(oldest, 0)
+            })
+            .await;
+            if let Ok(report) = report {
+                let body = serde_json::to_vec(&report).unwrap_or_default();
+                let _ = stream.write_all(&body).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    debug!("status socket closed");
+}
+
+/// Ask a running daemon for its report.
+pub async fn query(path: &Path) -> std::io::Result<Health> {
+    let fut = async {
+        let mut s = tokio::net::UnixStream::connect(path).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        serde_json::from_slice::<Health>(&buf).map_err(std::io::Error::other)
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A duration for people: `42s`, `3m12s`, `5h04m`, `2d03h`.
+pub fn human_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// The report as a person reads it.
+pub fn render(h: &Health) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "siterelay {}: running for {} (report at {})",
+        h.appliance,
+        human_secs(h.uptime_secs),
+        h.at
+    );
+    let m = &h.mqtt;
+    let _ = writeln!(
+        o,
+        "broker    {} ({} connects, {} failures{})",
+        if m.connected {
+            "connected"
+        } else {
+            "NOT CONNECTED"
+        },
+        m.connects,
+        m.connection_failures,
+        m.last_error
+            .as_deref()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default()
+    );
+    let b = &h.outbox;
+    let _ = writeln!(
+        o,
+        "outbox    {} pending ({}), oldest {}; store {} of {} cap",
+        b.pending_count,
+        human_bytes(b.pending_bytes),
+        b.oldest_pending_age_secs
+            .map(|s| human_secs(s as u64))
+            .unwrap_or_else(|| "-".into()),
+        human_bytes(b.store_bytes),
+        human_bytes(b.store_max_bytes)
+    );
+    let _ = writeln!(o, "feeds");
+    for f in &h.feeds {
+        let _ = writeln!(
+            o,
+            "  {:<20} {:<5} {:<10} {} peer(s), received {} (AA {}, AE {}, AR {}){}",
+            f.name,
+            f.kind,
+            f.state,
+            f.connected_peers,
+            f.received,
+            f.acks.AA,
+            f.acks.AE,
+            f.acks.AR,
+            f.last_message_at
+                .as_deref()
+                .map(|t| format!(", last at {t}"))
+                .unwrap_or_default()
+        );
+    }
+    let c = &h.certificates;
+    let days = |d: Option<i64>| match d {
+        Some(d) if d < 30 => format!("{d} days left (RENEW SOON)"),
+        Some(d) => format!("{d} days left"),
+        None => "unknown".into(),
+    };
+    let _ = writeln!(
+        o,
+        "certs     client {}, CA {}",
+        days(c.client_days_left),
+        days(c.ca_days_left)
+    );
+    let k = &h.clock;
+    let _ = writeln!(
+        o,
+        "clock     {}{}",
+        match k.synchronized {
+            Some(true) => "synchronised".to_string(),
+            Some(false) => "NOT synchronised".to_string(),
+            None => "synchronisation unknown".to_string(),
+        },
+        if k.suspect {
+            " (CLOCK LOOKS WRONG)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        o,
+        "host      disk free {}, memory {}",
+        h.disk_free_bytes
+            .map(human_bytes)
+            .unwrap_or_else(|| "?".into()),
+        h.rss_bytes.map(human_bytes).unwrap_or_else(|| "?".into())
+    );
+    o
+}
