@@ -20,6 +20,9 @@
 //!   by pruning in the same transaction that deletes rows, so pruning every row of a feed never
 //!   lets its `seq` restart. At open, a feed's last seq is the larger of this floor and the
 //!   highest `seq` still in `messages`.
+//! - `meta(key PRIMARY KEY, value)`: small appliance state that must survive restarts: `bdseq`
+//!   (the MQTT birth sequence, incremented per connection) and `inventory` (what each feed has
+//!   carried, as JSON). Written by the same writer thread.
 //! - Partial indexes: pending rows by `id` (what the sink reads), delivered rows by
 //!   `delivered_at_us` (what pruning reads).
 //! - Deliberately no other index: uniqueness of `id`, `record_id` and `(feed, seq)` is

@@ -121,7 +121,9 @@ async fn next_json(sub: &mut Subscriber, topic_suffix: &str, timeout: Duration) 
             .await
             .unwrap_or_else(|| panic!("no message on */{topic_suffix} in {timeout:?}"));
         if topic.ends_with(topic_suffix) {
-            return serde_json::from_slice(&payload).unwrap();
+            let v: Value = serde_json::from_slice(&payload).unwrap();
+            check_schema(topic_suffix.trim_start_matches('/'), &v);
+            return v;
         }
     }
 }

@@ -189,21 +189,59 @@ pub async fn connect(addr: std::net::SocketAddr) -> MllpClient<TcpStream> {
     MllpClient::new(TcpStream::connect(addr).await.expect("connect to listener"))
 }
 
-/// Parse a record payload and check it against the published JSON Schema
-/// (`docs/schema/record.v1.schema.json`).
-pub fn json(payload: &[u8]) -> serde_json::Value {
-    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
-    let v: serde_json::Value = serde_json::from_slice(payload).expect("record is JSON");
-    let validator = SCHEMA.get_or_init(|| {
-        let text = include_str!("../../docs/schema/record.v1.schema.json");
-        let schema: serde_json::Value = serde_json::from_str(text).expect("schema is JSON");
-        jsonschema::validator_for(&schema).expect("schema compiles")
+/// Check a payload against one of the published JSON Schemas in `docs/schema/`.
+pub fn check_schema(name: &str, v: &serde_json::Value) {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static SCHEMAS: OnceLock<HashMap<&'static str, jsonschema::Validator>> = OnceLock::new();
+    let schemas = SCHEMAS.get_or_init(|| {
+        let texts = [
+            (
+                "record",
+                include_str!("../../docs/schema/record.v1.schema.json"),
+            ),
+            (
+                "status",
+                include_str!("../../docs/schema/status.v1.schema.json"),
+            ),
+            (
+                "health",
+                include_str!("../../docs/schema/health.v1.schema.json"),
+            ),
+            (
+                "inventory",
+                include_str!("../../docs/schema/inventory.v1.schema.json"),
+            ),
+            (
+                "cmd-reply",
+                include_str!("../../docs/schema/cmd-reply.v1.schema.json"),
+            ),
+        ];
+        texts
+            .into_iter()
+            .map(|(n, t)| {
+                let schema: serde_json::Value = serde_json::from_str(t).expect("schema is JSON");
+                (
+                    n,
+                    jsonschema::validator_for(&schema).expect("schema compiles"),
+                )
+            })
+            .collect()
     });
-    let errors: Vec<String> = validator.iter_errors(&v).map(|e| e.to_string()).collect();
+    let validator = schemas
+        .get(name)
+        .unwrap_or_else(|| panic!("no schema {name}"));
+    let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
     assert!(
         errors.is_empty(),
-        "record violates the schema: {errors:?}\n{v}"
+        "{name} payload violates its schema: {errors:?}\n{v}"
     );
+}
+
+/// Parse a record payload and check it against `docs/schema/record.v1.schema.json`.
+pub fn json(payload: &[u8]) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(payload).expect("record is JSON");
+    check_schema("record", &v);
     v
 }
 
