@@ -65,7 +65,13 @@ impl Daemon {
         )
         .context("opening the outbox")?;
 
-        let telemetry = Arc::new(Telemetry::new(cfg.mllp.iter().map(|f| f.name.as_str())));
+        let names: Vec<&str> = cfg
+            .mllp
+            .iter()
+            .map(|f| f.name.as_str())
+            .chain(cfg.serial.iter().map(|s| s.name.as_str()))
+            .collect();
+        let telemetry = Arc::new(Telemetry::new(names.iter().copied()));
         // What each feed has carried, as saved by the previous run.
         let mut saved: std::collections::BTreeMap<String, FeedInventoryData> = outbox
             .reader()
@@ -73,14 +79,20 @@ impl Daemon {
             .and_then(|r| r.meta(INVENTORY_KEY).ok().flatten())
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        let inventories: Vec<(String, Arc<FeedInventory>)> = cfg
-            .mllp
+        let inventories: Vec<(String, Arc<FeedInventory>)> = names
             .iter()
-            .map(|f| {
-                let data = saved.remove(&f.name).unwrap_or_default();
-                (f.name.clone(), Arc::new(FeedInventory::from_saved(data)))
+            .map(|n| {
+                let data = saved.remove(*n).unwrap_or_default();
+                (n.to_string(), Arc::new(FeedInventory::from_saved(data)))
             })
             .collect();
+        let inventory_of = |name: &str| {
+            inventories
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, i)| i.clone())
+                .expect("an inventory per feed")
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut bound = Vec::new();
@@ -95,6 +107,7 @@ impl Daemon {
                 FeedRecordSettings {
                     timezone,
                     default_charset,
+                    device: None,
                 },
             );
             let tls = match &f.tls {
@@ -118,11 +131,7 @@ impl Daemon {
                     facility: cfg.appliance_id.clone(),
                 },
                 counters: telemetry.feed(&f.name),
-                inventory: inventories
-                    .iter()
-                    .find(|(n, _)| n == &f.name)
-                    .map(|(_, i)| i.clone())
-                    .expect("an inventory per feed"),
+                inventory: inventory_of(&f.name),
                 outbox: outbox.clone(),
                 tls,
             };
@@ -133,6 +142,44 @@ impl Daemon {
             bound.push(l);
         }
 
+        // Serial ports: settings checked by Config::check; tasks spawned below.
+        let mut serial_ctxs = Vec::new();
+        for sc in &cfg.serial {
+            let charset = Charset::from_msh18(&sc.charset).context("serial charset")?;
+            let timezone = jiff::tz::TimeZone::get(&sc.timezone).context("timezone")?;
+            record_feeds.insert(
+                sc.name.clone(),
+                FeedRecordSettings {
+                    timezone,
+                    default_charset: charset,
+                    device: Some(crate::record::DeviceInfo {
+                        model: sc.model.clone(),
+                        location: sc.location.clone(),
+                        asset_tag: sc.asset_tag.clone(),
+                        protocol: match sc.protocol {
+                            crate::config::SerialProtocol::Astm => "astm",
+                            crate::config::SerialProtocol::Hl7Mllp => "hl7-mllp",
+                            crate::config::SerialProtocol::Lines => "lines",
+                        },
+                    }),
+                },
+            );
+            let counters = telemetry.feed(&sc.name);
+            counters.set_port_state(crate::telemetry::PortState::Waiting, None);
+            serial_ctxs.push(crate::sources::serial::SerialContext {
+                name: Arc::from(sc.name.as_str()),
+                cfg: sc.clone(),
+                outbox: outbox.clone(),
+                store_max_bytes: cfg.store.max_bytes,
+                counters,
+                inventory: inventory_of(&sc.name),
+                charset,
+                responder: Responder {
+                    application: "SITERELAY".into(),
+                    facility: cfg.appliance_id.clone(),
+                },
+            });
+        }
         let health = HealthContext {
             appliance: cfg.appliance_id.clone(),
             started_at_us: crate::outbox::now_us(),
@@ -154,6 +201,12 @@ impl Daemon {
                     endpoint: addr.to_string(),
                     tls: f.tls.is_some(),
                 })
+                .chain(cfg.serial.iter().map(|s| FeedInfo {
+                    name: s.name.clone(),
+                    kind: "serial",
+                    endpoint: s.device.display().to_string(),
+                    tls: false,
+                }))
                 .collect(),
         };
         let max_message = cfg
@@ -178,6 +231,7 @@ impl Daemon {
                         timezone: jiff::tz::TimeZone::get("Europe/London")
                             .unwrap_or(jiff::tz::TimeZone::UTC),
                         default_charset: Charset::Utf8,
+                        device: None,
                     },
                 },
                 fleet: FleetSettings {
@@ -194,6 +248,9 @@ impl Daemon {
         let mut listeners = JoinSet::new();
         for l in bound {
             listeners.spawn(l.serve(shutdown_rx.clone()));
+        }
+        for sc in serial_ctxs {
+            listeners.spawn(crate::sources::serial::run(sc, shutdown_rx.clone()));
         }
         let mut others = JoinSet::new();
         others.spawn(crate::status::serve(

@@ -41,6 +41,105 @@ pub struct Config {
     /// HL7 v2 feeds received over MLLP, one table per listening address.
     #[serde(default)]
     pub mllp: Vec<MllpFeedConfig>,
+    /// Devices and analysers on serial ports, one table per port.
+    #[serde(default)]
+    pub serial: Vec<SerialConfig>,
+}
+
+/// Protocol spoken on a serial port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SerialProtocol {
+    /// ASTM E1381 (CLSI LIS1-A) link layer carrying E1394 (LIS2-A2) records.
+    #[serde(rename = "astm")]
+    Astm,
+    /// HL7 v2 in MLLP frames over the serial byte stream; ACKs are written back on the port.
+    #[serde(rename = "hl7-mllp")]
+    Hl7Mllp,
+    /// Line-oriented output: each line (CR, LF or CRLF) is a message, or lines separated by less
+    /// than `group_gap_ms` are one message.
+    #[serde(rename = "lines")]
+    Lines,
+}
+
+/// Parity setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    /// No parity bit.
+    #[default]
+    None,
+    /// Even parity.
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+/// Flow control setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    /// None.
+    #[default]
+    None,
+    /// XON/XOFF.
+    Software,
+    /// RTS/CTS.
+    Hardware,
+}
+
+/// One serial port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Feed name (topic level, `seq` key), e.g. `chem-analyser-1`.
+    pub name: String,
+    /// Device path. Prefer a stable name: `/dev/serial/by-id/...` or a udev symlink.
+    pub device: PathBuf,
+    /// `astm`, `hl7-mllp` or `lines`.
+    pub protocol: SerialProtocol,
+    /// Baud rate.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Data bits: 5, 6, 7 or 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none`, `even` or `odd`.
+    #[serde(default)]
+    pub parity: Parity,
+    /// 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// `none`, `software` (XON/XOFF) or `hardware` (RTS/CTS).
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    /// Largest message accepted, in bytes.
+    #[serde(default = "default_max_message_bytes", deserialize_with = "de_bytes")]
+    pub max_message_bytes: u64,
+    /// Longest wait between attempts to reopen a missing or failed port (backoff from 1 s).
+    #[serde(default = "default_reopen_max_secs")]
+    pub reopen_max_secs: u64,
+    /// Time zone for timestamps without an offset.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Character set of the device's text: `ASCII`, `8859/1`, `8859/15`, `UNICODE UTF-8`.
+    #[serde(default = "default_serial_charset")]
+    pub charset: String,
+    /// ASTM only: accept frames with more than 240 characters of text (logged).
+    #[serde(default)]
+    pub astm_lenient: bool,
+    /// `lines` only: consecutive lines less than this many milliseconds apart form one message.
+    /// Absent: every line is a message.
+    #[serde(default)]
+    pub group_gap_ms: Option<u64>,
+    /// Device model, copied into records.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Where the device is, copied into records.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Asset tag, copied into records.
+    #[serde(default)]
+    pub asset_tag: Option<String>,
 }
 
 /// Logging settings.
@@ -241,6 +340,21 @@ pub struct ListenerTls {
     pub client_ca_file: Option<PathBuf>,
 }
 
+fn default_baud() -> u32 {
+    9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_reopen_max_secs() -> u64 {
+    30
+}
+fn default_serial_charset() -> String {
+    "8859/1".into()
+}
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/siterelay")
 }
@@ -338,10 +452,10 @@ impl Config {
             ));
         }
         self.check_mqtt(&mut p);
-        if self.mllp.is_empty() {
+        if self.mllp.is_empty() && self.serial.is_empty() {
             p.push(Problem::at(
                 "mllp",
-                "no feeds configured: add at least one [[mllp]] table with name and listen",
+                "no feeds configured: add at least one [[mllp]] table (name, listen) or [[serial]] table (name, device, protocol)",
             ));
         }
         let mut names = HashSet::new();
@@ -426,7 +540,85 @@ impl Config {
                 }
             }
         }
+        self.check_serial(&mut names, &mut p);
         p
+    }
+
+    fn check_serial(&self, names: &mut HashSet<String>, p: &mut Vec<Problem>) {
+        let mut devices = HashSet::new();
+        for (i, s) in self.serial.iter().enumerate() {
+            let at = |k: &str| format!("serial[{i}].{k}");
+            if !is_topic_safe(&s.name) {
+                p.push(Problem::at(
+                    at("name"),
+                    "must be 1-64 characters of letters, digits, '-' or '_' (it becomes an MQTT topic level)",
+                ));
+            } else if !names.insert(s.name.clone()) {
+                p.push(Problem::at(
+                    at("name"),
+                    format!("feed name '{}' is used twice: names must be unique across [[mllp]] and [[serial]]", s.name),
+                ));
+            }
+            if !s.device.is_absolute() {
+                p.push(Problem::at(
+                    at("device"),
+                    "must be an absolute path, e.g. \"/dev/serial/by-id/usb-FTDI_...-if00-port0\"",
+                ));
+            } else if !devices.insert(s.device.clone()) {
+                p.push(Problem::at(
+                    at("device"),
+                    "is used by another [[serial]] table",
+                ));
+            }
+            if s.baud == 0 || s.baud > 4_000_000 {
+                p.push(Problem::at(
+                    at("baud"),
+                    "must be a baud rate such as 9600 or 115200",
+                ));
+            }
+            if !(5..=8).contains(&s.data_bits) {
+                p.push(Problem::at(at("data_bits"), "must be 5, 6, 7 or 8"));
+            }
+            if !(1..=2).contains(&s.stop_bits) {
+                p.push(Problem::at(at("stop_bits"), "must be 1 or 2"));
+            }
+            if !(1024..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
+                p.push(Problem::at(
+                    at("max_message_bytes"),
+                    "must be between 1 KiB and 64 MiB",
+                ));
+            }
+            if s.reopen_max_secs == 0 {
+                p.push(Problem::at(at("reopen_max_secs"), "must be at least 1"));
+            }
+            if jiff::tz::TimeZone::get(&s.timezone).is_err() {
+                p.push(Problem::at(
+                    at("timezone"),
+                    format!(
+                        "unknown time zone '{}': use an IANA name such as \"Europe/London\"",
+                        s.timezone
+                    ),
+                ));
+            }
+            if crate::hl7::charset::Charset::from_msh18(&s.charset).is_none() {
+                p.push(Problem::at(
+                    at("charset"),
+                    "must be one of \"ASCII\", \"8859/1\", \"8859/15\", \"UNICODE UTF-8\"",
+                ));
+            }
+            if s.group_gap_ms.is_some() && s.protocol != SerialProtocol::Lines {
+                p.push(Problem::at(
+                    at("group_gap_ms"),
+                    "applies to protocol = \"lines\" only",
+                ));
+            }
+            if s.astm_lenient && s.protocol != SerialProtocol::Astm {
+                p.push(Problem::at(
+                    at("astm_lenient"),
+                    "applies to protocol = \"astm\" only",
+                ));
+            }
+        }
     }
 
     fn check_mqtt(&self, p: &mut Vec<Problem>) {

@@ -322,7 +322,7 @@ impl HealthContext {
                 FeedHealth {
                     name: f.name.clone(),
                     kind: f.kind.to_string(),
-                    state: "listening".to_string(),
+                    state: c.port_state().as_str().to_string(),
                     connected_peers: ld(&c.connections_open),
                     received: ld(&c.frames),
                     acks: AckCounts {

@@ -33,6 +33,12 @@ pub struct FeedInventoryData {
     pub charsets: BTreeMap<String, u64>,
     /// Segment id -> number of messages containing it (Z-segments included).
     pub segments: BTreeMap<String, u64>,
+    /// Serial devices: instrument identities (ASTM H-5 name) -> messages.
+    #[serde(default)]
+    pub instruments: BTreeMap<String, u64>,
+    /// Serial devices: test codes seen in results -> count.
+    #[serde(default)]
+    pub test_codes: BTreeMap<String, u64>,
     /// Sum of message sizes (for the average).
     pub total_bytes: u64,
     /// Largest message.
@@ -133,6 +139,34 @@ impl FeedInventory {
                 std::str::from_utf8(id).unwrap_or("???"),
                 &mut changed,
             );
+        }
+        d.total_bytes += size as u64;
+        d.largest_bytes = d.largest_bytes.max(size as u64);
+        if d.first_seen_us == 0 {
+            d.first_seen_us = at_us;
+        }
+        d.last_seen_us = at_us;
+        if changed {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Record one stored device message (ASTM or line output).
+    pub fn observe_device(
+        &self,
+        instrument: Option<&str>,
+        test_codes: &[String],
+        size: usize,
+        at_us: i64,
+    ) {
+        let mut changed = false;
+        let mut d = self.data.lock().expect("inventory lock");
+        d.messages += 1;
+        if let Some(i) = instrument {
+            bump(&mut d.instruments, i, &mut changed);
+        }
+        for c in test_codes {
+            bump(&mut d.test_codes, c, &mut changed);
         }
         d.total_bytes += size as u64;
         d.largest_bytes = d.largest_bytes.max(size as u64);

@@ -10,6 +10,7 @@
 //! - [`config`], [`app`] (wiring), [`client`] (an MLLP client for `siterelay send` and tests).
 
 pub mod app;
+pub mod astm;
 pub mod client;
 pub mod config;
 pub mod health;

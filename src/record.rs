@@ -23,8 +23,26 @@ pub const SCHEMA: &str = "siterelay.record.v1";
 pub struct FeedRecordSettings {
     /// Zone assumed for timestamps without an offset.
     pub timezone: TimeZone,
-    /// Charset assumed when MSH-18 is empty.
+    /// Charset assumed when MSH-18 is empty (serial: the port's charset).
     pub default_charset: Charset,
+    /// Serial devices: metadata from the config, copied into every record.
+    pub device: Option<DeviceInfo>,
+}
+
+/// What the config says about a serial device.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DeviceInfo {
+    /// Device model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Where it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Asset tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asset_tag: Option<String>,
+    /// Protocol on the port: `astm`, `hl7-mllp`, `lines`.
+    pub protocol: &'static str,
 }
 
 /// Everything needed to turn rows into records.
@@ -53,7 +71,17 @@ struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     charset: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<&'a DeviceInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     hl7: Option<Hl7Header<'a>>,
+    /// ASTM: whether the message ended with its L (terminator) record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    astm: Option<crate::astm::records::AstmMessage>,
+    /// Lines: how many lines the message holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lines: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<String>,
     /// Present (true) only on records resent by a `replay` command.
@@ -123,6 +151,14 @@ impl RecordBuilder {
             .unwrap_or(settings.default_charset);
         let text = charset::decode(&row.raw, None, cs)
             .unwrap_or_else(|_| String::from_utf8_lossy(&row.raw).into_owned());
+        let astm = match row.format {
+            Format::Astm => crate::astm::records::parse_message(&text, &settings.timezone).ok(),
+            _ => None,
+        };
+        let lines = match row.format {
+            Format::Lines => Some(text.lines().filter(|l| !l.is_empty()).count()),
+            _ => None,
+        };
         let record = Record {
             schema: SCHEMA,
             id: &row.record_id,
@@ -136,7 +172,14 @@ impl RecordBuilder {
             },
             format: row.format.as_str(),
             charset: Some(cs.charset_name()),
+            device: settings.device.as_ref(),
             hl7: header.as_ref().map(|h| hl7_section(h, &settings.timezone)),
+            complete: match row.format {
+                Format::Astm => Some(astm.as_ref().is_some_and(|a| a.complete)),
+                _ => None,
+            },
+            astm,
+            lines,
             raw: self.include_raw.then_some(text),
             replay,
         };

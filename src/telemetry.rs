@@ -35,6 +35,60 @@ pub struct FeedCounters {
     pub connections_total: AtomicU64,
     /// Receive time of the last stored message (µs since epoch), 0 if none.
     pub last_message_us: AtomicU64,
+    /// Serial ports: [`PortState`] as a number (0 for listeners).
+    port_state: AtomicU64,
+    /// Serial ports: the last problem opening or reading the port.
+    port_problem: std::sync::Mutex<Option<String>>,
+}
+
+/// State of a serial port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortState {
+    /// Not a serial port (an MLLP listener).
+    Listening = 0,
+    /// Open and served.
+    Connected = 1,
+    /// Missing or lost; being reopened.
+    Waiting = 2,
+    /// Cannot be opened (permissions, busy, bad settings); retried.
+    Error = 3,
+}
+
+impl PortState {
+    /// Name in health reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortState::Listening => "listening",
+            PortState::Connected => "connected",
+            PortState::Waiting => "waiting",
+            PortState::Error => "error",
+        }
+    }
+}
+
+impl FeedCounters {
+    /// Record a serial port's state and, if any, its last problem (no message content).
+    pub fn set_port_state(&self, s: PortState, problem: Option<String>) {
+        self.port_state.store(s as u64, Ordering::Relaxed);
+        if let Some(p) = problem {
+            *self.port_problem.lock().expect("lock") = Some(p);
+        }
+    }
+
+    /// The port state (Listening for MLLP feeds).
+    pub fn port_state(&self) -> PortState {
+        match self.port_state.load(Ordering::Relaxed) {
+            1 => PortState::Connected,
+            2 => PortState::Waiting,
+            3 => PortState::Error,
+            _ => PortState::Listening,
+        }
+    }
+
+    /// The last port problem.
+    pub fn port_problem(&self) -> Option<String> {
+        self.port_problem.lock().expect("lock").clone()
+    }
 }
 
 /// MQTT sink counters.

@@ -723,7 +723,27 @@ impl MqttSink {
         let mut feeds = serde_json::Map::new();
         for (name, inv) in &self.settings.fleet.inventories {
             let d = inv.snapshot();
-            feeds.insert(name.clone(), inventory_view(&d));
+            let kind = self
+                .settings
+                .fleet
+                .health
+                .feeds
+                .iter()
+                .find(|f| &f.name == name)
+                .map(|f| f.kind)
+                .unwrap_or("mllp");
+            let format = match self
+                .settings
+                .records
+                .feeds
+                .get(name)
+                .and_then(|s| s.device.as_ref())
+            {
+                Some(d) if d.protocol == "astm" => "astm",
+                Some(d) if d.protocol == "lines" => "lines",
+                _ => "hl7v2",
+            };
+            feeds.insert(name.clone(), inventory_view(&d, kind, format));
             saved.insert(name.clone(), d);
         }
         if let Ok(text) = serde_json::to_string(&saved) {
@@ -831,7 +851,7 @@ impl MqttSink {
 }
 
 /// The published form of one feed's inventory.
-fn inventory_view(d: &FeedInventoryData) -> serde_json::Value {
+fn inventory_view(d: &FeedInventoryData, kind: &str, format: &str) -> serde_json::Value {
     let pairs = |m: &std::collections::BTreeMap<String, u64>| -> Vec<serde_json::Value> {
         m.iter()
             .map(|(k, n)| {
@@ -841,8 +861,10 @@ fn inventory_view(d: &FeedInventoryData) -> serde_json::Value {
             .collect()
     };
     serde_json::json!({
-        "kind": "mllp",
-        "format": "hl7v2",
+        "kind": kind,
+        "format": format,
+        "instruments": d.instruments,
+        "test_codes": d.test_codes,
         "messages": d.messages,
         "message_types": d.message_types,
         "versions": d.versions,

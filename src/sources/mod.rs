@@ -2,3 +2,4 @@
 //! do, commits to the [`crate::outbox`] and only then acknowledges.
 
 pub mod mllp;
+pub mod serial;

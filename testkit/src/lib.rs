@@ -5,6 +5,7 @@
 //!   fault injection.
 //! - [`subscriber`]: [`Subscriber`], a reconnecting MQTT v5 subscriber that collects messages.
 //! - [`mosquitto`]: [`Mosquitto`], a launcher for a real Mosquitto with the same PKI.
+//! - [`pty`]: real pseudo-terminals for serial-port tests.
 //! - [`tls`], [`client`]: rustls configs (always the `ring` provider) and rumqttc options.
 //!
 //! Typical use in a `#[tokio::test]`:
@@ -23,6 +24,7 @@ pub mod broker;
 pub mod client;
 pub mod mosquitto;
 pub mod pki;
+pub mod pty;
 pub mod subscriber;
 pub mod tls;
 

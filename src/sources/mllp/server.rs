@@ -153,7 +153,7 @@ async fn connection<S>(
             match ev {
                 FrameEvent::Message(msg) => {
                     let stopping = *shutdown.borrow();
-                    let ack = handle_message(msg, &peer_s, ctx, stopping).await;
+                    let ack = handle_message(msg, &peer_s, &ctx.target(), stopping).await;
                     handled += 1;
                     if let Err(e) =
                         write_with_timeout(&mut stream, &encode(&ack), ctx.idle_timeout).await
@@ -245,13 +245,47 @@ async fn write_with_timeout<S: AsyncWrite + Unpin>(
 }
 
 /// Assess, store and answer one message. Returns the ACK to send (unframed).
-async fn handle_message(
+/// What storing an HL7 message needs, from an MLLP listener or a serial port.
+pub struct Hl7Target<'a> {
+    /// Feed name.
+    pub name: &'a Arc<str>,
+    /// `mllp` or `serial`.
+    pub source_kind: SourceKind,
+    /// Charset assumed when MSH-18 is empty.
+    pub default_charset: Charset,
+    /// Identity in minimal NAKs.
+    pub responder: &'a Responder,
+    /// Counters.
+    pub counters: &'a FeedCounters,
+    /// Inventory.
+    pub inventory: &'a FeedInventory,
+    /// Where messages go.
+    pub outbox: &'a Outbox,
+}
+
+impl FeedContext {
+    fn target(&self) -> Hl7Target<'_> {
+        Hl7Target {
+            name: &self.name,
+            source_kind: SourceKind::Mllp,
+            default_charset: self.default_charset,
+            responder: &self.responder,
+            counters: &self.counters,
+            inventory: &self.inventory,
+            outbox: &self.outbox,
+        }
+    }
+}
+
+/// Assess, store and answer one HL7 message. Returns the ACK to send (unframed), written by the
+/// caller only now, after the commit.
+pub async fn handle_message(
     msg: Vec<u8>,
     peer: &str,
-    ctx: &FeedContext,
+    ctx: &Hl7Target<'_>,
     shutting_down: bool,
 ) -> Vec<u8> {
-    let feed = &*ctx.name;
+    let feed = &**ctx.name;
     let c = &*ctx.counters;
     let size = msg.len();
     let received_at_us = now_us();
@@ -269,7 +303,7 @@ async fn handle_message(
     let segments = segment_ids(&msg);
     let new = NewMessage {
         feed: ctx.name.clone(),
-        source_kind: SourceKind::Mllp,
+        source_kind: ctx.source_kind,
         peer: Some(peer.to_string()),
         format: Format::Hl7v2,
         control_id: Some(header.control_id.clone()),

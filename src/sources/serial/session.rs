@@ -1,0 +1,330 @@
+//! One open serial port: carries out what the protocol logic decides. Returns why the port
+//! session ended (a read error or end of file means the device went away).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::SerialContext;
+use crate::astm::link::{Action, Link, LinkConfig};
+use crate::config::SerialProtocol;
+use crate::outbox::{AppendError, Format, NewMessage, SourceKind, now_us};
+use crate::sources::mllp::framing::{FrameEvent, Framer, encode};
+use crate::sources::mllp::server::{Hl7Target, handle_message};
+use crate::telemetry::mllp as event;
+
+/// Resolves once shutdown is requested.
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Serve the port with its protocol until it fails or shutdown.
+pub async fn serve<S>(port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match ctx.cfg.protocol {
+        SerialProtocol::Astm => astm(port, ctx, shutdown).await,
+        SerialProtocol::Hl7Mllp => hl7(port, ctx, shutdown).await,
+        SerialProtocol::Lines => lines(port, ctx, shutdown).await,
+    }
+}
+
+fn read_end(r: std::io::Result<usize>) -> Option<String> {
+    match r {
+        Ok(0) => Some("end of file (device gone)".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("read failed: {e}")),
+    }
+}
+
+async fn store(
+    ctx: &SerialContext,
+    raw: Vec<u8>,
+    format: Format,
+    control_id: Option<String>,
+) -> Result<u64, AppendError> {
+    let size = raw.len();
+    let msg = NewMessage {
+        feed: ctx.name.clone(),
+        source_kind: SourceKind::Serial,
+        peer: Some(ctx.cfg.device.display().to_string()),
+        format,
+        control_id,
+        raw,
+        received_at_us: now_us(),
+    };
+    let c = &*ctx.counters;
+    match ctx.outbox.append(msg).await {
+        Ok(s) => {
+            event::stored(c, &ctx.name, "-", s.seq, size);
+            Ok(s.seq)
+        }
+        Err(e) => {
+            event::refused(c, &ctx.name, "-", size, &e.to_string());
+            Err(e)
+        }
+    }
+}
+
+/// ASTM E1381: the link state machine decides; the final frame's ACK waits for the commit.
+async fn astm<S>(mut port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut link = Link::new(LinkConfig {
+        lenient: ctx.cfg.astm_lenient,
+        max_message_len: ctx.cfg.max_message_bytes as usize,
+        ..LinkConfig::default()
+    });
+    let mut buf = vec![0u8; 4096];
+    let mut timer: Option<std::time::Instant> = None;
+    loop {
+        // Refuse new transmissions (NAK to ENQ) while the store is full.
+        let g = ctx.outbox.gauges();
+        link.set_busy(
+            g.pending_bytes.load(std::sync::atomic::Ordering::Relaxed) >= ctx.store_max_bytes,
+        );
+        let now_std = std::time::Instant::now();
+        let mut actions = tokio::select! {
+            r = port.read(&mut buf) => {
+                let n = match r { Ok(n) => n, Err(e) => return format!("read failed: {e}") };
+                if let Some(why) = read_end(Ok(n)) {
+                    if !link.is_idle() {
+                        warn!(feed = %ctx.name, "port lost in the middle of an ASTM transmission: the partial message is dropped (never acknowledged)");
+                    }
+                    return why;
+                }
+                link.on_bytes(std::time::Instant::now(), &buf[..n])
+            }
+            _ = tokio::time::sleep_until(Instant::from_std(timer.unwrap_or(now_std))), if timer.is_some() => {
+                link.on_tick(std::time::Instant::now())
+            }
+            _ = stopped(shutdown) => return "shutting down".into(),
+        };
+        // Carry out the actions; storing a complete message yields more (the held ACK).
+        while !actions.is_empty() {
+            let mut next = Vec::new();
+            for a in actions {
+                match a {
+                    Action::Write(bytes) => {
+                        if let Err(e) = port.write_all(&bytes).await {
+                            return format!("write failed: {e}");
+                        }
+                    }
+                    Action::SetTimer(t) => timer = Some(t),
+                    Action::CancelTimer => timer = None,
+                    Action::Deliver { message, complete } => {
+                        let size = message.len();
+                        let facts = crate::astm::records::parse_message(
+                            &crate::hl7::charset::decode(&message, None, ctx.charset)
+                                .unwrap_or_else(|_| String::from_utf8_lossy(&message).into_owned()),
+                            &jiff::tz::TimeZone::UTC,
+                        )
+                        .ok();
+                        let ok = store(ctx, message, Format::Astm, None).await.is_ok();
+                        if ok {
+                            observe_astm(ctx, facts.as_ref(), size);
+                        }
+                        if complete {
+                            next.extend(link.on_store_result(std::time::Instant::now(), ok));
+                        } else if ok {
+                            warn!(feed = %ctx.name, size, "ASTM transmission ended before its L record: stored flagged incomplete");
+                        }
+                    }
+                    Action::Warning(w) => warn!(feed = %ctx.name, warning = %w, "ASTM link"),
+                    other => debug!(feed = %ctx.name, action = ?other, "ASTM link"),
+                }
+            }
+            actions = next;
+        }
+    }
+}
+
+fn observe_astm(ctx: &SerialContext, msg: Option<&crate::astm::records::AstmMessage>, size: usize) {
+    let (instrument, codes) = match msg {
+        Some(m) => (
+            m.instrument.name.clone(),
+            m.patients
+                .iter()
+                .flat_map(|p| p.orders.iter())
+                .flat_map(|o| o.observations.iter())
+                .filter_map(|o| o.code.as_ref().and_then(|c| c.code.clone()))
+                .collect::<Vec<_>>(),
+        ),
+        None => (None, Vec::new()),
+    };
+    ctx.inventory
+        .observe_device(instrument.as_deref(), &codes, size, now_us());
+}
+
+/// HL7 over MLLP on the serial byte stream, ACKs written back on the port.
+async fn hl7<S>(mut port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut framer = Framer::new(ctx.cfg.max_message_bytes as usize);
+    let mut buf = vec![0u8; 4096];
+    let peer = ctx.cfg.device.display().to_string();
+    let target = Hl7Target {
+        name: &ctx.name,
+        source_kind: SourceKind::Serial,
+        default_charset: ctx.charset,
+        responder: &ctx.responder,
+        counters: &ctx.counters,
+        inventory: &ctx.inventory,
+        outbox: &ctx.outbox,
+    };
+    loop {
+        while let Some(ev) = framer.next_event() {
+            match ev {
+                FrameEvent::Message(m) => {
+                    let ack = handle_message(m, &peer, &target, false).await;
+                    if let Err(e) = port.write_all(&encode(&ack)).await {
+                        return format!("write failed: {e}");
+                    }
+                }
+                FrameEvent::Discarded { bytes } => {
+                    event::discarded(&ctx.counters, &ctx.name, &peer, bytes)
+                }
+                FrameEvent::Abandoned { bytes } => event::incomplete(
+                    &ctx.counters,
+                    &ctx.name,
+                    &peer,
+                    bytes,
+                    "new start block inside a frame",
+                ),
+                FrameEvent::TooLarge { head, seen } => {
+                    event::oversized(
+                        &ctx.counters,
+                        &ctx.name,
+                        &peer,
+                        seen,
+                        ctx.cfg.max_message_bytes,
+                    );
+                    let nak = crate::hl7::intake::answer_oversized(
+                        &head,
+                        ctx.cfg.max_message_bytes,
+                        &ctx.responder,
+                    );
+                    let _ = port.write_all(&encode(&nak)).await;
+                    // A serial line cannot be "closed": start afresh.
+                    framer = Framer::new(ctx.cfg.max_message_bytes as usize);
+                }
+            }
+        }
+        let r = tokio::select! {
+            r = port.read(&mut buf) => r,
+            _ = stopped(shutdown) => return "shutting down".into(),
+        };
+        if let Some(why) = read_end(
+            r.as_ref()
+                .map(|n| *n)
+                .map_err(|e| std::io::Error::new(e.kind(), e.to_string())),
+        ) {
+            if framer.in_frame() {
+                event::incomplete(
+                    &ctx.counters,
+                    &ctx.name,
+                    &peer,
+                    framer.buffered_bytes(),
+                    "port lost inside a frame",
+                );
+            }
+            return why;
+        }
+        framer.push(&buf[..r.expect("checked")]);
+    }
+}
+
+/// Line-oriented devices: a line (CR, LF or CRLF) is a message, or lines closer together than
+/// `group_gap_ms` are one message. There is no acknowledgement on such lines, so a message the
+/// store cannot take is retried (reading pauses meanwhile) rather than dropped.
+async fn lines<S>(mut port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let gap = ctx.cfg.group_gap_ms.map(Duration::from_millis);
+    let max = ctx.cfg.max_message_bytes as usize;
+    let mut buf = vec![0u8; 4096];
+    let mut line: Vec<u8> = Vec::new();
+    let mut group: Vec<u8> = Vec::new();
+    let mut flush_at: Option<Instant> = None;
+    loop {
+        let r = tokio::select! {
+            r = port.read(&mut buf) => Some(r),
+            _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => None,
+            _ = stopped(shutdown) => {
+                if !group.is_empty() {
+                    store_retrying(ctx, std::mem::take(&mut group), shutdown).await;
+                }
+                return "shutting down".into();
+            }
+        };
+        let Some(r) = r else {
+            // Idle gap passed: the group is complete.
+            flush_at = None;
+            store_retrying(ctx, std::mem::take(&mut group), shutdown).await;
+            continue;
+        };
+        let n = match r {
+            Ok(0) => {
+                if !line.is_empty() || !group.is_empty() {
+                    warn!(feed = %ctx.name, bytes = line.len() + group.len(), "port lost with an unfinished line or group: dropped");
+                }
+                return "end of file (device gone)".into();
+            }
+            Ok(n) => n,
+            Err(e) => return format!("read failed: {e}"),
+        };
+        for &b in &buf[..n] {
+            if b == b'\r' || b == b'\n' {
+                if line.is_empty() {
+                    continue;
+                }
+                let done = std::mem::take(&mut line);
+                match gap {
+                    None => store_retrying(ctx, done, shutdown).await,
+                    Some(_) => {
+                        group.extend_from_slice(&done);
+                        group.push(b'\n');
+                    }
+                }
+            } else if line.len() < max {
+                line.push(b);
+            }
+        }
+        if let Some(g) = gap
+            && !group.is_empty()
+        {
+            flush_at = Some(Instant::now() + g);
+        }
+        if group.len() >= max {
+            flush_at = None;
+            store_retrying(ctx, std::mem::take(&mut group), shutdown).await;
+        }
+    }
+}
+
+async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, shutdown: &mut watch::Receiver<bool>) {
+    if msg.is_empty() {
+        return;
+    }
+    let size = msg.len();
+    loop {
+        match store(ctx, msg.clone(), Format::Lines, None).await {
+            Ok(_) => {
+                ctx.inventory.observe_device(None, &[], size, now_us());
+                return;
+            }
+            Err(_) if *shutdown.borrow() => {
+                warn!(feed = %ctx.name, size, "shutting down with a device message not stored");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}

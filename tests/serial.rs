@@ -1,0 +1,414 @@
+//! Serial devices over real pseudo-terminals: the daemon opens the pty by a stable symlink (as
+//! it would `/dev/serial/by-id/...`), the test plays an ASTM analyser, an HL7 device or a
+//! line-oriented monitor on the master side, and records arrive at a real mutual-TLS broker.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use siterelay::app::Daemon;
+use siterelay::astm::link::{self, Action, Link, LinkConfig, Role};
+use siterelay::telemetry::PortState;
+use siterelay_testkit::pty::Pty;
+
+/// An emulated analyser: the crate's own ASTM link state machine in the instrument role,
+/// driving a real pty. `corrupt` damages the n-th frame written (once), so the receiver must NAK
+/// it and the analyser must resend it.
+fn analyser_send(pty: &mut Pty, message: &[u8], corrupt: Option<usize>) -> Vec<u8> {
+    let mut link = Link::new(LinkConfig {
+        role: Role::Instrument,
+        ..LinkConfig::default()
+    });
+    let mut seen = Vec::new();
+    let mut frames_written = 0usize;
+    let mut corrupt = corrupt;
+    let mut deadline: Option<Instant> = None;
+    let mut actions = link.send_message(Instant::now(), message.to_vec());
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        for a in std::mem::take(&mut actions) {
+            match a {
+                Action::Write(mut bytes) => {
+                    if bytes.first() == Some(&link::STX) {
+                        frames_written += 1;
+                        if corrupt == Some(frames_written) {
+                            bytes[3] ^= 0x20; // flip a bit in the text: checksum no longer matches
+                            corrupt = None;
+                        }
+                    }
+                    pty.write(&bytes).unwrap();
+                }
+                Action::SetTimer(t) => deadline = Some(t),
+                Action::CancelTimer => deadline = None,
+                Action::SentMessageAccepted => return seen,
+                Action::Aborted { reason } => panic!("analyser gave up: {reason:?}"),
+                _ => {}
+            }
+        }
+        assert!(Instant::now() < give_up, "message not accepted in 30 s");
+        let wait = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_millis(200))
+            .min(Duration::from_millis(200));
+        let got = pty.read_timeout(wait).unwrap();
+        if !got.is_empty() {
+            seen.extend_from_slice(&got);
+            actions = link.on_bytes(Instant::now(), &got);
+        } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            actions = link.on_tick(Instant::now());
+        }
+    }
+}
+
+/// A chemistry result message, long enough (a 300-character comment) to need several frames.
+fn astm_message(sample: &str) -> Vec<u8> {
+    let comment = "Q".repeat(300);
+    format!(
+        "H|\\^&|||TESTCHEM^2.1^SN001|||||||P|1|20261130093000\r\
+P|1||PAT{sample}||TEST^PATIENT||19800615|F\r\
+O|1|{sample}||^^^NA\\^^^K\\^^^GLU|R||||||N\r\
+R|1|^^^NA|139|mmol/L|133-146|N||F||OP1|20261130090000|20261130092000|TESTCHEM\r\
+R|2|^^^K|6.1|mmol/L|3.5-5.3|H||F||OP1|20261130090000|20261130092000|TESTCHEM\r\
+C|1|I|{comment}|G\r\
+R|3|^^^GLU|5.40|mmol/L|3.0-7.8|N||F||OP1|20261130090000|20261130092000|TESTCHEM\r\
+L|1|N\r"
+    )
+    .into_bytes()
+}
+
+struct SerialEnv {
+    env: Env,
+    link: PathBuf,
+}
+
+impl SerialEnv {
+    fn new() -> SerialEnv {
+        let env = Env::new();
+        let link = env.dir.path().join("ttyANALYSER");
+        SerialEnv { env, link }
+    }
+
+    fn config(&self, broker_port: u16, protocol: &str, extra: &str) -> siterelay::config::Config {
+        let text = self.env.config_text(broker_port, &[], "")
+            + &format!(
+                "\n[[serial]]\nname = \"chem1\"\ndevice = \"{}\"\nprotocol = \"{protocol}\"\nbaud = 9600\nmodel = \"TEST-CHEM\"\nlocation = \"Blood sciences bench 2\"\nreopen_max_secs = 1\n{extra}\n",
+                self.link.display()
+            );
+        siterelay::config::parse(Path::new("t.toml"), &text).expect("valid serial config")
+    }
+}
+
+async fn wait_state(d: &Daemon, feed: &str, want: PortState) {
+    let c = d.telemetry().feed(feed);
+    assert!(
+        wait_until(Duration::from_secs(15), || c.port_state() == want).await,
+        "port state {:?}, wanted {want:?} (last problem: {:?})",
+        c.port_state(),
+        c.port_problem()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn astm_messages_over_a_pty_arrive_once_complete_and_normalised() {
+    let s = SerialEnv::new();
+    let broker = Broker::start(Kind::InProcess, &s.env).await;
+    let mut sub = broker
+        .subscribe(&s.env, "siterelay/test-box/records/#")
+        .await;
+    let mut pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    let d = Daemon::start(&s.config(broker.port, "astm", ""))
+        .await
+        .unwrap();
+    wait_state(&d, "chem1", PortState::Connected).await;
+
+    let msgs: Vec<Vec<u8>> = ["S1", "S2", "S3"].iter().map(|s| astm_message(s)).collect();
+    let db = s.env.data_dir().join("outbox.sqlite");
+    let replies = tokio::task::spawn_blocking(move || {
+        let mut replies = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            // The second message has its second frame damaged on the line once.
+            replies.push(analyser_send(&mut pty, m, (i == 1).then_some(2)));
+            // The analyser has its final ACK: the message must already be committed.
+            let stored = siterelay::outbox::Reader::open(&db)
+                .unwrap()
+                .feed_rows_from("chem1", 1, 10)
+                .unwrap()
+                .len();
+            assert_eq!(stored, i + 1, "final ACK only after the commit");
+        }
+        (pty, replies)
+    })
+    .await
+    .unwrap();
+    let (_pty, replies) = replies;
+    assert!(
+        replies[1].contains(&link::NAK),
+        "the damaged frame was refused"
+    );
+    assert!(!replies[0].contains(&link::NAK));
+
+    let got = sub.collect(3, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 3);
+    assert!(
+        sub.recv(Duration::from_millis(800)).await.is_none(),
+        "each message arrives once"
+    );
+    for (i, (topic, payload, _)) in got.iter().enumerate() {
+        assert_eq!(topic, "siterelay/test-box/records/chem1");
+        let r = json(payload);
+        assert_eq!(r["seq"], i as u64 + 1);
+        assert_eq!(r["format"], "astm");
+        assert_eq!(r["source"]["kind"], "serial");
+        assert_eq!(r["source"]["peer"], s.link.display().to_string());
+        assert_eq!(r["complete"], true);
+        assert_eq!(r["device"]["model"], "TEST-CHEM");
+        assert_eq!(r["device"]["location"], "Blood sciences bench 2");
+        let obs = &r["astm"]["patients"][0]["orders"][0]["observations"];
+        assert_eq!(obs.as_array().unwrap().len(), 3, "{r}");
+        assert_eq!(obs[0]["code"]["code"], "NA");
+        assert_eq!(obs[0]["value"], 139);
+        assert_eq!(obs[1]["abnormal_flags"], serde_json::json!(["H"]));
+        assert_eq!(
+            r["astm"]["patients"][0]["orders"][0]["specimen_id"],
+            format!("S{}", i + 1)
+        );
+        assert_eq!(
+            r["raw"].as_str().unwrap().as_bytes(),
+            &astm_message(&format!("S{}", i + 1))[..],
+            "reassembled across frames exactly"
+        );
+    }
+    let h = d.telemetry().feed("chem1");
+    assert_eq!(h.stored.load(std::sync::atomic::Ordering::Relaxed), 3);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplugging_mid_message_never_forwards_the_partial_and_later_messages_flow() {
+    let s = SerialEnv::new();
+    let broker = Broker::start(Kind::InProcess, &s.env).await;
+    let mut sub = broker
+        .subscribe(&s.env, "siterelay/test-box/records/#")
+        .await;
+    // The device is missing at start: the port waits for it.
+    let d = Daemon::start(&s.config(broker.port, "astm", ""))
+        .await
+        .unwrap();
+    wait_state(&d, "chem1", PortState::Waiting).await;
+    let mut pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    wait_state(&d, "chem1", PortState::Connected).await;
+
+    let pty = tokio::task::spawn_blocking(move || {
+        analyser_send(&mut pty, &astm_message("BEFORE"), None);
+        // Start another message, get the first frame acknowledged, then pull the plug.
+        pty.write(&[link::ENQ]).unwrap();
+        assert_eq!(
+            pty.read_timeout(Duration::from_secs(5)).unwrap(),
+            [link::ACK]
+        );
+        pty.write(&link::encode_frame(
+            1,
+            b"H|\\^&|||TESTCHEM\rP|1||PARTIAL\r",
+            false,
+        ))
+        .unwrap();
+        assert_eq!(
+            pty.read_timeout(Duration::from_secs(5)).unwrap(),
+            [link::ACK]
+        );
+        pty
+    })
+    .await
+    .unwrap();
+    drop(pty); // unplugged
+    wait_state(&d, "chem1", PortState::Waiting).await;
+
+    // Plugged back in: a new pty behind the same stable name.
+    let mut pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    wait_state(&d, "chem1", PortState::Connected).await;
+    tokio::task::spawn_blocking(move || {
+        analyser_send(&mut pty, &astm_message("AFTER"), None);
+        pty
+    })
+    .await
+    .unwrap();
+
+    let got = sub.collect(2, Duration::from_secs(20)).await;
+    assert!(
+        sub.recv(Duration::from_millis(800)).await.is_none(),
+        "nothing else arrives"
+    );
+    let ids: Vec<String> = got
+        .iter()
+        .map(|(_, p, _)| {
+            let r = json(p);
+            assert_eq!(r["complete"], true);
+            r["astm"]["patients"][0]["orders"][0]["specimen_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["BEFORE", "AFTER"]);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn astm_transmission_ended_early_is_stored_flagged_incomplete() {
+    let s = SerialEnv::new();
+    let broker = Broker::start(Kind::InProcess, &s.env).await;
+    let mut sub = broker
+        .subscribe(&s.env, "siterelay/test-box/records/#")
+        .await;
+    let mut pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    let d = Daemon::start(&s.config(broker.port, "astm", ""))
+        .await
+        .unwrap();
+    wait_state(&d, "chem1", PortState::Connected).await;
+    tokio::task::spawn_blocking(move || {
+        pty.write(&[link::ENQ]).unwrap();
+        assert_eq!(
+            pty.read_timeout(Duration::from_secs(5)).unwrap(),
+            [link::ACK]
+        );
+        let text = b"H|\\^&|||TESTCHEM\rP|1||EARLY\rO|1|EARLY||^^^NA\rR|1|^^^NA|140|mmol/L\r";
+        pty.write(&link::encode_frame(1, text, true)).unwrap();
+        assert_eq!(
+            pty.read_timeout(Duration::from_secs(5)).unwrap(),
+            [link::ACK]
+        );
+        pty.write(&[link::EOT]).unwrap(); // no L record
+        std::thread::sleep(Duration::from_millis(300));
+        pty
+    })
+    .await
+    .unwrap();
+    let (_, payload, _) = sub
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("the partial message is kept");
+    let r = json(&payload);
+    assert_eq!(r["complete"], false);
+    assert_eq!(
+        r["astm"]["patients"][0]["orders"][0]["observations"][0]["value"],
+        140
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hl7_over_serial_is_acked_on_the_port_after_the_commit() {
+    let s = SerialEnv::new();
+    let broker = Broker::start(Kind::InProcess, &s.env).await;
+    let mut sub = broker
+        .subscribe(&s.env, "siterelay/test-box/records/#")
+        .await;
+    let mut pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    let d = Daemon::start(&s.config(broker.port, "hl7-mllp", ""))
+        .await
+        .unwrap();
+    wait_state(&d, "chem1", PortState::Connected).await;
+    let ack = tokio::task::spawn_blocking(move || {
+        pty.write(&siterelay::sources::mllp::framing::encode(&adt("SER1")))
+            .unwrap();
+        let mut got = Vec::new();
+        let end = Instant::now() + Duration::from_secs(10);
+        while !got.ends_with(&[0x1c, 0x0d]) && Instant::now() < end {
+            got.extend(pty.read_timeout(Duration::from_millis(200)).unwrap());
+        }
+        got
+    })
+    .await
+    .unwrap();
+    let ack = siterelay::client::parse_ack(&ack[1..ack.len() - 2]).unwrap();
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AA", "SER1"));
+    let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
+    let r = json(&payload);
+    assert_eq!(r["format"], "hl7v2");
+    assert_eq!(r["source"]["kind"], "serial");
+    assert_eq!(r["hl7"]["control_id"], "SER1");
+    assert_eq!(r["device"]["protocol"], "hl7-mllp");
+    d.stop().await;
+}
+
+async fn lines_case(extra: &str, input: &'static [u8], expect: &[&str]) {
+    let s = SerialEnv::new();
+    let broker = Broker::start(Kind::InProcess, &s.env).await;
+    let mut sub = broker
+        .subscribe(&s.env, "siterelay/test-box/records/#")
+        .await;
+    let mut pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    let d = Daemon::start(&s.config(broker.port, "lines", extra))
+        .await
+        .unwrap();
+    wait_state(&d, "chem1", PortState::Connected).await;
+    let pty = tokio::task::spawn_blocking(move || {
+        for chunk in input.split_inclusive(|&b| b == b'|') {
+            let chunk = chunk.strip_suffix(b"|").unwrap_or(chunk);
+            pty.write(chunk).unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        pty
+    })
+    .await
+    .unwrap();
+    let got = sub.collect(expect.len(), Duration::from_secs(10)).await;
+    assert!(sub.recv(Duration::from_millis(800)).await.is_none());
+    let raws: Vec<String> = got
+        .iter()
+        .map(|(_, p, _)| {
+            let r = json(p);
+            assert_eq!(r["format"], "lines");
+            r["raw"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(raws, expect);
+    drop(pty);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_line_is_a_message_whatever_its_ending() {
+    // '|' marks a pause in what the device writes.
+    lines_case(
+        "",
+        b"TEMP 36.6\r\nHR 72\n|SPO2 98\r|",
+        &["TEMP 36.6", "HR 72", "SPO2 98"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_close_together_are_grouped_into_one_message() {
+    lines_case(
+        "group_gap_ms = 200",
+        b"TEMP 36.6\r\nHR 72\r\n|SPO2 98\r\n|",
+        &["TEMP 36.6\nHR 72\n", "SPO2 98\n"],
+    )
+    .await;
+}
+
+#[test]
+fn permission_problems_name_the_dialout_group() {
+    let e = tokio_serial::Error::new(
+        tokio_serial::ErrorKind::Io(std::io::ErrorKind::PermissionDenied),
+        "Permission denied",
+    );
+    let (state, text) =
+        siterelay::sources::serial::describe_open_error(Path::new("/dev/ttyUSB0"), &e);
+    assert_eq!(state, PortState::Error);
+    assert!(text.contains("'dialout' group"), "{text}");
+    let e = tokio_serial::Error::new(tokio_serial::ErrorKind::NoDevice, "gone");
+    assert_eq!(
+        siterelay::sources::serial::describe_open_error(Path::new("/dev/ttyUSB0"), &e).0,
+        PortState::Waiting
+    );
+}
