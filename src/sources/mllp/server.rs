@@ -286,10 +286,10 @@ pub async fn handle_message(
     shutting_down: bool,
 ) -> Vec<u8> {
     let feed = &**ctx.name;
-    let c = &*ctx.counters;
+    let c = ctx.counters;
     let size = msg.len();
     let received_at_us = now_us();
-    let header = match intake::assess(&msg, ctx.default_charset, &ctx.responder) {
+    let header = match intake::assess(&msg, ctx.default_charset, ctx.responder) {
         Intake::Store(h) => h,
         Intake::Reject { ack, reason } => {
             event::rejected(c, feed, peer, size, &reason);
