@@ -26,6 +26,10 @@ use crate::sink::mqtt::{FleetSettings, INVENTORY_KEY, MqttSink, SinkSettings};
 use crate::sources::mllp::server::{FeedContext, MllpListener};
 use crate::telemetry::Telemetry;
 
+fn default_nhs() -> Vec<String> {
+    vec!["NHS".into(), "NHSNBR".into()]
+}
+
 /// How often delivered rows past retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// How long listeners get to finish in-flight messages at shutdown.
@@ -105,9 +109,16 @@ impl Daemon {
             record_feeds.insert(
                 f.name.clone(),
                 FeedRecordSettings {
-                    timezone,
+                    timezone: timezone.clone(),
                     default_charset,
                     device: None,
+                    normalise: f
+                        .normalise
+                        .then(|| crate::hl7::normalise::NormaliseOptions {
+                            timezone,
+                            demographics: f.demographics,
+                            nhs_authorities: f.nhs_authorities.clone(),
+                        }),
                 },
             );
             let tls = match &f.tls {
@@ -150,8 +161,15 @@ impl Daemon {
             record_feeds.insert(
                 sc.name.clone(),
                 FeedRecordSettings {
-                    timezone,
+                    timezone: timezone.clone(),
                     default_charset: charset,
+                    normalise: (sc.protocol == crate::config::SerialProtocol::Hl7Mllp).then(|| {
+                        crate::hl7::normalise::NormaliseOptions {
+                            timezone,
+                            demographics: true,
+                            nhs_authorities: default_nhs(),
+                        }
+                    }),
                     device: Some(crate::record::DeviceInfo {
                         model: sc.model.clone(),
                         location: sc.location.clone(),
@@ -225,6 +243,7 @@ impl Daemon {
                 max_packet_bytes,
                 records: RecordBuilder {
                     appliance: cfg.appliance_id.clone(),
+                    organisation: cfg.organisation.clone(),
                     include_raw: cfg.records.include_raw,
                     feeds: record_feeds,
                     fallback: FeedRecordSettings {
@@ -232,6 +251,7 @@ impl Daemon {
                             .unwrap_or(jiff::tz::TimeZone::UTC),
                         default_charset: Charset::Utf8,
                         device: None,
+                        normalise: None,
                     },
                 },
                 fleet: FleetSettings {

@@ -21,6 +21,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/siterelay/siterelay.toml";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The organisation this appliance serves, e.g. its ODS code (`RXX`). Copied into every
+    /// record so the central side can scope local identifiers (MRNs) by organisation.
+    #[serde(default)]
+    pub organisation: Option<String>,
     /// Name of this appliance in MQTT topics and records, e.g. `rfh-edge-01`.
     /// Letters, digits, `-` and `_` only (it becomes a topic level).
     pub appliance_id: String,
@@ -322,6 +326,17 @@ pub struct MllpFeedConfig {
     /// Character set assumed when MSH-18 is empty: `ASCII`, `8859/1`, `8859/15`, `UNICODE UTF-8`.
     #[serde(default = "default_charset")]
     pub default_charset: String,
+    /// Add normalised clinical sections (patient, visit, event, merge, orders, observations) to
+    /// each record. Off: the record carries the header and `raw` only.
+    #[serde(default = "default_true")]
+    pub normalise: bool,
+    /// With `normalise`: include names, birth date, death, address and postcode. Off for data
+    /// minimisation (identifiers and sex stay).
+    #[serde(default = "default_true")]
+    pub demographics: bool,
+    /// Assigning authorities (PID-3.4) that mean "NHS number" (type `NH` always does).
+    #[serde(default = "default_nhs_authorities")]
+    pub nhs_authorities: Vec<String>,
     /// TLS on the listener (optional).
     #[serde(default)]
     pub tls: Option<ListenerTls>,
@@ -340,6 +355,9 @@ pub struct ListenerTls {
     pub client_ca_file: Option<PathBuf>,
 }
 
+fn default_nhs_authorities() -> Vec<String> {
+    vec!["NHS".into(), "NHSNBR".into()]
+}
 fn default_baud() -> u32 {
     9600
 }
@@ -445,6 +463,14 @@ impl Config {
             ));
         }
         check_level(&self.log.level, &mut p);
+        if let Some(o) = &self.organisation
+            && (o.trim().is_empty() || o.len() > 64 || o.chars().any(|c| c.is_control()))
+        {
+            p.push(Problem::at(
+                "organisation",
+                "must be a short code such as an ODS code (\"RXX\"), at most 64 characters",
+            ));
+        }
         if self.store.max_bytes < 1024 * 1024 {
             p.push(Problem::at(
                 "store.max_bytes",
@@ -462,17 +488,7 @@ impl Config {
         let mut addrs = HashSet::new();
         for (i, f) in self.mllp.iter().enumerate() {
             let at = |k: &str| format!("mllp[{i}].{k}");
-            if !is_topic_safe(&f.name) {
-                p.push(Problem::at(
-                    at("name"),
-                    "must be 1-64 characters of letters, digits, '-' or '_' (it becomes an MQTT topic level)",
-                ));
-            } else if !names.insert(f.name.clone()) {
-                p.push(Problem::at(
-                    at("name"),
-                    format!("feed name '{}' is used twice: names must be unique", f.name),
-                ));
-            }
+            check_feed_name(&f.name, &at("name"), &mut names, &mut p);
             match f.listen.parse::<SocketAddr>() {
                 Ok(a) => {
                     if a.port() != 0 && !addrs.insert(a) {
@@ -490,32 +506,18 @@ impl Config {
                     ),
                 )),
             }
-            if !(1024..=64 * 1024 * 1024).contains(&f.max_message_bytes) {
-                p.push(Problem::at(
-                    at("max_message_bytes"),
-                    "must be between 1 KiB and 64 MiB",
-                ));
-            }
+            check_feed_common(
+                &at,
+                f.max_message_bytes,
+                &f.timezone,
+                ("default_charset", &f.default_charset),
+                &mut p,
+            );
             if f.idle_timeout_secs == 0 {
                 p.push(Problem::at(at("idle_timeout_secs"), "must be at least 1"));
             }
             if f.max_connections == 0 {
                 p.push(Problem::at(at("max_connections"), "must be at least 1"));
-            }
-            if jiff::tz::TimeZone::get(&f.timezone).is_err() {
-                p.push(Problem::at(
-                    at("timezone"),
-                    format!(
-                        "unknown time zone '{}': use an IANA name such as \"Europe/London\" or \"UTC\"",
-                        f.timezone
-                    ),
-                ));
-            }
-            if crate::hl7::charset::Charset::from_msh18(&f.default_charset).is_none() {
-                p.push(Problem::at(
-                    at("default_charset"),
-                    "must be one of \"ASCII\", \"8859/1\", \"8859/15\", \"UNICODE UTF-8\"",
-                ));
             }
             if let Some(t) = &f.tls {
                 check_pem(
@@ -548,17 +550,7 @@ impl Config {
         let mut devices = HashSet::new();
         for (i, s) in self.serial.iter().enumerate() {
             let at = |k: &str| format!("serial[{i}].{k}");
-            if !is_topic_safe(&s.name) {
-                p.push(Problem::at(
-                    at("name"),
-                    "must be 1-64 characters of letters, digits, '-' or '_' (it becomes an MQTT topic level)",
-                ));
-            } else if !names.insert(s.name.clone()) {
-                p.push(Problem::at(
-                    at("name"),
-                    format!("feed name '{}' is used twice: names must be unique across [[mllp]] and [[serial]]", s.name),
-                ));
-            }
+            check_feed_name(&s.name, &at("name"), names, p);
             if !s.device.is_absolute() {
                 p.push(Problem::at(
                     at("device"),
@@ -582,29 +574,15 @@ impl Config {
             if !(1..=2).contains(&s.stop_bits) {
                 p.push(Problem::at(at("stop_bits"), "must be 1 or 2"));
             }
-            if !(1024..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
-                p.push(Problem::at(
-                    at("max_message_bytes"),
-                    "must be between 1 KiB and 64 MiB",
-                ));
-            }
+            check_feed_common(
+                &at,
+                s.max_message_bytes,
+                &s.timezone,
+                ("charset", &s.charset),
+                p,
+            );
             if s.reopen_max_secs == 0 {
                 p.push(Problem::at(at("reopen_max_secs"), "must be at least 1"));
-            }
-            if jiff::tz::TimeZone::get(&s.timezone).is_err() {
-                p.push(Problem::at(
-                    at("timezone"),
-                    format!(
-                        "unknown time zone '{}': use an IANA name such as \"Europe/London\"",
-                        s.timezone
-                    ),
-                ));
-            }
-            if crate::hl7::charset::Charset::from_msh18(&s.charset).is_none() {
-                p.push(Problem::at(
-                    at("charset"),
-                    "must be one of \"ASCII\", \"8859/1\", \"8859/15\", \"UNICODE UTF-8\"",
-                ));
             }
             if s.group_gap_ms.is_some() && s.protocol != SerialProtocol::Lines {
                 p.push(Problem::at(
@@ -670,6 +648,49 @@ impl Config {
                 None => {}
             }
         }
+    }
+}
+
+/// A feed name must be a topic level and unique across [[mllp]] and [[serial]].
+fn check_feed_name(name: &str, key: &str, names: &mut HashSet<String>, p: &mut Vec<Problem>) {
+    if !is_topic_safe(name) {
+        p.push(Problem::at(
+            key,
+            "must be 1-64 characters of letters, digits, '-' or '_' (it becomes an MQTT topic level)",
+        ));
+    } else if !names.insert(name.to_string()) {
+        p.push(Problem::at(
+            key,
+            format!("feed name '{name}' is used twice: names must be unique across [[mllp]] and [[serial]]"),
+        ));
+    }
+}
+
+/// Checks every kind of feed shares: size limit, time zone, character set.
+fn check_feed_common(
+    at: &dyn Fn(&str) -> String,
+    max_message_bytes: u64,
+    timezone: &str,
+    (charset_key, charset): (&str, &str),
+    p: &mut Vec<Problem>,
+) {
+    if !(1024..=64 * 1024 * 1024).contains(&max_message_bytes) {
+        p.push(Problem::at(
+            at("max_message_bytes"),
+            "must be between 1 KiB and 64 MiB",
+        ));
+    }
+    if jiff::tz::TimeZone::get(timezone).is_err() {
+        p.push(Problem::at(
+            at("timezone"),
+            format!("unknown time zone '{timezone}': use an IANA name such as \"Europe/London\" or \"UTC\""),
+        ));
+    }
+    if crate::hl7::charset::Charset::from_msh18(charset).is_none() {
+        p.push(Problem::at(
+            at(charset_key),
+            "must be one of \"ASCII\", \"8859/1\", \"8859/15\", \"UNICODE UTF-8\"",
+        ));
     }
 }
 

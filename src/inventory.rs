@@ -49,6 +49,18 @@ pub struct FeedInventoryData {
     pub last_seen_us: i64,
 }
 
+impl FeedInventoryData {
+    /// Count one message of `size` bytes seen at `at_us`.
+    fn account(&mut self, size: usize, at_us: i64) {
+        self.total_bytes += size as u64;
+        self.largest_bytes = self.largest_bytes.max(size as u64);
+        if self.first_seen_us == 0 {
+            self.first_seen_us = at_us;
+        }
+        self.last_seen_us = at_us;
+    }
+}
+
 /// Facts about one HL7 message, as the inventory needs them.
 pub struct Hl7Facts<'a> {
     /// `TYPE^TRIGGER` or `TYPE`.
@@ -140,12 +152,7 @@ impl FeedInventory {
                 &mut changed,
             );
         }
-        d.total_bytes += size as u64;
-        d.largest_bytes = d.largest_bytes.max(size as u64);
-        if d.first_seen_us == 0 {
-            d.first_seen_us = at_us;
-        }
-        d.last_seen_us = at_us;
+        d.account(size, at_us);
         if changed {
             self.changed.store(true, Ordering::Relaxed);
         }
@@ -168,12 +175,7 @@ impl FeedInventory {
         for c in test_codes {
             bump(&mut d.test_codes, c, &mut changed);
         }
-        d.total_bytes += size as u64;
-        d.largest_bytes = d.largest_bytes.max(size as u64);
-        if d.first_seen_us == 0 {
-            d.first_seen_us = at_us;
-        }
-        d.last_seen_us = at_us;
+        d.account(size, at_us);
         if changed {
             self.changed.store(true, Ordering::Relaxed);
         }

@@ -730,6 +730,8 @@ fn apply_batch(
             gauges.commits.fetch_add(1, Ordering::Relaxed);
             gauges.appended.fetch_add(appended_n, Ordering::Relaxed);
             gauges.delivered.fetch_add(delivered_n, Ordering::Relaxed);
+            // Counters first, answers second: whoever learns of the commit sees it counted.
+            state.publish_gauges(gauges);
             for (reply, r) in replies {
                 let _ = reply.send(r);
             }

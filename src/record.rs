@@ -27,6 +27,8 @@ pub struct FeedRecordSettings {
     pub default_charset: Charset,
     /// Serial devices: metadata from the config, copied into every record.
     pub device: Option<DeviceInfo>,
+    /// HL7 normalisation (patient, visit, orders, observations...); None: header only.
+    pub normalise: Option<crate::hl7::normalise::NormaliseOptions>,
 }
 
 /// What the config says about a serial device.
@@ -50,6 +52,8 @@ pub struct DeviceInfo {
 pub struct RecordBuilder {
     /// This appliance's id.
     pub appliance: String,
+    /// The organisation the appliance serves (e.g. an ODS code), if configured.
+    pub organisation: Option<String>,
     /// Whether `raw` is included.
     pub include_raw: bool,
     /// Settings per feed name.
@@ -63,6 +67,8 @@ struct Record<'a> {
     schema: &'static str,
     id: &'a str,
     appliance: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    organisation: Option<&'a str>,
     feed: &'a str,
     seq: u64,
     received_at: String,
@@ -82,6 +88,9 @@ struct Record<'a> {
     /// Lines: how many lines the message holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     lines: Option<usize>,
+    /// HL7: the normalised clinical sections, merged into the record's top level.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    clinical: Option<crate::hl7::normalise::Normalised>,
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<String>,
     /// Present (true) only on records resent by a `replay` command.
@@ -163,6 +172,7 @@ impl RecordBuilder {
             schema: SCHEMA,
             id: &row.record_id,
             appliance: &self.appliance,
+            organisation: self.organisation.as_deref(),
             feed: &row.feed,
             seq: row.seq,
             received_at: rfc3339_us(row.received_at_us),
@@ -180,6 +190,14 @@ impl RecordBuilder {
             },
             astm,
             lines,
+            clinical: match (&header, &settings.normalise) {
+                (Some(h), Some(opts)) => Some(crate::hl7::normalise::normalise_with_delimiters(
+                    &text,
+                    &h.delimiters,
+                    opts,
+                )),
+                _ => None,
+            },
             raw: self.include_raw.then_some(text),
             replay,
         };

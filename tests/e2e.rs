@@ -177,7 +177,10 @@ async fn record_carries_header_fields_and_times() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
     let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
-    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
+    let text = env
+        .config_text(broker.port, &[("adt", "127.0.0.1:0")], "")
+        .replace("appliance_id = ", "organisation = \"RXX\"\nappliance_id = ");
+    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
     c.send(&adt("REC1"), ACK_WAIT).await.unwrap();
@@ -212,6 +215,27 @@ async fn record_carries_header_fields_and_times() {
     assert_eq!(h["message_datetime"]["hl7"], "20261130093000");
     assert_eq!(h["message_datetime"]["precision"], "second");
     assert_eq!(h["message_datetime"]["zone"], "assumed");
+    // Normalised content: identifiers scoped by authority, NHS number checked, dates kept as dates.
+    assert_eq!(r["organisation"], "RXX");
+    let p = &r["patient"];
+    assert_eq!(
+        p["identifiers"][0],
+        serde_json::json!({"value": "9990000018", "type": "NH", "authority": "NHS"})
+    );
+    assert_eq!(
+        p["identifiers"][1],
+        serde_json::json!({"value": "MRNREC1", "type": "MR", "authority": "RXX"})
+    );
+    assert_eq!(p["nhs_number"]["valid"], true);
+    assert_eq!(p["birth_date"]["value"], "1980-06-15");
+    assert_eq!(p["sex"], "F");
+    assert_eq!(r["visit"]["class"], "I");
+    assert_eq!(r["visit"]["location"]["point_of_care"], "WARD1");
+    assert_eq!(r["event"]["type_code"], "A01");
+    assert_eq!(
+        r["segments"],
+        serde_json::json!(["MSH", "EVN", "PID", "PV1"])
+    );
     d.stop().await;
 }
 

@@ -293,3 +293,45 @@ async fn under_systemd_stderr_lines_carry_no_timestamps() {
         "journald adds its own timestamps:\n{log}"
     );
 }
+
+/// systemd's notify protocol, with a real datagram socket standing in for systemd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_systemd_ready_watchdog_and_stopping() {
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = env.write_config(
+        "s.toml",
+        &env.config_text(broker.port, &[("adt", &listen)], ""),
+    );
+    let sock_path = env.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let sock_env = sock_path.display().to_string();
+    let mut p = Proc::start_with_env(
+        &cfg,
+        env.dir.path().join("run.log"),
+        &[
+            ("NOTIFY_SOCKET", sock_env.as_str()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    while !(seen.contains("READY=1") && seen.matches("WATCHDOG=1").count() >= 2) {
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    // READY only once the listener is bound.
+    assert!(tokio::net::TcpStream::connect(&listen).await.is_ok());
+    assert!(p.sigterm().unwrap().success());
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 before exit");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+}

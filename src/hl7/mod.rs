@@ -2,11 +2,18 @@
 //! ([`ack`]), charset decoding ([`charset`]), timestamps ([`time`]) and the receive decision
 //! shared by every HL7 source ([`intake`]).
 //!
-//! Deliberately not here (yet): a full HL7 parser or validator (the body is stored and forwarded
-//! as received), batch (FHS/BHS) support, MLLP framing (in `sources::mllp::framing`).
+//! [`normalise`] turns a message into the record's clinical sections (patient, visit, event,
+//! merge, orders, observations) with three-state fields ([`tri`]) and NHS number checks
+//! ([`nhs`]).
+//!
+//! Deliberately not here (yet): an HL7 validator (the body is stored and forwarded as received),
+//! batch (FHS/BHS) support, MLLP framing (in `sources::mllp::framing`).
 
 pub mod ack;
 pub mod charset;
 pub mod header;
 pub mod intake;
+pub mod nhs;
+pub mod normalise;
 pub mod time;
+pub mod tri;

@@ -505,16 +505,7 @@ impl MqttSink {
                         counters.connected.store(1, Ordering::Relaxed);
                         connected_at = Some(Instant::now());
                         info!(broker = %format!("{}:{}", self.settings.mqtt.host, self.settings.mqtt.port), bdseq, "connected to MQTT broker");
-                        let now = rfc3339_us(crate::outbox::now_us());
-                        let birth = control::birth(
-                            appliance,
-                            bdseq,
-                            &rfc3339_us(fleet.health.started_at_us),
-                            &fleet.host,
-                            &fleet.health.feeds,
-                            &now,
-                        );
-                        control!(&self.topics.status, birth, true);
+                        control!(&self.topics.status, self.birth_payload(bdseq), true);
                         if !client.try_subscribe(&self.topics.commands) {
                             warn!("could not subscribe to commands");
                         }
@@ -566,16 +557,7 @@ impl MqttSink {
                                     "bdseq": bdseq,
                                 })),
                                 Ok(Command::Rebirth) => {
-                                    let now = rfc3339_us(crate::outbox::now_us());
-                                    let birth = control::birth(
-                                        appliance,
-                                        bdseq,
-                                        &rfc3339_us(fleet.health.started_at_us),
-                                        &fleet.host,
-                                        &fleet.health.feeds,
-                                        &now,
-                                    );
-                                    control!(&self.topics.status, birth, true);
+                                    control!(&self.topics.status, self.birth_payload(bdseq), true);
                                     control!(&self.topics.inventory, self.inventory_payload().await, true);
                                     last_inventory = Some(Instant::now());
                                     Ok(serde_json::json!({ "bdseq": bdseq }))
@@ -679,6 +661,19 @@ impl MqttSink {
             self.outbox.mark_delivered(delivered).await;
         }
         end
+    }
+
+    /// The birth certificate of the connection numbered `bdseq`.
+    fn birth_payload(&self, bdseq: i64) -> Vec<u8> {
+        let fleet = &self.settings.fleet;
+        control::birth(
+            &self.settings.appliance_id,
+            bdseq,
+            &rfc3339_us(fleet.health.started_at_us),
+            &fleet.host,
+            &fleet.health.feeds,
+            &rfc3339_us(crate::outbox::now_us()),
+        )
     }
 
     /// What counts as a significant change: peers per feed, backlog empty or not, broker errors.

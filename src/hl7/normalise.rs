@@ -1,0 +1,2961 @@
+//! Normalised clinical content of an HL7 v2 message, for the JSON record the
+//! central integration layer receives, so it can use records without
+//! re-parsing HL7.
+//!
+//! [`normalise`] reads PID, PV1/PV2, EVN, MRG, ORC/OBR, OBX and NTE (field
+//! positions of HL7 v2.2 to v2.8, tolerant of missing components) into
+//! [`Normalised`], whose members are meant to be flattened into the record's
+//! top level. Rules that hold in every section:
+//!
+//! * Three states per value ([`Tri`]): an empty or missing field is omitted
+//!   (the sender said nothing), the HL7 null `""` is JSON `null` (explicitly
+//!   cleared), anything else is the value. A composite (name, location, code,
+//!   identifier) whose whole field or repetition is `""` is `null`; otherwise
+//!   each of its components follows the same rule. A composite whose
+//!   components are all empty is omitted. A repeating field is a list:
+//!   omitted when it has no non-empty repetition, `null` when the whole field
+//!   is `""`; empty and `""` repetitions inside it are skipped.
+//! * Text has HL7 escapes decoded with the message's own delimiters (MSH-1,
+//!   MSH-2). Primitive values are a whole component (so an unescaped `&`, as
+//!   in `A&E`, survives); parts that are themselves composite (CX.4 assigning
+//!   authority, XPN.1 family name, PL.4 facility) take their subcomponents.
+//! * Timestamps are `crate::hl7::time::TimeValue` objects in the feed's zone; a
+//!   date stays a date. A timestamp that cannot be read becomes
+//!   `{"hl7": <as sent>, "invalid": true}` and a warning.
+//! * Identifiers keep value, type and assigning authority exactly as sent;
+//!   nothing is resolved, merged or deduplicated here.
+//! * Nothing fails: what cannot be read is omitted and described in
+//!   `warnings`, which name segment ids and positions only, never content.
+//!
+//! Deliberately NOT done here: no validation against HL7 message structures
+//! (segments are read wherever they appear; the first PID, PV1, PV2, EVN and
+//! MRG count, later ones are listed in `segments` and warned about), no code
+//! translation or terminology mapping, no phone numbers, next of kin,
+//! allergies, diagnoses or insurance, no decoding of ED data (only its size
+//! is reported), no FT formatting beyond escape decoding (`\.br\` becomes a
+//! newline; `\.sp\`, `\H\` and the like are kept verbatim), no charset
+//! handling (the text has already been decoded), no I/O.
+
+use hl7_parser::Message;
+use hl7_parser::message::{Field, Repeat, Separators};
+use hl7_parser::parser::parse_segment_with_separators;
+use jiff::tz::TimeZone;
+use serde::Serialize;
+use serde_json::Number;
+
+use crate::hl7::header::{Delimiters, parse_header, unescape};
+use crate::hl7::nhs::nhs_number_valid;
+use crate::hl7::time::{TimeValue, parse_dtm};
+use crate::hl7::tri::{HL7_NULL, Tri};
+
+/// How to normalise messages from one feed.
+#[derive(Debug, Clone)]
+pub struct NormaliseOptions {
+    /// Zone assumed for timestamps that carry no offset.
+    pub timezone: TimeZone,
+    /// When false (data minimisation), patient names, birth date, death,
+    /// address and postcode and MRG prior names are omitted; identifiers and
+    /// sex stay.
+    pub demographics: bool,
+    /// Assigning authorities (CX.4.1, compared ignoring ASCII case) that mean
+    /// "NHS number"; an identifier of type `NH` counts too.
+    pub nhs_authorities: Vec<String>,
+}
+
+impl Default for NormaliseOptions {
+    /// Europe/London (UTC if the bundled database lacked it), demographics
+    /// off (opt in to personal data), authorities `NHS` and `NHSNBR`.
+    fn default() -> Self {
+        NormaliseOptions {
+            timezone: TimeZone::get("Europe/London").unwrap_or(TimeZone::UTC),
+            demographics: false,
+            nhs_authorities: vec!["NHS".to_owned(), "NHSNBR".to_owned()],
+        }
+    }
+}
+
+/// The normalised content of one message; each member is omitted when absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Normalised {
+    /// From the first PID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient: Option<Patient>,
+    /// From the first PV1 and PV2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visit: Option<Visit>,
+    /// From the first EVN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<Event>,
+    /// From the first MRG.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<Merge>,
+    /// One per OBR (with the ORC just before it, if any), or per ORC without OBR, in message order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub orders: Vec<Order>,
+    /// Every OBX, in message order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub observations: Vec<Observation>,
+    /// NTE-3 text of notes that follow no OBX, ORC or OBR (e.g. after PID).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// Segment ids in message order, MSH and Z-segments included.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<String>,
+    /// What could not be read, by segment and field position (never content).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// A timestamp: parsed, or kept as sent and marked invalid.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum TimeField {
+    /// Read by `crate::hl7::time::parse_dtm`.
+    Parsed(TimeValue),
+    /// Not a valid HL7 DTM/TS.
+    Invalid(InvalidTime),
+}
+
+/// A timestamp that could not be read: `{"hl7": ..., "invalid": true}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InvalidTime {
+    /// The HL7 text exactly as sent.
+    pub hl7: String,
+    /// Always true.
+    pub invalid: bool,
+}
+
+/// An identifier (CX): PID-2/3/4, MRG-1/3/5, PV1-19.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Identifier {
+    /// CX.1 identifier.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub value: Tri<String>,
+    /// CX.5 identifier type code, e.g. `MR`, `NH`.
+    #[serde(rename = "type", skip_serializing_if = "Tri::is_absent")]
+    pub id_type: Tri<String>,
+    /// CX.4.1 assigning authority namespace id, e.g. `NHS` or a trust code.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub authority: Tri<String>,
+    /// CX.4.2 assigning authority universal id (e.g. an OID).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub authority_universal_id: Tri<String>,
+    /// CX.4.3 universal id type (e.g. `ISO`).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub authority_universal_id_type: Tri<String>,
+    /// `"PID-2"` or `"PID-4"` for identifiers not from PID-3; omitted otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'static str>,
+}
+
+/// The patient's NHS number, picked from the identifiers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NhsNumber {
+    /// The identifier value as sent (escapes decoded).
+    pub value: String,
+    /// Ten digits, no spaces, Modulus 11 check digit right.
+    pub valid: bool,
+    /// PID-32 identity reliability / verification status (table 0445), e.g. `01`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub verification_status: Tri<String>,
+}
+
+/// A person name (XPN, or PN in v2.2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Name {
+    /// XPN.1.1 surname.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub family: Tri<String>,
+    /// XPN.2 given name.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub given: Tri<String>,
+    /// XPN.3 further given names or initials.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub middle: Tri<String>,
+    /// XPN.4 suffix.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub suffix: Tri<String>,
+    /// XPN.5 prefix, e.g. `MR`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub prefix: Tri<String>,
+    /// XPN.7 name type code, e.g. `L`.
+    #[serde(rename = "type", skip_serializing_if = "Tri::is_absent")]
+    pub name_type: Tri<String>,
+}
+
+/// A postal address (XAD), first repetition of PID-11.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Address {
+    /// XAD.1.1 street address.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub line1: Tri<String>,
+    /// XAD.2 other designation (second line, locality).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub line2: Tri<String>,
+    /// XAD.3 city.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub city: Tri<String>,
+    /// XAD.4 state, province or county.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub county: Tri<String>,
+    /// XAD.5 postcode.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub postcode: Tri<String>,
+    /// XAD.6 country.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub country: Tri<String>,
+    /// XAD.7 address type, e.g. `H`.
+    #[serde(rename = "type", skip_serializing_if = "Tri::is_absent")]
+    pub address_type: Tri<String>,
+}
+
+/// PID-29 and PID-30.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Death {
+    /// PID-29 date/time of death.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub date_time: Tri<TimeField>,
+    /// PID-30 death indicator (`Y`/`N`).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub indicator: Tri<String>,
+}
+
+/// The `patient` section (PID).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Patient {
+    /// PID-3 repetitions, then PID-2 and PID-4 (marked with `source`).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub identifiers: Tri<Vec<Identifier>>,
+    /// The first identifier whose authority is an NHS authority or whose type is `NH`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub nhs_number: Tri<NhsNumber>,
+    /// PID-5 repetitions (demographics only).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub names: Tri<Vec<Name>>,
+    /// PID-7, a date stays a date (demographics only).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub birth_date: Tri<TimeField>,
+    /// PID-8 administrative sex.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub sex: Tri<String>,
+    /// PID-29/PID-30, omitted when both are (demographics only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub death: Option<Death>,
+    /// PID-11.5 of the first address (demographics only).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub postcode: Tri<String>,
+    /// The first PID-11 repetition (demographics only).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub address: Tri<Address>,
+}
+
+/// A location (PL).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Location {
+    /// PL.1 point of care (ward, clinic).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub point_of_care: Tri<String>,
+    /// PL.2 room.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub room: Tri<String>,
+    /// PL.3 bed.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub bed: Tri<String>,
+    /// PL.4.1 facility.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub facility: Tri<String>,
+}
+
+/// A clinician (XCN, or CN in v2.2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Provider {
+    /// XCN.1 id (e.g. a GMC or local consultant code).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub id: Tri<String>,
+    /// XCN.2.1 surname.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub family: Tri<String>,
+    /// XCN.3 given name.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub given: Tri<String>,
+    /// XCN.6 prefix, e.g. `DR`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub prefix: Tri<String>,
+}
+
+/// The `visit` section (PV1, PV2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Visit {
+    /// PV1-2 patient class, e.g. `I`, `O`, `E`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub class: Tri<String>,
+    /// PV1-3 assigned location.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub location: Tri<Location>,
+    /// PV1-6 prior location.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub prior_location: Tri<Location>,
+    /// PV1-7 repetitions.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub attending: Tri<Vec<Provider>>,
+    /// PV1-8 repetitions.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub referring: Tri<Vec<Provider>>,
+    /// PV1-9 repetitions.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub consulting: Tri<Vec<Provider>>,
+    /// PV1-10 hospital service (specialty).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub hospital_service: Tri<String>,
+    /// PV1-14 admit source.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub admit_source: Tri<String>,
+    /// PV1-19 visit number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub visit_number: Tri<Identifier>,
+    /// PV1-36 discharge disposition.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub discharge_disposition: Tri<String>,
+    /// PV1-44 admit date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub admitted_at: Tri<TimeField>,
+    /// PV1-45 discharge date/time (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub discharged_at: Tri<TimeField>,
+    /// PV2-8 expected admit date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub expected_admit_at: Tri<TimeField>,
+}
+
+/// The `event` section (EVN).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Event {
+    /// EVN-1 event type code (older versions).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub type_code: Tri<String>,
+    /// EVN-2 recorded date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub recorded_at: Tri<TimeField>,
+    /// EVN-3 planned date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub planned_at: Tri<TimeField>,
+    /// EVN-4 event reason code.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub reason: Tri<String>,
+    /// EVN-5.1 operator id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub operator: Tri<String>,
+    /// EVN-6 event occurred.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub occurred_at: Tri<TimeField>,
+}
+
+/// The `merge` section (MRG).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Merge {
+    /// MRG-1 repetitions.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub prior_identifiers: Tri<Vec<Identifier>>,
+    /// MRG-3 prior patient account number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub prior_account: Tri<Identifier>,
+    /// MRG-5 prior visit number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub prior_visit_number: Tri<Identifier>,
+    /// MRG-7 repetitions (demographics only).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub prior_names: Tri<Vec<Name>>,
+}
+
+/// A coded value (CE/CWE/CNE components 1 to 3).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Coded {
+    /// Identifier (component 1).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub code: Tri<String>,
+    /// Text (component 2).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub text: Tri<String>,
+    /// Name of coding system (component 3).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub system: Tri<String>,
+}
+
+/// An entity identifier (EI): placer, filler and group numbers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EntityId {
+    /// EI.1 entity identifier.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub value: Tri<String>,
+    /// EI.2 namespace id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub namespace: Tri<String>,
+}
+
+/// The parent of a reflex or child order (OBR-26, OBR-29).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Parent {
+    /// OBR-26.1 parent observation identifier.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub result_code: Tri<Coded>,
+    /// OBR-26.2 parent observation sub-id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub result_sub_id: Tri<String>,
+    /// OBR-29.1 parent placer number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub placer_number: Tri<EntityId>,
+    /// OBR-29.2 parent filler number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub filler_number: Tri<EntityId>,
+}
+
+/// One order: an OBR with the ORC just before it, or an ORC or OBR alone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Order {
+    /// ORC-1 order control, e.g. `NW`, `RE`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub control: Tri<String>,
+    /// ORC-2, else OBR-2.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub placer_number: Tri<EntityId>,
+    /// ORC-3, else OBR-3.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub filler_number: Tri<EntityId>,
+    /// ORC-4 placer group number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub group_number: Tri<EntityId>,
+    /// ORC-5 order status.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub status: Tri<String>,
+    /// OBR-4 universal service identifier.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub universal_service: Tri<Coded>,
+    /// OBR-5, else ORC-7.6 (TQ priority).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub priority: Tri<String>,
+    /// OBR-6 requested date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub requested_at: Tri<TimeField>,
+    /// OBR-7 observation (collection) date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub observed_at: Tri<TimeField>,
+    /// OBR-8 observation end date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub observation_end_at: Tri<TimeField>,
+    /// OBR-14 specimen received date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub specimen_received_at: Tri<TimeField>,
+    /// OBR-16, else ORC-12 (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub ordering_provider: Tri<Provider>,
+    /// OBR-22 results reported / status change date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub results_reported_at: Tri<TimeField>,
+    /// OBR-24 diagnostic service section id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub diagnostic_service: Tri<String>,
+    /// OBR-25 result status.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub result_status: Tri<String>,
+    /// OBR-26/OBR-29 parent result and parent order.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub parent: Tri<Parent>,
+    /// NTE-3 text of the NTEs that follow the ORC/OBR before any OBX.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// A number where one could be read, otherwise the text as sent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum NumberOrText {
+    /// A finite decimal.
+    Number(Number),
+    /// Text that is not a finite decimal (escapes decoded).
+    Text(String),
+}
+
+/// A structured numeric (SN) value, e.g. `<^5` or `^1^:^128`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StructuredNumeric {
+    /// SN.1 comparator, e.g. `<`, `>=`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub comparator: Tri<String>,
+    /// SN.2 first number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub num1: Tri<NumberOrText>,
+    /// SN.3 separator or suffix, e.g. `-`, `:`, `+`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub separator: Tri<String>,
+    /// SN.4 second number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub num2: Tri<NumberOrText>,
+}
+
+/// A reference to encapsulated data (ED); the data itself is not copied.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Encapsulated {
+    /// Always `"ED"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// ED.2 type of data as sent, e.g. `AP`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub data_type: Tri<String>,
+    /// ED.3 data subtype as sent, e.g. `PDF`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub data_subtype: Tri<String>,
+    /// MIME type derived from ED.2/ED.3 (e.g. `application/pdf`) when recognisable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    /// ED.4 encoding as sent, e.g. `Base64`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub encoding: Tri<String>,
+    /// Length in bytes of ED.5 (the data) as sent, still encoded.
+    pub size_bytes: usize,
+}
+
+/// An OBX-5 value, typed by OBX-2.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ObsValue {
+    /// NM (and SN parts): a finite decimal.
+    Number(Number),
+    /// ST, TX, FT, an NM that is not a number, and any other type.
+    Text(String),
+    /// CE, CWE, CNE.
+    Coded(Coded),
+    /// SN.
+    Structured(StructuredNumeric),
+    /// DT, DTM, TS.
+    Time(TimeField),
+    /// ED: a reference, not the data.
+    Encapsulated(Encapsulated),
+    /// Several repetitions; an empty repetition is `null` (`""` for text types).
+    List(Vec<Option<ObsValue>>),
+}
+
+/// One OBX.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Observation {
+    /// Index into `orders` of the order this OBX follows; omitted outside an order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<usize>,
+    /// OBX-1 set id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub set_id: Tri<u32>,
+    /// OBX-2 value type as sent.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub value_type: Tri<String>,
+    /// OBX-3 observation identifier.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub code: Tri<Coded>,
+    /// OBX-4 observation sub-id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub sub_id: Tri<String>,
+    /// OBX-5, typed by OBX-2; several repetitions become a list.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub value: Tri<ObsValue>,
+    /// True when OBX-5 did not match its type (kept as text or marked invalid).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub value_invalid: bool,
+    /// OBX-6 units.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub units: Tri<Coded>,
+    /// OBX-7 reference range as sent.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub reference_range: Tri<String>,
+    /// OBX-8 repetitions, e.g. `["H"]`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub abnormal_flags: Tri<Vec<String>>,
+    /// OBX-11 observation result status.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub result_status: Tri<String>,
+    /// OBX-14 observation date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub observed_at: Tri<TimeField>,
+    /// OBX-15.1 producer's id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub producer_id: Tri<String>,
+    /// OBX-23.1 performing organisation name.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub performing_organisation: Tri<String>,
+    /// NTE-3 text of the NTEs that follow this OBX.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Normalises one message (the text between the MLLP block characters,
+/// already decoded from its charset). Never panics and never fails: an
+/// unreadable MSH gives a `Normalised` holding only a warning.
+pub fn normalise(message_text: &str, opts: &NormaliseOptions) -> Normalised {
+    match parse_header(message_text.as_bytes()) {
+        Ok(h) => normalise_with_delimiters(message_text, &h.delimiters, opts),
+        Err(e) => Normalised {
+            // HeaderError texts name MSH field positions only.
+            warnings: vec![format!("{e}; message not normalised")],
+            ..Normalised::default()
+        },
+    }
+}
+
+/// Like [`normalise`], for a caller that already holds the message's
+/// delimiters from `crate::hl7::header::parse_header` (saves parsing MSH twice).
+pub fn normalise_with_delimiters(
+    message_text: &str,
+    delimiters: &Delimiters,
+    opts: &NormaliseOptions,
+) -> Normalised {
+    let mut rd = Reader {
+        d: *delimiters,
+        tz: &opts.timezone,
+        warnings: Vec::new(),
+    };
+    let segs = read_segments(
+        skip_leading_noise(message_text),
+        delimiters,
+        &mut rd.warnings,
+    );
+    let mut out = Normalised {
+        segments: segs.iter().map(|s| s.id.to_owned()).collect(),
+        ..Normalised::default()
+    };
+
+    // NTE attachment context: the OBX since the last ORC/OBR, else that order.
+    let mut cur_order: Option<usize> = None;
+    let mut cur_obx: Option<usize> = None;
+    // An ORC waiting for its OBR.
+    let mut pending_orc: Option<usize> = None;
+    let (mut seen_pv1, mut seen_pv2) = (false, false);
+
+    for (i, seg) in segs.iter().enumerate() {
+        let at = At { pos: i + 1 };
+        match seg.id {
+            "PID" => {
+                if out.patient.is_some() {
+                    rd.warn("PID", None, at, "repeated segment ignored");
+                } else {
+                    out.patient = Some(rd.patient(seg, at, opts));
+                }
+                cur_order = None;
+                cur_obx = None;
+                pending_orc = None;
+            }
+            "PV1" | "PV2" => {
+                let pv1 = seg.id == "PV1";
+                let seen = if pv1 { &mut seen_pv1 } else { &mut seen_pv2 };
+                if *seen {
+                    let id = if pv1 { "PV1" } else { "PV2" };
+                    rd.warn(id, None, at, "repeated segment ignored");
+                    continue;
+                }
+                *seen = true;
+                let visit = out.visit.get_or_insert_with(Visit::default);
+                if pv1 {
+                    rd.pv1(visit, seg, at);
+                } else {
+                    visit.expected_admit_at = rd.time(seg, 8, "PV2", at);
+                }
+            }
+            "EVN" => {
+                if out.event.is_some() {
+                    rd.warn("EVN", None, at, "repeated segment ignored");
+                } else {
+                    out.event = Some(rd.event(seg, at));
+                }
+            }
+            "MRG" => {
+                if out.merge.is_some() {
+                    rd.warn("MRG", None, at, "repeated segment ignored");
+                } else {
+                    out.merge = Some(rd.merge(seg, opts));
+                }
+            }
+            "ORC" => {
+                out.orders.push(rd.orc(seg));
+                let idx = out.orders.len() - 1;
+                cur_order = Some(idx);
+                pending_orc = Some(idx);
+                cur_obx = None;
+            }
+            "OBR" => {
+                let idx = match pending_orc.take() {
+                    Some(idx) => idx,
+                    None => {
+                        out.orders.push(Order::default());
+                        out.orders.len() - 1
+                    }
+                };
+                rd.obr(&mut out.orders[idx], seg, at);
+                cur_order = Some(idx);
+                cur_obx = None;
+            }
+            "OBX" => {
+                let mut obx = rd.obx(seg, at);
+                obx.order = cur_order;
+                out.observations.push(obx);
+                cur_obx = Some(out.observations.len() - 1);
+            }
+            "NTE" => {
+                let text = rd.note(seg);
+                let target = match (cur_obx, cur_order) {
+                    (Some(o), _) => out.observations.get_mut(o).map(|o| &mut o.notes),
+                    (None, Some(o)) => out.orders.get_mut(o).map(|o| &mut o.notes),
+                    (None, None) => None,
+                };
+                target.unwrap_or(&mut out.notes).push(text);
+            }
+            _ => {}
+        }
+    }
+    out.warnings = rd.warnings;
+    out
+}
+
+/// One segment: its id and its fields (field 1 first; MSH fields are
+/// shifted and never read here).
+struct Seg<'m> {
+    id: &'m str,
+    fields: Vec<Field<'m>>,
+}
+
+impl<'m> Seg<'m> {
+    fn field(&self, n: usize) -> Option<&Field<'m>> {
+        self.fields.get(n.checked_sub(1)?)
+    }
+
+    /// First repetition of field `n`.
+    fn rep(&self, n: usize) -> Option<&Repeat<'m>> {
+        self.field(n)?.repeats.first()
+    }
+}
+
+/// Skips what `parse_header` skips before `MSH`: a UTF-8 BOM and blank space.
+fn skip_leading_noise(text: &str) -> &str {
+    text.trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n'])
+}
+
+/// Splits the message into segments with `hl7_parser`. Its message parser
+/// stops silently at the first line it cannot read (a blank line, a segment
+/// id alone, a malformed id); the rest is then read line by line, keeping
+/// what parses and warning about the rest. If the whole message fails to
+/// parse, every line is read that way.
+fn read_segments<'m>(body: &'m str, d: &Delimiters, warnings: &mut Vec<String>) -> Vec<Seg<'m>> {
+    let mut segs = Vec::new();
+    let consumed = match Message::parse_with_lenient_newlines(body, true) {
+        Ok(msg) => {
+            let consumed = msg.raw_value().len();
+            segs.extend(msg.segments.into_iter().map(|s| Seg {
+                id: s.name,
+                fields: s.fields,
+            }));
+            consumed
+        }
+        Err(_) => {
+            warnings.push("message structure not readable as a whole; read line by line".into());
+            0
+        }
+    };
+    let Some(rest) = body.get(consumed..) else {
+        return segs;
+    };
+    let seps = Separators {
+        field: char::from(d.field),
+        component: char::from(d.component),
+        subcomponent: char::from(d.subcomponent),
+        repetition: char::from(d.repetition),
+        escape: char::from(d.escape),
+        lenient_newlines: true,
+    };
+    for line in rest.split(['\r', '\n']) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_segment_with_separators(line, seps) {
+            Ok(s) => segs.push(Seg {
+                id: s.name,
+                fields: s.fields,
+            }),
+            Err(_) if line.chars().count() == 3 && line.chars().all(char::is_alphanumeric) => {
+                segs.push(Seg {
+                    id: line,
+                    fields: Vec::new(),
+                });
+            }
+            Err(_) => warnings.push(format!(
+                "unreadable line after segment {} skipped",
+                segs.len()
+            )),
+        }
+    }
+    segs
+}
+
+/// Position of a segment in the message (1-based), for warnings.
+#[derive(Clone, Copy)]
+struct At {
+    pos: usize,
+}
+
+/// Component `c` (1-based) of `r`, whole as sent (subcomponent separators
+/// included), or "" when missing.
+fn comp_raw<'m>(r: &Repeat<'m>, c: usize) -> &'m str {
+    c.checked_sub(1)
+        .and_then(|i| r.components.get(i))
+        .map_or("", |c| c.raw_value())
+}
+
+/// Subcomponent `s` of component `c` (both 1-based), or "" when missing.
+fn sub_raw<'m>(r: &Repeat<'m>, c: usize, s: usize) -> &'m str {
+    c.checked_sub(1)
+        .and_then(|i| r.components.get(i))
+        .and_then(|comp| comp.subcomponents.get(s.checked_sub(1)?))
+        .map_or("", |sc| sc.value)
+}
+
+fn is_null_raw(raw: &str) -> bool {
+    raw == HL7_NULL
+}
+
+/// A repetition or component used as a composite: `""` is null, all-empty is
+/// absent, otherwise `f` reads its parts.
+fn composite<'a, 'm, T>(r: Option<&'a Repeat<'m>>, f: impl FnOnce(&'a Repeat<'m>) -> T) -> Tri<T> {
+    match r {
+        None => Tri::Absent,
+        Some(r) if is_null_raw(r.raw_value()) => Tri::Null,
+        Some(r) if r.is_empty() => Tri::Absent,
+        Some(r) => Tri::Value(f(r)),
+    }
+}
+
+/// A repeating field as a list: `""` is null, no non-empty repetition is
+/// absent; empty and `""` repetitions are skipped.
+fn list<'a, 'm, T>(
+    f: Option<&'a Field<'m>>,
+    mut item: impl FnMut(&'a Repeat<'m>) -> T,
+) -> Tri<Vec<T>> {
+    let Some(f) = f else {
+        return Tri::Absent;
+    };
+    if is_null_raw(f.raw_value()) {
+        return Tri::Null;
+    }
+    let v: Vec<T> = f
+        .repeats
+        .iter()
+        .filter(|r| !r.is_empty() && !is_null_raw(r.raw_value()))
+        .map(&mut item)
+        .collect();
+    if v.is_empty() {
+        Tri::Absent
+    } else {
+        Tri::Value(v)
+    }
+}
+
+/// Reads fields into the normalised types; collects warnings.
+struct Reader<'o> {
+    d: Delimiters,
+    tz: &'o TimeZone,
+    warnings: Vec<String>,
+}
+
+impl Reader<'_> {
+    /// `seg` and `what` are fixed texts from this module, never message content.
+    fn warn(&mut self, seg: &'static str, field: Option<usize>, at: At, what: &str) {
+        let w = match field {
+            Some(f) => format!("{seg}-{f} (segment {}): {what}", at.pos),
+            None => format!("{seg} (segment {}): {what}", at.pos),
+        };
+        self.warnings.push(w);
+    }
+
+    /// Raw text by the three-state rule, escapes decoded.
+    fn text(&self, raw: &str) -> Tri<String> {
+        Tri::from_hl7(raw).map(|v| unescape(v, &self.d))
+    }
+
+    fn comp(&self, r: &Repeat<'_>, c: usize) -> Tri<String> {
+        self.text(comp_raw(r, c))
+    }
+
+    fn sub(&self, r: &Repeat<'_>, c: usize, s: usize) -> Tri<String> {
+        self.text(sub_raw(r, c, s))
+    }
+
+    /// Component 1 of the first repetition of field `n`.
+    fn scalar(&self, seg: &Seg<'_>, n: usize) -> Tri<String> {
+        self.text(seg.rep(n).map_or("", |r| comp_raw(r, 1)))
+    }
+
+    /// The whole first repetition of field `n` (for ST/TX-like fields).
+    fn whole(&self, seg: &Seg<'_>, n: usize) -> Tri<String> {
+        self.text(seg.rep(n).map_or("", |r| r.raw_value()))
+    }
+
+    /// A DTM/TS from the first repetition of field `n`.
+    fn time(&mut self, seg: &Seg<'_>, n: usize, id: &'static str, at: At) -> Tri<TimeField> {
+        let Some(r) = seg.rep(n) else {
+            return Tri::Absent;
+        };
+        self.time_raw(r.raw_value(), comp_raw(r, 1), id, n, at)
+    }
+
+    /// `raw` is the whole TS (TS.2 may follow), `first` its first component.
+    fn time_raw(
+        &mut self,
+        raw: &str,
+        first: &str,
+        id: &'static str,
+        n: usize,
+        at: At,
+    ) -> Tri<TimeField> {
+        match Tri::from_hl7(first) {
+            Tri::Absent => Tri::Absent,
+            Tri::Null => Tri::Null,
+            Tri::Value(_) => match parse_dtm(raw, self.tz, self.d.component) {
+                Some(tv) => Tri::Value(TimeField::Parsed(tv)),
+                None => {
+                    self.warn(id, Some(n), at, "invalid timestamp kept as sent");
+                    Tri::Value(TimeField::Invalid(InvalidTime {
+                        hl7: raw.to_owned(),
+                        invalid: true,
+                    }))
+                }
+            },
+        }
+    }
+
+    fn identifier(&self, r: &Repeat<'_>, source: Option<&'static str>) -> Identifier {
+        Identifier {
+            value: self.comp(r, 1),
+            id_type: self.comp(r, 5),
+            authority: self.sub(r, 4, 1),
+            authority_universal_id: self.sub(r, 4, 2),
+            authority_universal_id_type: self.sub(r, 4, 3),
+            source,
+        }
+    }
+
+    fn name(&self, r: &Repeat<'_>) -> Name {
+        Name {
+            family: self.sub(r, 1, 1),
+            given: self.comp(r, 2),
+            middle: self.comp(r, 3),
+            suffix: self.comp(r, 4),
+            prefix: self.comp(r, 5),
+            name_type: self.comp(r, 7),
+        }
+    }
+
+    fn provider(&self, r: &Repeat<'_>) -> Provider {
+        Provider {
+            id: self.comp(r, 1),
+            family: self.sub(r, 2, 1),
+            given: self.comp(r, 3),
+            prefix: self.comp(r, 6),
+        }
+    }
+
+    fn location(&self, r: &Repeat<'_>) -> Location {
+        Location {
+            point_of_care: self.comp(r, 1),
+            room: self.comp(r, 2),
+            bed: self.comp(r, 3),
+            facility: self.sub(r, 4, 1),
+        }
+    }
+
+    fn coded(&self, r: &Repeat<'_>) -> Coded {
+        Coded {
+            code: self.comp(r, 1),
+            text: self.comp(r, 2),
+            system: self.comp(r, 3),
+        }
+    }
+
+    fn entity(&self, r: &Repeat<'_>) -> EntityId {
+        EntityId {
+            value: self.comp(r, 1),
+            namespace: self.comp(r, 2),
+        }
+    }
+
+    /// An EI carried as subcomponents of component `c` (EIP, PRL).
+    fn entity_in(&self, r: &Repeat<'_>, c: usize) -> Tri<EntityId> {
+        match Tri::from_hl7(comp_raw(r, c)) {
+            Tri::Absent => Tri::Absent,
+            Tri::Null => Tri::Null,
+            Tri::Value(_) => Tri::Value(EntityId {
+                value: self.sub(r, c, 1),
+                namespace: self.sub(r, c, 2),
+            })
+            .filter_empty(|e| e.value.is_absent() && e.namespace.is_absent()),
+        }
+    }
+
+    fn patient(&mut self, seg: &Seg<'_>, at: At, opts: &NormaliseOptions) -> Patient {
+        let mut ids = Vec::new();
+        for (n, source) in [(3, None), (2, Some("PID-2")), (4, Some("PID-4"))] {
+            if let Tri::Value(found) = list(seg.field(n), |r| self.identifier(r, source)) {
+                ids.extend(found);
+            }
+        }
+        let identifiers = if !ids.is_empty() {
+            Tri::Value(ids)
+        } else if seg.field(3).is_some_and(|f| is_null_raw(f.raw_value())) {
+            Tri::Null
+        } else {
+            Tri::Absent
+        };
+        let nhs_number = self.nhs_number(&identifiers, seg, opts);
+        let mut p = Patient {
+            identifiers,
+            nhs_number,
+            sex: self.scalar(seg, 8),
+            ..Patient::default()
+        };
+        if opts.demographics {
+            p.names = list(seg.field(5), |r| self.name(r));
+            p.birth_date = self.time(seg, 7, "PID", at);
+            let death = Death {
+                date_time: self.time(seg, 29, "PID", at),
+                indicator: self.scalar(seg, 30),
+            };
+            if !(death.date_time.is_absent() && death.indicator.is_absent()) {
+                p.death = Some(death);
+            }
+            let addr = seg.rep(11);
+            p.address = composite(addr, |r| Address {
+                line1: self.sub(r, 1, 1),
+                line2: self.comp(r, 2),
+                city: self.comp(r, 3),
+                county: self.comp(r, 4),
+                postcode: self.comp(r, 5),
+                country: self.comp(r, 6),
+                address_type: self.comp(r, 7),
+            });
+            p.postcode = match addr {
+                Some(r) if is_null_raw(r.raw_value()) => Tri::Null,
+                Some(r) => self.comp(r, 5),
+                None => Tri::Absent,
+            };
+        }
+        p
+    }
+
+    fn nhs_number(
+        &self,
+        ids: &Tri<Vec<Identifier>>,
+        seg: &Seg<'_>,
+        opts: &NormaliseOptions,
+    ) -> Tri<NhsNumber> {
+        let Tri::Value(ids) = ids else {
+            return Tri::Absent;
+        };
+        let is_nhs = |id: &Identifier| {
+            id.authority.value().is_some_and(|a| {
+                opts.nhs_authorities
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(a))
+            }) || id
+                .id_type
+                .value()
+                .is_some_and(|t| t.eq_ignore_ascii_case("NH"))
+        };
+        let Some(id) = ids.iter().find(|id| is_nhs(id)) else {
+            return Tri::Absent;
+        };
+        match &id.value {
+            Tri::Absent => Tri::Absent,
+            Tri::Null => Tri::Null,
+            Tri::Value(v) => Tri::Value(NhsNumber {
+                valid: nhs_number_valid(v),
+                value: v.clone(),
+                verification_status: self.scalar(seg, 32),
+            }),
+        }
+    }
+
+    fn pv1(&mut self, v: &mut Visit, seg: &Seg<'_>, at: At) {
+        v.class = self.scalar(seg, 2);
+        v.location = composite(seg.rep(3), |r| self.location(r));
+        v.prior_location = composite(seg.rep(6), |r| self.location(r));
+        v.attending = list(seg.field(7), |r| self.provider(r));
+        v.referring = list(seg.field(8), |r| self.provider(r));
+        v.consulting = list(seg.field(9), |r| self.provider(r));
+        v.hospital_service = self.scalar(seg, 10);
+        v.admit_source = self.scalar(seg, 14);
+        v.visit_number = composite(seg.rep(19), |r| self.identifier(r, None));
+        v.discharge_disposition = self.scalar(seg, 36);
+        v.admitted_at = self.time(seg, 44, "PV1", at);
+        v.discharged_at = self.time(seg, 45, "PV1", at);
+    }
+
+    fn event(&mut self, seg: &Seg<'_>, at: At) -> Event {
+        Event {
+            type_code: self.scalar(seg, 1),
+            recorded_at: self.time(seg, 2, "EVN", at),
+            planned_at: self.time(seg, 3, "EVN", at),
+            reason: self.scalar(seg, 4),
+            operator: self.scalar(seg, 5),
+            occurred_at: self.time(seg, 6, "EVN", at),
+        }
+    }
+
+    fn merge(&self, seg: &Seg<'_>, opts: &NormaliseOptions) -> Merge {
+        Merge {
+            prior_identifiers: list(seg.field(1), |r| self.identifier(r, None)),
+            prior_account: composite(seg.rep(3), |r| self.identifier(r, None)),
+            prior_visit_number: composite(seg.rep(5), |r| self.identifier(r, None)),
+            prior_names: if opts.demographics {
+                list(seg.field(7), |r| self.name(r))
+            } else {
+                Tri::Absent
+            },
+        }
+    }
+
+    fn orc(&self, seg: &Seg<'_>) -> Order {
+        Order {
+            control: self.scalar(seg, 1),
+            placer_number: composite(seg.rep(2), |r| self.entity(r)),
+            filler_number: composite(seg.rep(3), |r| self.entity(r)),
+            group_number: composite(seg.rep(4), |r| self.entity(r)),
+            status: self.scalar(seg, 5),
+            priority: self.text(seg.rep(7).map_or("", |r| comp_raw(r, 6))),
+            ordering_provider: composite(seg.rep(12), |r| self.provider(r)),
+            ..Order::default()
+        }
+    }
+
+    fn obr(&mut self, o: &mut Order, seg: &Seg<'_>, at: At) {
+        let placer = composite(seg.rep(2), |r| self.entity(r));
+        o.placer_number = std::mem::take(&mut o.placer_number).or_if_absent(|| placer);
+        let filler = composite(seg.rep(3), |r| self.entity(r));
+        o.filler_number = std::mem::take(&mut o.filler_number).or_if_absent(|| filler);
+        o.universal_service = composite(seg.rep(4), |r| self.coded(r));
+        let priority = self.scalar(seg, 5);
+        if !priority.is_absent() {
+            o.priority = priority;
+        }
+        o.requested_at = self.time(seg, 6, "OBR", at);
+        o.observed_at = self.time(seg, 7, "OBR", at);
+        o.observation_end_at = self.time(seg, 8, "OBR", at);
+        o.specimen_received_at = self.time(seg, 14, "OBR", at);
+        let provider = composite(seg.rep(16), |r| self.provider(r));
+        if !provider.is_absent() {
+            o.ordering_provider = provider;
+        }
+        o.results_reported_at = self.time(seg, 22, "OBR", at);
+        o.diagnostic_service = self.scalar(seg, 24);
+        o.result_status = self.scalar(seg, 25);
+        o.parent = self.parent(seg);
+    }
+
+    fn parent(&self, seg: &Seg<'_>) -> Tri<Parent> {
+        let (r26, r29) = (seg.rep(26), seg.rep(29));
+        let (t26, t29) = (
+            Tri::from_hl7(r26.map_or("", |r| r.raw_value())),
+            Tri::from_hl7(r29.map_or("", |r| r.raw_value())),
+        );
+        if t26.is_absent() && t29.is_absent() {
+            return Tri::Absent;
+        }
+        if !matches!(t26, Tri::Value(_)) && !matches!(t29, Tri::Value(_)) {
+            return Tri::Null;
+        }
+        let mut p = Parent::default();
+        if let Some(r) = r26 {
+            p.result_code = match Tri::from_hl7(comp_raw(r, 1)) {
+                Tri::Absent => Tri::Absent,
+                Tri::Null => Tri::Null,
+                Tri::Value(_) => Tri::Value(Coded {
+                    code: self.sub(r, 1, 1),
+                    text: self.sub(r, 1, 2),
+                    system: self.sub(r, 1, 3),
+                }),
+            };
+            p.result_sub_id = self.comp(r, 2);
+        }
+        if let Some(r) = r29 {
+            p.placer_number = self.entity_in(r, 1);
+            p.filler_number = self.entity_in(r, 2);
+        }
+        Tri::Value(p)
+    }
+
+    fn obx(&mut self, seg: &Seg<'_>, at: At) -> Observation {
+        let set_id = match Tri::from_hl7(seg.rep(1).map_or("", |r| comp_raw(r, 1))) {
+            Tri::Absent => Tri::Absent,
+            Tri::Null => Tri::Null,
+            Tri::Value(s) => match s.trim().parse::<u32>() {
+                Ok(n) => Tri::Value(n),
+                Err(_) => {
+                    self.warn("OBX", Some(1), at, "set id is not a number; omitted");
+                    Tri::Absent
+                }
+            },
+        };
+        let vt_raw = seg.rep(2).map_or("", |r| comp_raw(r, 1));
+        let (value, value_invalid) = self.obs_value(ValueKind::of(vt_raw), seg.field(5), at);
+        Observation {
+            order: None,
+            set_id,
+            value_type: self.text(vt_raw),
+            code: composite(seg.rep(3), |r| self.coded(r)),
+            sub_id: self.scalar(seg, 4),
+            value,
+            value_invalid,
+            units: composite(seg.rep(6), |r| self.coded(r)),
+            reference_range: self.whole(seg, 7),
+            abnormal_flags: list(seg.field(8), |r| unescape(comp_raw(r, 1), &self.d)),
+            result_status: self.scalar(seg, 11),
+            observed_at: self.time(seg, 14, "OBX", at),
+            producer_id: self.scalar(seg, 15),
+            performing_organisation: self.scalar(seg, 23),
+            notes: Vec::new(),
+        }
+    }
+
+    /// OBX-5 by value type; the flag says a value did not match its type.
+    fn obs_value(
+        &mut self,
+        kind: ValueKind,
+        f: Option<&Field<'_>>,
+        at: At,
+    ) -> (Tri<ObsValue>, bool) {
+        let Some(f) = f else {
+            return (Tri::Absent, false);
+        };
+        if is_null_raw(f.raw_value()) {
+            return (Tri::Null, false);
+        }
+        if f.repeats.iter().all(|r| r.is_empty()) {
+            return (Tri::Absent, false);
+        }
+        let mut invalid = false;
+        let value = if let [r] = f.repeats.as_slice() {
+            self.typed(kind, r, &mut invalid)
+        } else {
+            let items = f
+                .repeats
+                .iter()
+                .map(|r| {
+                    if r.is_empty() || is_null_raw(r.raw_value()) {
+                        (kind == ValueKind::Text).then(|| ObsValue::Text(String::new()))
+                    } else {
+                        Some(self.typed(kind, r, &mut invalid))
+                    }
+                })
+                .collect();
+            ObsValue::List(items)
+        };
+        if invalid {
+            self.warn("OBX", Some(5), at, "value does not match its value type");
+        }
+        (Tri::Value(value), invalid)
+    }
+
+    /// One non-empty OBX-5 repetition.
+    fn typed(&self, kind: ValueKind, r: &Repeat<'_>, invalid: &mut bool) -> ObsValue {
+        match kind {
+            ValueKind::Number => match self.number(comp_raw(r, 1)) {
+                NumberOrText::Number(n) => ObsValue::Number(n),
+                NumberOrText::Text(t) => {
+                    *invalid = true;
+                    ObsValue::Text(t)
+                }
+            },
+            ValueKind::Structured => {
+                let mut num = |c: usize| {
+                    Tri::from_hl7(comp_raw(r, c)).map(|raw| {
+                        let n = self.number(raw);
+                        *invalid |= matches!(n, NumberOrText::Text(_));
+                        n
+                    })
+                };
+                let (num1, num2) = (num(2), num(4));
+                ObsValue::Structured(StructuredNumeric {
+                    comparator: self.comp(r, 1),
+                    num1,
+                    separator: self.comp(r, 3),
+                    num2,
+                })
+            }
+            ValueKind::Coded => ObsValue::Coded(self.coded(r)),
+            ValueKind::Encapsulated => ObsValue::Encapsulated(self.encapsulated(r)),
+            ValueKind::Time => match parse_dtm(r.raw_value(), self.tz, self.d.component) {
+                Some(tv) => ObsValue::Time(TimeField::Parsed(tv)),
+                None => {
+                    *invalid = true;
+                    ObsValue::Time(TimeField::Invalid(InvalidTime {
+                        hl7: r.raw_value().to_owned(),
+                        invalid: true,
+                    }))
+                }
+            },
+            ValueKind::Text => ObsValue::Text(unescape(r.raw_value(), &self.d)),
+        }
+    }
+
+    /// A decimal as HL7 NM allows it (`+1.5`, `-.5`, `5.`, leading zeros,
+    /// surrounding spaces): an integer when it fits `i64`, else an `f64` if
+    /// finite; anything else is text.
+    fn number(&self, raw: &str) -> NumberOrText {
+        parse_nm(raw).map_or_else(
+            || NumberOrText::Text(unescape(raw, &self.d)),
+            NumberOrText::Number,
+        )
+    }
+
+    fn encapsulated(&self, r: &Repeat<'_>) -> Encapsulated {
+        let (t, st) = (comp_raw(r, 2), comp_raw(r, 3));
+        Encapsulated {
+            kind: "ED",
+            data_type: self.text(t),
+            data_subtype: self.text(st),
+            media_type: media_type(t, st),
+            encoding: self.comp(r, 4),
+            size_bytes: comp_raw(r, 5).len(),
+        }
+    }
+
+    /// NTE-3 repetitions joined by newlines; an empty note is "".
+    fn note(&self, seg: &Seg<'_>) -> String {
+        let Some(f) = seg.field(3) else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for (i, r) in f.repeats.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let raw = r.raw_value();
+            if !is_null_raw(raw) {
+                out.push_str(&unescape(raw, &self.d));
+            }
+        }
+        out
+    }
+}
+
+trait FilterEmpty<T> {
+    fn filter_empty(self, empty: impl FnOnce(&T) -> bool) -> Tri<T>;
+}
+
+impl<T> FilterEmpty<T> for Tri<T> {
+    /// A value whose parts are all absent becomes absent.
+    fn filter_empty(self, empty: impl FnOnce(&T) -> bool) -> Tri<T> {
+        match self {
+            Tri::Value(v) if empty(&v) => Tri::Absent,
+            other => other,
+        }
+    }
+}
+
+/// How OBX-5 is typed, from OBX-2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ValueKind {
+    Number,
+    Structured,
+    Coded,
+    Encapsulated,
+    Time,
+    Text,
+}
+
+impl ValueKind {
+    fn of(value_type: &str) -> ValueKind {
+        let t = value_type.trim();
+        let is = |s: &str| t.eq_ignore_ascii_case(s);
+        if is("NM") {
+            ValueKind::Number
+        } else if is("SN") {
+            ValueKind::Structured
+        } else if is("CE") || is("CWE") || is("CNE") {
+            ValueKind::Coded
+        } else if is("ED") {
+            ValueKind::Encapsulated
+        } else if is("DT") || is("DTM") || is("TS") {
+            ValueKind::Time
+        } else {
+            ValueKind::Text
+        }
+    }
+}
+
+/// HL7 NM: optional sign, digits with at most one decimal point, at least one
+/// digit, optional surrounding spaces. No exponent, no `inf`/`NaN`.
+fn parse_nm(raw: &str) -> Option<Number> {
+    let t = raw.trim_matches(' ');
+    let unsigned = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let mut digits = 0usize;
+    let mut points = 0usize;
+    for b in unsigned.bytes() {
+        match b {
+            b'0'..=b'9' => digits += 1,
+            b'.' => points += 1,
+            _ => return None,
+        }
+    }
+    if digits == 0 || points > 1 {
+        return None;
+    }
+    let t = t.strip_prefix('+').unwrap_or(t);
+    if points == 0
+        && let Ok(i) = t.parse::<i64>()
+    {
+        return Some(Number::from(i));
+    }
+    t.parse::<f64>().ok().and_then(Number::from_f64)
+}
+
+/// A MIME type for ED.2 (type of data, table 0191) and ED.3 (subtype, table
+/// 0291): well-known subtypes map directly (`PDF` is `application/pdf` whatever
+/// ED.2 says), an ED.3 already shaped like a MIME type is lower-cased, other
+/// pairs become `<major>/<subtype>` when ED.2 names a MIME major type or its
+/// HL7 code (`AP`, `IM`, `AU`, `TEXT`/`TX`); otherwise none.
+fn media_type(data_type: &str, subtype: &str) -> Option<String> {
+    let st = subtype.trim();
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    };
+    let known = [
+        ("PDF", "application/pdf"),
+        ("JPEG", "image/jpeg"),
+        ("JPG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("GIF", "image/gif"),
+        ("TIFF", "image/tiff"),
+        ("TIF", "image/tiff"),
+        ("RTF", "application/rtf"),
+        ("HTML", "text/html"),
+        ("XML", "application/xml"),
+        ("DICOM", "application/dicom"),
+    ];
+    if let Some((_, mime)) = known.iter().find(|(k, _)| st.eq_ignore_ascii_case(k)) {
+        return Some((*mime).to_owned());
+    }
+    if let Some((major, minor)) = st.split_once('/')
+        && token(major)
+        && token(minor)
+    {
+        return Some(st.to_ascii_lowercase());
+    }
+    if !token(st) {
+        return None;
+    }
+    let t = data_type.trim();
+    let majors = [
+        ("AP", "application"),
+        ("APPLICATION", "application"),
+        ("IM", "image"),
+        ("IMAGE", "image"),
+        ("AU", "audio"),
+        ("AUDIO", "audio"),
+        ("TEXT", "text"),
+        ("TX", "text"),
+        ("VIDEO", "video"),
+        ("MULTIPART", "multipart"),
+    ];
+    let (_, major) = majors.iter().find(|(k, _)| t.eq_ignore_ascii_case(k))?;
+    Some(format!("{major}/{}", st.to_ascii_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const MSH_ADT: &str =
+        "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20260601103000||ADT^A01^ADT_A01|MSG0001|P|2.4";
+    const MSH_ORU: &str = "MSH|^~\\&|LAB|RXX|SITERELAY|HUB|20260601120000||ORU^R01^ORU_R01|LAB0001|P|2.5.1|||AL|NE||UNICODE UTF-8";
+    const PDF_STUB_BASE64: &str = "JVBERi0xLjQKJSVFT0YK"; // "%PDF-1.4\n%%EOF\n"
+
+    /// A message built from (segment id, [(field number, value)]) so field
+    /// positions in tests are explicit rather than counted pipes.
+    #[derive(Clone)]
+    struct Msg {
+        msh: &'static str,
+        segs: Vec<(String, Vec<String>)>,
+    }
+
+    fn msg(msh: &'static str, segs: &[(&str, &[(usize, &str)])]) -> Msg {
+        let mut m = Msg {
+            msh,
+            segs: Vec::new(),
+        };
+        for (id, fields) in segs {
+            m.segs.push((id.to_string(), Vec::new()));
+            let i = m.segs.len() - 1;
+            for (n, v) in *fields {
+                m = m.set_nth(i, *n, v);
+            }
+        }
+        m
+    }
+
+    impl Msg {
+        fn set_nth(mut self, i: usize, n: usize, v: &str) -> Msg {
+            let fields = &mut self.segs[i].1;
+            if fields.len() < n {
+                fields.resize(n, String::new());
+            }
+            fields[n - 1] = v.to_string();
+            self
+        }
+
+        /// Sets field `n` of the first segment `id`.
+        fn set(self, id: &str, n: usize, v: &str) -> Msg {
+            let i = self.segs.iter().position(|(s, _)| s == id).unwrap();
+            self.set_nth(i, n, v)
+        }
+
+        fn text(&self) -> String {
+            let mut out = self.msh.to_string();
+            for (id, fields) in &self.segs {
+                out.push('\r');
+                out.push_str(id);
+                for f in fields {
+                    out.push('|');
+                    out.push_str(f);
+                }
+            }
+            out.push('\r');
+            out
+        }
+    }
+
+    fn london() -> TimeZone {
+        TimeZone::get("Europe/London").unwrap()
+    }
+
+    fn opts(demographics: bool) -> NormaliseOptions {
+        NormaliseOptions {
+            timezone: london(),
+            demographics,
+            nhs_authorities: vec!["NHS".into(), "NHSNBR".into()],
+        }
+    }
+
+    fn json_of(text: &str, o: &NormaliseOptions) -> Value {
+        serde_json::to_value(normalise(text, o)).unwrap()
+    }
+
+    fn adt() -> Msg {
+        msg(
+            MSH_ADT,
+            &[
+                (
+                    "EVN",
+                    &[
+                        (1, "A01"),
+                        (2, "20260601103000"),
+                        (4, "ADM"),
+                        (5, "OP123^OPERATOR^TEST"),
+                        (6, "20260601102500"),
+                    ],
+                ),
+                (
+                    "PID",
+                    &[
+                        (1, "1"),
+                        (2, "OLD123^^^RXX^PI"),
+                        (
+                            3,
+                            "9990000018^^^NHS^NH~RXX0001^^^RXX&2.16.840.1.113883.2.1.3.2.4.18.48&ISO^MR",
+                        ),
+                        (5, "TEST^PATIENT^MIDDLE^^MR^^L~TEST^PAT^^^^^A"),
+                        (7, "19800615"),
+                        (8, "F"),
+                        (11, "1 TEST STREET^FLAT 2^TESTTOWN^TESTSHIRE^ZZ99 9ZZ^GBR^H"),
+                        (29, "20260101120000"),
+                        (30, "Y"),
+                        (32, "01"),
+                    ],
+                ),
+                (
+                    "PV1",
+                    &[
+                        (1, "1"),
+                        (2, "I"),
+                        (3, "WARD1^ROOM2^BED3^RXX"),
+                        (6, "WARD0^^^RXX"),
+                        (7, "C111^CONSULTANT^TEST^^^DR"),
+                        (8, "G222^GP^TEST^^^DR"),
+                        (10, "A&E"),
+                        (14, "19"),
+                        (19, "V0001^^^RXX^VN"),
+                        (36, "01"),
+                        (44, "20260601100000"),
+                        (45, "20260605110000"),
+                    ],
+                ),
+                ("PV2", &[(8, "20260601090000")]),
+                (
+                    "OBX",
+                    &[
+                        (1, "1"),
+                        (2, "NM"),
+                        (3, "HEIGHT^Body height^LOCAL"),
+                        (5, "172"),
+                        (6, "cm^cm^UCUM"),
+                        (7, "150-200"),
+                        (8, "N"),
+                        (11, "F"),
+                        (14, "20260601100000"),
+                    ],
+                ),
+                ("ZPD", &[(1, "LOCAL")]),
+            ],
+        )
+    }
+
+    fn oru() -> Msg {
+        msg(
+            MSH_ORU,
+            &[
+                (
+                    "PID",
+                    &[
+                        (1, "1"),
+                        (3, "9990000018^^^NHS^NH~LAB123^^^RXX^MR"),
+                        (5, "TEST^PATIENT"),
+                        (7, "19800615"),
+                        (8, "F"),
+                    ],
+                ),
+                ("PV1", &[(1, "1"), (2, "O"), (3, "OPD1^^^RXX")]),
+                (
+                    "ORC",
+                    &[
+                        (1, "RE"),
+                        (2, "PLC100^PAS"),
+                        (3, "FIL200^LAB"),
+                        (4, "GRP1^PAS"),
+                        (5, "CM"),
+                        (7, "^^^^^R"),
+                        (12, "C999^ORCONLY^TEST"),
+                    ],
+                ),
+                (
+                    "OBR",
+                    &[
+                        (1, "1"),
+                        (2, "PLC100^PAS"),
+                        (3, "FIL200^LAB"),
+                        (4, "FBC^Full blood count^LOCAL"),
+                        (7, "20260601090000"),
+                        (14, "20260601093000"),
+                        (16, "C123^CLINICIAN^TEST^^^DR"),
+                        (22, "20260601110000"),
+                        (24, "HM"),
+                        (25, "F"),
+                    ],
+                ),
+                (
+                    "NTE",
+                    &[(1, "1"), (2, "L"), (3, "Sample slightly haemolysed")],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "1"),
+                        (2, "NM"),
+                        (3, "HB^Haemoglobin^LOCAL"),
+                        (5, "135"),
+                        (6, "g/L^g/L^UCUM"),
+                        (7, "115-165"),
+                        (8, "N"),
+                        (11, "F"),
+                        (14, "20260601090000"),
+                    ],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "2"),
+                        (2, "NM"),
+                        (3, "WBC^White cell count^LOCAL"),
+                        (5, "11.6"),
+                        (6, "10*9/L^10*9/L^UCUM"),
+                        (7, "4.0-11.0"),
+                        (8, "H"),
+                        (11, "F"),
+                        (14, "20260601090000"),
+                    ],
+                ),
+                ("NTE", &[(1, "1"), (2, "L"), (3, "Repeat advised")]),
+                (
+                    "OBX",
+                    &[
+                        (1, "3"),
+                        (2, "SN"),
+                        (3, "CRP^C-reactive protein^LOCAL"),
+                        (5, "<^5"),
+                        (6, "mg/L^mg/L^UCUM"),
+                        (7, "0-5"),
+                        (11, "F"),
+                    ],
+                ),
+                (
+                    "OBR",
+                    &[
+                        (1, "2"),
+                        (3, "FIL201^LAB"),
+                        (4, "MICRO^Microbiology culture^LOCAL"),
+                        (7, "20260601090000"),
+                        (24, "MB"),
+                        (25, "P"),
+                        (29, "PLC100&PAS^FIL200&LAB"),
+                    ],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "1"),
+                        (2, "CE"),
+                        (3, "ORG^Organism^LOCAL"),
+                        (5, "NG^No growth^LOCAL"),
+                        (11, "P"),
+                    ],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "2"),
+                        (2, "TX"),
+                        (3, "COMMENT^Comment^LOCAL"),
+                        (5, "Line one\\.br\\Line two"),
+                        (11, "P"),
+                    ],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "3"),
+                        (2, "ED"),
+                        (3, "PDF^Report^LOCAL"),
+                        (5, "^AP^PDF^Base64^JVBERi0xLjQKJSVFT0YK"),
+                        (11, "F"),
+                        (23, "LAB^Test Laboratory"),
+                    ],
+                ),
+                ("NTE", &[(1, "1"), (2, "L"), (3, "Report attached")]),
+            ],
+        )
+    }
+
+    /// Parent of a JSON pointer, so "absent" is checked where the key would be.
+    fn parent(p: &str) -> &str {
+        &p[..p.rfind('/').unwrap_or(0)]
+    }
+
+    #[test]
+    fn hl7_null_is_json_null_and_empty_is_omitted_across_sections() {
+        type Case = (
+            &'static str,
+            &'static str,
+            usize,
+            &'static str,
+            &'static str,
+            Option<Value>,
+        );
+        let null = Some(Value::Null);
+        let table: Vec<Case> = vec![
+            (
+                "null sex is null",
+                "PID",
+                8,
+                "\"\"",
+                "/patient/sex",
+                null.clone(),
+            ),
+            ("empty sex is omitted", "PID", 8, "", "/patient/sex", None),
+            (
+                "null birth date is null",
+                "PID",
+                7,
+                "\"\"",
+                "/patient/birth_date",
+                null.clone(),
+            ),
+            (
+                "empty birth date is omitted",
+                "PID",
+                7,
+                "",
+                "/patient/birth_date",
+                None,
+            ),
+            (
+                "null names are null",
+                "PID",
+                5,
+                "\"\"",
+                "/patient/names",
+                null.clone(),
+            ),
+            (
+                "empty names are omitted",
+                "PID",
+                5,
+                "",
+                "/patient/names",
+                None,
+            ),
+            (
+                "a null given name is null",
+                "PID",
+                5,
+                "TEST^\"\"",
+                "/patient/names/0/given",
+                null.clone(),
+            ),
+            (
+                "an empty given name is omitted",
+                "PID",
+                5,
+                "TEST",
+                "/patient/names/0/given",
+                None,
+            ),
+            (
+                "a null address is null",
+                "PID",
+                11,
+                "\"\"",
+                "/patient/address",
+                null.clone(),
+            ),
+            (
+                "a null address clears the postcode",
+                "PID",
+                11,
+                "\"\"",
+                "/patient/postcode",
+                null.clone(),
+            ),
+            (
+                "a null postcode is null",
+                "PID",
+                11,
+                "1 TEST ST^^TESTTOWN^^\"\"",
+                "/patient/postcode",
+                null.clone(),
+            ),
+            (
+                "an empty postcode is omitted",
+                "PID",
+                11,
+                "1 TEST ST^^TESTTOWN",
+                "/patient/address/postcode",
+                None,
+            ),
+            (
+                "a null authority is null",
+                "PID",
+                3,
+                "9990000018^^^\"\"^NH",
+                "/patient/identifiers/0/authority",
+                null.clone(),
+            ),
+            (
+                "an empty authority is omitted",
+                "PID",
+                3,
+                "9990000018^^^^NH",
+                "/patient/identifiers/0/authority",
+                None,
+            ),
+            (
+                "a null death time is null",
+                "PID",
+                29,
+                "\"\"",
+                "/patient/death/date_time",
+                null.clone(),
+            ),
+            (
+                "a null class is null",
+                "PV1",
+                2,
+                "\"\"",
+                "/visit/class",
+                null.clone(),
+            ),
+            (
+                "an empty class is omitted",
+                "PV1",
+                2,
+                "",
+                "/visit/class",
+                None,
+            ),
+            (
+                "a null location is null",
+                "PV1",
+                3,
+                "\"\"",
+                "/visit/location",
+                null.clone(),
+            ),
+            (
+                "a null room is null",
+                "PV1",
+                3,
+                "WARD1^\"\"^BED3",
+                "/visit/location/room",
+                null.clone(),
+            ),
+            (
+                "an empty room is omitted",
+                "PV1",
+                3,
+                "WARD1^^BED3",
+                "/visit/location/room",
+                None,
+            ),
+            (
+                "null attending is null",
+                "PV1",
+                7,
+                "\"\"",
+                "/visit/attending",
+                null.clone(),
+            ),
+            (
+                "a null visit number is null",
+                "PV1",
+                19,
+                "\"\"",
+                "/visit/visit_number",
+                null.clone(),
+            ),
+            (
+                "a null admit time is null",
+                "PV1",
+                44,
+                "\"\"",
+                "/visit/admitted_at",
+                null.clone(),
+            ),
+            (
+                "an empty admit time is omitted",
+                "PV1",
+                44,
+                "",
+                "/visit/admitted_at",
+                None,
+            ),
+            (
+                "a null expected admit time is null",
+                "PV2",
+                8,
+                "\"\"",
+                "/visit/expected_admit_at",
+                null.clone(),
+            ),
+            (
+                "a null event reason is null",
+                "EVN",
+                4,
+                "\"\"",
+                "/event/reason",
+                null.clone(),
+            ),
+            (
+                "a null observation value is null",
+                "OBX",
+                5,
+                "\"\"",
+                "/observations/0/value",
+                null.clone(),
+            ),
+            (
+                "an empty observation value is omitted",
+                "OBX",
+                5,
+                "",
+                "/observations/0/value",
+                None,
+            ),
+            (
+                "null units are null",
+                "OBX",
+                6,
+                "\"\"",
+                "/observations/0/units",
+                null.clone(),
+            ),
+            (
+                "empty units are omitted",
+                "OBX",
+                6,
+                "",
+                "/observations/0/units",
+                None,
+            ),
+            (
+                "a null reference range is null",
+                "OBX",
+                7,
+                "\"\"",
+                "/observations/0/reference_range",
+                null.clone(),
+            ),
+            (
+                "null abnormal flags are null",
+                "OBX",
+                8,
+                "\"\"",
+                "/observations/0/abnormal_flags",
+                null.clone(),
+            ),
+            (
+                "empty abnormal flags are omitted",
+                "OBX",
+                8,
+                "",
+                "/observations/0/abnormal_flags",
+                None,
+            ),
+            (
+                "a null result status is null",
+                "OBX",
+                11,
+                "\"\"",
+                "/observations/0/result_status",
+                null.clone(),
+            ),
+            (
+                "a null observation time is null",
+                "OBX",
+                14,
+                "\"\"",
+                "/observations/0/observed_at",
+                null.clone(),
+            ),
+        ];
+        let o = opts(true);
+        let base = json_of(&adt().text(), &o);
+        for (name, seg, field, value, pointer, expected) in table {
+            assert!(
+                base.pointer(pointer).is_some(),
+                "{name}: base lacks {pointer}"
+            );
+            let got = json_of(&adt().set(seg, field, value).text(), &o);
+            assert!(
+                got.pointer(parent(pointer)).is_some(),
+                "{name}: no {}",
+                parent(pointer)
+            );
+            assert_eq!(got.pointer(pointer).cloned(), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_adt_message_normalises_every_section() {
+        let v = json_of(&adt().text(), &opts(true));
+        assert_eq!(
+            v["segments"],
+            json!(["MSH", "EVN", "PID", "PV1", "PV2", "OBX", "ZPD"])
+        );
+        assert_eq!(v.get("warnings"), None);
+        let p = &v["patient"];
+        assert_eq!(p["sex"], "F");
+        assert_eq!(
+            p["names"],
+            json!([
+                {"family": "TEST", "given": "PATIENT", "middle": "MIDDLE", "prefix": "MR", "type": "L"},
+                {"family": "TEST", "given": "PAT", "type": "A"}
+            ])
+        );
+        assert_eq!(p["birth_date"]["value"], "1980-06-15");
+        assert_eq!(
+            p["death"]["date_time"]["value"],
+            "2026-01-01T12:00:00+00:00"
+        );
+        assert_eq!(p["death"]["indicator"], "Y");
+        assert_eq!(p["postcode"], "ZZ99 9ZZ");
+        assert_eq!(
+            p["address"],
+            json!({"line1": "1 TEST STREET", "line2": "FLAT 2", "city": "TESTTOWN",
+                   "county": "TESTSHIRE", "postcode": "ZZ99 9ZZ", "country": "GBR", "type": "H"})
+        );
+        let vis = &v["visit"];
+        assert_eq!(vis["class"], "I");
+        assert_eq!(
+            vis["location"],
+            json!({"point_of_care": "WARD1", "room": "ROOM2", "bed": "BED3", "facility": "RXX"})
+        );
+        assert_eq!(
+            vis["prior_location"],
+            json!({"point_of_care": "WARD0", "facility": "RXX"})
+        );
+        assert_eq!(
+            vis["attending"],
+            json!([{"id": "C111", "family": "CONSULTANT", "given": "TEST", "prefix": "DR"}])
+        );
+        assert_eq!(vis["referring"][0]["id"], "G222");
+        assert_eq!(vis.get("consulting"), None);
+        assert_eq!(
+            vis["hospital_service"], "A&E",
+            "an unescaped & in a primitive survives"
+        );
+        assert_eq!(vis["admit_source"], "19");
+        assert_eq!(
+            vis["visit_number"],
+            json!({"value": "V0001", "type": "VN", "authority": "RXX"})
+        );
+        assert_eq!(vis["discharge_disposition"], "01");
+        assert_eq!(vis["admitted_at"]["value"], "2026-06-01T10:00:00+01:00");
+        assert_eq!(vis["discharged_at"]["value"], "2026-06-05T11:00:00+01:00");
+        assert_eq!(
+            vis["expected_admit_at"]["value"],
+            "2026-06-01T09:00:00+01:00"
+        );
+        let e = &v["event"];
+        assert_eq!(e["type_code"], "A01");
+        assert_eq!(e["recorded_at"]["value"], "2026-06-01T10:30:00+01:00");
+        assert_eq!(e.get("planned_at"), None);
+        assert_eq!(e["reason"], "ADM");
+        assert_eq!(e["operator"], "OP123");
+        assert_eq!(e["occurred_at"]["hl7"], "20260601102500");
+        let obx = &v["observations"][0];
+        assert_eq!(obx.get("order"), None, "an ADT OBX belongs to no order");
+        assert_eq!(obx["value"], json!(172));
+        assert_eq!(
+            obx["units"],
+            json!({"code": "cm", "text": "cm", "system": "UCUM"})
+        );
+        assert_eq!(v.get("orders"), None);
+        assert_eq!(v.get("merge"), None);
+    }
+
+    #[test]
+    fn a_birth_date_in_summer_time_stays_a_date() {
+        let v = json_of(&adt().text(), &opts(true));
+        assert_eq!(
+            v["patient"]["birth_date"],
+            json!({"value": "1980-06-15", "hl7": "19800615", "precision": "day"})
+        );
+    }
+
+    #[test]
+    fn unzoned_admit_times_take_the_right_offset_either_side_of_the_2026_clock_changes() {
+        let table: &[(&str, &str, &str)] = &[
+            (
+                "before spring forward",
+                "20260329003000",
+                "2026-03-29T00:30:00+00:00",
+            ),
+            (
+                "after spring forward",
+                "20260329030000",
+                "2026-03-29T03:00:00+01:00",
+            ),
+            (
+                "the day before spring forward",
+                "20260328120000",
+                "2026-03-28T12:00:00+00:00",
+            ),
+            (
+                "before fall back",
+                "20261025003000",
+                "2026-10-25T00:30:00+01:00",
+            ),
+            (
+                "after fall back",
+                "20261025030000",
+                "2026-10-25T03:00:00+00:00",
+            ),
+            (
+                "the day after fall back",
+                "20261026120000",
+                "2026-10-26T12:00:00+00:00",
+            ),
+        ];
+        for (name, raw, expected) in table {
+            let v = json_of(&adt().set("PV1", 44, raw).text(), &opts(false));
+            let t = &v["visit"]["admitted_at"];
+            assert_eq!(t["value"], *expected, "{name}");
+            assert_eq!(t["zone"], "assumed", "{name}");
+            assert_eq!(t["hl7"], *raw, "{name}");
+            assert_eq!(t["precision"], "second", "{name}");
+        }
+        let v = json_of(
+            &adt().set("PV1", 44, "202603290300+0000").text(),
+            &opts(false),
+        );
+        assert_eq!(
+            v["visit"]["admitted_at"]["value"],
+            "2026-03-29T03:00:00+00:00"
+        );
+        assert_eq!(v["visit"]["admitted_at"]["zone"], "given");
+    }
+
+    #[test]
+    fn an_unreadable_timestamp_is_kept_as_sent_marked_invalid_and_warned_without_content() {
+        let v = json_of(&adt().set("PV1", 44, "2026136X").text(), &opts(false));
+        assert_eq!(
+            v["visit"]["admitted_at"],
+            json!({"hl7": "2026136X", "invalid": true})
+        );
+        let warnings = v["warnings"].as_array().unwrap();
+        assert_eq!(warnings.len(), 1);
+        let w = warnings[0].as_str().unwrap();
+        assert_eq!(w, "PV1-44 (segment 4): invalid timestamp kept as sent");
+    }
+
+    #[test]
+    fn identifiers_keep_authority_type_and_source_and_the_nhs_number_is_picked_out() {
+        let v = json_of(&adt().text(), &opts(true));
+        let p = &v["patient"];
+        assert_eq!(
+            p["identifiers"],
+            json!([
+                {"value": "9990000018", "type": "NH", "authority": "NHS"},
+                {"value": "RXX0001", "type": "MR", "authority": "RXX",
+                 "authority_universal_id": "2.16.840.1.113883.2.1.3.2.4.18.48",
+                 "authority_universal_id_type": "ISO"},
+                {"value": "OLD123", "type": "PI", "authority": "RXX", "source": "PID-2"}
+            ])
+        );
+        assert_eq!(
+            p["nhs_number"],
+            json!({"value": "9990000018", "valid": true, "verification_status": "01"})
+        );
+    }
+
+    #[test]
+    fn the_nhs_number_is_found_by_authority_or_type_and_checked() {
+        type Case = (&'static str, &'static str, &'static str, Option<Value>);
+        let table: &[Case] = &[
+            (
+                "by NHS authority and NH type",
+                "9990000018^^^NHS^NH",
+                "",
+                Some(json!({"value": "9990000018", "valid": true})),
+            ),
+            (
+                "by NHSNBR authority alone",
+                "9990000026^^^NHSNBR",
+                "",
+                Some(json!({"value": "9990000026", "valid": true})),
+            ),
+            (
+                "authority ignores ASCII case",
+                "9990000026^^^nhs",
+                "",
+                Some(json!({"value": "9990000026", "valid": true})),
+            ),
+            (
+                "by NH type with another authority",
+                "9990000050^^^RXX^NH",
+                "",
+                Some(json!({"value": "9990000050", "valid": true})),
+            ),
+            (
+                "a wrong check digit is not valid",
+                "9990000019^^^NHS^NH",
+                "",
+                Some(json!({"value": "9990000019", "valid": false})),
+            ),
+            (
+                "a check digit of ten is not valid",
+                "9990000000^^^NHS^NH",
+                "",
+                Some(json!({"value": "9990000000", "valid": false})),
+            ),
+            (
+                "spaces are kept and not valid",
+                "999 000 0018^^^NHS^NH",
+                "",
+                Some(json!({"value": "999 000 0018", "valid": false})),
+            ),
+            (
+                "the first NHS identifier wins",
+                "RXX1^^^RXX^MR~9990000026^^^NHS~9990000018^^^NHS",
+                "",
+                Some(json!({"value": "9990000026", "valid": true})),
+            ),
+            (
+                "a cleared NHS number is null",
+                "\"\"^^^NHS^NH",
+                "",
+                Some(Value::Null),
+            ),
+            (
+                "no NHS identifier, no NHS number",
+                "RXX1^^^RXX^MR",
+                "",
+                None,
+            ),
+            (
+                "found in PID-2 of older versions",
+                "RXX1^^^RXX^MR",
+                "9990000018^^^NHS",
+                Some(json!({"value": "9990000018", "valid": true})),
+            ),
+        ];
+        for (name, pid3, pid2, expected) in table {
+            let m = adt()
+                .set("PID", 3, pid3)
+                .set("PID", 2, pid2)
+                .set("PID", 32, "");
+            let v = json_of(&m.text(), &opts(false));
+            assert_eq!(v["patient"].get("nhs_number").cloned(), *expected, "{name}");
+        }
+        let mut custom = opts(false);
+        custom.nhs_authorities = vec!["2.16.840.1.113883.2.1.4.1".into()];
+        let m = adt().set("PID", 3, "9990000018^^^2.16.840.1.113883.2.1.4.1^XX");
+        let v = json_of(&m.text(), &custom);
+        assert_eq!(
+            v["patient"]["nhs_number"]["valid"], true,
+            "configured authorities are used"
+        );
+    }
+
+    #[test]
+    fn pid_4_identifiers_are_marked_with_their_source() {
+        let m = adt()
+            .set("PID", 2, "")
+            .set("PID", 4, "ALT1^^^RYY^PI~ALT2^^^RZZ");
+        let v = json_of(&m.text(), &opts(false));
+        let ids = v["patient"]["identifiers"].as_array().unwrap();
+        assert_eq!(ids.len(), 4);
+        assert_eq!(
+            ids[2],
+            json!({"value": "ALT1", "type": "PI", "authority": "RYY", "source": "PID-4"})
+        );
+        assert_eq!(
+            ids[3],
+            json!({"value": "ALT2", "authority": "RZZ", "source": "PID-4"})
+        );
+    }
+
+    #[test]
+    fn an_a40_merge_carries_both_new_and_prior_identifiers() {
+        let m = msg(
+            "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20260601103000||ADT^A40^ADT_A39|MSG0002|P|2.4",
+            &[
+                ("EVN", &[(1, "A40"), (2, "20260601100000")]),
+                (
+                    "PID",
+                    &[
+                        (1, "1"),
+                        (3, "9990000018^^^NHS^NH~RXX0002^^^RXX^MR"),
+                        (5, "TEST^PATIENT"),
+                    ],
+                ),
+                (
+                    "MRG",
+                    &[
+                        (1, "RXX0001^^^RXX^MR~OLD9^^^RYY^PI"),
+                        (3, "ACC1^^^RXX^AN"),
+                        (5, "V0009^^^RXX^VN"),
+                        (7, "TEST^OLDNAME"),
+                    ],
+                ),
+            ],
+        );
+        let v = json_of(&m.text(), &opts(true));
+        assert_eq!(
+            v["patient"]["identifiers"],
+            json!([
+                {"value": "9990000018", "type": "NH", "authority": "NHS"},
+                {"value": "RXX0002", "type": "MR", "authority": "RXX"}
+            ])
+        );
+        assert_eq!(
+            v["merge"],
+            json!({
+                "prior_identifiers": [
+                    {"value": "RXX0001", "type": "MR", "authority": "RXX"},
+                    {"value": "OLD9", "type": "PI", "authority": "RYY"}
+                ],
+                "prior_account": {"value": "ACC1", "type": "AN", "authority": "RXX"},
+                "prior_visit_number": {"value": "V0009", "type": "VN", "authority": "RXX"},
+                "prior_names": [{"family": "TEST", "given": "OLDNAME"}]
+            })
+        );
+        let minimal = json_of(&m.text(), &opts(false));
+        assert_eq!(minimal["merge"].get("prior_names"), None);
+        assert_eq!(
+            minimal["merge"]["prior_identifiers"],
+            v["merge"]["prior_identifiers"]
+        );
+    }
+
+    #[test]
+    fn an_oru_with_two_orders_types_every_value_and_places_notes() {
+        let text = oru().text();
+        let v = json_of(&text, &opts(true));
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+        let orders = v["orders"].as_array().unwrap();
+        assert_eq!(orders.len(), 2);
+        assert_eq!(
+            orders[0],
+            json!({
+                "control": "RE",
+                "placer_number": {"value": "PLC100", "namespace": "PAS"},
+                "filler_number": {"value": "FIL200", "namespace": "LAB"},
+                "group_number": {"value": "GRP1", "namespace": "PAS"},
+                "status": "CM",
+                "universal_service": {"code": "FBC", "text": "Full blood count", "system": "LOCAL"},
+                "priority": "R",
+                "observed_at": {"value": "2026-06-01T09:00:00+01:00", "hl7": "20260601090000",
+                                "precision": "second", "zone": "assumed"},
+                "specimen_received_at": {"value": "2026-06-01T09:30:00+01:00", "hl7": "20260601093000",
+                                         "precision": "second", "zone": "assumed"},
+                "ordering_provider": {"id": "C123", "family": "CLINICIAN", "given": "TEST", "prefix": "DR"},
+                "results_reported_at": {"value": "2026-06-01T11:00:00+01:00", "hl7": "20260601110000",
+                                        "precision": "second", "zone": "assumed"},
+                "diagnostic_service": "HM",
+                "result_status": "F",
+                "notes": ["Sample slightly haemolysed"]
+            })
+        );
+        let second = &orders[1];
+        assert_eq!(
+            second.get("control"),
+            None,
+            "an OBR without ORC forms its own order"
+        );
+        assert_eq!(second.get("placer_number"), None);
+        assert_eq!(
+            second["filler_number"],
+            json!({"value": "FIL201", "namespace": "LAB"})
+        );
+        assert_eq!(
+            second["parent"],
+            json!({"placer_number": {"value": "PLC100", "namespace": "PAS"},
+                   "filler_number": {"value": "FIL200", "namespace": "LAB"}})
+        );
+        assert_eq!(second.get("notes"), None);
+
+        let obs = v["observations"].as_array().unwrap();
+        assert_eq!(obs.len(), 6);
+        let order_of: Vec<Value> = obs.iter().map(|o| o["order"].clone()).collect();
+        assert_eq!(
+            order_of,
+            [json!(0), json!(0), json!(0), json!(1), json!(1), json!(1)]
+        );
+        let set_ids: Vec<Value> = obs.iter().map(|o| o["set_id"].clone()).collect();
+        assert_eq!(
+            set_ids,
+            [json!(1), json!(2), json!(3), json!(1), json!(2), json!(3)]
+        );
+        assert_eq!(obs[0]["value"], json!(135));
+        assert_eq!(obs[0]["value_type"], "NM");
+        assert_eq!(obs[0]["abnormal_flags"], json!(["N"]));
+        assert_eq!(obs[1]["value"], json!(11.6));
+        assert_eq!(obs[1]["abnormal_flags"], json!(["H"]));
+        assert_eq!(obs[1]["reference_range"], "4.0-11.0");
+        assert_eq!(obs[2]["value"], json!({"comparator": "<", "num1": 5}));
+        assert_eq!(
+            obs[3]["value"],
+            json!({"code": "NG", "text": "No growth", "system": "LOCAL"})
+        );
+        assert_eq!(obs[4]["value"], "Line one\nLine two");
+        assert_eq!(
+            obs[5]["value"],
+            json!({"type": "ED", "data_type": "AP", "data_subtype": "PDF",
+                   "media_type": "application/pdf", "encoding": "Base64", "size_bytes": 20})
+        );
+        assert_eq!(obs[5]["performing_organisation"], "LAB");
+        assert!(!serde_json::to_string(&v).unwrap().contains(PDF_STUB_BASE64));
+        assert!(text.contains(PDF_STUB_BASE64));
+        let notes: Vec<Option<&Value>> = obs.iter().map(|o| o.get("notes")).collect();
+        assert_eq!(notes[1], Some(&json!(["Repeat advised"])));
+        assert_eq!(notes[5], Some(&json!(["Report attached"])));
+        assert!(
+            notes
+                .iter()
+                .enumerate()
+                .all(|(i, n)| n.is_some() == (i == 1 || i == 5))
+        );
+        assert!(obs.iter().all(|o| o.get("value_invalid").is_none()));
+        assert_eq!(v.get("notes"), None);
+    }
+
+    #[test]
+    fn observation_values_are_typed_by_value_type() {
+        type Case<'a> = (&'a str, &'a str, &'a str, Value, bool);
+        let big = "9".repeat(400);
+        let table: &[Case] = &[
+            ("an integer", "NM", "135", json!(135), false),
+            ("a decimal", "NM", "5.25", json!(5.25), false),
+            (
+                "a signed decimal with a leading point",
+                "NM",
+                "-.5",
+                json!(-0.5),
+                false,
+            ),
+            ("a plus sign and spaces", "NM", " +7 ", json!(7), false),
+            ("a trailing point", "NM", "5.", json!(5.0), false),
+            (
+                "not a number stays text",
+                "NM",
+                "see report",
+                json!("see report"),
+                true,
+            ),
+            ("an exponent is not HL7 NM", "NM", "1e5", json!("1e5"), true),
+            ("NaN is not a number", "NM", "NaN", json!("NaN"), true),
+            ("too big to be finite", "NM", &big, json!(big), true),
+            (
+                "repetitions become a list",
+                "NM",
+                "1~~3",
+                json!([1, null, 3]),
+                false,
+            ),
+            (
+                "a structured range",
+                "SN",
+                "^10^-^20",
+                json!({"num1": 10, "separator": "-", "num2": 20}),
+                false,
+            ),
+            (
+                "a structured ratio",
+                "SN",
+                "^1^:^128",
+                json!({"num1": 1, "separator": ":", "num2": 128}),
+                false,
+            ),
+            (
+                "a structured comparator",
+                "SN",
+                ">=^2.5",
+                json!({"comparator": ">=", "num1": 2.5}),
+                false,
+            ),
+            (
+                "a structured non-number",
+                "SN",
+                "<^x",
+                json!({"comparator": "<", "num1": "x"}),
+                true,
+            ),
+            (
+                "a CWE code",
+                "CWE",
+                "260385009^Negative^SCT",
+                json!({"code": "260385009", "text": "Negative", "system": "SCT"}),
+                false,
+            ),
+            (
+                "a CNE code without text",
+                "CNE",
+                "Y^^HL70136",
+                json!({"code": "Y", "system": "HL70136"}),
+                false,
+            ),
+            ("a string", "ST", "Positive", json!("Positive"), false),
+            (
+                "formatted text with escapes",
+                "FT",
+                "A\\T\\B\\.br\\C\\F\\D",
+                json!("A&B\nC|D"),
+                false,
+            ),
+            (
+                "text repetitions are lines",
+                "TX",
+                "one~~three",
+                json!(["one", "", "three"]),
+                false,
+            ),
+            (
+                "a date",
+                "DT",
+                "20260615",
+                json!({"value": "2026-06-15", "hl7": "20260615", "precision": "day"}),
+                false,
+            ),
+            (
+                "a bad date",
+                "DTM",
+                "20261345",
+                json!({"hl7": "20261345", "invalid": true}),
+                true,
+            ),
+            (
+                "an unknown type is text",
+                "RP",
+                "http://x/y^URI",
+                json!("http://x/y^URI"),
+                false,
+            ),
+            ("no type is text", "", "free", json!("free"), false),
+        ];
+        for (name, vt, raw, expected, invalid) in table {
+            let m = adt().set("OBX", 2, vt).set("OBX", 5, raw);
+            let v = json_of(&m.text(), &opts(false));
+            let o = &v["observations"][0];
+            assert_eq!(o["value"], *expected, "{name}");
+            assert_eq!(
+                o.get("value_invalid") == Some(&json!(true)),
+                *invalid,
+                "{name}"
+            );
+            let warned = v.get("warnings").is_some();
+            assert_eq!(warned, *invalid, "{name}: {v}");
+        }
+    }
+
+    #[test]
+    fn media_types_come_from_the_ed_type_and_subtype() {
+        let table: &[(&str, &str, Option<&str>)] = &[
+            ("AP", "PDF", Some("application/pdf")),
+            ("Application", "pdf", Some("application/pdf")),
+            ("IM", "PDF", Some("application/pdf")),
+            ("IM", "JPEG", Some("image/jpeg")),
+            ("TEXT", "RTF", Some("application/rtf")),
+            ("TX", "plain", Some("text/plain")),
+            (
+                "application",
+                "application/vnd.ms-word",
+                Some("application/vnd.ms-word"),
+            ),
+            ("AP", "octet-stream", Some("application/octet-stream")),
+            ("SD", "odd", None),
+            ("AP", "", None),
+            ("AP", "a b", None),
+            ("", "", None),
+        ];
+        for (t, st, expected) in table {
+            assert_eq!(media_type(t, st).as_deref(), *expected, "{t} {st}");
+        }
+    }
+
+    #[test]
+    fn notes_attach_to_the_nearest_obx_else_the_order_else_the_top_level() {
+        let m = msg(
+            "MSH|^~\\&|LAB|RXX|SITERELAY|HUB|20260601120000||ORM^O01|LAB0003|P|2.3",
+            &[
+                ("PID", &[(3, "RXX1^^^RXX^MR")]),
+                ("NTE", &[(1, "1"), (3, "patient note")]),
+                ("ORC", &[(1, "NW"), (2, "P1^PAS")]),
+                ("NTE", &[(1, "1"), (3, "order note~second line")]),
+                ("OBR", &[(1, "1"), (4, "X1^Test^L")]),
+                ("NTE", &[(1, "1"), (3, "")]),
+                ("OBX", &[(1, "1"), (2, "ST"), (5, "a")]),
+                ("NTE", &[(1, "1"), (3, "obx note")]),
+                ("ORC", &[(1, "CA"), (2, "P2^PAS")]),
+                ("ORC", &[(1, "NW"), (2, "P3^PAS")]),
+                ("OBR", &[(1, "1"), (2, "P3OBR^PAS"), (4, "X3^Test^L")]),
+                ("OBR", &[(1, "2"), (4, "X4^Test^L")]),
+                ("NTE", &[(1, "1"), (3, "fourth order note")]),
+            ],
+        );
+        let v = json_of(&m.text(), &opts(false));
+        assert_eq!(v["notes"], json!(["patient note"]));
+        let orders = v["orders"].as_array().unwrap();
+        assert_eq!(orders.len(), 4, "{v:#}");
+        assert_eq!(orders[0]["notes"], json!(["order note\nsecond line", ""]));
+        assert_eq!(orders[0]["universal_service"]["code"], "X1");
+        assert_eq!(v["observations"][0]["notes"], json!(["obx note"]));
+        assert_eq!(v["observations"][0]["order"], 0);
+        assert_eq!(orders[1]["control"], "CA", "an ORC without OBR is an order");
+        assert_eq!(orders[1].get("universal_service"), None);
+        assert_eq!(
+            orders[2]["placer_number"]["value"], "P3",
+            "ORC-2 wins over OBR-2"
+        );
+        assert_eq!(orders[2]["universal_service"]["code"], "X3");
+        assert_eq!(orders[3].get("control"), None);
+        assert_eq!(orders[3]["notes"], json!(["fourth order note"]));
+    }
+
+    #[test]
+    fn escapes_are_decoded_with_the_message_delimiters() {
+        let m = adt()
+            .set("PID", 5, "SMITH\\T\\JONES^ANN\\S\\MARIE^\\X41\\")
+            .set("PV1", 10, "GEN\\E\\MED");
+        let v = json_of(&m.text(), &opts(true));
+        assert_eq!(
+            v["patient"]["names"][0],
+            json!({"family": "SMITH&JONES", "given": "ANN^MARIE", "middle": "A"})
+        );
+        assert_eq!(v["visit"]["hospital_service"], "GEN\\MED");
+    }
+
+    fn hash_delimited() -> String {
+        [
+            "MSH#*@!%#LAB#RXX#SITERELAY#HUB#20260601120000##ORU*R01*ORU_R01#LAB0002#P#2.5.1",
+            "PID#1##9990000018***NHS*NH@RXX0001***RXX%1.2.3%ISO*MR##TEST!F!HASH*PAT!T!IENT!S!X##19800615#M",
+            "PV1#1#I#WARD1*ROOM2*BED3",
+            "OBR#1#PLC1*PAS##X*Test*LOCAL",
+            "OBX#1#TX#C*Comment*LOCAL##Line one!.br!Line two@Second line##########LAB",
+            "OBX#2#NM#HB*Hb*LOCAL##135#g/L##H@L",
+            "NTE#1#L#a!R!b",
+        ]
+        .join("\r")
+    }
+
+    #[test]
+    fn non_default_delimiters_are_honoured() {
+        let v = json_of(&hash_delimited(), &opts(true));
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+        assert_eq!(
+            v["patient"]["identifiers"],
+            json!([
+                {"value": "9990000018", "type": "NH", "authority": "NHS"},
+                {"value": "RXX0001", "type": "MR", "authority": "RXX",
+                 "authority_universal_id": "1.2.3", "authority_universal_id_type": "ISO"}
+            ])
+        );
+        assert_eq!(
+            v["patient"]["names"],
+            json!([{"family": "TEST#HASH", "given": "PAT%IENT*X"}])
+        );
+        assert_eq!(v["patient"]["sex"], "M");
+        assert_eq!(
+            v["visit"]["location"],
+            json!({"point_of_care": "WARD1", "room": "ROOM2", "bed": "BED3"})
+        );
+        let obs = &v["observations"];
+        assert_eq!(
+            obs[0]["value"],
+            json!(["Line one\nLine two", "Second line"])
+        );
+        assert_eq!(obs[0]["order"], 0);
+        assert_eq!(obs[0]["producer_id"], "LAB");
+        assert_eq!(obs[1]["value"], json!(135));
+        assert_eq!(obs[1]["abnormal_flags"], json!(["H", "L"]));
+        assert_eq!(obs[1]["notes"], json!(["a@b"]));
+    }
+
+    fn with_truncation_character() -> String {
+        [
+            "MSH|^~\\&#|PAS|RXX|SITERELAY|HUB|20260601103000||ADT^A08^ADT_A01|MSG0003|P|2.7",
+            "PID|1||RXX1^^^RXX^MR||TEST\\P\\HASH^PATIENT||19800615|M",
+            "PV1|1|I|WARD1",
+        ]
+        .join("\r")
+    }
+
+    #[test]
+    fn a_v2_7_truncation_character_in_msh_2_is_honoured() {
+        let v = json_of(&with_truncation_character(), &opts(true));
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+        assert_eq!(v["segments"], json!(["MSH", "PID", "PV1"]));
+        assert_eq!(v["patient"]["names"][0]["family"], "TEST#HASH");
+        assert_eq!(v["patient"]["identifiers"][0]["value"], "RXX1");
+        assert_eq!(v["visit"]["location"]["point_of_care"], "WARD1");
+    }
+
+    #[test]
+    fn without_demographics_names_dates_address_and_death_are_left_out() {
+        let v = json_of(&adt().text(), &opts(false));
+        let p = v["patient"].as_object().unwrap();
+        let mut keys: Vec<&str> = p.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["identifiers", "nhs_number", "sex"]);
+        let s = serde_json::to_string(&v).unwrap();
+        for personal in ["PATIENT", "1980", "ZZ99", "TESTTOWN", "TEST STREET"] {
+            assert!(!s.contains(personal), "{personal} leaked: {s}");
+        }
+        assert_eq!(v["visit"]["class"], "I", "visit content stays");
+    }
+
+    #[test]
+    fn the_message_is_read_past_lines_the_parser_stops_at() {
+        let text = format!(
+            "\u{feff}\r\n{MSH_ADT}\r\nEVN|A01|20260601103000\n\nNTE\r\n??|junk\r\nPID|1||RXX1^^^RXX^MR||TEST^PATIENT||19800615|M\nZZ1|x\r\n"
+        );
+        let v = json_of(&text, &opts(false));
+        assert_eq!(v["segments"], json!(["MSH", "EVN", "NTE", "PID", "ZZ1"]));
+        assert_eq!(v["patient"]["sex"], "M");
+        assert_eq!(v["notes"], json!([""]));
+        assert_eq!(
+            v["warnings"],
+            json!(["unreadable line after segment 3 skipped"])
+        );
+    }
+
+    #[test]
+    fn an_unreadable_header_gives_only_a_warning() {
+        for text in [
+            "",
+            "PID|1||X",
+            "MSH|^~\\&|A|B|C|D|20260101||ADT^A01||P|2.4",
+            "MSH|^^\\&|",
+        ] {
+            let n = normalise(text, &opts(true));
+            assert_eq!(n.warnings.len(), 1, "{text:?}");
+            assert!(n.patient.is_none() && n.segments.is_empty(), "{text:?}");
+        }
+        let n = normalise("MSH|^~\\&|A|B|C|D|20260101||ADT^A01||P|2.4", &opts(true));
+        assert_eq!(
+            n.warnings,
+            ["MSH-10 (message control id) is required but missing; message not normalised"]
+        );
+    }
+
+    #[test]
+    fn repeated_single_segments_use_the_first_and_warn() {
+        let text = format!("{}\rPID|1||RXX9^^^RXX^MR||||||M\r", adt().text());
+        let v = json_of(&text, &opts(false));
+        assert_eq!(v["patient"]["sex"], "F");
+        assert_eq!(
+            v["warnings"],
+            json!(["PID (segment 8): repeated segment ignored"])
+        );
+    }
+
+    /// xorshift64: deterministic pseudo-random numbers without a dependency.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % (n.max(1) as u64)).unwrap_or(0)
+        }
+    }
+
+    fn mutate(rng: &mut XorShift, base: &[char]) -> String {
+        const POOL: &[char] = &[
+            '|',
+            '^',
+            '~',
+            '\\',
+            '&',
+            '"',
+            '\r',
+            '\n',
+            '#',
+            '.',
+            '+',
+            '-',
+            '0',
+            '9',
+            'X',
+            'é',
+            '€',
+            '\u{1F600}',
+            ' ',
+        ];
+        let mut c = base.to_vec();
+        for _ in 0..=rng.below(4) {
+            let len = c.len().max(1);
+            let at = rng.below(len).min(c.len());
+            match rng.below(7) {
+                0 => {
+                    if at < c.len() {
+                        c[at] = POOL[rng.below(POOL.len())];
+                    }
+                }
+                1 => c.insert(at, POOL[rng.below(POOL.len())]),
+                2 => {
+                    let end = (at + rng.below(20)).min(c.len());
+                    c.drain(at..end);
+                }
+                3 => {
+                    let end = (at + rng.below(40)).min(c.len());
+                    let dup: Vec<char> = c[at..end].to_vec();
+                    let to = rng.below(c.len() + 1);
+                    c.splice(to..to, dup);
+                }
+                4 => c.truncate(at),
+                5 => {
+                    // Empty or null out a field-sized run.
+                    let end = (at + rng.below(8)).min(c.len());
+                    let fill = if rng.below(2) == 0 {
+                        vec![]
+                    } else {
+                        vec!['"', '"']
+                    };
+                    c.splice(at..end, fill);
+                }
+                _ => {
+                    if at < c.len() {
+                        c[at] = char::from_u32(u32::try_from(rng.below(0x800)).unwrap_or(0))
+                            .unwrap_or('?');
+                    }
+                }
+            }
+        }
+        c.into_iter().collect()
+    }
+
+    #[test]
+    fn thousands_of_mutated_messages_never_panic_and_warnings_hold_no_content() {
+        let bases: Vec<Vec<char>> = [
+            oru().text(),
+            adt().text(),
+            hash_delimited(),
+            with_truncation_character(),
+        ]
+        .iter()
+        .map(|t| t.chars().collect())
+        .collect();
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let (o_on, o_off) = (opts(true), opts(false));
+        let mut with_patient = 0;
+        for i in 0..6000 {
+            let base = &bases[i % bases.len()];
+            let text = mutate(&mut rng, base);
+            let n = normalise(&text, if i % 2 == 0 { &o_on } else { &o_off });
+            with_patient += usize::from(n.patient.is_some());
+            let json = serde_json::to_string(&n).unwrap();
+            assert!(!json.is_empty());
+            for w in &n.warnings {
+                for content in [
+                    "TEST",
+                    "PATIENT",
+                    "999000",
+                    "Haemoglobin",
+                    "JVBER",
+                    "LAB123",
+                ] {
+                    assert!(!w.contains(content), "warning {w:?} carries content");
+                }
+            }
+        }
+        assert!(
+            with_patient > 3000,
+            "most mutations still reach PID: {with_patient}"
+        );
+    }
+
+    #[test]
+    fn decimals_follow_hl7_nm() {
+        let table: &[(&str, Option<Value>)] = &[
+            ("0", Some(json!(0))),
+            ("007", Some(json!(7))),
+            ("-12", Some(json!(-12))),
+            ("1.10", Some(json!(1.1))),
+            (
+                "9223372036854775808",
+                Some(json!(9_223_372_036_854_775_808.0_f64)),
+            ),
+            ("", None),
+            ("-", None),
+            (".", None),
+            ("1.2.3", None),
+            ("1,5", None),
+            ("inf", None),
+            ("0x10", None),
+        ];
+        for (raw, expected) in table {
+            let got = parse_nm(raw).map(Value::Number);
+            assert_eq!(got, *expected, "{raw:?}");
+        }
+    }
+}
