@@ -65,6 +65,7 @@ impl Daemon {
             OutboxOptions {
                 max_bytes: cfg.store.max_bytes,
                 retain_delivered: cfg.store.retain_delivered,
+                retain_rejected: cfg.store.retain_rejected,
             },
         )
         .context("opening the outbox")?;
@@ -99,6 +100,13 @@ impl Daemon {
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
 
+        // Metadata-only notices of rejected messages, for the sink to publish (if configured).
+        let (rejects_tx, rejects_rx) = if cfg.records.publish_rejects {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let mut bound = Vec::new();
         let mut feeds = Vec::new();
         let mut record_feeds = HashMap::new();
@@ -143,6 +151,7 @@ impl Daemon {
                 },
                 counters: telemetry.feed(&f.name),
                 inventory: inventory_of(&f.name),
+                rejects: rejects_tx.clone(),
                 outbox: outbox.clone(),
                 tls,
             };
@@ -254,6 +263,7 @@ impl Daemon {
                         normalise: None,
                     },
                 },
+                rejects: rejects_rx,
                 fleet: FleetSettings {
                     health: health.clone(),
                     health_interval: Duration::from_secs(cfg.mqtt.health_interval_secs),
@@ -273,9 +283,33 @@ impl Daemon {
             listeners.spawn(crate::sources::serial::run(sc, shutdown_rx.clone()));
         }
         let mut others = JoinSet::new();
+        let charsets: HashMap<String, Charset> = cfg
+            .mllp
+            .iter()
+            .map(|f| {
+                (
+                    f.name.clone(),
+                    Charset::from_msh18(&f.default_charset).unwrap_or(Charset::Utf8),
+                )
+            })
+            .chain(cfg.serial.iter().map(|s| {
+                (
+                    s.name.clone(),
+                    Charset::from_msh18(&s.charset).unwrap_or(Charset::Latin1),
+                )
+            }))
+            .collect();
         others.spawn(crate::status::serve(
             crate::status::socket_path(&cfg.data_dir),
-            Arc::new(health.clone()),
+            Arc::new(crate::status::StatusContext {
+                health: health.clone(),
+                outbox: outbox.clone(),
+                charsets,
+                responder: Responder {
+                    application: "SITERELAY".into(),
+                    facility: cfg.appliance_id.clone(),
+                },
+            }),
             shutdown_rx.clone(),
         ));
         others.spawn(sink.run(shutdown_rx.clone()));

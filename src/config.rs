@@ -212,6 +212,9 @@ pub struct StoreConfig {
     /// or a string such as `"7d"`, `"12h"`, `"30m"`.
     #[serde(default = "default_retain_delivered", deserialize_with = "de_duration")]
     pub retain_delivered: Duration,
+    /// How long messages answered `AE` are kept in quarantine (`siterelay queue rejected`).
+    #[serde(default = "default_retain_rejected", deserialize_with = "de_duration")]
+    pub retain_rejected: Duration,
 }
 
 impl Default for StoreConfig {
@@ -219,6 +222,7 @@ impl Default for StoreConfig {
         StoreConfig {
             max_bytes: default_store_max_bytes(),
             retain_delivered: default_retain_delivered(),
+            retain_rejected: default_retain_rejected(),
         }
     }
 }
@@ -295,11 +299,18 @@ pub struct RecordsConfig {
     /// Include the original message text as `raw` in every record.
     #[serde(default = "default_true")]
     pub include_raw: bool,
+    /// Publish a metadata-only notice per rejected (`AE`) message to
+    /// `<prefix>/<appliance_id>/rejects/<feed>` (no message content).
+    #[serde(default)]
+    pub publish_rejects: bool,
 }
 
 impl Default for RecordsConfig {
     fn default() -> Self {
-        RecordsConfig { include_raw: true }
+        RecordsConfig {
+            include_raw: true,
+            publish_rejects: false,
+        }
     }
 }
 
@@ -384,6 +395,9 @@ fn default_store_max_bytes() -> u64 {
 }
 fn default_retain_delivered() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
+}
+fn default_retain_rejected() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 fn default_mqtt_port() -> u16 {
     8883

@@ -128,6 +128,9 @@ pub struct FeedHealth {
     pub oversized: u64,
     /// Frames never finished.
     pub incomplete: u64,
+    /// Messages answered `AE` and kept in quarantine, since start.
+    #[serde(default)]
+    pub quarantined: u64,
     /// Time of the last stored message.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_message_at: Option<String>,
@@ -334,6 +337,7 @@ impl HealthContext {
                     discarded_bytes: ld(&c.discarded_bytes),
                     oversized: ld(&c.oversized),
                     incomplete: ld(&c.incomplete),
+                    quarantined: ld(&c.quarantined),
                     last_message_at: (last > 0).then(|| rfc3339_us(last as i64)),
                 }
             })

@@ -68,7 +68,46 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum RejectedCommand {
+    /// List quarantined messages (metadata only).
+    List,
+    /// Show one quarantined message's metadata and text (contains patient data).
+    Show {
+        /// Quarantine id.
+        id: i64,
+    },
+    /// Write one quarantined message's bytes, exactly as received, to a file.
+    Export {
+        /// Quarantine id.
+        id: i64,
+        /// Output file (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pass quarantined messages through the intake again (after a configuration change):
+    /// those that now pass become ordinary records with new seq numbers and "reprocessed": true.
+    Retry {
+        /// Quarantine id.
+        id: Option<i64>,
+        /// Every quarantined message.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum QueueCommand {
+    /// Messages answered AE (unusable content), kept in quarantine instead of being forwarded.
+    Rejected {
+        /// Configuration file (to find data_dir).
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH, global = true)]
+        config: PathBuf,
+        /// JSON output.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: Option<RejectedCommand>,
+    },
     /// Per feed: pending, delivered, oldest pending age, bytes. Safe while the daemon runs.
     Stats {
         /// Configuration file (to find data_dir).
@@ -93,6 +132,14 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::Stats { config, json },
         } => queue_stats(&config, json),
+        Command::Queue {
+            command:
+                QueueCommand::Rejected {
+                    config,
+                    json,
+                    command,
+                },
+        } => rejected(&config, json, command.unwrap_or(RejectedCommand::List)),
         Command::Status { config, json } => status(&config, json),
         Command::Watch(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -304,6 +351,134 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
             ExitCode::SUCCESS
         }
     })
+}
+
+fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let RejectedCommand::Retry { id, all } = cmd {
+        let line = match (id, all) {
+            (Some(id), false) => format!("retry {id}"),
+            (None, true) => "retry all".to_string(),
+            _ => {
+                eprintln!("give a quarantine id or --all");
+                return ExitCode::FAILURE;
+            }
+        };
+        let sock = siterelay::status::socket_path(&cfg.data_dir);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        return match rt.block_on(siterelay::status::request(&sock, &line)) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                if v["ok"] == true {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "the daemon must be running to retry (messages are stored through it): {} did not answer: {e}",
+                    sock.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let which = match &cmd {
+        RejectedCommand::Show { id } | RejectedCommand::Export { id, .. } => Some(*id),
+        _ => None,
+    };
+    let rows = match siterelay::outbox::Reader::open(&cfg.outbox_path())
+        .and_then(|r| r.quarantined(which))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cmd {
+        RejectedCommand::List => {
+            if json {
+                println!("{}", serde_json::to_string(&rows).unwrap_or_default());
+            } else {
+                println!(
+                    "{:>6}  {:<27} {:<16} {:>5} {:<8} {:>8}  REASON",
+                    "ID", "RECEIVED", "FEED", "CODE", "WHERE", "BYTES"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>6}  {:<27} {:<16} {:>5} {:<8} {:>8}  {}",
+                        r.id,
+                        siterelay::record::rfc3339_us(r.received_at_us),
+                        r.feed,
+                        r.error_code,
+                        r.error_location.as_deref().unwrap_or("-"),
+                        r.size,
+                        r.reason
+                    );
+                }
+                if rows.is_empty() {
+                    println!("(no quarantined messages)");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        RejectedCommand::Show { id } => match rows.first() {
+            Some(r) => {
+                if json {
+                    let mut v = serde_json::to_value(r).unwrap_or_default();
+                    v["raw"] = String::from_utf8_lossy(&r.raw).into_owned().into();
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+                    println!("--- message (patient data; segments on separate lines) ---");
+                    println!("{}", String::from_utf8_lossy(&r.raw).replace('\r', "\n"));
+                }
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("no quarantined message {id}");
+                ExitCode::FAILURE
+            }
+        },
+        RejectedCommand::Export { id, out } => match rows.first() {
+            Some(r) => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&out)
+                    .and_then(|mut f| f.write_all(&r.raw));
+                match written {
+                    Ok(()) => {
+                        println!("wrote {} bytes to {}", r.raw.len(), out.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("{}: {e}", out.display());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            None => {
+                eprintln!("no quarantined message {id}");
+                ExitCode::FAILURE
+            }
+        },
+        RejectedCommand::Retry { .. } => unreachable!("handled above"),
+    }
 }
 
 fn status(path: &Path, json: bool) -> ExitCode {

@@ -142,6 +142,37 @@ pub struct NewMessage {
     pub raw: Vec<u8>,
     /// Receive time, microseconds since the Unix epoch (UTC).
     pub received_at_us: i64,
+    /// Released from quarantine by `siterelay queue rejected retry`.
+    pub reprocessed: bool,
+}
+
+/// A message answered `AE`, kept in quarantine instead of being forwarded.
+#[derive(Debug, Clone)]
+pub struct RejectedMessage {
+    /// Feed name.
+    pub feed: Arc<str>,
+    /// Where it came from.
+    pub source_kind: SourceKind,
+    /// Peer address or device path.
+    pub peer: Option<String>,
+    /// Receive time (µs since epoch).
+    pub received_at_us: i64,
+    /// HL7 table 0357 error code sent in the ERR segment.
+    pub error_code: u16,
+    /// Segment and field of the problem, e.g. `MSH-10`.
+    pub error_location: Option<String>,
+    /// Why (no message content).
+    pub reason: String,
+    /// MSH-10, when readable.
+    pub control_id: Option<String>,
+    /// MSH-3, when readable.
+    pub sending_application: Option<String>,
+    /// MSH-4, when readable.
+    pub sending_facility: Option<String>,
+    /// `TYPE^TRIGGER`, when readable.
+    pub message_type: Option<String>,
+    /// The bytes exactly as received.
+    pub raw: Vec<u8>,
 }
 
 /// What the store assigned to a committed message.
@@ -212,6 +243,8 @@ pub struct OutboxOptions {
     pub max_bytes: u64,
     /// Keep delivered rows this long.
     pub retain_delivered: Duration,
+    /// Keep quarantined (`AE`) messages this long.
+    pub retain_rejected: Duration,
 }
 
 /// Counters shared with telemetry; updated by the writer after each commit.
@@ -242,6 +275,10 @@ enum Cmd {
     Increment(&'static str, oneshot::Sender<Result<i64, AppendError>>),
     /// Store a value in `meta` (e.g. the feed inventory).
     PutMeta(&'static str, String),
+    /// Keep an `AE`-answered message in quarantine; answers its quarantine id.
+    Quarantine(RejectedMessage, oneshot::Sender<Result<i64, AppendError>>),
+    /// Delete a quarantined message (it has been stored as a message again).
+    Forget(i64, oneshot::Sender<Result<i64, AppendError>>),
 }
 
 /// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
@@ -263,7 +300,7 @@ impl WriterThread {
     }
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -287,6 +324,23 @@ CREATE TABLE IF NOT EXISTS feed_seq (
     feed     TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rejected (
+    id                  INTEGER PRIMARY KEY,
+    feed                TEXT    NOT NULL,
+    source_kind         TEXT    NOT NULL,
+    peer                TEXT,
+    received_at_us      INTEGER NOT NULL,
+    error_code          INTEGER NOT NULL,
+    error_location      TEXT,
+    reason              TEXT    NOT NULL,
+    control_id          TEXT,
+    sending_application TEXT,
+    sending_facility    TEXT,
+    message_type        TEXT,
+    size                INTEGER NOT NULL,
+    raw                 BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejected_time ON rejected(received_at_us);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -392,6 +446,27 @@ impl Outbox {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Keep an `AE`-answered message in quarantine; returns its quarantine id once committed.
+    pub async fn quarantine(&self, m: RejectedMessage) -> Result<i64, AppendError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Quarantine(m, tx))
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Delete a quarantined message once it has been stored again (a crash in between leaves
+    /// it in both places, never in neither).
+    pub async fn forget_rejected(&self, id: i64) -> Result<(), AppendError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Forget(id, tx))
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?.map(|_| ())
+    }
+
     /// Store `value` under `key` (committed with the next group).
     pub async fn put_meta(&self, key: &'static str, value: String) {
         let _ = self.tx.send(Cmd::PutMeta(key, value)).await;
@@ -480,6 +555,21 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
     )
     .map_err(&e)?;
     conn.execute_batch(SCHEMA).map_err(&e)?;
+    // Version 2 added `messages.reprocessed` (and the `rejected` table, created above).
+    let has_reprocessed: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'reprocessed'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(&e)?
+        > 0;
+    if !has_reprocessed {
+        conn.execute_batch(
+            "ALTER TABLE messages ADD COLUMN reprocessed INTEGER NOT NULL DEFAULT 0;",
+        )
+        .map_err(&e)?;
+    }
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
     Ok(())
@@ -638,7 +728,8 @@ fn apply_batch(
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO messages (id, record_id, feed, seq, received_at_us, source_kind, peer, \
-                 format, control_id, size, raw) VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 format, control_id, size, raw, reprocessed) \
+                 VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12)",
             )?;
             let mut mark = tx.prepare_cached(
                 "UPDATE messages SET state = 1, delivered_at_us = ?2 WHERE id = ?1 AND state = 0 \
@@ -672,6 +763,7 @@ fn apply_batch(
                             size as i64,
                             msg.raw,
                             state.next_id,
+                            msg.reprocessed,
                         ])?;
                         let row_id = state.next_id;
                         state.next_id += 1;
@@ -711,6 +803,34 @@ fn apply_batch(
                             |r| r.get(0),
                         )?;
                         increments.push((reply, v));
+                    }
+                    Cmd::Quarantine(m, reply) => {
+                        tx.execute(
+                            "INSERT INTO rejected (feed, source_kind, peer, received_at_us, error_code, \
+                             error_location, reason, control_id, sending_application, \
+                             sending_facility, message_type, size, raw) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                            params![
+                                &*m.feed,
+                                m.source_kind.as_str(),
+                                m.peer,
+                                m.received_at_us,
+                                m.error_code,
+                                m.error_location,
+                                m.reason,
+                                m.control_id,
+                                m.sending_application,
+                                m.sending_facility,
+                                m.message_type,
+                                m.raw.len() as i64,
+                                m.raw,
+                            ],
+                        )?;
+                        increments.push((reply, tx.last_insert_rowid()));
+                    }
+                    Cmd::Forget(id, reply) => {
+                        let n = tx.execute("DELETE FROM rejected WHERE id = ?1", params![id])?;
+                        increments.push((reply, n as i64));
                     }
                     Cmd::PutMeta(key, value) => {
                         tx.execute(
@@ -809,6 +929,11 @@ fn prune_delivered(conn: &mut Connection, state: &mut WriterState) -> rusqlite::
             break;
         }
     }
+    let rejected_cutoff = now_us() - state.opts.retain_rejected.as_micros() as i64;
+    removed += conn.execute(
+        "DELETE FROM rejected WHERE received_at_us < ?1",
+        params![rejected_cutoff],
+    )? as u64;
     if removed > 0 {
         conn.execute_batch("PRAGMA incremental_vacuum;")?;
         info!(removed, "pruned delivered messages");
@@ -837,6 +962,52 @@ pub struct PendingRow {
     pub format: Format,
     /// Raw bytes.
     pub raw: Vec<u8>,
+    /// Released from quarantine by a retry.
+    pub reprocessed: bool,
+}
+
+/// A quarantined message as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuarantinedRow {
+    /// Quarantine id.
+    pub id: i64,
+    /// Feed name.
+    pub feed: String,
+    /// `mllp` or `serial`.
+    pub source_kind: String,
+    /// Peer address or device path.
+    pub peer: Option<String>,
+    /// Receive time (µs since epoch).
+    pub received_at_us: i64,
+    /// HL7 table 0357 error code.
+    pub error_code: u16,
+    /// Segment and field, e.g. `MSH-10`.
+    pub error_location: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// MSH-10, when readable.
+    pub control_id: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// The bytes as received (patient data: never logged).
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+}
+
+fn row_to_quarantined(r: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantinedRow> {
+    Ok(QuarantinedRow {
+        id: r.get(0)?,
+        feed: r.get(1)?,
+        source_kind: r.get(2)?,
+        peer: r.get(3)?,
+        received_at_us: r.get(4)?,
+        error_code: r.get::<_, i64>(5)? as u16,
+        error_location: r.get(6)?,
+        reason: r.get(7)?,
+        control_id: r.get(8)?,
+        size: r.get::<_, i64>(9)? as u64,
+        raw: r.get(10)?,
+    })
 }
 
 fn row_to_pending(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingRow> {
@@ -850,6 +1021,7 @@ fn row_to_pending(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingRow> {
         peer: r.get(6)?,
         format: Format::parse(&r.get::<_, String>(7)?),
         raw: r.get(8)?,
+        reprocessed: r.get::<_, i64>(9)? != 0,
     })
 }
 
@@ -886,8 +1058,8 @@ impl Reader {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw \
-                 FROM messages WHERE state = 0 AND id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw, \
+                 reprocessed FROM messages WHERE state = 0 AND id > ?1 ORDER BY id LIMIT ?2",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
@@ -937,8 +1109,8 @@ impl Reader {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw \
-                 FROM messages WHERE feed = ?1 AND seq >= ?2 ORDER BY id LIMIT ?3",
+                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw, \
+                 reprocessed FROM messages WHERE feed = ?1 AND seq >= ?2 ORDER BY id LIMIT ?3",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
@@ -967,6 +1139,21 @@ impl Reader {
                 },
             )
             .map_err(sqlite(&self.path))
+    }
+
+    /// Quarantined messages, oldest first (one id, or all).
+    pub fn quarantined(&self, which: Option<i64>) -> Result<Vec<QuarantinedRow>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, feed, source_kind, peer, received_at_us, error_code, error_location, \
+                 reason, control_id, size, raw FROM rejected WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+            )
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map(params![which], row_to_quarantined)
+            .map_err(sqlite(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
     }
 
     /// Per-feed queue statistics.
@@ -1049,6 +1236,7 @@ mod tests {
             control_id: Some("C1".into()),
             raw: body.as_bytes().to_vec(),
             received_at_us: now_us(),
+            reprocessed: false,
         }
     }
 
@@ -1056,6 +1244,7 @@ mod tests {
         OutboxOptions {
             max_bytes,
             retain_delivered: Duration::from_secs(3600),
+            retain_rejected: Duration::from_secs(3600),
         }
     }
 
@@ -1080,6 +1269,7 @@ mod tests {
             OutboxOptions {
                 max_bytes: 1 << 20,
                 retain_delivered: Duration::ZERO,
+                retain_rejected: Duration::from_secs(3600),
             },
         )
         .unwrap();

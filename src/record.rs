@@ -96,6 +96,9 @@ struct Record<'a> {
     /// Present (true) only on records resent by a `replay` command.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     replay: bool,
+    /// Present (true) only on messages released from quarantine by a retry.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    reprocessed: bool,
 }
 
 #[derive(Serialize)]
@@ -200,6 +203,7 @@ impl RecordBuilder {
             },
             raw: self.include_raw.then_some(text),
             replay,
+            reprocessed: row.reprocessed,
         };
         serde_json::to_vec(&record).expect("records serialise")
     }

@@ -14,16 +14,35 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use std::collections::HashMap;
+
 use crate::health::{Health, HealthContext};
-use crate::outbox::Reader;
+use crate::hl7::charset::Charset;
+use crate::hl7::intake::{self, Intake, Responder};
+use crate::outbox::{Format, NewMessage, Outbox, Reader, SourceKind};
+
+/// What the status socket needs: the health sources, and for `retry`, the outbox and each
+/// feed's current character-set setting.
+pub struct StatusContext {
+    /// Health report sources.
+    pub health: HealthContext,
+    /// The outbox.
+    pub outbox: Outbox,
+    /// Each feed's charset assumed when MSH-18 is empty (as configured now).
+    pub charsets: HashMap<String, Charset>,
+    /// Identity in minimal NAKs (not sent anywhere on a retry, but the intake needs one).
+    pub responder: Responder,
+}
 
 /// The socket path inside a data directory.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("status.sock")
 }
 
-/// Serve status requests until shutdown.
-pub async fn serve(path: PathBuf, ctx: Arc<HealthContext>, mut shutdown: watch::Receiver<bool>) {
+/// Serve requests until shutdown. A client writes one line: `status` (or nothing) for the
+/// health report, or `retry all` / `retry <id>` to pass quarantined messages through the intake
+/// again; it gets one JSON document back.
+pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, mut shutdown: watch::Receiver<bool>) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -34,8 +53,7 @@ pub async fn serve(path: PathBuf, ctx: Arc<HealthContext>, mut shutdown: watch::
         }
     };
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-    let reader = Reader::open(&ctx.data_dir.join("outbox.sqlite")).ok();
-    let reader = Arc::new(std::sync::Mutex::new(reader));
+    let db = ctx.health.data_dir.join("outbox.sqlite");
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -45,18 +63,41 @@ pub async fn serve(path: PathBuf, ctx: Arc<HealthContext>, mut shutdown: watch::
             continue;
         };
         let ctx = ctx.clone();
-        let reader = reader.clone();
+        let db = db.clone();
         tokio::spawn(async move {
-            let report = tokio::task::spawn_blocking(move || {
-                let oldest = reader.lock().ok().and_then(|r| {
-                    r.as_ref()
-                        .and_then(|r| r.oldest_pending_us().ok().flatten())
-                });
-                ctx.report(oldest, 0)
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(2), async {
+                while line.len() < 64 {
+                    match stream.read(&mut byte).await {
+                        Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
+                        _ => break,
+                    }
+                }
             })
             .await;
-            if let Ok(report) = report {
-                let body = serde_json::to_vec(&report).unwrap_or_default();
+            let request = String::from_utf8_lossy(&line).trim().to_string();
+            let body = if read.is_err() || request.is_empty() || request == "status" {
+                let ctx2 = ctx.clone();
+                let report = tokio::task::spawn_blocking(move || {
+                    let oldest = Reader::open(&db)
+                        .ok()
+                        .and_then(|r| r.oldest_pending_us().ok().flatten());
+                    ctx2.health.report(oldest, 0)
+                })
+                .await;
+                report.ok().and_then(|r| serde_json::to_vec(&r).ok())
+            } else if let Some(which) = request.strip_prefix("retry ") {
+                let which = if which == "all" {
+                    None
+                } else {
+                    which.parse().ok().map(Some).unwrap_or(Some(-1))
+                };
+                Some(serde_json::to_vec(&retry(&ctx, &db, which).await).unwrap_or_default())
+            } else {
+                Some(br#"{"ok":false,"error":"unknown request"}"#.to_vec())
+            };
+            if let Some(body) = body {
                 let _ = stream.write_all(&body).await;
                 let _ = stream.shutdown().await;
             }
@@ -66,10 +107,85 @@ pub async fn serve(path: PathBuf, ctx: Arc<HealthContext>, mut shutdown: watch::
     debug!("status socket closed");
 }
 
+/// Pass quarantined messages (one, or all) through the intake again with the feeds' current
+/// settings: those that pass become ordinary messages (new `seq`, `"reprocessed": true`) and
+/// leave the quarantine; the others stay.
+async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json::Value {
+    let db = db.to_path_buf();
+    let rows = match tokio::task::spawn_blocking(move || {
+        Reader::open(&db).and_then(|r| r.quarantined(which))
+    })
+    .await
+    {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => return serde_json::json!({"ok": false, "error": e.to_string()}),
+        Err(e) => return serde_json::json!({"ok": false, "error": e.to_string()}),
+    };
+    if rows.is_empty() {
+        return serde_json::json!({"ok": false, "error": "no such quarantined message"});
+    }
+    let mut results = Vec::new();
+    for row in rows {
+        let charset = ctx
+            .charsets
+            .get(&row.feed)
+            .copied()
+            .unwrap_or(Charset::Utf8);
+        let outcome = match intake::assess(&row.raw, charset, &ctx.responder) {
+            Intake::Store(h) => {
+                let msg = NewMessage {
+                    feed: Arc::from(row.feed.as_str()),
+                    source_kind: if row.source_kind == "serial" {
+                        SourceKind::Serial
+                    } else {
+                        SourceKind::Mllp
+                    },
+                    peer: row.peer.clone(),
+                    format: Format::Hl7v2,
+                    control_id: Some(h.control_id.clone()),
+                    raw: row.raw.clone(),
+                    received_at_us: row.received_at_us,
+                    reprocessed: true,
+                };
+                match ctx.outbox.append(msg).await {
+                    Ok(stored) => {
+                        let _ = ctx.outbox.forget_rejected(row.id).await;
+                        tracing::info!(feed = %row.feed, quarantine_id = row.id, seq = stored.seq, "quarantined message reprocessed");
+                        serde_json::json!({"id": row.id, "stored": true, "seq": stored.seq})
+                    }
+                    Err(e) => {
+                        serde_json::json!({"id": row.id, "stored": false, "error": e.to_string()})
+                    }
+                }
+            }
+            Intake::Reject { reason, .. } => {
+                serde_json::json!({"id": row.id, "stored": false, "error": reason})
+            }
+        };
+        results.push(outcome);
+    }
+    serde_json::json!({"ok": true, "results": results})
+}
+
+/// Send one request line to a running daemon and read its JSON answer.
+pub async fn request(path: &Path, line: &str) -> std::io::Result<serde_json::Value> {
+    let fut = async {
+        let mut s = tokio::net::UnixStream::connect(path).await?;
+        s.write_all(format!("{line}\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        serde_json::from_slice(&buf).map_err(std::io::Error::other)
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
 /// Ask a running daemon for its report.
 pub async fn query(path: &Path) -> std::io::Result<Health> {
     let fut = async {
         let mut s = tokio::net::UnixStream::connect(path).await?;
+        s.write_all(b"status\n").await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         serde_json::from_slice::<Health>(&buf).map_err(std::io::Error::other)

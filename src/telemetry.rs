@@ -27,6 +27,8 @@ pub struct FeedCounters {
     pub discarded_bytes: AtomicU64,
     /// Frames over `max_message_bytes`.
     pub oversized: AtomicU64,
+    /// Messages answered `AE` and kept in quarantine, since start.
+    pub quarantined: AtomicU64,
     /// Frames never finished (no end block before EOF, timeout or a new start block).
     pub incomplete: AtomicU64,
     /// Connections open now.

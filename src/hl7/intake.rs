@@ -16,12 +16,16 @@ use crate::hl7::header::{Header, HeaderError, parse_header};
 pub enum Intake {
     /// Usable: store it, then answer with [`answer_stored`] or [`answer_refused`].
     Store(Box<Header>),
-    /// Unusable content: send this `AE` and do not store or forward.
+    /// Unusable content: quarantine it, send this `AE`, do not forward.
     Reject {
         /// The framed-content ACK bytes (without MLLP framing).
         ack: Vec<u8>,
         /// Why, for logs and counters (no message content).
         reason: String,
+        /// The HL7 error (table 0357 code and location) sent in the ERR segment.
+        error: AckError,
+        /// Header facts when the MSH could be read (no patient data).
+        header: Option<Box<Header>>,
     },
 }
 
@@ -73,6 +77,8 @@ pub fn assess(message: &[u8], default_charset: Charset, me: &Responder) -> Intak
         return Intake::Reject {
             ack,
             reason: format!("charset: {e}"),
+            error: err,
+            header: Some(Box::new(header)),
         };
     }
     Intake::Store(Box::new(header))
@@ -96,6 +102,8 @@ fn reject_header(e: &HeaderError, me: &Responder) -> Intake {
     Intake::Reject {
         ack,
         reason: e.to_string(),
+        error: err,
+        header: None,
     }
 }
 

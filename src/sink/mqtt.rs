@@ -89,6 +89,8 @@ pub struct SinkSettings {
     pub records: RecordBuilder,
     /// Birth/death, health, inventory, commands.
     pub fleet: FleetSettings,
+    /// Reject notices to publish on `<prefix>/<appliance>/rejects/<feed>` (when configured).
+    pub rejects: Option<mpsc::Receiver<crate::sources::mllp::server::RejectNotice>>,
 }
 
 /// Events from either protocol version, reduced to what the sink needs.
@@ -201,7 +203,8 @@ impl MqttSink {
     }
 
     /// Run until `shutdown` turns true: connect, publish, reconnect with backoff.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut rejects = self.settings.rejects.take();
         let m = &self.settings.mqtt;
         let mut reader = match self.outbox.reader() {
             Ok(r) => Some(r),
@@ -219,7 +222,7 @@ impl MqttSink {
             if *shutdown.borrow() {
                 break;
             }
-            match self.session(&mut reader, &mut shutdown).await {
+            match self.session(&mut reader, &mut rejects, &mut shutdown).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Failed {
                     error,
@@ -322,6 +325,7 @@ impl MqttSink {
     async fn session(
         &self,
         reader: &mut Option<Reader>,
+        rejects: &mut Option<mpsc::Receiver<crate::sources::mllp::server::RejectNotice>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         // Delivered marks from the previous session must be committed before we read pending
@@ -606,6 +610,15 @@ impl MqttSink {
                     },
                 },
                 _ = appended.notified(), if room && connected => caught_up = false,
+                notice = recv_opt(rejects), if connected && rejects.is_some() => {
+                    if let Some(n) = notice {
+                        let topic = format!("{}/{}/rejects/{}", self.settings.mqtt.topic_prefix, appliance, n.feed);
+                        let mut v = serde_json::to_value(&n).unwrap_or_default();
+                        v["schema"] = "siterelay.reject.v1".into();
+                        v["appliance"] = appliance.as_str().into();
+                        control!(&topic, serde_json::to_vec(&v).unwrap_or_default(), false);
+                    }
+                }
                 _ = sleep_until_opt(next_retry), if next_retry.is_some() => {}
                 _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() => {
                     break SessionEnd::Failed {
@@ -872,6 +885,13 @@ fn inventory_view(d: &FeedInventoryData, kind: &str, format: &str) -> serde_json
         "first_seen": (d.first_seen_us > 0).then(|| rfc3339_us(d.first_seen_us)),
         "last_seen": (d.last_seen_us > 0).then(|| rfc3339_us(d.last_seen_us)),
     })
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves once shutdown is requested (holds no borrow of the watch value across awaits).

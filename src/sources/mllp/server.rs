@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
@@ -49,6 +49,8 @@ pub struct FeedContext {
     pub outbox: Outbox,
     /// TLS, when configured.
     pub tls: Option<TlsAcceptor>,
+    /// Reject notices for the sink, when `records.publish_rejects` is on.
+    pub rejects: Option<mpsc::Sender<RejectNotice>>,
 }
 
 /// A bound listener, ready to serve.
@@ -261,6 +263,33 @@ pub struct Hl7Target<'a> {
     pub inventory: &'a FeedInventory,
     /// Where messages go.
     pub outbox: &'a Outbox,
+    /// Metadata-only notices of rejected messages, when `records.publish_rejects` is on.
+    pub rejects: Option<&'a mpsc::Sender<RejectNotice>>,
+}
+
+/// A rejected message, as the central side may be told about it (no content).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RejectNotice {
+    /// Feed name.
+    pub feed: String,
+    /// When it was received (RFC 3339).
+    pub at: String,
+    /// Quarantine id on the appliance.
+    pub quarantine_id: i64,
+    /// MSH-3.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sending_application: Option<String>,
+    /// MSH-4.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sending_facility: Option<String>,
+    /// `TYPE^TRIGGER`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<String>,
+    /// HL7 table 0357 code.
+    pub error_code: u16,
+    /// Segment-field, e.g. `MSH-10`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_location: Option<String>,
 }
 
 impl FeedContext {
@@ -273,6 +302,7 @@ impl FeedContext {
             counters: &self.counters,
             inventory: &self.inventory,
             outbox: &self.outbox,
+            rejects: self.rejects.as_ref(),
         }
     }
 }
@@ -291,8 +321,23 @@ pub async fn handle_message(
     let received_at_us = now_us();
     let header = match intake::assess(&msg, ctx.default_charset, ctx.responder) {
         Intake::Store(h) => h,
-        Intake::Reject { ack, reason } => {
+        Intake::Reject {
+            ack,
+            reason,
+            error,
+            header,
+        } => {
             event::rejected(c, feed, peer, size, &reason);
+            quarantine(
+                ctx,
+                msg,
+                peer,
+                received_at_us,
+                &reason,
+                &error,
+                header.as_deref(),
+            )
+            .await;
             return ack;
         }
     };
@@ -309,6 +354,7 @@ pub async fn handle_message(
         control_id: Some(header.control_id.clone()),
         raw: msg,
         received_at_us,
+        reprocessed: false,
     };
     match ctx.outbox.append(new).await {
         Ok(stored) => {
@@ -344,5 +390,61 @@ pub async fn handle_message(
             event::refused(c, feed, &header.control_id, size, &e.to_string());
             intake::answer_refused(&header, text)
         }
+    }
+}
+
+/// Keep a rejected message (committed before its `AE` goes out) and, if configured, tell the
+/// central side about it without content.
+async fn quarantine(
+    ctx: &Hl7Target<'_>,
+    raw: Vec<u8>,
+    peer: &str,
+    received_at_us: i64,
+    reason: &str,
+    error: &crate::hl7::ack::AckError,
+    header: Option<&crate::hl7::header::Header>,
+) {
+    let message_type = header.map(|h| match &h.trigger_event {
+        Some(t) => format!("{}^{}", h.message_type, t),
+        None => h.message_type.clone(),
+    });
+    let m = crate::outbox::RejectedMessage {
+        feed: ctx.name.clone(),
+        source_kind: ctx.source_kind,
+        peer: Some(peer.to_string()),
+        received_at_us,
+        error_code: error.code,
+        error_location: error.location.map(|(seg, field)| format!("{seg}-{field}")),
+        reason: reason.to_string(),
+        control_id: header.map(|h| h.control_id.clone()),
+        sending_application: header.and_then(|h| h.sending_application.clone()),
+        sending_facility: header.and_then(|h| h.sending_facility.clone()),
+        message_type,
+        raw,
+    };
+    let notice = RejectNotice {
+        feed: ctx.name.to_string(),
+        at: crate::record::rfc3339_us(received_at_us),
+        quarantine_id: 0,
+        sending_application: m.sending_application.clone(),
+        sending_facility: m.sending_facility.clone(),
+        message_type: m.message_type.clone(),
+        error_code: m.error_code,
+        error_location: m.error_location.clone(),
+    };
+    match ctx.outbox.quarantine(m).await {
+        Ok(id) => {
+            ctx.counters
+                .quarantined
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(tx) = ctx.rejects {
+                // Best effort: the quarantine itself is the record of truth.
+                let _ = tx.try_send(RejectNotice {
+                    quarantine_id: id,
+                    ..notice
+                });
+            }
+        }
+        Err(e) => warn!(feed = %ctx.name, error = %e, "could not quarantine a rejected message"),
     }
 }

@@ -56,6 +56,7 @@ async fn store(
         control_id,
         raw,
         received_at_us: now_us(),
+        reprocessed: false,
     };
     let c = &*ctx.counters;
     match ctx.outbox.append(msg).await {
@@ -177,6 +178,7 @@ where
         counters: &ctx.counters,
         inventory: &ctx.inventory,
         outbox: &ctx.outbox,
+        rejects: None,
     };
     loop {
         while let Some(ev) = framer.next_event() {

@@ -1,0 +1,144 @@
+//! Messages answered AE are kept in quarantine, not forwarded, optionally announced without
+//! content, and can be retried after a configuration change: the real binary, a real broker.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// An ADT whose patient name has a Latin-1 byte but whose MSH-18 is empty: valid under a
+/// feed default of 8859/1, invalid under ASCII.
+fn latin1_adt(id: &str) -> Vec<u8> {
+    let mut m = adt(id);
+    let at = m.windows(7).position(|w| w == b"PATIENT").unwrap();
+    m[at + 1] = 0xC9; // 'É' in ISO 8859-1
+    m
+}
+
+fn rejected(cfg: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["queue", "rejected"])
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_messages_are_quarantined_announced_without_content_and_retried_after_a_fix() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut records = broker.subscribe(&env, "siterelay/test-box/records/#").await;
+    let mut rejects = broker.subscribe(&env, "siterelay/test-box/rejects/#").await;
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = env.config_text(broker.port, &[], "")
+        + "\n[records]\npublish_rejects = true\n"
+        + &format!("\n[[mllp]]\nname = \"adt\"\nlisten = \"{listen}\"\n");
+    let strict = base.clone() + "default_charset = \"ASCII\"\n";
+    let cfg = env.write_config("s.toml", &strict);
+    let mut p = Proc::start(&cfg, env.dir.path().join("run1.log"));
+    wait_listening(port).await;
+
+    let mut c = connect(listen.parse().unwrap()).await;
+    let ack = c.send(&latin1_adt("Q1"), ACK_WAIT).await.unwrap();
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AE", "Q1"));
+    let ack = c.send(b"this is not HL7 at all", ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AE");
+    drop(c);
+
+    // Kept, with the error code and location; never forwarded as a record.
+    let (ok, out) = rejected(&cfg, &["--json"]);
+    assert!(ok, "{out}");
+    let list: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 2, "{out}");
+    assert_eq!(
+        (
+            list[0]["error_code"].as_u64(),
+            list[0]["error_location"].as_str()
+        ),
+        (Some(102), Some("MSH-18"))
+    );
+    assert_eq!(list[0]["control_id"], "Q1");
+    assert_eq!(list[1]["error_code"], 100);
+    assert!(
+        records.recv(Duration::from_millis(500)).await.is_none(),
+        "nothing forwarded"
+    );
+
+    // Announced with metadata only.
+    let notices = rejects.collect(2, Duration::from_secs(10)).await;
+    assert_eq!(notices.len(), 2);
+    let (topic, payload, _) = &notices[0];
+    assert_eq!(topic, "siterelay/test-box/rejects/adt");
+    let text = String::from_utf8_lossy(payload);
+    let n: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(n["schema"], "siterelay.reject.v1");
+    assert_eq!(n["error_code"], 102);
+    assert_eq!(n["message_type"], "ADT^A01");
+    assert_eq!(n["sending_application"], "PAS");
+    assert_eq!(n["quarantine_id"], list[0]["id"]);
+    for secret in ["9990000018", "TEST^", "PATIENT", "Q1"] {
+        assert!(
+            !text.contains(secret),
+            "reject notice carries no message content: {text}"
+        );
+    }
+
+    // Export gives the bytes exactly as received.
+    let out_file = env.dir.path().join("q1.hl7");
+    let (ok, _) = rejected(
+        &cfg,
+        &[
+            "export",
+            &list[0]["id"].to_string(),
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok);
+    assert_eq!(std::fs::read(&out_file).unwrap(), latin1_adt("Q1"));
+
+    // Fix the configuration (the feed really sends ISO 8859-1), restart, retry everything.
+    assert!(p.sigterm().unwrap().success());
+    let fixed = base + "default_charset = \"8859/1\"\n";
+    std::fs::write(&cfg, fixed).unwrap();
+    let _p = Proc::start(&cfg, env.dir.path().join("run2.log"));
+    wait_listening(port).await;
+    let (ok, out) = rejected(&cfg, &["retry", "--all"]);
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results[0]["stored"], true, "{out}");
+    assert_eq!(results[1]["stored"], false, "still not HL7: {out}");
+
+    let (_, payload, _) = records
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("the retried message is forwarded");
+    let r = json(&payload);
+    assert_eq!(r["reprocessed"], true);
+    assert_eq!(r["seq"], 1);
+    assert_eq!(r["hl7"]["control_id"], "Q1");
+    assert_eq!(r["charset"], "8859/1");
+    assert!(
+        r["raw"].as_str().unwrap().contains("PÉTIENT")
+            || r["raw"].as_str().unwrap().contains("\u{c9}")
+    );
+
+    let (_, out) = rejected(&cfg, &["--json"]);
+    let left: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "only the non-HL7 message stays quarantined: {out}"
+    );
+}
