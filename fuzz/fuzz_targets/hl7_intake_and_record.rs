@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
         peer: None,
         format: Format::Hl7v2,
         raw: data.to_vec(),
+        reprocessed: false,
     };
     let json = builder().build(&row);
     assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok());
