@@ -6,6 +6,7 @@
 //! cargo run --release --example loadgen -- --connections 8 --messages 100000
 //! cargo run --release --example loadgen -- --connections 8 --messages 100000 --broker mosquitto
 //! cargo run --release --example loadgen -- --connections 8 --messages 100000 --broker none
+//! cargo run --release --example loadgen -- --connections 8 --messages 100000 --no-normalise
 //! ```
 //!
 //! Phases:
@@ -28,6 +29,7 @@ struct Args {
     messages: usize,
     size: usize,
     broker: String,
+    normalise: bool,
 }
 
 fn args() -> Args {
@@ -36,6 +38,7 @@ fn args() -> Args {
         messages: 100_000,
         size: 0,
         broker: "inprocess".into(),
+        normalise: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -45,6 +48,7 @@ fn args() -> Args {
             "--messages" => a.messages = v().parse().expect("number"),
             "--pad-bytes" => a.size = v().parse().expect("number"),
             "--broker" => a.broker = v(),
+            "--no-normalise" => a.normalise = false,
             "-h" | "--help" => {
                 println!(
                     "loadgen [--connections N] [--messages N] [--pad-bytes N] [--broker inprocess|mosquitto|none]"
@@ -144,7 +148,9 @@ reconnect_max_secs = 1
 [[mllp]]
 name = "load"
 listen = "127.0.0.1:0"
+normalise = {normalise}
 "#,
+        normalise = a.normalise,
         data = dir.path().join("data").display(),
         ca = pki.ca_file().display(),
         cert = pki.client_cert_file().display(),
@@ -157,12 +163,13 @@ listen = "127.0.0.1:0"
     let addr = d.addr("load").unwrap();
     let gauges = d.outbox().gauges();
     println!(
-        "loadgen: {} connections x {} messages (~{} bytes each), outbox {}, broker {}",
+        "loadgen: {} connections x {} messages (~{} bytes each), outbox {}, broker {}, normalise {}",
         a.connections,
         a.messages / a.connections,
         message(0, 0, a.size).len(),
         cfg.outbox_path().display(),
-        a.broker
+        a.broker,
+        a.normalise
     );
 
     let commits0 = gauges.commits.load(Ordering::Relaxed);
