@@ -135,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
     let port = siterelay_testkit::free_port();
     let cfg_text = format!(
         r#"appliance_id = "loadgen"
+organisation = "RXX"
 data_dir = "{data}"
 [log]
 level = "warn"

@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         &config_path,
         format!(
             r#"appliance_id = "quickstart-box"
+organisation = "RXX"
 data_dir = "{data}"
 
 [mqtt]

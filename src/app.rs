@@ -252,7 +252,7 @@ impl Daemon {
                 max_packet_bytes,
                 records: RecordBuilder {
                     appliance: cfg.appliance_id.clone(),
-                    organisation: cfg.organisation.clone(),
+                    organisation: Some(cfg.organisation.clone()),
                     include_raw: cfg.records.include_raw,
                     feeds: record_feeds,
                     fallback: FeedRecordSettings {

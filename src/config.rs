@@ -23,8 +23,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/siterelay/siterelay.toml";
 pub struct Config {
     /// The organisation this appliance serves, e.g. its ODS code (`RXX`). Copied into every
     /// record so the central side can scope local identifiers (MRNs) by organisation.
-    #[serde(default)]
-    pub organisation: Option<String>,
+    pub organisation: String,
     /// Name of this appliance in MQTT topics and records, e.g. `rfh-edge-01`.
     /// Letters, digits, `-` and `_` only (it becomes a topic level).
     pub appliance_id: String,
@@ -477,9 +476,8 @@ impl Config {
             ));
         }
         check_level(&self.log.level, &mut p);
-        if let Some(o) = &self.organisation
-            && (o.trim().is_empty() || o.len() > 64 || o.chars().any(|c| c.is_control()))
-        {
+        let o = &self.organisation;
+        if o.trim().is_empty() || o.len() > 64 || o.chars().any(|c| c.is_control()) {
             p.push(Problem::at(
                 "organisation",
                 "must be a short code such as an ODS code (\"RXX\"), at most 64 characters",
@@ -1030,6 +1028,7 @@ mod tests {
 
     const MINIMAL: &str = r#"
 appliance_id = "box-1"
+organisation = "RXX"
 data_dir = "/tmp/x"
 [mqtt]
 host = "localhost"
@@ -1054,7 +1053,7 @@ listen = "127.0.0.1:2575"
         let text = MINIMAL.replace("name = \"adt\"", "name = \"adt\"\nlisen = \"x\"");
         let p = problems(&text);
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].line, Some(9));
+        assert_eq!(p[0].line, Some(10));
         assert!(p[0].message.contains("unknown field `lisen`"), "{:?}", p);
     }
 
@@ -1063,8 +1062,8 @@ listen = "127.0.0.1:2575"
         let text = format!("{MINIMAL}[[mllp]]\nname = \"adt\"\nlisten = \"0.0.0.0:99999\"\n");
         let p = problems(&text);
         assert_eq!(p.len(), 2, "{p:?}");
-        assert_eq!((p[0].key.as_str(), p[0].line), ("mllp[1].name", Some(11)));
-        assert_eq!((p[1].key.as_str(), p[1].line), ("mllp[1].listen", Some(12)));
+        assert_eq!((p[0].key.as_str(), p[0].line), ("mllp[1].name", Some(12)));
+        assert_eq!((p[1].key.as_str(), p[1].line), ("mllp[1].listen", Some(13)));
         assert!(p[1].message.contains("not a socket address"));
     }
 
@@ -1074,7 +1073,7 @@ listen = "127.0.0.1:2575"
         let p = problems(&text);
         let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file"]);
-        assert!(p.iter().all(|p| p.line == Some(4)), "{p:?}");
+        assert!(p.iter().all(|p| p.line == Some(5)), "{p:?}");
     }
 
     #[test]

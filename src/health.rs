@@ -193,6 +193,10 @@ pub struct ClockHealth {
     /// Kernel's estimated error, microseconds.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub est_error_us: Option<i64>,
+    /// The clock's current offset from its time source as the kernel's discipline sees it
+    /// (adjtimex), microseconds; only meaningful while `synchronized`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub offset_us: Option<i64>,
     /// True when the wall clock is obviously wrong: before this build was made, or before the
     /// client certificate's start of validity.
     pub suspect: bool,
@@ -225,14 +229,25 @@ fn cert_not_before(path: &Path) -> Option<i64> {
 /// The kernel's view of clock synchronisation (adjtimex), when available.
 pub fn clock_state(client_cert: Option<&Path>) -> ClockHealth {
     // SAFETY: adjtimex with modes = 0 only reads the kernel's timex state into our struct.
-    let (synchronized, max_error_us, est_error_us) = unsafe {
+    let (synchronized, max_error_us, est_error_us, offset_us) = unsafe {
         let mut tx: libc::timex = std::mem::zeroed();
         let state = libc::adjtimex(&mut tx);
         if state < 0 {
-            (None, None, None)
+            (None, None, None, None)
         } else {
             let unsync = tx.status & libc::STA_UNSYNC != 0 || state == libc::TIME_ERROR;
-            (Some(!unsync), Some(tx.maxerror), Some(tx.esterror))
+            // With STA_NANO the offset is in nanoseconds.
+            let offset = if tx.status & libc::STA_NANO != 0 {
+                tx.offset / 1000
+            } else {
+                tx.offset
+            };
+            (
+                Some(!unsync),
+                Some(tx.maxerror),
+                Some(tx.esterror),
+                Some(offset),
+            )
         }
     };
     let now = jiff::Timestamp::now().as_second();
@@ -243,6 +258,7 @@ pub fn clock_state(client_cert: Option<&Path>) -> ClockHealth {
         synchronized,
         max_error_us,
         est_error_us,
+        offset_us,
         suspect: now < NOT_BEFORE_2026 || now < cert_start,
     }
 }

@@ -177,10 +177,7 @@ async fn record_carries_header_fields_and_times() {
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
     let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
-    let text = env
-        .config_text(broker.port, &[("adt", "127.0.0.1:0")], "")
-        .replace("appliance_id = ", "organisation = \"RXX\"\nappliance_id = ");
-    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
     c.send(&adt("REC1"), ACK_WAIT).await.unwrap();

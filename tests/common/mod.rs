@@ -135,6 +135,7 @@ impl Env {
     ) -> String {
         let mut s = format!(
             r#"appliance_id = "{APPLIANCE}"
+organisation = "RXX"
 data_dir = "{data}"
 
 [log]
