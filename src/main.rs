@@ -158,6 +158,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Load the configuration for a command, printing the problems if it is not usable.
+fn load_or_report(path: &Path) -> Option<config::Config> {
+    match config::load(path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("{e}");
+            None
+        }
+    }
+}
+
+/// A single-threaded runtime for the short-lived client commands.
+fn small_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 fn check_config(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
@@ -288,10 +307,7 @@ async fn daemon(cfg: config::Config) -> anyhow::Result<()> {
 }
 
 fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = small_runtime();
     rt.block_on(async {
         let mut messages = Vec::new();
         for f in files {
@@ -354,12 +370,8 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
 }
 
 fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
-    let cfg = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::FAILURE;
     };
     if let RejectedCommand::Retry { id, all } = cmd {
         let line = match (id, all) {
@@ -371,10 +383,7 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
             }
         };
         let sock = siterelay::status::socket_path(&cfg.data_dir);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = small_runtime();
         return match rt.block_on(siterelay::status::request(&sock, &line)) {
             Ok(v) => {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -482,18 +491,11 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
 }
 
 fn status(path: &Path, json: bool) -> ExitCode {
-    let cfg = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::FAILURE;
     };
     let sock = siterelay::status::socket_path(&cfg.data_dir);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = small_runtime();
     match rt.block_on(siterelay::status::query(&sock)) {
         Ok(h) => {
             if json {
@@ -520,12 +522,8 @@ fn status(path: &Path, json: bool) -> ExitCode {
 }
 
 fn queue_stats(path: &Path, json: bool) -> ExitCode {
-    let cfg = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::FAILURE;
     };
     let db = cfg.outbox_path();
     if !db.exists() {
