@@ -660,7 +660,10 @@ impl Ctx<'_> {
         let value_text = self.text(raw);
         let (value, value_type) = match &value_text {
             None => (serde_json::Value::Null, None),
-            Some(t) => match (!structured).then(|| decimal(t)).flatten() {
+            Some(t) => match (!structured)
+                .then(|| crate::hl7::normalise::parse_nm(t))
+                .flatten()
+            {
                 Some(n) => (serde_json::Value::Number(n), Some("NM".to_string())),
                 None => (serde_json::Value::String(t.clone()), Some("ST".to_string())),
             },
@@ -702,34 +705,6 @@ impl<'a> Fields<'a> {
 
 fn seq(raw: &str) -> Option<u32> {
     raw.trim().parse().ok()
-}
-
-/// A plain decimal (`[+-]digits[.digits]`, `.5`, `5.`) as a JSON number: an integer when it
-/// has no point and fits, else a finite float.
-fn decimal(t: &str) -> Option<serde_json::Number> {
-    let body = t.strip_prefix(['+', '-']).unwrap_or(t);
-    let mut digits = 0;
-    let mut points = 0;
-    for b in body.bytes() {
-        match b {
-            b'0'..=b'9' => digits += 1,
-            b'.' => points += 1,
-            _ => return None,
-        }
-    }
-    if digits == 0 || points > 1 {
-        return None;
-    }
-    if points == 0
-        && let Ok(i) = t.parse::<i64>()
-    {
-        return Some(i.into());
-    }
-    let f: f64 = t.parse().ok()?;
-    if !f.is_finite() {
-        return None;
-    }
-    serde_json::Number::from_f64(f)
 }
 
 /// Where the next comment goes.

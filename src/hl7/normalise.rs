@@ -1386,7 +1386,7 @@ impl ValueKind {
 
 /// HL7 NM: optional sign, digits with at most one decimal point, at least one
 /// digit, optional surrounding spaces. No exponent, no `inf`/`NaN`.
-fn parse_nm(raw: &str) -> Option<Number> {
+pub(crate) fn parse_nm(raw: &str) -> Option<Number> {
     let t = raw.trim_matches(' ');
     let unsigned = t.strip_prefix(['+', '-']).unwrap_or(t);
     let mut digits = 0usize;
