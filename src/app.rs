@@ -152,6 +152,11 @@ impl Daemon {
                 counters: telemetry.feed(&f.name),
                 inventory: inventory_of(&f.name),
                 rejects: rejects_tx.clone(),
+                policy: crate::hl7::intake::Policy {
+                    accept: f.accept.clone(),
+                    ignore_unaccepted: f.unaccepted == crate::config::Unaccepted::Ignore,
+                    processing_ids: f.processing_ids.clone(),
+                },
                 outbox: outbox.clone(),
                 tls,
             };

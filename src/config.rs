@@ -347,9 +347,32 @@ pub struct MllpFeedConfig {
     /// Assigning authorities (PID-3.4) that mean "NHS number" (type `NH` always does).
     #[serde(default = "default_nhs_authorities")]
     pub nhs_authorities: Vec<String>,
+    /// Message types and trigger events this feed takes, e.g. `["ADT^*", "ORU^R01"]`.
+    /// Empty (the default): everything.
+    #[serde(default)]
+    pub accept: Vec<String>,
+    /// What happens to a message outside `accept`: `refuse` (`AR` with ERR 200 or 201, the sender
+    /// keeps it) or `ignore` (`AA`, not stored or forwarded, counted).
+    #[serde(default)]
+    pub unaccepted: Unaccepted,
+    /// MSH-11 processing ids this feed takes, e.g. `["P"]`; others get `AR` with ERR 202.
+    /// Empty (the default): all.
+    #[serde(default)]
+    pub processing_ids: Vec<String>,
     /// TLS on the listener (optional).
     #[serde(default)]
     pub tls: Option<ListenerTls>,
+}
+
+/// What to do with a message outside a feed's `accept` list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unaccepted {
+    /// `AR` with ERR 200 (type) or 201 (event).
+    #[default]
+    Refuse,
+    /// `AA`, dropped and counted.
+    Ignore,
 }
 
 /// TLS for an MLLP listener.
@@ -525,6 +548,24 @@ impl Config {
                 ("default_charset", &f.default_charset),
                 &mut p,
             );
+            for (j, pat) in f.accept.iter().enumerate() {
+                let (ty, tr) = pat.split_once('^').unwrap_or((pat.as_str(), "*"));
+                let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
+                if !ok(ty) || !(tr == "*" || ok(tr)) {
+                    p.push(Problem::at(
+                        at(&format!("accept[{j}]")),
+                        format!("'{pat}' is not TYPE, TYPE^* or TYPE^TRIGGER (e.g. \"ADT^*\", \"ORU^R01\")"),
+                    ));
+                }
+            }
+            for id in &f.processing_ids {
+                if !["P", "T", "D"].contains(&id.as_str()) {
+                    p.push(Problem::at(
+                        at("processing_ids"),
+                        format!("'{id}' is not a processing id: use \"P\", \"T\" or \"D\""),
+                    ));
+                }
+            }
             if f.idle_timeout_secs == 0 {
                 p.push(Problem::at(at("idle_timeout_secs"), "must be at least 1"));
             }

@@ -131,6 +131,9 @@ pub struct FeedHealth {
     /// Messages answered `AE` and kept in quarantine, since start.
     #[serde(default)]
     pub quarantined: u64,
+    /// Messages outside the feed's `accept` list, acknowledged and dropped, since start.
+    #[serde(default)]
+    pub ignored: u64,
     /// Time of the last stored message.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_message_at: Option<String>,
@@ -354,6 +357,7 @@ impl HealthContext {
                     oversized: ld(&c.oversized),
                     incomplete: ld(&c.incomplete),
                     quarantined: ld(&c.quarantined),
+                    ignored: ld(&c.ignored),
                     last_message_at: (last > 0).then(|| rfc3339_us(last as i64)),
                 }
             })

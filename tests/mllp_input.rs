@@ -231,3 +231,89 @@ async fn connections_beyond_the_cap_wait_until_a_slot_frees() {
     assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AA", "CAP2"));
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enhanced_mode_gets_the_commit_ack_msh_15_asks_for() {
+    let env = Env::new();
+    let d = daemon(&env, "").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let with_msh15 = |id: &str, mode: &str| {
+        String::from_utf8(adt(id))
+            .unwrap()
+            .replacen("|P|2.4\r", &format!("|P|2.4|||{mode}|NE\r"), 1)
+            .into_bytes()
+    };
+    let ack = c.send(&with_msh15("E1", "AL"), ACK_WAIT).await.unwrap();
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("CA", "E1"));
+    // NE: stored, but nothing comes back; the next message is answered normally.
+    c.write_raw(&siterelay::sources::mllp::framing::encode(&with_msh15(
+        "E2", "NE",
+    )))
+    .await
+    .unwrap();
+    let ack = c.send(&with_msh15("E3", "SU"), ACK_WAIT).await.unwrap();
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("CA", "E3"));
+    let stats = d.outbox().reader().unwrap().stats().unwrap();
+    assert_eq!(stats[0].pending, 3, "all three committed");
+    // Original mode when MSH-15 is empty.
+    assert_eq!(c.send(&adt("E4"), ACK_WAIT).await.unwrap().code, "AA");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_policy_refuses_or_ignores_what_it_does_not_accept() {
+    let env = Env::new();
+    let d = daemon(
+        &env,
+        "accept = [\"ADT^A01\", \"ORU^*\"]\nprocessing_ids = [\"P\"]",
+    )
+    .await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let retype = |from: &str, to: &str| {
+        String::from_utf8(adt("P1"))
+            .unwrap()
+            .replace(from, to)
+            .into_bytes()
+    };
+    let ack = c
+        .send(&retype("ADT^A01^ADT_A01", "ADT^A08"), ACK_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(ack.code, "AR");
+    assert!(
+        String::from_utf8_lossy(&ack.raw).contains("|201^"),
+        "ERR 201 for an unaccepted event"
+    );
+    let ack = c
+        .send(&retype("ADT^A01^ADT_A01", "SIU^S12"), ACK_WAIT)
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ack.raw).contains("|200^"),
+        "ERR 200 for an unaccepted type"
+    );
+    let ack = c.send(&retype("|P|2.4", "|T|2.4"), ACK_WAIT).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&ack.raw).contains("|202^"),
+        "ERR 202 for a processing id"
+    );
+    assert_eq!(c.send(&adt("OK1"), ACK_WAIT).await.unwrap().code, "AA");
+    assert_eq!(
+        d.outbox().gauges().appended.load(Ordering::Relaxed),
+        1,
+        "only the accepted one stored"
+    );
+    d.stop().await;
+
+    let env = Env::new();
+    let d = daemon(&env, "accept = [\"ORU^R01\"]\nunaccepted = \"ignore\"").await;
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    assert_eq!(c.send(&adt("IGN1"), ACK_WAIT).await.unwrap().code, "AA");
+    assert_eq!(
+        d.outbox().gauges().appended.load(Ordering::Relaxed),
+        0,
+        "acknowledged, not stored"
+    );
+    assert_eq!(d.telemetry().feed("adt").ignored.load(Ordering::Relaxed), 1);
+    d.stop().await;
+}

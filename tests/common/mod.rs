@@ -175,10 +175,11 @@ reconnect_max_secs = 1
     }
 }
 
-/// A synthetic ADT^A01 (NHS number from the never-issued 999 range).
+/// A synthetic ADT^A01 in original acknowledgement mode (no MSH-15), NHS number from the
+/// never-issued 999 range.
 pub fn adt(control_id: &str) -> Vec<u8> {
     format!(
-        "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20261130093000||ADT^A01^ADT_A01|{control_id}|P|2.4|||AL|NE\r\
+        "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20261130093000||ADT^A01^ADT_A01|{control_id}|P|2.4\r\
 EVN|A01|20261130093000\r\
 PID|1||9990000018^^^NHS^NH~MRN{control_id}^^^RXX^MR||TEST^PATIENT^ONE||19800615|F|||1 TEST STREET^^TESTTOWN^^ZZ99 9ZZ\r\
 PV1|1|I|WARD1^BED1^^RXX||||C1234^DOCTOR^TEST\r"

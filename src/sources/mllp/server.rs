@@ -51,6 +51,8 @@ pub struct FeedContext {
     pub tls: Option<TlsAcceptor>,
     /// Reject notices for the sink, when `records.publish_rejects` is on.
     pub rejects: Option<mpsc::Sender<RejectNotice>>,
+    /// Which message types and processing ids the feed takes.
+    pub policy: intake::Policy,
 }
 
 /// A bound listener, ready to serve.
@@ -157,6 +159,7 @@ async fn connection<S>(
                     let stopping = *shutdown.borrow();
                     let ack = handle_message(msg, &peer_s, &ctx.target(), stopping).await;
                     handled += 1;
+                    let Some(ack) = ack else { continue };
                     if let Err(e) =
                         write_with_timeout(&mut stream, &encode(&ack), ctx.idle_timeout).await
                     {
@@ -265,6 +268,8 @@ pub struct Hl7Target<'a> {
     pub outbox: &'a Outbox,
     /// Metadata-only notices of rejected messages, when `records.publish_rejects` is on.
     pub rejects: Option<&'a mpsc::Sender<RejectNotice>>,
+    /// Which message types and processing ids the feed takes.
+    pub policy: &'a intake::Policy,
 }
 
 /// A rejected message, as the central side may be told about it (no content).
@@ -303,18 +308,20 @@ impl FeedContext {
             inventory: &self.inventory,
             outbox: &self.outbox,
             rejects: self.rejects.as_ref(),
+            policy: &self.policy,
         }
     }
 }
 
 /// Assess, store and answer one HL7 message. Returns the ACK to send (unframed), written by the
-/// caller only now, after the commit.
+/// caller only now, after the commit; None when the message's MSH-15 asks for no
+/// acknowledgement in this case.
 pub async fn handle_message(
     msg: Vec<u8>,
     peer: &str,
     ctx: &Hl7Target<'_>,
     shutting_down: bool,
-) -> Vec<u8> {
+) -> Option<Vec<u8>> {
     let feed = &**ctx.name;
     let c = ctx.counters;
     let size = msg.len();
@@ -341,6 +348,18 @@ pub async fn handle_message(
             return ack;
         }
     };
+    match intake::check_policy(&header, ctx.policy) {
+        intake::Verdict::Accept => {}
+        intake::Verdict::Ignore => {
+            c.ignored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(feed, control_id = %header.control_id, "not accepted by this feed's policy: acknowledged and dropped");
+            return intake::answer_stored(&header);
+        }
+        intake::Verdict::Refuse(err) => {
+            event::refused(c, feed, &header.control_id, size, &err.text);
+            return intake::answer(&header, intake::Outcome::Refused(&err));
+        }
+    }
     if shutting_down {
         event::refused(c, feed, &header.control_id, size, "shutting down");
         return intake::answer_refused(&header, "siterelay is shutting down: resend later");

@@ -170,6 +170,7 @@ where
     let mut framer = Framer::new(ctx.cfg.max_message_bytes as usize);
     let mut buf = vec![0u8; 4096];
     let peer = ctx.cfg.device.display().to_string();
+    let policy = crate::hl7::intake::Policy::default();
     let target = Hl7Target {
         name: &ctx.name,
         source_kind: SourceKind::Serial,
@@ -179,13 +180,15 @@ where
         inventory: &ctx.inventory,
         outbox: &ctx.outbox,
         rejects: None,
+        policy: &policy,
     };
     loop {
         while let Some(ev) = framer.next_event() {
             match ev {
                 FrameEvent::Message(m) => {
-                    let ack = handle_message(m, &peer, &target, false).await;
-                    if let Err(e) = port.write_all(&encode(&ack)).await {
+                    if let Some(ack) = handle_message(m, &peer, &target, false).await
+                        && let Err(e) = port.write_all(&encode(&ack)).await
+                    {
                         return format!("write failed: {e}");
                     }
                 }
