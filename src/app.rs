@@ -157,6 +157,7 @@ impl Daemon {
                     ignore_unaccepted: f.unaccepted == crate::config::Unaccepted::Ignore,
                     processing_ids: f.processing_ids.clone(),
                 },
+                dedup_window: (!f.dedup_window.is_zero()).then_some(f.dedup_window),
                 outbox: outbox.clone(),
                 tls,
             };

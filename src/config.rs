@@ -355,6 +355,11 @@ pub struct MllpFeedConfig {
     /// keeps it) or `ignore` (`AA`, not stored or forwarded, counted).
     #[serde(default)]
     pub unaccepted: Unaccepted,
+    /// A message whose sender (MSH-3/4), control id (MSH-10) and content match one stored within
+    /// this window is acknowledged again but not forwarded twice. `0` (the default for now)
+    /// turns detection off. At most 31 days.
+    #[serde(default = "default_dedup_window", deserialize_with = "de_duration")]
+    pub dedup_window: Duration,
     /// MSH-11 processing ids this feed takes, e.g. `["P"]`; others get `AR` with ERR 202.
     /// Empty (the default): all.
     #[serde(default)]
@@ -388,6 +393,11 @@ pub struct ListenerTls {
     pub client_ca_file: Option<PathBuf>,
 }
 
+fn default_dedup_window() -> Duration {
+    // Off by default for now: the lookup costs ~40% of durable-ACK throughput here
+    // (docs/performance.md); "7d" turns it on.
+    Duration::ZERO
+}
 fn default_nhs_authorities() -> Vec<String> {
     vec!["NHS".into(), "NHSNBR".into()]
 }
@@ -557,6 +567,12 @@ impl Config {
                         format!("'{pat}' is not TYPE, TYPE^* or TYPE^TRIGGER (e.g. \"ADT^*\", \"ORU^R01\")"),
                     ));
                 }
+            }
+            if f.dedup_window > Duration::from_secs(31 * 86_400) {
+                p.push(Problem::at(
+                    at("dedup_window"),
+                    "must be at most 31 days (\"31d\")",
+                ));
             }
             for id in &f.processing_ids {
                 if !["P", "T", "D"].contains(&id.as_str()) {

@@ -120,7 +120,7 @@ pub struct FeedHealth {
     pub received: u64,
     /// Answers sent since start, by MSA-1 code.
     pub acks: AckCounts,
-    /// Duplicates recognised (not forwarded twice). Always 0 until duplicate detection exists.
+    /// Resends recognised as duplicates (acknowledged again, not forwarded twice).
     pub duplicates: u64,
     /// Bytes discarded outside frames.
     pub discarded_bytes: u64,
@@ -352,7 +352,7 @@ impl HealthContext {
                         AE: ld(&c.ack_ae),
                         AR: ld(&c.ack_ar),
                     },
-                    duplicates: 0,
+                    duplicates: ld(&c.duplicates),
                     discarded_bytes: ld(&c.discarded_bytes),
                     oversized: ld(&c.oversized),
                     incomplete: ld(&c.incomplete),

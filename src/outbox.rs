@@ -144,6 +144,32 @@ pub struct NewMessage {
     pub received_at_us: i64,
     /// Released from quarantine by `siterelay queue rejected retry`.
     pub reprocessed: bool,
+    /// Duplicate detection (HL7): a resend of a message already stored within the window is
+    /// answered again but not stored twice.
+    pub dedup: Option<DedupKey>,
+}
+
+/// What identifies a resent HL7 message: (feed, MSH-3/MSH-4, MSH-10) and a hash of its bytes.
+#[derive(Debug, Clone)]
+pub struct DedupKey {
+    /// MSH-3 and MSH-4 as sent.
+    pub sender: String,
+    /// MSH-10.
+    pub control_id: String,
+    /// FNV-1a 64 of the raw bytes (stable across versions: it is stored).
+    pub hash: u64,
+    /// How far back a match counts, microseconds.
+    pub window_us: i64,
+}
+
+/// FNV-1a, 64 bits: a stable content fingerprint for duplicate detection.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// A message answered `AE`, kept in quarantine instead of being forwarded.
@@ -184,6 +210,9 @@ pub struct Stored {
     pub seq: u64,
     /// Record id published with every send of this message.
     pub record_id: String,
+    /// Set when this was a resend of a message already stored within the duplicate window:
+    /// nothing new was stored, and `seq`/`record_id` are those of the original.
+    pub duplicate: bool,
 }
 
 /// Why a message could not be stored. The message was not stored in every case.
@@ -264,6 +293,8 @@ pub struct OutboxGauges {
     pub delivered: AtomicU64,
     /// Appends refused because the store was full.
     pub refused_full: AtomicU64,
+    /// Resends recognised as duplicates (answered, not stored again).
+    pub duplicates: AtomicU64,
 }
 
 enum Cmd {
@@ -341,6 +372,16 @@ CREATE TABLE IF NOT EXISTS rejected (
     raw                 BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rejected_time ON rejected(received_at_us);
+CREATE TABLE IF NOT EXISTS dedup (
+    feed           TEXT    NOT NULL,
+    sender         TEXT    NOT NULL,
+    control_id     TEXT    NOT NULL,
+    hash           INTEGER NOT NULL,
+    seq            INTEGER NOT NULL,
+    record_id      TEXT    NOT NULL,
+    received_at_us INTEGER NOT NULL,
+    PRIMARY KEY (feed, sender, control_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -566,7 +607,8 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
         > 0;
     if !has_reprocessed {
         conn.execute_batch(
-            "ALTER TABLE messages ADD COLUMN reprocessed INTEGER NOT NULL DEFAULT 0;",
+            "ALTER TABLE messages ADD COLUMN reprocessed INTEGER NOT NULL DEFAULT 0; \
+             ALTER TABLE messages ADD COLUMN control_id_reused INTEGER NOT NULL DEFAULT 0;",
         )
         .map_err(&e)?;
     }
@@ -728,8 +770,8 @@ fn apply_batch(
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO messages (id, record_id, feed, seq, received_at_us, source_kind, peer, \
-                 format, control_id, size, raw, reprocessed) \
-                 VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12)",
+                 format, control_id, size, raw, reprocessed, control_id_reused) \
+                 VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?13)",
             )?;
             let mut mark = tx.prepare_cached(
                 "UPDATE messages SET state = 1, delivered_at_us = ?2 WHERE id = ?1 AND state = 0 \
@@ -740,6 +782,38 @@ fn apply_batch(
                 match cmd {
                     Cmd::Append(msg, reply) => {
                         let size = msg.raw.len() as u64;
+                        // A resend of something already stored within the window: answer again,
+                        // store nothing. Same control id with other content: store and flag.
+                        let mut reused = false;
+                        if let Some(k) = &msg.dedup {
+                            let prior: Option<(i64, i64, String, i64)> = tx
+                                .prepare_cached(
+                                    "SELECT hash, seq, record_id, received_at_us FROM dedup \
+                                     WHERE feed = ?1 AND sender = ?2 AND control_id = ?3",
+                                )?
+                                .query_row(params![&*msg.feed, k.sender, k.control_id], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                                })
+                                .optional()?;
+                            if let Some((hash, seq, record_id, at)) = prior
+                                && msg.received_at_us - at <= k.window_us
+                            {
+                                if hash as u64 == k.hash {
+                                    gauges.duplicates.fetch_add(1, Ordering::Relaxed);
+                                    replies.push((
+                                        reply,
+                                        Ok(Stored {
+                                            row_id: 0,
+                                            seq: seq as u64,
+                                            record_id,
+                                            duplicate: true,
+                                        }),
+                                    ));
+                                    continue;
+                                }
+                                reused = true;
+                            }
+                        }
                         if state.pending_bytes + size > state.opts.max_bytes {
                             gauges.refused_full.fetch_add(1, Ordering::Relaxed);
                             let err = AppendError::Full {
@@ -764,7 +838,26 @@ fn apply_batch(
                             msg.raw,
                             state.next_id,
                             msg.reprocessed,
+                            reused,
                         ])?;
+                        if let Some(k) = &msg.dedup {
+                            tx.prepare_cached(
+                                "INSERT INTO dedup (feed, sender, control_id, hash, seq, record_id, \
+                                 received_at_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                                 ON CONFLICT(feed, sender, control_id) DO UPDATE SET \
+                                 hash = excluded.hash, seq = excluded.seq, \
+                                 record_id = excluded.record_id, received_at_us = excluded.received_at_us",
+                            )?
+                            .execute(params![
+                                &*msg.feed,
+                                k.sender,
+                                k.control_id,
+                                k.hash as i64,
+                                seq as i64,
+                                record_id,
+                                msg.received_at_us
+                            ])?;
+                        }
                         let row_id = state.next_id;
                         state.next_id += 1;
                         state.last_seq.insert(msg.feed, seq);
@@ -778,6 +871,7 @@ fn apply_batch(
                                 row_id,
                                 seq,
                                 record_id,
+                                duplicate: false,
                             }),
                         ));
                     }
@@ -929,6 +1023,12 @@ fn prune_delivered(conn: &mut Connection, state: &mut WriterState) -> rusqlite::
             break;
         }
     }
+    // Duplicate keys older than any window (windows are capped at 31 days by the config).
+    let dedup_cutoff = now_us() - 31 * 86_400 * 1_000_000;
+    removed += conn.execute(
+        "DELETE FROM dedup WHERE received_at_us < ?1",
+        params![dedup_cutoff],
+    )? as u64;
     let rejected_cutoff = now_us() - state.opts.retain_rejected.as_micros() as i64;
     removed += conn.execute(
         "DELETE FROM rejected WHERE received_at_us < ?1",
@@ -964,6 +1064,8 @@ pub struct PendingRow {
     pub raw: Vec<u8>,
     /// Released from quarantine by a retry.
     pub reprocessed: bool,
+    /// Same sender and control id as an earlier message, different content.
+    pub control_id_reused: bool,
 }
 
 /// A quarantined message as stored.
@@ -1022,6 +1124,7 @@ fn row_to_pending(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingRow> {
         format: Format::parse(&r.get::<_, String>(7)?),
         raw: r.get(8)?,
         reprocessed: r.get::<_, i64>(9)? != 0,
+        control_id_reused: r.get::<_, i64>(10)? != 0,
     })
 }
 
@@ -1059,7 +1162,7 @@ impl Reader {
             .conn
             .prepare_cached(
                 "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw, \
-                 reprocessed FROM messages WHERE state = 0 AND id > ?1 ORDER BY id LIMIT ?2",
+                 reprocessed, control_id_reused FROM messages WHERE state = 0 AND id > ?1 ORDER BY id LIMIT ?2",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
@@ -1110,7 +1213,7 @@ impl Reader {
             .conn
             .prepare_cached(
                 "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw, \
-                 reprocessed FROM messages WHERE feed = ?1 AND seq >= ?2 ORDER BY id LIMIT ?3",
+                 reprocessed, control_id_reused FROM messages WHERE feed = ?1 AND seq >= ?2 ORDER BY id LIMIT ?3",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
@@ -1237,6 +1340,7 @@ mod tests {
             raw: body.as_bytes().to_vec(),
             received_at_us: now_us(),
             reprocessed: false,
+            dedup: None,
         }
     }
 

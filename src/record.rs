@@ -99,6 +99,10 @@ struct Record<'a> {
     /// Present (true) only on messages released from quarantine by a retry.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     reprocessed: bool,
+    /// Present (true) when an earlier message from the same sender had the same control id but
+    /// different content.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    control_id_reused: bool,
 }
 
 #[derive(Serialize)]
@@ -204,6 +208,7 @@ impl RecordBuilder {
             raw: self.include_raw.then_some(text),
             replay,
             reprocessed: row.reprocessed,
+            control_id_reused: row.control_id_reused,
         };
         serde_json::to_vec(&record).expect("records serialise")
     }

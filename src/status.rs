@@ -146,6 +146,7 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
                     raw: row.raw.clone(),
                     received_at_us: row.received_at_us,
                     reprocessed: true,
+                    dedup: None,
                 };
                 match ctx.outbox.append(msg).await {
                     Ok(stored) => {

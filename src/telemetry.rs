@@ -29,6 +29,8 @@ pub struct FeedCounters {
     pub oversized: AtomicU64,
     /// Messages answered `AE` and kept in quarantine, since start.
     pub quarantined: AtomicU64,
+    /// Resends recognised as duplicates (acknowledged again, not forwarded twice).
+    pub duplicates: AtomicU64,
     /// Messages outside the feed's `accept` list, acknowledged and dropped (`unaccepted = "ignore"`).
     pub ignored: AtomicU64,
     /// Frames never finished (no end block before EOF, timeout or a new start block).

@@ -283,3 +283,44 @@ async fn full_store_answers_ar_and_keeps_everything_already_acknowledged() {
     assert_eq!(d.outbox().gauges().pending_count.load(Ordering::Relaxed), 5);
     d.stop().await;
 }
+
+/// A sender that lost an ACK resends: the resend is acknowledged again but forwarded once; the
+/// same control id with different content is forwarded and flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_are_acked_but_forwarded_once_and_reused_control_ids_are_flagged() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
+    let text =
+        env.config_text(broker.port, &[("adt", "127.0.0.1:0")], "") + "dedup_window = \"7d\"\n";
+    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    assert_eq!(c.send(&adt("DUP1"), ACK_WAIT).await.unwrap().code, "AA");
+    assert_eq!(c.send(&adt("DUP1"), ACK_WAIT).await.unwrap().code, "AA");
+    let changed = String::from_utf8(adt("DUP1"))
+        .unwrap()
+        .replace("WARD1", "WARD2");
+    assert_eq!(
+        c.send(changed.as_bytes(), ACK_WAIT).await.unwrap().code,
+        "AA"
+    );
+    let got = sub.collect(2, Duration::from_secs(10)).await;
+    assert!(
+        sub.recv(Duration::from_millis(800)).await.is_none(),
+        "the resend is not forwarded"
+    );
+    let first = json(&got[0].1);
+    let second = json(&got[1].1);
+    assert_eq!(
+        (first["seq"].as_u64(), second["seq"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(first.get("control_id_reused").is_none());
+    assert_eq!(second["control_id_reused"], true);
+    assert_eq!(
+        d.telemetry().feed("adt").duplicates.load(Ordering::Relaxed),
+        1
+    );
+    d.stop().await;
+}

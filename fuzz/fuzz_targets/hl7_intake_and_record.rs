@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
         format: Format::Hl7v2,
         raw: data.to_vec(),
         reprocessed: false,
+        control_id_reused: false,
     };
     let json = builder().build(&row);
     assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok());

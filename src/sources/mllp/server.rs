@@ -53,6 +53,8 @@ pub struct FeedContext {
     pub rejects: Option<mpsc::Sender<RejectNotice>>,
     /// Which message types and processing ids the feed takes.
     pub policy: intake::Policy,
+    /// Resends within this window are recognised (None: off).
+    pub dedup_window: Option<Duration>,
 }
 
 /// A bound listener, ready to serve.
@@ -270,6 +272,8 @@ pub struct Hl7Target<'a> {
     pub rejects: Option<&'a mpsc::Sender<RejectNotice>>,
     /// Which message types and processing ids the feed takes.
     pub policy: &'a intake::Policy,
+    /// Resends within this window are recognised (None: off).
+    pub dedup_window: Option<Duration>,
 }
 
 /// A rejected message, as the central side may be told about it (no content).
@@ -309,6 +313,7 @@ impl FeedContext {
             outbox: &self.outbox,
             rejects: self.rejects.as_ref(),
             policy: &self.policy,
+            dedup_window: self.dedup_window,
         }
     }
 }
@@ -365,6 +370,15 @@ pub async fn handle_message(
         return intake::answer_refused(&header, "siterelay is shutting down: resend later");
     }
     let segments = segment_ids(&msg);
+    let dedup = ctx.dedup_window.map(|w| crate::outbox::DedupKey {
+        sender: format!(
+            "{}|{}",
+            header.sending_application_raw, header.sending_facility_raw
+        ),
+        control_id: header.control_id.clone(),
+        hash: crate::outbox::content_hash(&msg),
+        window_us: w.as_micros() as i64,
+    });
     let new = NewMessage {
         feed: ctx.name.clone(),
         source_kind: ctx.source_kind,
@@ -374,8 +388,15 @@ pub async fn handle_message(
         raw: msg,
         received_at_us,
         reprocessed: false,
+        dedup,
     };
     match ctx.outbox.append(new).await {
+        Ok(stored) if stored.duplicate => {
+            c.duplicates
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(feed, control_id = %header.control_id, seq = stored.seq, "duplicate resend acknowledged again, not forwarded twice");
+            intake::answer_stored(&header)
+        }
         Ok(stored) => {
             event::stored(c, feed, &header.control_id, stored.seq, size);
             let charset = header

@@ -57,6 +57,7 @@ async fn store(
         raw,
         received_at_us: now_us(),
         reprocessed: false,
+        dedup: None,
     };
     let c = &*ctx.counters;
     match ctx.outbox.append(msg).await {
@@ -181,6 +182,7 @@ where
         outbox: &ctx.outbox,
         rejects: None,
         policy: &policy,
+        dedup_window: None,
     };
     loop {
         while let Some(ev) = framer.next_event() {
