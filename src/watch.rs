@@ -323,7 +323,6 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     ];
     let mut fleet = Fleet::new(&args.prefix, args.stale_secs);
     let mut redraw = tokio::time::interval(Duration::from_secs(1));
-    let mut dirty = true;
     loop {
         tokio::select! {
             ev = el.poll() => match ev {
@@ -335,11 +334,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
                     let now = crate::outbox::now_us();
-                    if let Some(a) = fleet.apply(&topic, &p.payload, now) {
-                        dirty = true;
-                        if args.json && let Some(row) = fleet.row(&a, now) {
-                            println!("{}", serde_json::to_string(&row)?);
-                        }
+                    if let Some(a) = fleet.apply(&topic, &p.payload, now)
+                        && args.json
+                        && let Some(row) = fleet.row(&a, now)
+                    {
+                        println!("{}", serde_json::to_string(&row)?);
                     }
                 }
                 Ok(_) => {}
@@ -349,9 +348,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
                 }
             },
             _ = redraw.tick(), if !args.json => {
-                // Ages change every second even without messages.
-                let _ = dirty;
-                dirty = false;
+                // Redrawn every second even without messages: ages change.
                 print!("\x1b[2J\x1b[H{}", render_table(&fleet.rows(crate::outbox::now_us())));
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
