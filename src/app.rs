@@ -26,6 +26,15 @@ use crate::sink::mqtt::{FleetSettings, INVENTORY_KEY, MqttSink, SinkSettings};
 use crate::sources::mllp::server::{FeedContext, MllpListener};
 use crate::telemetry::Telemetry;
 
+/// The acceptance policy a feed's configuration describes.
+fn feed_policy(f: &crate::config::MllpFeedConfig) -> crate::hl7::intake::Policy {
+    crate::hl7::intake::Policy {
+        accept: f.accept.clone(),
+        ignore_unaccepted: f.unaccepted == crate::config::Unaccepted::Ignore,
+        processing_ids: f.processing_ids.clone(),
+    }
+}
+
 fn default_nhs() -> Vec<String> {
     vec!["NHS".into(), "NHSNBR".into()]
 }
@@ -152,11 +161,7 @@ impl Daemon {
                 counters: telemetry.feed(&f.name),
                 inventory: inventory_of(&f.name),
                 rejects: rejects_tx.clone(),
-                policy: crate::hl7::intake::Policy {
-                    accept: f.accept.clone(),
-                    ignore_unaccepted: f.unaccepted == crate::config::Unaccepted::Ignore,
-                    processing_ids: f.processing_ids.clone(),
-                },
+                policy: feed_policy(f),
                 dedup_window: (!f.dedup_window.is_zero()).then_some(f.dedup_window),
                 outbox: outbox.clone(),
                 tls,
@@ -311,6 +316,11 @@ impl Daemon {
                 health: health.clone(),
                 outbox: outbox.clone(),
                 charsets,
+                policies: cfg
+                    .mllp
+                    .iter()
+                    .map(|f| (f.name.clone(), feed_policy(f)))
+                    .collect(),
                 responder: Responder {
                     application: "SITERELAY".into(),
                     facility: cfg.appliance_id.clone(),

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use crate::health::{Health, HealthContext};
 use crate::hl7::charset::Charset;
-use crate::hl7::intake::{self, Intake, Responder};
+use crate::hl7::intake::{self, Intake, Responder, Verdict, check_policy};
 use crate::outbox::{Format, NewMessage, Outbox, Reader, SourceKind};
 
 /// What the status socket needs: the health sources, and for `retry`, the outbox and each
@@ -30,6 +30,8 @@ pub struct StatusContext {
     pub outbox: Outbox,
     /// Each feed's charset assumed when MSH-18 is empty (as configured now).
     pub charsets: HashMap<String, Charset>,
+    /// Each feed's acceptance policy (as configured now); feeds not listed accept everything.
+    pub policies: HashMap<String, intake::Policy>,
     /// Identity in minimal NAKs (not sent anywhere on a retry, but the intake needs one).
     pub responder: Responder,
 }
@@ -108,7 +110,7 @@ pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, mut shutdown: watch::
 }
 
 /// Pass quarantined messages (one, or all) through the intake again with the feeds' current
-/// settings: those that pass become ordinary messages (new `seq`, `"reprocessed": true`) and
+/// settings (character set and acceptance policy): those that pass become ordinary messages (new `seq`, `"reprocessed": true`) and
 /// leave the quarantine; the others stay.
 async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json::Value {
     let db = db.to_path_buf();
@@ -132,6 +134,14 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
             .copied()
             .unwrap_or(Charset::Utf8);
         let outcome = match intake::assess(&row.raw, charset, &ctx.responder) {
+            Intake::Store(h)
+                if ctx
+                    .policies
+                    .get(&row.feed)
+                    .is_some_and(|p| check_policy(&h, p) != Verdict::Accept) =>
+            {
+                serde_json::json!({"id": row.id, "stored": false, "error": "not accepted by the feed's policy (accept / processing_ids)"})
+            }
             Intake::Store(h) => {
                 let msg = NewMessage {
                     feed: Arc::from(row.feed.as_str()),

@@ -62,8 +62,13 @@ impl FleetEnv {
             .expect("central subscriber connects")
     }
 
-    /// Publish as the central team (QoS 1).
+    /// Publish as the central team (QoS 1) and wait for the PUBACK.
     async fn publish(&self, port: u16, topic: &str, payload: &str) {
+        self.publish_with(port, topic, payload, false).await
+    }
+
+    /// Publish (QoS 1, optionally retained) and wait for the PUBACK.
+    async fn publish_with(&self, port: u16, topic: &str, payload: &str, retain: bool) {
         let tls = siterelay::tls::mqtt_client_config(
             &self.env.pki.ca_file(),
             &self.central.0,
@@ -82,7 +87,7 @@ impl FleetEnv {
         c.publish(
             topic,
             rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
+            retain,
             payload.as_bytes().to_vec(),
         )
         .await
@@ -99,6 +104,8 @@ impl FleetEnv {
             }
         }
         let _ = c.disconnect().await;
+        // Let the DISCONNECT go out before the next publisher reuses the client id.
+        let _ = tokio::time::timeout(Duration::from_millis(200), el.poll()).await;
     }
 }
 
@@ -489,11 +496,11 @@ async fn watch_shows_fifty_appliances_with_their_states() {
             "state": if online { "online" } else { "offline" },
             "reason": if online { None } else { Some("lost") },
         });
-        publish_retained(
-            &f,
+        f.publish_with(
             broker.port,
             &format!("siterelay/{id}/status"),
             &status.to_string(),
+            true,
         )
         .await;
         if online {
@@ -510,11 +517,11 @@ async fn watch_shows_fifty_appliances_with_their_states() {
                 "certificates": {"client_days_left": cert_days},
                 "clock": {"synchronized": true, "suspect": false}
             });
-            publish_retained(
-                &f,
+            f.publish_with(
                 broker.port,
                 &format!("siterelay/{id}/health"),
                 &health.to_string(),
+                true,
             )
             .await;
         }
@@ -585,33 +592,4 @@ async fn watch_shows_fifty_appliances_with_their_states() {
     assert_eq!(rows["sim-13"]["pending"], 13);
     assert_eq!(rows["sim-13"]["feeds_up"], 1);
     assert_eq!(rows["sim-13"]["problems"], serde_json::json!([]));
-}
-
-async fn publish_retained(f: &FleetEnv, port: u16, topic: &str, payload: &str) {
-    let tls = siterelay::tls::mqtt_client_config(&f.env.pki.ca_file(), &f.central.0, &f.central.1)
-        .unwrap();
-    let mut o = rumqttc::v5::MqttOptions::new("simulator", "localhost", port);
-    o.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(tls),
-    ));
-    let (c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
-    c.publish(
-        topic,
-        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        true,
-        payload.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), el.poll())
-            .await
-            .unwrap()
-            .unwrap();
-        if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) = ev {
-            break;
-        }
-    }
-    let _ = c.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_millis(200), el.poll()).await;
 }

@@ -100,6 +100,32 @@ impl SerialEnv {
     }
 }
 
+/// A broker, a records subscriber, a pty behind the configured symlink, and a daemon whose
+/// serial port speaking `protocol` is open.
+async fn connected(
+    protocol: &str,
+    extra: &str,
+) -> (
+    SerialEnv,
+    Broker,
+    siterelay_testkit::Subscriber,
+    Pty,
+    Daemon,
+) {
+    let s = SerialEnv::new();
+    let broker = Broker::start(Kind::InProcess, &s.env).await;
+    let sub = broker
+        .subscribe(&s.env, "siterelay/test-box/records/#")
+        .await;
+    let pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    let d = Daemon::start(&s.config(broker.port, protocol, extra))
+        .await
+        .unwrap();
+    wait_state(&d, "chem1", PortState::Connected).await;
+    (s, broker, sub, pty, d)
+}
+
 async fn wait_state(d: &Daemon, feed: &str, want: PortState) {
     let c = d.telemetry().feed(feed);
     assert!(
@@ -112,17 +138,7 @@ async fn wait_state(d: &Daemon, feed: &str, want: PortState) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn astm_messages_over_a_pty_arrive_once_complete_and_normalised() {
-    let s = SerialEnv::new();
-    let broker = Broker::start(Kind::InProcess, &s.env).await;
-    let mut sub = broker
-        .subscribe(&s.env, "siterelay/test-box/records/#")
-        .await;
-    let mut pty = Pty::open().unwrap();
-    pty.link_at(&s.link).unwrap();
-    let d = Daemon::start(&s.config(broker.port, "astm", ""))
-        .await
-        .unwrap();
-    wait_state(&d, "chem1", PortState::Connected).await;
+    let (s, _broker, mut sub, mut pty, d) = connected("astm", "").await;
 
     let msgs: Vec<Vec<u8>> = ["S1", "S2", "S3"].iter().map(|s| astm_message(s)).collect();
     let db = s.env.data_dir().join("outbox.sqlite");
@@ -260,17 +276,7 @@ async fn unplugging_mid_message_never_forwards_the_partial_and_later_messages_fl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn astm_transmission_ended_early_is_stored_flagged_incomplete() {
-    let s = SerialEnv::new();
-    let broker = Broker::start(Kind::InProcess, &s.env).await;
-    let mut sub = broker
-        .subscribe(&s.env, "siterelay/test-box/records/#")
-        .await;
-    let mut pty = Pty::open().unwrap();
-    pty.link_at(&s.link).unwrap();
-    let d = Daemon::start(&s.config(broker.port, "astm", ""))
-        .await
-        .unwrap();
-    wait_state(&d, "chem1", PortState::Connected).await;
+    let (_s, _broker, mut sub, mut pty, d) = connected("astm", "").await;
     tokio::task::spawn_blocking(move || {
         pty.write(&[link::ENQ]).unwrap();
         assert_eq!(
@@ -304,17 +310,7 @@ async fn astm_transmission_ended_early_is_stored_flagged_incomplete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hl7_over_serial_is_acked_on_the_port_after_the_commit() {
-    let s = SerialEnv::new();
-    let broker = Broker::start(Kind::InProcess, &s.env).await;
-    let mut sub = broker
-        .subscribe(&s.env, "siterelay/test-box/records/#")
-        .await;
-    let mut pty = Pty::open().unwrap();
-    pty.link_at(&s.link).unwrap();
-    let d = Daemon::start(&s.config(broker.port, "hl7-mllp", ""))
-        .await
-        .unwrap();
-    wait_state(&d, "chem1", PortState::Connected).await;
+    let (_s, _broker, mut sub, mut pty, d) = connected("hl7-mllp", "").await;
     let ack = tokio::task::spawn_blocking(move || {
         pty.write(&siterelay::sources::mllp::framing::encode(&adt("SER1")))
             .unwrap();
@@ -339,17 +335,7 @@ async fn hl7_over_serial_is_acked_on_the_port_after_the_commit() {
 }
 
 async fn lines_case(extra: &str, input: &'static [u8], expect: &[&str]) {
-    let s = SerialEnv::new();
-    let broker = Broker::start(Kind::InProcess, &s.env).await;
-    let mut sub = broker
-        .subscribe(&s.env, "siterelay/test-box/records/#")
-        .await;
-    let mut pty = Pty::open().unwrap();
-    pty.link_at(&s.link).unwrap();
-    let d = Daemon::start(&s.config(broker.port, "lines", extra))
-        .await
-        .unwrap();
-    wait_state(&d, "chem1", PortState::Connected).await;
+    let (_s, _broker, mut sub, mut pty, d) = connected("lines", extra).await;
     let pty = tokio::task::spawn_blocking(move || {
         for chunk in input.split_inclusive(|&b| b == b'|') {
             let chunk = chunk.strip_suffix(b"|").unwrap_or(chunk);
