@@ -32,6 +32,7 @@ fn feed_policy(f: &crate::config::MllpFeedConfig) -> crate::hl7::intake::Policy 
         accept: f.accept.clone(),
         ignore_unaccepted: f.unaccepted == crate::config::Unaccepted::Ignore,
         processing_ids: f.processing_ids.clone(),
+        strict: f.strict,
     }
 }
 

@@ -65,6 +65,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MllpClient<S> {
         parse_ack(&ack)
     }
 
+    /// Send a batch frame (`FHS`/`BHS` ... `BTS`/`FTS`) and wait for the batch acknowledgement;
+    /// returns the acknowledgements it lists (only messages that were not accepted: empty means
+    /// every message was).
+    pub async fn send_batch(
+        &mut self,
+        batch: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<AckSummary>, ClientError> {
+        self.stream.write_all(&encode(batch)).await?;
+        self.stream.flush().await?;
+        let ack = self.read_frame(timeout).await?;
+        parse_batch_ack(&ack)
+    }
+
     /// Write raw bytes (for tests of malformed framing).
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(bytes).await?;
@@ -133,9 +147,40 @@ pub fn parse_ack(ack: &[u8]) -> Result<AckSummary, ClientError> {
     })
 }
 
+/// The acknowledgements listed in a batch acknowledgement (an `FHS`/`BHS` frame holding `ACK`
+/// messages for the messages that were not accepted).
+pub fn parse_batch_ack(frame: &[u8]) -> Result<Vec<AckSummary>, ClientError> {
+    if !crate::hl7::batch::is_batch(frame) {
+        // A batch refused as a whole is answered with a single ACK.
+        return parse_ack(frame).map(|a| vec![a]);
+    }
+    let mut out = Vec::new();
+    let mut cur: Option<Vec<u8>> = None;
+    for line in frame.split(|&b| b == b'\r' || b == b'\n') {
+        let id = line.get(..3).unwrap_or(line);
+        if matches!(id, b"MSH" | b"BHS" | b"BTS" | b"FHS" | b"FTS")
+            && let Some(m) = cur.take()
+        {
+            out.push(parse_ack(&m)?);
+        }
+        if id == b"MSH" {
+            cur = Some(Vec::new());
+        }
+        if let Some(m) = cur.as_mut() {
+            m.extend_from_slice(line);
+            m.push(b'\r');
+        }
+    }
+    if let Some(m) = cur {
+        out.push(parse_ack(&m)?);
+    }
+    Ok(out)
+}
+
 /// Split a file's contents into HL7 messages: each starts at a line beginning with `MSH`.
-/// Lines may end in CR, LF or CRLF; segments are re-joined with CR as HL7 requires.
-/// Bytes already framed with MLLP (0x0B ... 0x1C 0x0D) are accepted too.
+/// Lines may end in CR, LF or CRLF; segments are re-joined with CR as HL7 requires. A batch file
+/// (first segment `FHS` or `BHS`) stays whole: it is sent as one frame, as the batch protocol
+/// says. Bytes already framed with MLLP (0x0B ... 0x1C 0x0D) are accepted too.
 pub fn split_messages(content: &[u8]) -> Vec<Vec<u8>> {
     if content.contains(&0x0b) {
         let mut f = Framer::new(usize::MAX / 2);
@@ -148,12 +193,13 @@ pub fn split_messages(content: &[u8]) -> Vec<Vec<u8>> {
         }
         return out;
     }
+    let batch = crate::hl7::batch::is_batch(content);
     let mut out: Vec<Vec<u8>> = Vec::new();
     for line in content.split(|&b| b == b'\r' || b == b'\n') {
         if line.is_empty() {
             continue;
         }
-        if line.starts_with(b"MSH") || out.is_empty() {
+        if (line.starts_with(b"MSH") && !batch) || out.is_empty() {
             out.push(Vec::new());
         }
         let cur = out.last_mut().expect("pushed above");
@@ -177,6 +223,24 @@ mod tests {
             b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.4\rPID|1\r"
         );
         assert!(msgs[1].ends_with(b"PID|2\r"));
+    }
+
+    #[test]
+    fn a_batch_file_stays_one_frame_and_its_ack_lists_the_refused_messages() {
+        let file = b"BHS|^~\\&\nMSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.4\nPID|1\nMSH|^~\\&|A|B|C|D|20260101||ADT^A01|2|P|2.4\nBTS|2\n";
+        let msgs = split_messages(file);
+        assert_eq!(msgs.len(), 1);
+        assert!(msgs[0].starts_with(b"BHS|^~\\&\rMSH|"));
+        assert!(msgs[0].ends_with(b"\rBTS|2\r"));
+
+        let ack = b"BHS|^~\\&|||||20260101||||X1|B1\rMSH|^~\\&|C|D|A|B|20260101||ACK^A01^ACK|X2|P|2.4\rMSA|AE|2|required segment PID is missing\rERR||PID^1|100\rBTS|1\r";
+        let naks = parse_batch_ack(ack).unwrap();
+        assert_eq!(naks.len(), 1);
+        assert_eq!(
+            (naks[0].code.as_str(), naks[0].control_id.as_str()),
+            ("AE", "2")
+        );
+        assert!(parse_batch_ack(b"BHS|^~\\&\rBTS|0\r").unwrap().is_empty());
     }
 
     #[test]

@@ -364,6 +364,10 @@ pub struct MllpFeedConfig {
     /// Empty (the default): all.
     #[serde(default)]
     pub processing_ids: Vec<String>,
+    /// Segments must be separated by CR alone, as the standard says: a message using LF or CRLF
+    /// gets `AE` (ERR 100) and is quarantined. Off (the default): LF and CRLF are tolerated.
+    #[serde(default)]
+    pub strict: bool,
     /// TLS on the listener (optional).
     #[serde(default)]
     pub tls: Option<ListenerTls>,

@@ -336,6 +336,35 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
         let mut client = MllpClient::new(stream);
         let mut failures = 0;
         for (i, (file, m)) in messages.iter().enumerate() {
+            if siterelay::hl7::batch::is_batch(m) {
+                let held = m
+                    .split(|&b| b == b'\r')
+                    .filter(|l| l.starts_with(b"MSH"))
+                    .count();
+                match client.send_batch(m, timeout).await {
+                    Ok(naks) => {
+                        println!(
+                            "{} #{}: batch of {held} message(s): {}",
+                            file.display(),
+                            i + 1,
+                            if naks.is_empty() {
+                                "all accepted".to_string()
+                            } else {
+                                format!("{} not accepted", naks.len())
+                            }
+                        );
+                        for ack in &naks {
+                            println!("  {} {} ({})", ack.code, ack.control_id, ack.text);
+                        }
+                        failures += naks.len();
+                    }
+                    Err(e) => {
+                        println!("{} #{}: no batch ACK: {e}", file.display(), i + 1);
+                        return ExitCode::FAILURE;
+                    }
+                }
+                continue;
+            }
             match client.send(m, timeout).await {
                 Ok(ack) => {
                     if ack.code != "AA" && ack.code != "CA" {

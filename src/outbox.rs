@@ -452,6 +452,26 @@ impl Outbox {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Append several messages (a batch): queued in order, so their `seq`s follow that order,
+    /// and committed together where the writer can; answers once every one is committed or
+    /// refused, in the same order.
+    pub async fn append_all(&self, msgs: Vec<NewMessage>) -> Vec<Result<Stored, AppendError>> {
+        let mut waits = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let (tx, rx) = oneshot::channel();
+            let queued = self.tx.send(Cmd::Append(msg, tx)).await.is_ok();
+            waits.push(queued.then_some(rx));
+        }
+        let mut out = Vec::with_capacity(waits.len());
+        for rx in waits {
+            out.push(match rx {
+                Some(rx) => rx.await.map_err(|_| AppendError::Closed).and_then(|r| r),
+                None => Err(AppendError::Closed),
+            });
+        }
+        out
+    }
+
     /// Mark rows delivered (their PUBACK arrived). Committed with the next group.
     pub async fn mark_delivered(&self, row_ids: Vec<i64>) {
         if row_ids.is_empty() {

@@ -133,7 +133,8 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
             .get(&row.feed)
             .copied()
             .unwrap_or(Charset::Utf8);
-        let outcome = match intake::assess(&row.raw, charset, &ctx.responder) {
+        let strict = ctx.policies.get(&row.feed).is_some_and(|p| p.strict);
+        let outcome = match intake::assess(&row.raw, charset, strict, &ctx.responder) {
             Intake::Store(h)
                 if ctx
                     .policies
@@ -141,6 +142,9 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
                     .is_some_and(|p| check_policy(&h, p) != Verdict::Accept) =>
             {
                 serde_json::json!({"id": row.id, "stored": false, "error": "not accepted by the feed's policy (accept / processing_ids)"})
+            }
+            Intake::Store(h) if let Some(e) = intake::missing_segment(&h, &row.raw) => {
+                serde_json::json!({"id": row.id, "stored": false, "error": e.text})
             }
             Intake::Store(h) => {
                 let msg = NewMessage {

@@ -32,9 +32,29 @@ fn builder() -> &'static RecordBuilder {
 
 fuzz_target!(|data: &[u8]| {
     let me = Responder { application: "SITERELAY".into(), facility: "FUZZ".into() };
-    if let Intake::Store(h) = intake::assess(data, Charset::Utf8, &me) {
+    let strict = data.last().is_some_and(|b| b & 1 == 1);
+    if let Intake::Store(h) = intake::assess(data, Charset::Utf8, strict, &me) {
+        if let Some(e) = intake::missing_segment(&h, data) {
+            let _ = intake::answer(&h, intake::Outcome::Rejected(&e));
+        }
         let _ = intake::answer_stored(&h);
         let _ = intake::answer_refused(&h, "full");
+    }
+    if siterelay::hl7::batch::is_batch(data)
+        && let Ok(batch) = siterelay::hl7::batch::split(data)
+    {
+        let mut acks = Vec::new();
+        for group in &batch.groups {
+            let mut group_acks = Vec::new();
+            for range in &group.messages {
+                assert!(range.start <= range.end && range.end <= data.len());
+                if let Intake::Store(h) = intake::assess(&data[range.clone()], Charset::Utf8, strict, &me) {
+                    group_acks.extend(intake::answer_refused(&h, "full"));
+                }
+            }
+            acks.push(group_acks);
+        }
+        let _ = siterelay::hl7::ack::build_batch_ack(&batch, &acks, jiff::ZonedDateTime::now(), || "X".into());
     }
     let _ = intake::answer_oversized(data, 1024, &me);
     let row = PendingRow {

@@ -72,6 +72,14 @@ impl AckError {
     pub fn internal(text: impl Into<String>) -> Self {
         AckError::new(207, None, text)
     }
+
+    /// The location as people write it: `MSH-10`, or `PID` for a whole segment (field 0).
+    pub fn location_text(&self) -> Option<String> {
+        self.location.map(|(seg, field)| match field {
+            0 => seg.to_string(),
+            f => format!("{seg}-{f}"),
+        })
+    }
 }
 
 impl From<&HeaderError> for AckError {
@@ -243,7 +251,11 @@ fn write_msa_err(
     out.push(f); // ERR-1 (pre-2.5 layout) left empty
     if let Some((segment, field)) = err.location {
         out.push_str(&escape(segment, d));
-        let _ = write!(out, "{c}1{c}{field}");
+        let _ = write!(out, "{c}1");
+        if field != 0 {
+            // Field 0: the whole segment (e.g. a required segment is missing).
+            let _ = write!(out, "{c}{field}");
+        }
     }
     out.push(f);
     let _ = write!(out, "{}", err.code);
@@ -261,6 +273,82 @@ fn write_msa_err(
         out.push_str(&escape(&err.text, d));
     }
     out.push('\r');
+}
+
+/// Builds the acknowledgement of a batch frame (HL7 v2.5 section 2.10.3): an acknowledgement batch
+/// per received batch, holding only the acknowledgements of messages that were not accepted (an
+/// empty batch means all were), wrapped in `FHS`/`FTS` when the received frame had an `FHS`.
+///
+/// `acks[i]` are the (unframed) ACK messages for batch `i` of `batch`, in message order. Header
+/// segments use the received envelope's delimiters and mirror its fields 3-6 swapped; field 7 is
+/// `now`, field 11 a fresh control id from `next_id`, field 12 the received field 11 (reference
+/// control id). `BTS-1` counts the ACK messages in that batch, `FTS-1` the batches.
+pub fn build_batch_ack(
+    batch: &crate::hl7::batch::Batch,
+    acks: &[Vec<Vec<u8>>],
+    now: jiff::ZonedDateTime,
+    mut next_id: impl FnMut() -> String,
+) -> Vec<u8> {
+    use crate::hl7::batch::Envelope;
+    let stamp = format_hl7_timestamp(&now);
+    let mut out: Vec<u8> = Vec::with_capacity(256);
+    let mut header = |out: &mut Vec<u8>, id: &str, env: Option<&Envelope>, reference: bool| {
+        let d = env.map_or_else(Delimiters::default, |e| e.delimiters);
+        let f = d.field;
+        out.extend_from_slice(id.as_bytes());
+        out.push(f);
+        out.extend_from_slice(d.encoding_characters().as_bytes());
+        let empty: &[u8] = b"";
+        let mirrored: [&[u8]; 4] = match env {
+            Some(e) => [
+                &e.receiving_application,
+                &e.receiving_facility,
+                &e.sending_application,
+                &e.sending_facility,
+            ],
+            None => [empty; 4],
+        };
+        for field in mirrored {
+            out.push(f);
+            out.extend_from_slice(field);
+        }
+        out.push(f);
+        out.extend_from_slice(stamp.as_bytes());
+        out.extend_from_slice(&[f, f, f, f]); // fields 8-10 empty, then 11
+        out.extend_from_slice(escape(&next_id(), &d).as_bytes());
+        if let Some(e) = env.filter(|e| reference && !e.control_id.is_empty()) {
+            out.push(f);
+            out.extend_from_slice(&e.control_id);
+        }
+        out.push(b'\r');
+        f
+    };
+    if batch.file.is_some() {
+        header(&mut out, "FHS", batch.file.as_ref(), true);
+    }
+    for (i, group) in batch.groups.iter().enumerate() {
+        // A batch without its own BHS (messages straight inside FHS) mirrors the file header.
+        let (env, reference) = match &group.header {
+            Some(h) => (Some(h), true),
+            None => (batch.file.as_ref(), false),
+        };
+        let f = header(&mut out, "BHS", env, reference);
+        let group_acks = acks.get(i).map_or(&[][..], Vec::as_slice);
+        for ack in group_acks {
+            out.extend_from_slice(ack);
+        }
+        out.extend_from_slice(b"BTS");
+        out.push(f);
+        out.extend_from_slice(group_acks.len().to_string().as_bytes());
+        out.push(b'\r');
+    }
+    if let Some(file) = &batch.file {
+        out.extend_from_slice(b"FTS");
+        out.push(file.delimiters.field);
+        out.extend_from_slice(batch.groups.len().to_string().as_bytes());
+        out.push(b'\r');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -487,5 +575,51 @@ PID|1||9990000018^^^NHS^NH||TEST^PATIENT||19700101|U\r";
         assert_eq!(back.control_id, "ACK9");
         assert_eq!(back.sending_facility_raw, "HUB");
         assert_eq!(back.receiving_facility_raw, "NHS-TRUST^1.2.3^ISO");
+    }
+
+    #[test]
+    fn batch_ack_lists_only_the_rejected_messages_and_mirrors_the_envelope() {
+        use crate::hl7::batch::split;
+        let frame = b"FHS|^~\\&|PAS|RXX|SR|HUB|20260601120000||||F77\rBHS|^~\\&|PAS|RXX|SR|HUB|20260601120000||||B12\rMSH|^~\\&|PAS|RXX|SR|HUB|20260601120000||ADT^A01|M1|P|2.4\rPID|||1\rBTS|1\rFTS|1\r";
+        let batch = split(frame).unwrap();
+        let mut n = 0;
+        let mut ids = || {
+            n += 1;
+            format!("R{n}")
+        };
+        let h = parse_header(ADT_A01_V24).unwrap();
+        let nak = build_ack(
+            &h,
+            AckCode::AE,
+            None,
+            Some(&AckError::new(100, Some(("PID", 0)), "")),
+            "A1",
+            winter(),
+        );
+        let out = build_batch_ack(&batch, &[vec![nak.clone()]], winter(), &mut ids);
+        let expected = format!(
+            "FHS|^~\\&|SR|HUB|PAS|RXX|20240315103005.1234+0000||||R1|F77\r\
+             BHS|^~\\&|SR|HUB|PAS|RXX|20240315103005.1234+0000||||R2|B12\r\
+             {}BTS|1\rFTS|1\r",
+            text(&nak)
+        );
+        assert_eq!(text(&out), expected);
+        assert!(text(&nak).contains("ERR||PID^1|100^Segment sequence error^HL70357|E\r"));
+
+        // All accepted: an empty acknowledgement batch.
+        let out = build_batch_ack(&batch, &[vec![]], winter(), || "X".into());
+        assert_eq!(
+            text(&out),
+            "FHS|^~\\&|SR|HUB|PAS|RXX|20240315103005.1234+0000||||X|F77\r\
+             BHS|^~\\&|SR|HUB|PAS|RXX|20240315103005.1234+0000||||X|B12\rBTS|0\rFTS|1\r"
+        );
+
+        // A BHS-only batch with other delimiters keeps them.
+        let batch = split(b"BHS#^~\\&#PAS#RXX#######B9\rBTS#0\r").unwrap();
+        let out = build_batch_ack(&batch, &[vec![]], winter(), || "X".into());
+        assert_eq!(
+            text(&out),
+            "BHS#^~\\&###PAS#RXX#20240315103005.1234+0000####X#B9\rBTS#0\r"
+        );
     }
 }

@@ -64,9 +64,9 @@ impl Delimiters {
         s
     }
 
-    /// Reads MSH-1 and MSH-2 from a segment starting with `MSH`; returns the
+    /// Reads fields 1 and 2 of a header segment (`MSH`, `BHS`, `FHS`: same layout); returns the
     /// delimiters and the offset just past MSH-2.
-    fn from_msh(seg: &[u8]) -> Result<(Delimiters, usize), HeaderError> {
+    pub(crate) fn from_header_segment(seg: &[u8]) -> Result<(Delimiters, usize), HeaderError> {
         let bad = |field, reason| Err(HeaderError::BadDelimiters { field, reason });
         let Some(&field) = seg.get(3) else {
             return bad(1, "field separator missing");
@@ -246,7 +246,7 @@ pub fn parse_header(message: &[u8]) -> Result<Header, HeaderError> {
         return Err(HeaderError::NotHl7);
     }
     let seg = &msg[..memchr2(b'\r', b'\n', msg).unwrap_or(msg.len())];
-    let (d, mut pos) = Delimiters::from_msh(seg)?;
+    let (d, mut pos) = Delimiters::from_header_segment(seg)?;
 
     // fields[n] = MSH-n for 3..=18; empty when absent.
     let mut fields: [&[u8]; LAST_FIELD + 1] = [&[]; LAST_FIELD + 1];

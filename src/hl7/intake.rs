@@ -54,28 +54,88 @@ fn now() -> jiff::ZonedDateTime {
     jiff::ZonedDateTime::now()
 }
 
-/// Examine one message.
-pub fn assess(message: &[u8], default_charset: Charset, me: &Responder) -> Intake {
+/// Examine one message: its MSH, its segment separators (LF or CRLF refused when `strict`) and
+/// its bytes against its character set. The feed's [`Policy`] comes next (a type the feed does
+/// not take is refused whatever its content), then [`missing_segment`].
+pub fn assess(message: &[u8], default_charset: Charset, strict: bool, me: &Responder) -> Intake {
     let header = match parse_header(message) {
         Ok(h) => h,
         Err(e) => return reject_header(&e, me),
     };
-    let declared = header.charset.as_deref();
-    if let Err(e) = charset::decode(message, declared, default_charset) {
-        let err = AckError {
-            code: 102,
-            location: Some(("MSH", 18)),
-            text: e.to_string(),
-        };
+    let reject = |header: Header, err: AckError, reason: String| {
         let ack = answer(&header, Outcome::Rejected(&err));
-        return Intake::Reject {
+        Intake::Reject {
             ack,
-            reason: format!("charset: {e}"),
+            reason,
             error: err,
             header: Some(Box::new(header)),
-        };
+        }
+    };
+    if strict && message.trim_ascii_end().contains(&b'\n') {
+        let err = AckError::new(
+            100,
+            None,
+            "segments must be separated by CR alone on this feed (strict): found LF",
+        );
+        return reject(header, err, "LF segment separator on a strict feed".into());
+    }
+    let declared = header.charset.as_deref();
+    if let Err(e) = charset::decode(message, declared, default_charset) {
+        let err = AckError::new(102, Some(("MSH", 18)), e.to_string());
+        return reject(header, err, format!("charset: {e}"));
     }
     Intake::Store(Box::new(header))
+}
+
+/// The `AE` error (code 100, the segment as location) when a segment that [`required_segments`]
+/// names for this message's type is absent.
+pub fn missing_segment(h: &Header, message: &[u8]) -> Option<AckError> {
+    let required = required_segments(h);
+    if required.is_empty() {
+        return None;
+    }
+    let present = crate::inventory::segment_ids(message);
+    let missing = required
+        .iter()
+        .find(|id| !present.iter().any(|p| p == id.as_bytes()))?;
+    let text = format!(
+        "required segment {missing} is missing for {}^{}",
+        h.message_type,
+        h.trigger_event.as_deref().unwrap_or("")
+    );
+    Some(AckError::new(100, Some((missing, 0)), text))
+}
+
+/// The segments a message of this type cannot be read without (HL7 v2.5 message structures,
+/// kept to what a record needs: an ADT event is about a patient, a result hangs off its
+/// request, a merge names what is merged). Other segments the standard marks required are not
+/// enforced: real feeds omit them (EVN, PV1) and the message is still usable. Unknown types and
+/// triggers require nothing.
+pub fn required_segments(h: &Header) -> &'static [&'static str] {
+    let trigger = h
+        .trigger_event
+        .as_deref()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    let t = trigger.as_str();
+    match h.message_type.to_ascii_uppercase().as_str() {
+        "ADT" => match t {
+            // Merge family: prior identifiers are the point of the message.
+            "A34" | "A35" | "A36" | "A39" | "A40" | "A41" | "A42" | "A44" | "A45" | "A46"
+            | "A47" | "A48" | "A49" | "A50" | "A51" => &["PID", "MRG"],
+            "A01" | "A02" | "A03" | "A04" | "A05" | "A06" | "A07" | "A08" | "A09" | "A10"
+            | "A11" | "A12" | "A13" | "A14" | "A15" | "A16" | "A17" | "A21" | "A22" | "A23"
+            | "A25" | "A26" | "A27" | "A28" | "A29" | "A31" | "A32" | "A33" | "A38" => &["PID"],
+            _ => &[],
+        },
+        "ORU" if t == "R01" => &["OBR"],
+        "ORM" if t == "O01" => &["ORC"],
+        "OML" if matches!(t, "O21" | "O33" | "O35") => &["ORC"],
+        "ORR" | "ORL" | "ACK" => &["MSA"],
+        "SIU" if t.starts_with('S') => &["SCH"],
+        "MDM" if t.starts_with('T') => &["TXA"],
+        _ => &[],
+    }
 }
 
 fn reject_header(e: &HeaderError, me: &Responder) -> Intake {
@@ -195,6 +255,9 @@ pub struct Policy {
     pub ignore_unaccepted: bool,
     /// Accepted MSH-11 processing ids (`P`, `T`, `D`); empty accepts every id.
     pub processing_ids: Vec<String>,
+    /// Segment separators must be CR alone, as the standard says; otherwise LF and CRLF are
+    /// tolerated (real feeds send them). A content rule, passed to [`assess`].
+    pub strict: bool,
 }
 
 /// What the policy says about a message.
@@ -362,6 +425,7 @@ mod tests {
             accept: vec!["ORU^R01".into(), "ADT^A01".into()],
             ignore_unaccepted: false,
             processing_ids: vec!["P".into()],
+            strict: false,
         };
         assert_eq!(check_policy(&header(""), &p), Verdict::Accept);
         let code = |v: Verdict| match v {
@@ -389,6 +453,88 @@ mod tests {
             check_policy(&header(""), &Policy::default()),
             Verdict::Accept
         );
+    }
+
+    fn me() -> Responder {
+        Responder {
+            application: "SITERELAY".into(),
+            facility: "TEST".into(),
+        }
+    }
+
+    /// (ERR-3 code, ERR-2 location) of an `AE`, or "stored".
+    fn verdict(message: &str, strict: bool) -> String {
+        match assess(message.as_bytes(), Charset::Utf8, strict, &me()) {
+            Intake::Store(h) => match missing_segment(&h, message.as_bytes()) {
+                None => "stored".into(),
+                Some(e) => {
+                    let ack = answer(&h, Outcome::Rejected(&e)).unwrap();
+                    let ack = String::from_utf8(ack).unwrap();
+                    assert_eq!(msa(&Some(ack.clone().into_bytes())).as_deref(), Some("AE"));
+                    let err = ack.split('\r').find(|s| s.starts_with("ERR")).unwrap();
+                    let f: Vec<&str> = err.split('|').collect();
+                    format!(
+                        "{} {} {}",
+                        f[3].split('^').next().unwrap(),
+                        f[2],
+                        e.location_text().unwrap_or_default()
+                    )
+                }
+            },
+            Intake::Reject { ack, error, .. } => {
+                let ack = String::from_utf8(ack.unwrap()).unwrap();
+                let err = ack.split('\r').find(|s| s.starts_with("ERR")).unwrap();
+                let f: Vec<&str> = err.split('|').collect();
+                assert_eq!(msa(&Some(ack.clone().into_bytes())).as_deref(), Some("AE"));
+                format!(
+                    "{} {} {}",
+                    f[3].split('^').next().unwrap(),
+                    f[2],
+                    error.location_text().unwrap_or_default()
+                )
+            }
+        }
+    }
+
+    #[test]
+    fn required_segments_by_message_type_give_ae_100_naming_the_segment() {
+        let m = |ty: &str, body: &str| format!("MSH|^~\\&|A|B|C|D|20261130||{ty}|C1|P|2.5\r{body}");
+        let table: &[(&str, &str, &str)] = &[
+            ("ADT^A01", "EVN|A01\rPID|1||1\r", "stored"),
+            ("ADT^A01", "EVN|A01\rPV1|1|I\r", "100 PID^1 PID"),
+            ("ADT^A08", "PID|1||1\r", "stored"),
+            ("ADT^A20", "NPU|W1\r", "stored"),
+            ("ADT^A40", "EVN|A40\rPID|1||1\r", "100 MRG^1 MRG"),
+            ("ADT^A40", "EVN|A40\rPID|1||1\rMRG|2\r", "stored"),
+            ("ORU^R01", "PID|1\rOBX|1|NM\r", "100 OBR^1 OBR"),
+            ("ORU^R01", "OBR|1\rOBX|1|NM\r", "stored"),
+            ("ORM^O01", "PID|1\rOBR|1\r", "100 ORC^1 ORC"),
+            ("OML^O21", "PID|1\rORC|NW\r", "stored"),
+            ("ORR^O02", "ORC|OK\r", "100 MSA^1 MSA"),
+            ("SIU^S12", "PID|1\r", "100 SCH^1 SCH"),
+            ("SIU^S14", "SCH|1\r", "stored"),
+            ("MDM^T02", "EVN|T02\rPID|1\rOBX|1|TX\r", "100 TXA^1 TXA"),
+            ("ZZZ^Z99", "ZZ1|1\r", "stored"),
+            ("ADT", "ZZ1|1\r", "stored"),
+        ];
+        for (ty, body, want) in table {
+            assert_eq!(verdict(&m(ty, body), false), *want, "{ty} {body:?}");
+        }
+    }
+
+    #[test]
+    fn lf_separators_are_tolerated_unless_the_feed_is_strict() {
+        let cr = "MSH|^~\\&|A|B|C|D|20261130||ADT^A01|C1|P|2.5\rPID|1||1\r";
+        let lf = cr.replace('\r', "\n");
+        let crlf = cr.replace('\r', "\r\n");
+        assert_eq!(verdict(cr, false), "stored");
+        assert_eq!(verdict(&lf, false), "stored");
+        assert_eq!(verdict(&crlf, false), "stored");
+        assert_eq!(verdict(cr, true), "stored");
+        // A trailing line end after the last segment is not a separator.
+        assert_eq!(verdict(&format!("{cr}\n"), true), "stored");
+        assert_eq!(verdict(&lf, true), "100  ");
+        assert_eq!(verdict(&crlf, true), "100  ");
     }
 
     trait ReplaceStr {

@@ -6,10 +6,14 @@
 //! merge, orders, observations) with three-state fields ([`tri`]) and NHS number checks
 //! ([`nhs`]).
 //!
-//! Deliberately not here (yet): an HL7 validator (the body is stored and forwarded as received),
-//! batch (FHS/BHS) support, MLLP framing (in `sources::mllp::framing`).
+//! [`batch`] splits `FHS`/`BHS` batch frames into their messages.
+//!
+//! Deliberately not here: an HL7 validator (the body is stored and forwarded as received; only
+//! the segments a record cannot be read without are required, see [`intake`]), MLLP framing (in
+//! `sources::mllp::framing`).
 
 pub mod ack;
+pub mod batch;
 pub mod charset;
 pub mod header;
 pub mod intake;

@@ -318,20 +318,58 @@ impl FeedContext {
     }
 }
 
-/// Assess, store and answer one HL7 message. Returns the ACK to send (unframed), written by the
-/// caller only now, after the commit; None when the message's MSH-15 asks for no
-/// acknowledgement in this case.
+/// Assess, store and answer one HL7 message, or every message of a batch frame (`FHS`/`BHS`).
+/// Returns the ACK to send (unframed), written by the caller only now, after the commit; None
+/// when the message's MSH-15 asks for no acknowledgement in this case.
 pub async fn handle_message(
     msg: Vec<u8>,
     peer: &str,
     ctx: &Hl7Target<'_>,
     shutting_down: bool,
 ) -> Option<Vec<u8>> {
+    if crate::hl7::batch::is_batch(&msg) {
+        return Some(handle_batch(msg, peer, ctx, shutting_down).await);
+    }
+    match prepare(msg, peer, ctx, shutting_down).await {
+        Prepared::Answered { ack, .. } => ack,
+        Prepared::Store(p, new) => {
+            let result = ctx.outbox.append(new).await;
+            finish(ctx, &p, result).ack
+        }
+    }
+}
+
+/// A message that passed every check: what answering it needs once it is appended.
+struct ToStore {
+    header: Box<crate::hl7::header::Header>,
+    size: usize,
+    segments: Vec<[u8; 3]>,
+    received_at_us: i64,
+}
+
+/// The first half of handling a message: everything up to the append.
+enum Prepared {
+    /// Decided without storing (rejected and quarantined, refused, ignored by policy).
+    Answered {
+        ack: Option<Vec<u8>>,
+        /// Accepted in the sender's eyes (ignored by policy): not listed in a batch ACK.
+        accepted: bool,
+    },
+    Store(Box<ToStore>, NewMessage),
+}
+
+/// The second half: what the append's result means for the sender.
+struct Finished {
+    ack: Option<Vec<u8>>,
+    accepted: bool,
+}
+
+async fn prepare(msg: Vec<u8>, peer: &str, ctx: &Hl7Target<'_>, shutting_down: bool) -> Prepared {
     let feed = &**ctx.name;
     let c = ctx.counters;
     let size = msg.len();
     let received_at_us = now_us();
-    let header = match intake::assess(&msg, ctx.default_charset, ctx.responder) {
+    let header = match intake::assess(&msg, ctx.default_charset, ctx.policy.strict, ctx.responder) {
         Intake::Store(h) => h,
         Intake::Reject {
             ack,
@@ -350,7 +388,10 @@ pub async fn handle_message(
                 header.as_deref(),
             )
             .await;
-            return ack;
+            return Prepared::Answered {
+                ack,
+                accepted: false,
+            };
         }
     };
     match intake::check_policy(&header, ctx.policy) {
@@ -358,16 +399,44 @@ pub async fn handle_message(
         intake::Verdict::Ignore => {
             c.ignored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(feed, control_id = %header.control_id, "not accepted by this feed's policy: acknowledged and dropped");
-            return intake::answer_stored(&header);
+            return Prepared::Answered {
+                ack: intake::answer_stored(&header),
+                accepted: true,
+            };
         }
         intake::Verdict::Refuse(err) => {
             event::refused(c, feed, &header.control_id, size, &err.text);
-            return intake::answer(&header, intake::Outcome::Refused(&err));
+            return Prepared::Answered {
+                ack: intake::answer(&header, intake::Outcome::Refused(&err)),
+                accepted: false,
+            };
         }
+    }
+    if let Some(error) = intake::missing_segment(&header, &msg) {
+        let reason = error.text.clone();
+        event::rejected(c, feed, peer, size, &reason);
+        let ack = intake::answer(&header, intake::Outcome::Rejected(&error));
+        quarantine(
+            ctx,
+            msg,
+            peer,
+            received_at_us,
+            &reason,
+            &error,
+            Some(&header),
+        )
+        .await;
+        return Prepared::Answered {
+            ack,
+            accepted: false,
+        };
     }
     if shutting_down {
         event::refused(c, feed, &header.control_id, size, "shutting down");
-        return intake::answer_refused(&header, "siterelay is shutting down: resend later");
+        return Prepared::Answered {
+            ack: intake::answer_refused(&header, "siterelay is shutting down: resend later"),
+            accepted: false,
+        };
     }
     let segments = segment_ids(&msg);
     let dedup = ctx.dedup_window.map(|w| crate::outbox::DedupKey {
@@ -390,12 +459,34 @@ pub async fn handle_message(
         reprocessed: false,
         dedup,
     };
-    match ctx.outbox.append(new).await {
+    Prepared::Store(
+        Box::new(ToStore {
+            header,
+            size,
+            segments,
+            received_at_us,
+        }),
+        new,
+    )
+}
+
+fn finish(
+    ctx: &Hl7Target<'_>,
+    p: &ToStore,
+    result: Result<crate::outbox::Stored, AppendError>,
+) -> Finished {
+    let (header, size) = (&*p.header, p.size);
+    let feed = &**ctx.name;
+    let c = ctx.counters;
+    match result {
         Ok(stored) if stored.duplicate => {
             c.duplicates
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(feed, control_id = %header.control_id, seq = stored.seq, "duplicate resend acknowledged again, not forwarded twice");
-            intake::answer_stored(&header)
+            Finished {
+                ack: intake::answer_stored(header),
+                accepted: true,
+            }
         }
         Ok(stored) => {
             event::stored(c, feed, &header.control_id, stored.seq, size);
@@ -415,11 +506,14 @@ pub async fn handle_message(
                     receiving_facility: header.receiving_facility.as_deref(),
                     charset: charset.charset_name(),
                 },
-                &segments,
+                &p.segments,
                 size,
-                received_at_us,
+                p.received_at_us,
             );
-            intake::answer_stored(&header)
+            Finished {
+                ack: intake::answer_stored(header),
+                accepted: true,
+            }
         }
         Err(e) => {
             let text = match &e {
@@ -428,9 +522,100 @@ pub async fn handle_message(
                 AppendError::Closed => "siterelay is shutting down: resend later",
             };
             event::refused(c, feed, &header.control_id, size, &e.to_string());
-            intake::answer_refused(&header, text)
+            Finished {
+                ack: intake::answer_refused(header, text),
+                accepted: false,
+            }
         }
     }
+}
+
+/// A batch frame: every message is checked and stored on its own (its own `seq`, its own
+/// quarantine entry when rejected); all appends are committed before the one batch
+/// acknowledgement goes out, which lists the messages that were not accepted.
+async fn handle_batch(
+    frame: Vec<u8>,
+    peer: &str,
+    ctx: &Hl7Target<'_>,
+    shutting_down: bool,
+) -> Vec<u8> {
+    let feed = &**ctx.name;
+    let c = ctx.counters;
+    let size = frame.len();
+    let batch = match crate::hl7::batch::split(&frame) {
+        Ok(b) => b,
+        Err(e) => {
+            let error = e.ack_error();
+            let reason = format!("batch: {e}");
+            event::rejected(c, feed, peer, size, &reason);
+            let nak = crate::hl7::ack::minimal_nak(
+                crate::hl7::ack::AckCode::AE,
+                &error.text,
+                Some(&error),
+                &intake::next_ack_control_id(),
+                jiff::ZonedDateTime::now(),
+                &ctx.responder.application,
+                &ctx.responder.facility,
+            );
+            quarantine(ctx, frame, peer, now_us(), &reason, &error, None).await;
+            return nak;
+        }
+    };
+    for note in &batch.notes {
+        warn!(
+            feed,
+            peer, note, "batch irregularity (messages still handled)"
+        );
+    }
+    // Check every message first, then append them all at once so they share commits; the
+    // appends are queued in order, so seq follows the batch order.
+    let mut slots: Vec<(usize, Result<Box<ToStore>, Finished>)> = Vec::new();
+    let mut to_store = Vec::new();
+    for (g, group) in batch.groups.iter().enumerate() {
+        for range in &group.messages {
+            let msg = frame[range.clone()].to_vec();
+            match prepare(msg, peer, ctx, shutting_down).await {
+                Prepared::Answered { ack, accepted } => {
+                    slots.push((g, Err(Finished { ack, accepted })))
+                }
+                Prepared::Store(p, new) => {
+                    to_store.push(new);
+                    slots.push((g, Ok(p)));
+                }
+            }
+        }
+    }
+    let mut results = ctx.outbox.append_all(to_store).await.into_iter();
+    let mut acks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); batch.groups.len()];
+    let (mut accepted, mut not_accepted) = (0usize, 0usize);
+    for (g, slot) in slots {
+        let f = match slot {
+            Err(done) => done,
+            Ok(p) => finish(ctx, &p, results.next().unwrap_or(Err(AppendError::Closed))),
+        };
+        let (ack, ok) = (f.ack, f.accepted);
+        if ok {
+            accepted += 1;
+        } else {
+            not_accepted += 1;
+            acks[g].extend(ack);
+        }
+    }
+    info!(
+        feed,
+        peer,
+        bytes = size,
+        messages = accepted + not_accepted,
+        accepted,
+        not_accepted,
+        "batch handled"
+    );
+    crate::hl7::ack::build_batch_ack(
+        &batch,
+        &acks,
+        jiff::ZonedDateTime::now(),
+        intake::next_ack_control_id,
+    )
 }
 
 /// Keep a rejected message (committed before its `AE` goes out) and, if configured, tell the
@@ -454,7 +639,7 @@ async fn quarantine(
         peer: Some(peer.to_string()),
         received_at_us,
         error_code: error.code,
-        error_location: error.location.map(|(seg, field)| format!("{seg}-{field}")),
+        error_location: error.location_text(),
         reason: reason.to_string(),
         control_id: header.map(|h| h.control_id.clone()),
         sending_application: header.and_then(|h| h.sending_application.clone()),
