@@ -3,8 +3,8 @@
 //! shared by every HL7 source ([`intake`]).
 //!
 //! [`normalise`] turns a message into the record's clinical sections (patient, visit, event,
-//! merge, orders, observations) with three-state fields ([`tri`]) and NHS number checks
-//! ([`nhs`]).
+//! merge, orders, observations, appointment, document) with three-state fields ([`tri`]) and
+//! NHS number checks ([`nhs`]).
 //!
 //! [`batch`] splits `FHS`/`BHS` batch frames into their messages.
 //!

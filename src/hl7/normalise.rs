@@ -2,10 +2,11 @@
 //! central integration layer receives, so it can use records without
 //! re-parsing HL7.
 //!
-//! [`normalise`] reads PID, PV1/PV2, EVN, MRG, ORC/OBR, OBX and NTE (field
-//! positions of HL7 v2.2 to v2.8, tolerant of missing components) into
-//! [`Normalised`], whose members are meant to be flattened into the record's
-//! top level. Rules that hold in every section:
+//! [`normalise`] reads PID, PV1/PV2, EVN, MRG, ORC/OBR, OBX, NTE, SCH with
+//! AIS/AIG/AIL/AIP (scheduling) and TXA (documents) (field positions of HL7
+//! v2.2 to v2.8, tolerant of missing components) into [`Normalised`], whose
+//! members are meant to be flattened into the record's top level. Rules that
+//! hold in every section:
 //!
 //! * Three states per value ([`Tri`]): an empty or missing field is omitted
 //!   (the sender said nothing), the HL7 null `""` is JSON `null` (explicitly
@@ -21,15 +22,21 @@
 //!   authority, XPN.1 family name, PL.4 facility) take their subcomponents.
 //! * Timestamps are `crate::hl7::time::TimeValue` objects in the feed's zone; a
 //!   date stays a date. A timestamp that cannot be read becomes
-//!   `{"hl7": <as sent>, "invalid": true}` and a warning.
+//!   `{"hl7": <as sent>, "invalid": true}` and a warning. A timestamp inside a
+//!   composite (SCH-11 TQ.4/TQ.5) has its parts as subcomponents.
+//! * Numbers (set ids, NM durations, occurrence numbers) that cannot be read
+//!   are omitted with a warning; OBX-5 is the exception (kept as text and
+//!   flagged `value_invalid`).
 //! * Identifiers keep value, type and assigning authority exactly as sent;
 //!   nothing is resolved, merged or deduplicated here.
 //! * Nothing fails: what cannot be read is omitted and described in
 //!   `warnings`, which name segment ids and positions only, never content.
 //!
 //! Deliberately NOT done here: no validation against HL7 message structures
-//! (segments are read wherever they appear; the first PID, PV1, PV2, EVN and
-//! MRG count, later ones are listed in `segments` and warned about), no code
+//! (segments are read wherever they appear; the first PID, PV1, PV2, EVN,
+//! MRG, SCH and TXA count, later ones are listed in `segments` and warned
+//! about; every AIS/AIG/AIL/AIP is a resource of the one appointment, RGS
+//! groups are not kept), no TQ1/TQ2, no code
 //! translation or terminology mapping, no phone numbers, next of kin,
 //! allergies, diagnoses or insurance, no decoding of ED data (only its size
 //! is reported), no FT formatting beyond escape decoding (`\.br\` becomes a
@@ -95,7 +102,14 @@ pub struct Normalised {
     /// Every OBX, in message order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub observations: Vec<Observation>,
-    /// NTE-3 text of notes that follow no OBX, ORC or OBR (e.g. after PID).
+    /// From the first SCH, with every AIS, AIG, AIL and AIP (scheduling messages, SIU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub appointment: Option<Appointment>,
+    /// From the first TXA (document management messages, MDM); the body is in `observations`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<Document>,
+    /// NTE-3 text of notes that follow no OBX, ORC, OBR or appointment
+    /// resource (e.g. after PID, SCH or TXA).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     /// Segment ids in message order, MSH and Z-segments included.
@@ -584,6 +598,165 @@ pub struct Observation {
     pub notes: Vec<String>,
 }
 
+/// Which kind of appointment resource a segment describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    /// AIS: a service.
+    Service,
+    /// AIG: a general resource (equipment, a room type, a team).
+    General,
+    /// AIL: a location.
+    Location,
+    /// AIP: a person.
+    Personnel,
+}
+
+/// One appointment resource: an AIS, AIG, AIL or AIP segment. Only the
+/// member for its kind (`universal_service`, `resource_id`, `location`,
+/// `personnel`) is ever present.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Resource {
+    /// Which segment this came from.
+    pub kind: ResourceKind,
+    /// Field 1, set id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub set_id: Tri<u32>,
+    /// Field 2, segment action code (table 0206), e.g. `A`, `D`, `U`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub segment_action: Tri<String>,
+    /// AIS-3 universal service identifier.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub universal_service: Tri<Coded>,
+    /// AIG-3 resource id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub resource_id: Tri<Coded>,
+    /// AIL-3 location resource id (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub location: Tri<Location>,
+    /// AIP-3 personnel resource id (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub personnel: Tri<Provider>,
+    /// Start date/time: AIS-4, AIG-8, AIL-6, AIP-6.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub start_at: Tri<TimeField>,
+    /// Duration: AIS-7, AIG-11, AIL-9, AIP-9.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub duration: Tri<Number>,
+    /// Duration units: AIS-8, AIG-12, AIL-10, AIP-10.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub duration_units: Tri<Coded>,
+    /// Filler status code (table 0278): AIS-10, AIG-14, AIL-12, AIP-12.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub filler_status: Tri<Coded>,
+    /// NTE-3 text of the NTEs that follow this segment.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// The `appointment` section (SCH, AIS, AIG, AIL, AIP).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Appointment {
+    /// SCH-1 placer appointment id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub placer_appointment_id: Tri<EntityId>,
+    /// SCH-2 filler appointment id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub filler_appointment_id: Tri<EntityId>,
+    /// SCH-3 occurrence number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub occurrence_number: Tri<Number>,
+    /// SCH-6 event reason.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub event_reason: Tri<Coded>,
+    /// SCH-7 appointment reason.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub reason: Tri<Coded>,
+    /// SCH-8 appointment type.
+    #[serde(rename = "type", skip_serializing_if = "Tri::is_absent")]
+    pub appointment_type: Tri<Coded>,
+    /// SCH-9 appointment duration.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub duration: Tri<Number>,
+    /// SCH-10 appointment duration units.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub duration_units: Tri<Coded>,
+    /// SCH-11.4 (TQ start date/time, first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub start_at: Tri<TimeField>,
+    /// SCH-11.5 (TQ end date/time, first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub end_at: Tri<TimeField>,
+    /// SCH-12 placer contact person (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub placer_contact: Tri<Provider>,
+    /// SCH-16 filler contact person (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub filler_contact: Tri<Provider>,
+    /// SCH-25 filler status code (table 0278), e.g. `Booked`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub filler_status: Tri<Coded>,
+    /// One per AIS, AIG, AIL and AIP, in message order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<Resource>,
+}
+
+/// The `document` section (TXA).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Document {
+    /// TXA-1 set id.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub set_id: Tri<u32>,
+    /// TXA-2 document type (IS in v2.5, CWE later: an IS is `{"code": ...}`).
+    #[serde(rename = "type", skip_serializing_if = "Tri::is_absent")]
+    pub document_type: Tri<Coded>,
+    /// TXA-3 document content presentation (table 0191), e.g. `TX`, `FT`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub presentation: Tri<String>,
+    /// TXA-4 activity date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub activity_at: Tri<TimeField>,
+    /// TXA-6 origination date/time.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub origination_at: Tri<TimeField>,
+    /// TXA-8 edit date/time (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub edit_at: Tri<TimeField>,
+    /// TXA-9 repetitions (originator code/name).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub author: Tri<Vec<Provider>>,
+    /// TXA-11 transcriptionist (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub transcriptionist: Tri<Provider>,
+    /// TXA-12 unique document number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub unique_document_number: Tri<EntityId>,
+    /// TXA-13 parent document number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub parent_document_number: Tri<EntityId>,
+    /// TXA-14 placer order number (first repetition).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub placer_order_number: Tri<EntityId>,
+    /// TXA-15 filler order number.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub filler_order_number: Tri<EntityId>,
+    /// TXA-16 unique document file name.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub unique_document_file_name: Tri<String>,
+    /// TXA-17 document completion status (table 0271), e.g. `AU`, `DI`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub completion_status: Tri<String>,
+    /// TXA-18 document confidentiality status (table 0272).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub confidentiality_status: Tri<String>,
+    /// TXA-19 document availability status (table 0273), e.g. `AV`.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub availability_status: Tri<String>,
+    /// TXA-20 document storage status (table 0275).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub storage_status: Tri<String>,
+}
+
 /// Normalises one message (the text between the MLLP block characters,
 /// already decoded from its charset). Never panics and never fails: an
 /// unreadable MSH gives a `Normalised` holding only a warning.
@@ -625,7 +798,9 @@ pub fn normalise_with_delimiters(
     let mut cur_obx: Option<usize> = None;
     // An ORC waiting for its OBR.
     let mut pending_orc: Option<usize> = None;
-    let (mut seen_pv1, mut seen_pv2) = (false, false);
+    // The AIS/AIG/AIL/AIP that NTEs attach to; set only while the two above are None.
+    let mut cur_resource: Option<usize> = None;
+    let (mut seen_pv1, mut seen_pv2, mut seen_sch) = (false, false, false);
 
     for (i, seg) in segs.iter().enumerate() {
         let at = At { pos: i + 1 };
@@ -639,6 +814,43 @@ pub fn normalise_with_delimiters(
                 cur_order = None;
                 cur_obx = None;
                 pending_orc = None;
+                cur_resource = None;
+            }
+            "SCH" => {
+                if seen_sch {
+                    rd.warn("SCH", None, at, "repeated segment ignored");
+                } else {
+                    seen_sch = true;
+                    let resources = out.appointment.take().map(|a| a.resources);
+                    let mut a = rd.schedule(seg, at);
+                    a.resources = resources.unwrap_or_default();
+                    out.appointment = Some(a);
+                }
+                cur_order = None;
+                cur_obx = None;
+                pending_orc = None;
+                cur_resource = None;
+            }
+            "AIS" | "AIG" | "AIL" | "AIP" => {
+                let r = rd.resource(seg, at);
+                let a = out.appointment.get_or_insert_with(Appointment::default);
+                a.resources.push(r);
+                cur_resource = Some(a.resources.len() - 1);
+                cur_order = None;
+                cur_obx = None;
+                pending_orc = None;
+            }
+            "TXA" => {
+                if out.document.is_some() {
+                    rd.warn("TXA", None, at, "repeated segment ignored");
+                } else {
+                    out.document = Some(rd.document(seg, at));
+                }
+                // What follows (the OBX body) belongs to the document, not to an order.
+                cur_order = None;
+                cur_obx = None;
+                pending_orc = None;
+                cur_resource = None;
             }
             "PV1" | "PV2" => {
                 let pv1 = seg.id == "PV1";
@@ -676,6 +888,7 @@ pub fn normalise_with_delimiters(
                 cur_order = Some(idx);
                 pending_orc = Some(idx);
                 cur_obx = None;
+                cur_resource = None;
             }
             "OBR" => {
                 let idx = match pending_orc.take() {
@@ -688,19 +901,26 @@ pub fn normalise_with_delimiters(
                 rd.obr(&mut out.orders[idx], seg, at);
                 cur_order = Some(idx);
                 cur_obx = None;
+                cur_resource = None;
             }
             "OBX" => {
                 let mut obx = rd.obx(seg, at);
                 obx.order = cur_order;
                 out.observations.push(obx);
                 cur_obx = Some(out.observations.len() - 1);
+                cur_resource = None;
             }
             "NTE" => {
                 let text = rd.note(seg);
-                let target = match (cur_obx, cur_order) {
-                    (Some(o), _) => out.observations.get_mut(o).map(|o| &mut o.notes),
-                    (None, Some(o)) => out.orders.get_mut(o).map(|o| &mut o.notes),
-                    (None, None) => None,
+                let target = match (cur_obx, cur_order, cur_resource) {
+                    (Some(o), _, _) => out.observations.get_mut(o).map(|o| &mut o.notes),
+                    (None, Some(o), _) => out.orders.get_mut(o).map(|o| &mut o.notes),
+                    (None, None, Some(r)) => out
+                        .appointment
+                        .as_mut()
+                        .and_then(|a| a.resources.get_mut(r))
+                        .map(|r| &mut r.notes),
+                    (None, None, None) => None,
                 };
                 target.unwrap_or(&mut out.notes).push(text);
             }
@@ -897,14 +1117,28 @@ impl Reader<'_> {
         let Some(r) = seg.rep(n) else {
             return Tri::Absent;
         };
-        self.time_raw(r.raw_value(), comp_raw(r, 1), id, n, at)
+        self.time_raw(r.raw_value(), comp_raw(r, 1), self.d.component, id, n, at)
     }
 
-    /// `raw` is the whole TS (TS.2 may follow), `first` its first component.
+    /// A TS carried in component `c` of `r` (its parts are subcomponents), e.g. TQ.4.
+    fn time_in(
+        &mut self,
+        r: &Repeat<'_>,
+        c: usize,
+        id: &'static str,
+        n: usize,
+        at: At,
+    ) -> Tri<TimeField> {
+        let sep = self.d.subcomponent;
+        self.time_raw(comp_raw(r, c), sub_raw(r, c, 1), sep, id, n, at)
+    }
+
+    /// `raw` is the whole TS (TS.2 may follow after `sep`), `first` its first part.
     fn time_raw(
         &mut self,
         raw: &str,
         first: &str,
+        sep: u8,
         id: &'static str,
         n: usize,
         at: At,
@@ -912,7 +1146,7 @@ impl Reader<'_> {
         match Tri::from_hl7(first) {
             Tri::Absent => Tri::Absent,
             Tri::Null => Tri::Null,
-            Tri::Value(_) => match parse_dtm(raw, self.tz, self.d.component) {
+            Tri::Value(_) => match parse_dtm(raw, self.tz, sep) {
                 Some(tv) => Tri::Value(TimeField::Parsed(tv)),
                 None => {
                     self.warn(id, Some(n), at, "invalid timestamp kept as sent");
@@ -1184,24 +1418,133 @@ impl Reader<'_> {
         Tri::Value(p)
     }
 
-    fn obx(&mut self, seg: &Seg<'_>, at: At) -> Observation {
-        let set_id = match Tri::from_hl7(seg.rep(1).map_or("", |r| comp_raw(r, 1))) {
+    /// Field 1 (SI) as a number; anything else is omitted with a warning.
+    fn set_id(&mut self, seg: &Seg<'_>, id: &'static str, at: At) -> Tri<u32> {
+        match Tri::from_hl7(seg.rep(1).map_or("", |r| comp_raw(r, 1))) {
             Tri::Absent => Tri::Absent,
             Tri::Null => Tri::Null,
             Tri::Value(s) => match s.trim().parse::<u32>() {
                 Ok(n) => Tri::Value(n),
                 Err(_) => {
-                    self.warn("OBX", Some(1), at, "set id is not a number; omitted");
+                    self.warn(id, Some(1), at, "set id is not a number; omitted");
                     Tri::Absent
                 }
             },
+        }
+    }
+
+    /// Field `n` (NM) as a number; anything else is omitted with a warning.
+    fn nm(&mut self, seg: &Seg<'_>, n: usize, id: &'static str, at: At) -> Tri<Number> {
+        match Tri::from_hl7(seg.rep(n).map_or("", |r| comp_raw(r, 1))) {
+            Tri::Absent => Tri::Absent,
+            Tri::Null => Tri::Null,
+            Tri::Value(s) => match parse_nm(s) {
+                Some(v) => Tri::Value(v),
+                None => {
+                    self.warn(id, Some(n), at, "not a number; omitted");
+                    Tri::Absent
+                }
+            },
+        }
+    }
+
+    /// Field `n` of `seg` (first repetition) as a coded value.
+    fn coded_field(&self, seg: &Seg<'_>, n: usize) -> Tri<Coded> {
+        composite(seg.rep(n), |r| self.coded(r))
+    }
+
+    fn schedule(&mut self, seg: &Seg<'_>, at: At) -> Appointment {
+        let mut a = Appointment {
+            placer_appointment_id: composite(seg.rep(1), |r| self.entity(r)),
+            filler_appointment_id: composite(seg.rep(2), |r| self.entity(r)),
+            occurrence_number: self.nm(seg, 3, "SCH", at),
+            event_reason: self.coded_field(seg, 6),
+            reason: self.coded_field(seg, 7),
+            appointment_type: self.coded_field(seg, 8),
+            duration: self.nm(seg, 9, "SCH", at),
+            duration_units: self.coded_field(seg, 10),
+            placer_contact: composite(seg.rep(12), |r| self.provider(r)),
+            filler_contact: composite(seg.rep(16), |r| self.provider(r)),
+            filler_status: self.coded_field(seg, 25),
+            ..Appointment::default()
         };
-        let vt_raw = seg.rep(2).map_or("", |r| comp_raw(r, 1));
-        let (value, value_invalid) = self.obs_value(ValueKind::of(vt_raw), seg.field(5), at);
+        // SCH-11 (TQ, first repetition): a whole `""` clears both times.
+        match seg.rep(11) {
+            None => {}
+            Some(r) if is_null_raw(r.raw_value()) => {
+                (a.start_at, a.end_at) = (Tri::Null, Tri::Null)
+            }
+            Some(r) => {
+                a.start_at = self.time_in(r, 4, "SCH", 11, at);
+                a.end_at = self.time_in(r, 5, "SCH", 11, at);
+            }
+        }
+        a
+    }
+
+    /// An AIS, AIG, AIL or AIP (field positions of HL7 v2.5).
+    fn resource(&mut self, seg: &Seg<'_>, at: At) -> Resource {
+        // (kind, segment id, start, duration, duration units, filler status)
+        let (kind, id, start, dur, units, status) = match seg.id {
+            "AIS" => (ResourceKind::Service, "AIS", 4, 7, 8, 10),
+            "AIG" => (ResourceKind::General, "AIG", 8, 11, 12, 14),
+            "AIL" => (ResourceKind::Location, "AIL", 6, 9, 10, 12),
+            _ => (ResourceKind::Personnel, "AIP", 6, 9, 10, 12),
+        };
+        let mut r = Resource {
+            kind,
+            set_id: self.set_id(seg, id, at),
+            segment_action: self.scalar(seg, 2),
+            universal_service: Tri::Absent,
+            resource_id: Tri::Absent,
+            location: Tri::Absent,
+            personnel: Tri::Absent,
+            start_at: self.time(seg, start, id, at),
+            duration: self.nm(seg, dur, id, at),
+            duration_units: self.coded_field(seg, units),
+            filler_status: self.coded_field(seg, status),
+            notes: Vec::new(),
+        };
+        match kind {
+            ResourceKind::Service => r.universal_service = self.coded_field(seg, 3),
+            ResourceKind::General => r.resource_id = self.coded_field(seg, 3),
+            ResourceKind::Location => r.location = composite(seg.rep(3), |x| self.location(x)),
+            ResourceKind::Personnel => r.personnel = composite(seg.rep(3), |x| self.provider(x)),
+        }
+        r
+    }
+
+    fn document(&mut self, seg: &Seg<'_>, at: At) -> Document {
+        Document {
+            set_id: self.set_id(seg, "TXA", at),
+            document_type: self.coded_field(seg, 2),
+            presentation: self.scalar(seg, 3),
+            activity_at: self.time(seg, 4, "TXA", at),
+            origination_at: self.time(seg, 6, "TXA", at),
+            edit_at: self.time(seg, 8, "TXA", at),
+            author: list(seg.field(9), |r| self.provider(r)),
+            transcriptionist: composite(seg.rep(11), |r| self.provider(r)),
+            unique_document_number: composite(seg.rep(12), |r| self.entity(r)),
+            parent_document_number: composite(seg.rep(13), |r| self.entity(r)),
+            placer_order_number: composite(seg.rep(14), |r| self.entity(r)),
+            filler_order_number: composite(seg.rep(15), |r| self.entity(r)),
+            unique_document_file_name: self.whole(seg, 16),
+            completion_status: self.scalar(seg, 17),
+            confidentiality_status: self.scalar(seg, 18),
+            availability_status: self.scalar(seg, 19),
+            storage_status: self.scalar(seg, 20),
+        }
+    }
+
+    fn obx(&mut self, seg: &Seg<'_>, at: At) -> Observation {
+        let set_id = self.set_id(seg, "OBX", at);
+        let value_type = self.text(seg.rep(2).map_or("", |r| comp_raw(r, 1)));
+        let kind = ValueKind::of(value_type.value().map_or("", String::as_str));
+        let (value, value_invalid) = self.obs_value(kind, seg.field(5), at);
         Observation {
             order: None,
             set_id,
-            value_type: self.text(vt_raw),
+            value_type,
             code: composite(seg.rep(3), |r| self.coded(r)),
             sub_id: self.scalar(seg, 4),
             value,
@@ -2811,6 +3154,581 @@ mod tests {
         );
     }
 
+    const MSH_SIU: &str =
+        "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20260328100000||SIU^S12^SIU_S12|SCH0001|P|2.5";
+    const MSH_MDM: &str =
+        "MSH|^~\\&|EPR|RXX|SITERELAY|HUB|20261026120000||MDM^T02^MDM_T02|DOC0001|P|2.5";
+
+    /// An SIU^S12 booking across the 2026 spring clock change (01:00 UTC on 29 March).
+    fn siu() -> Msg {
+        msg(
+            MSH_SIU,
+            &[
+                (
+                    "SCH",
+                    &[
+                        (1, "PLA100^PAS"),
+                        (2, "FIL100^CLINIC"),
+                        (3, "1"),
+                        (6, "NEW^New booking^LOCAL"),
+                        (7, "FUP^Follow-up^LOCAL"),
+                        (8, "NORMAL^\"\"^HL70277"),
+                        (9, "60"),
+                        (10, "min^minutes^UCUM"),
+                        (11, "^^60^20260329003000^20260329023000&S"),
+                        (12, "C111^CONSULTANT^TEST^^^DR"),
+                        (16, "\"\""),
+                        (25, "Booked^Booked^HL70278"),
+                    ],
+                ),
+                ("NTE", &[(1, "1"), (3, "appointment note")]),
+                (
+                    "PID",
+                    &[(1, "1"), (3, "9990000018^^^NHS^NH"), (5, "TEST^PATIENT")],
+                ),
+                ("PV1", &[(1, "1"), (2, "O"), (3, "CLINIC1^^^RXX")]),
+                ("RGS", &[(1, "1"), (2, "A")]),
+                (
+                    "AIS",
+                    &[
+                        (1, "1"),
+                        (2, "A"),
+                        (3, "CARD^Cardiology outpatient^LOCAL"),
+                        (4, "20260329003000"),
+                        (7, "60"),
+                        (8, "min^minutes^UCUM"),
+                        (10, "Booked"),
+                    ],
+                ),
+                ("NTE", &[(1, "1"), (3, "bring previous letters")]),
+                (
+                    "AIL",
+                    &[
+                        (1, "2"),
+                        (2, "A"),
+                        (3, "CLINIC1^\"\"^^RXX"),
+                        (6, "20260329003000"),
+                        (9, "60"),
+                        (10, "min"),
+                        (12, "Booked"),
+                    ],
+                ),
+                (
+                    "AIP",
+                    &[
+                        (1, "3"),
+                        (2, "A"),
+                        (3, "C111^CONSULTANT^TEST^^^DR"),
+                        (4, "ATTENDING"),
+                        (6, "20260329023000"),
+                        (9, "30"),
+                        (10, "\"\""),
+                        (12, "Pending"),
+                    ],
+                ),
+                (
+                    "AIG",
+                    &[
+                        (1, "4"),
+                        (2, "A"),
+                        (3, "ECG1^ECG machine^LOCAL"),
+                        (4, "EQUIPMENT"),
+                        (8, "20260329024500"),
+                        (11, "15"),
+                        (12, "min"),
+                        (14, "Booked"),
+                    ],
+                ),
+            ],
+        )
+    }
+
+    /// An MDM^T02 with an order group, a TXA and the document body as TX/FT OBX,
+    /// either side of the 2026 autumn clock change (01:00 UTC on 25 October).
+    fn mdm() -> Msg {
+        msg(
+            MSH_MDM,
+            &[
+                ("EVN", &[(1, "T02"), (2, "20261026120000")]),
+                (
+                    "PID",
+                    &[(1, "1"), (3, "9990000018^^^NHS^NH"), (5, "TEST^PATIENT")],
+                ),
+                ("PV1", &[(1, "1"), (2, "I"), (3, "WARD1^^^RXX")]),
+                ("ORC", &[(1, "RE"), (2, "PLC300^PAS")]),
+                (
+                    "OBR",
+                    &[(1, "1"), (2, "PLC300^PAS"), (4, "DS^Discharge^LOCAL")],
+                ),
+                (
+                    "TXA",
+                    &[
+                        (1, "1"),
+                        (2, "DS"),
+                        (3, "TX"),
+                        (4, "20261026093000"),
+                        (5, "C123^CLINICIAN^TEST"),
+                        (6, "20261024153000"),
+                        (8, "20261026100000~20261026110000"),
+                        (9, "C123^CLINICIAN^TEST^^^DR~C124^REGISTRAR^TEST"),
+                        (11, "T55^TYPIST^TEST"),
+                        (12, "DOC100^EPR"),
+                        (13, "\"\""),
+                        (14, "PLC300^PAS"),
+                        (16, "discharge_100.txt"),
+                        (17, "AU"),
+                        (18, "\"\""),
+                        (19, "AV"),
+                    ],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "1"),
+                        (2, "TX"),
+                        (3, "DS^Discharge summary^LOCAL"),
+                        (5, "Discharged home."),
+                        (11, "F"),
+                    ],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "2"),
+                        (2, "TX"),
+                        (3, "DS^Discharge summary^LOCAL"),
+                        (5, "Follow up in clinic \\T\\ review.~~Signed."),
+                        (11, "F"),
+                    ],
+                ),
+                (
+                    "OBX",
+                    &[
+                        (1, "3"),
+                        (2, "FT"),
+                        (3, "DS^Discharge summary^LOCAL"),
+                        (5, "Line one\\.br\\Line two"),
+                        (11, "F"),
+                    ],
+                ),
+                ("NTE", &[(1, "1"), (3, "body note")]),
+            ],
+        )
+    }
+
+    #[test]
+    fn an_siu_s12_normalises_the_appointment_and_its_resources_in_order() {
+        let v = json_of(&siu().text(), &opts(false));
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+        assert_eq!(
+            v["segments"],
+            json!([
+                "MSH", "SCH", "NTE", "PID", "PV1", "RGS", "AIS", "NTE", "AIL", "AIP", "AIG"
+            ])
+        );
+        let gmt_0030 = json!({"value": "2026-03-29T00:30:00+00:00", "hl7": "20260329003000",
+                              "precision": "second", "zone": "assumed"});
+        assert_eq!(
+            v["appointment"],
+            json!({
+                "placer_appointment_id": {"value": "PLA100", "namespace": "PAS"},
+                "filler_appointment_id": {"value": "FIL100", "namespace": "CLINIC"},
+                "occurrence_number": 1,
+                "event_reason": {"code": "NEW", "text": "New booking", "system": "LOCAL"},
+                "reason": {"code": "FUP", "text": "Follow-up", "system": "LOCAL"},
+                "type": {"code": "NORMAL", "text": null, "system": "HL70277"},
+                "duration": 60,
+                "duration_units": {"code": "min", "text": "minutes", "system": "UCUM"},
+                "start_at": gmt_0030,
+                "end_at": {"value": "2026-03-29T02:30:00+01:00", "hl7": "20260329023000&S",
+                           "precision": "second", "zone": "assumed"},
+                "placer_contact": {"id": "C111", "family": "CONSULTANT", "given": "TEST", "prefix": "DR"},
+                "filler_contact": null,
+                "filler_status": {"code": "Booked", "text": "Booked", "system": "HL70278"},
+                "resources": [
+                    {
+                        "kind": "service",
+                        "set_id": 1,
+                        "segment_action": "A",
+                        "universal_service": {"code": "CARD", "text": "Cardiology outpatient", "system": "LOCAL"},
+                        "start_at": gmt_0030,
+                        "duration": 60,
+                        "duration_units": {"code": "min", "text": "minutes", "system": "UCUM"},
+                        "filler_status": {"code": "Booked"},
+                        "notes": ["bring previous letters"]
+                    },
+                    {
+                        "kind": "location",
+                        "set_id": 2,
+                        "segment_action": "A",
+                        "location": {"point_of_care": "CLINIC1", "room": null, "facility": "RXX"},
+                        "start_at": gmt_0030,
+                        "duration": 60,
+                        "duration_units": {"code": "min"},
+                        "filler_status": {"code": "Booked"}
+                    },
+                    {
+                        "kind": "personnel",
+                        "set_id": 3,
+                        "segment_action": "A",
+                        "personnel": {"id": "C111", "family": "CONSULTANT", "given": "TEST", "prefix": "DR"},
+                        "start_at": {"value": "2026-03-29T02:30:00+01:00", "hl7": "20260329023000",
+                                     "precision": "second", "zone": "assumed"},
+                        "duration": 30,
+                        "duration_units": null,
+                        "filler_status": {"code": "Pending"}
+                    },
+                    {
+                        "kind": "general",
+                        "set_id": 4,
+                        "segment_action": "A",
+                        "resource_id": {"code": "ECG1", "text": "ECG machine", "system": "LOCAL"},
+                        "start_at": {"value": "2026-03-29T02:45:00+01:00", "hl7": "20260329024500",
+                                     "precision": "second", "zone": "assumed"},
+                        "duration": 15,
+                        "duration_units": {"code": "min"},
+                        "filler_status": {"code": "Booked"}
+                    }
+                ]
+            })
+        );
+        assert_eq!(
+            v["notes"],
+            json!(["appointment note"]),
+            "an NTE after SCH attaches to nothing else"
+        );
+        assert_eq!(v["patient"]["identifiers"][0]["value"], "9990000018");
+        assert_eq!(v["visit"]["class"], "O");
+        assert_eq!(v.get("orders"), None);
+        assert_eq!(v.get("document"), None);
+    }
+
+    #[test]
+    fn an_mdm_t02_normalises_the_document_header_and_keeps_the_body_as_observations() {
+        let v = json_of(&mdm().text(), &opts(false));
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+        let bst = |raw: &str, value: &str| json!({"value": value, "hl7": raw, "precision": "second", "zone": "assumed"});
+        assert_eq!(
+            v["document"],
+            json!({
+                "set_id": 1,
+                "type": {"code": "DS"},
+                "presentation": "TX",
+                "activity_at": bst("20261026093000", "2026-10-26T09:30:00+00:00"),
+                "origination_at": bst("20261024153000", "2026-10-24T15:30:00+01:00"),
+                "edit_at": bst("20261026100000", "2026-10-26T10:00:00+00:00"),
+                "author": [
+                    {"id": "C123", "family": "CLINICIAN", "given": "TEST", "prefix": "DR"},
+                    {"id": "C124", "family": "REGISTRAR", "given": "TEST"}
+                ],
+                "transcriptionist": {"id": "T55", "family": "TYPIST", "given": "TEST"},
+                "unique_document_number": {"value": "DOC100", "namespace": "EPR"},
+                "parent_document_number": null,
+                "placer_order_number": {"value": "PLC300", "namespace": "PAS"},
+                "unique_document_file_name": "discharge_100.txt",
+                "completion_status": "AU",
+                "confidentiality_status": null,
+                "availability_status": "AV"
+            })
+        );
+        let ds = json!({"code": "DS", "text": "Discharge summary", "system": "LOCAL"});
+        assert_eq!(
+            v["observations"],
+            json!([
+                {"set_id": 1, "value_type": "TX", "code": ds, "value": "Discharged home.",
+                 "result_status": "F"},
+                {"set_id": 2, "value_type": "TX", "code": ds,
+                 "value": ["Follow up in clinic & review.", "", "Signed."], "result_status": "F"},
+                {"set_id": 3, "value_type": "FT", "code": ds, "value": "Line one\nLine two",
+                 "result_status": "F", "notes": ["body note"]}
+            ]),
+            "the body follows the TXA, so it belongs to no order"
+        );
+        assert_eq!(v["orders"].as_array().map(Vec::len), Some(1));
+        assert_eq!(v.get("appointment"), None);
+    }
+
+    #[test]
+    fn hl7_null_is_json_null_and_empty_is_omitted_in_appointments_and_documents() {
+        type Case = (
+            &'static str,
+            fn() -> Msg,
+            &'static str,
+            usize,
+            &'static str,
+            &'static str,
+            Option<Value>,
+        );
+        let null = Some(Value::Null);
+        let table: Vec<Case> = vec![
+            (
+                "a null placer id is null",
+                siu,
+                "SCH",
+                1,
+                "\"\"",
+                "/appointment/placer_appointment_id",
+                null.clone(),
+            ),
+            (
+                "an empty placer id is omitted",
+                siu,
+                "SCH",
+                1,
+                "",
+                "/appointment/placer_appointment_id",
+                None,
+            ),
+            (
+                "a null occurrence number is null",
+                siu,
+                "SCH",
+                3,
+                "\"\"",
+                "/appointment/occurrence_number",
+                null.clone(),
+            ),
+            (
+                "a null duration is null",
+                siu,
+                "SCH",
+                9,
+                "\"\"",
+                "/appointment/duration",
+                null.clone(),
+            ),
+            (
+                "a null timing clears the start",
+                siu,
+                "SCH",
+                11,
+                "\"\"",
+                "/appointment/start_at",
+                null.clone(),
+            ),
+            (
+                "a null timing clears the end",
+                siu,
+                "SCH",
+                11,
+                "\"\"",
+                "/appointment/end_at",
+                null.clone(),
+            ),
+            (
+                "a null start component is null",
+                siu,
+                "SCH",
+                11,
+                "^^60^\"\"^20260329023000",
+                "/appointment/start_at",
+                null.clone(),
+            ),
+            (
+                "an empty end component is omitted",
+                siu,
+                "SCH",
+                11,
+                "^^60^20260329003000",
+                "/appointment/end_at",
+                None,
+            ),
+            (
+                "a null filler status is null",
+                siu,
+                "SCH",
+                25,
+                "\"\"",
+                "/appointment/filler_status",
+                null.clone(),
+            ),
+            (
+                "a null service is null",
+                siu,
+                "AIS",
+                3,
+                "\"\"",
+                "/appointment/resources/0/universal_service",
+                null.clone(),
+            ),
+            (
+                "a null resource start is null",
+                siu,
+                "AIS",
+                4,
+                "\"\"",
+                "/appointment/resources/0/start_at",
+                null.clone(),
+            ),
+            (
+                "an empty resource start is omitted",
+                siu,
+                "AIS",
+                4,
+                "",
+                "/appointment/resources/0/start_at",
+                None,
+            ),
+            (
+                "a null location is null",
+                siu,
+                "AIL",
+                3,
+                "\"\"",
+                "/appointment/resources/1/location",
+                null.clone(),
+            ),
+            (
+                "a null person is null",
+                siu,
+                "AIP",
+                3,
+                "\"\"",
+                "/appointment/resources/2/personnel",
+                null.clone(),
+            ),
+            (
+                "a null resource status is null",
+                siu,
+                "AIG",
+                14,
+                "\"\"",
+                "/appointment/resources/3/filler_status",
+                null.clone(),
+            ),
+            (
+                "a null document type is null",
+                mdm,
+                "TXA",
+                2,
+                "\"\"",
+                "/document/type",
+                null.clone(),
+            ),
+            (
+                "null authors are null",
+                mdm,
+                "TXA",
+                9,
+                "\"\"",
+                "/document/author",
+                null.clone(),
+            ),
+            (
+                "empty authors are omitted",
+                mdm,
+                "TXA",
+                9,
+                "",
+                "/document/author",
+                None,
+            ),
+            (
+                "a null activity time is null",
+                mdm,
+                "TXA",
+                4,
+                "\"\"",
+                "/document/activity_at",
+                null.clone(),
+            ),
+            (
+                "a null document number is null",
+                mdm,
+                "TXA",
+                12,
+                "\"\"",
+                "/document/unique_document_number",
+                null.clone(),
+            ),
+            (
+                "a null file name is null",
+                mdm,
+                "TXA",
+                16,
+                "\"\"",
+                "/document/unique_document_file_name",
+                null.clone(),
+            ),
+            (
+                "a null completion status is null",
+                mdm,
+                "TXA",
+                17,
+                "\"\"",
+                "/document/completion_status",
+                null.clone(),
+            ),
+            (
+                "an empty completion status is omitted",
+                mdm,
+                "TXA",
+                17,
+                "",
+                "/document/completion_status",
+                None,
+            ),
+        ];
+        let o = opts(false);
+        for (name, base_msg, seg, field, value, pointer, expected) in table {
+            let base = json_of(&base_msg().text(), &o);
+            assert!(
+                base.pointer(pointer).is_some(),
+                "{name}: base lacks {pointer}"
+            );
+            let got = json_of(&base_msg().set(seg, field, value).text(), &o);
+            assert!(
+                got.pointer(parent(pointer)).is_some(),
+                "{name}: no {}",
+                parent(pointer)
+            );
+            assert_eq!(got.pointer(pointer).cloned(), expected, "{name}");
+            assert_eq!(got.get("warnings"), None, "{name}: {got:#}");
+        }
+    }
+
+    #[test]
+    fn unreadable_appointment_and_document_values_are_warned_without_content() {
+        let m = siu()
+            .set("SCH", 11, "^^60^20261345^2026x")
+            .set("SCH", 9, "sixty")
+            .set("AIS", 1, "first")
+            .set("AIL", 6, "tomorrow");
+        let v = json_of(&m.text(), &opts(false));
+        let a = &v["appointment"];
+        assert_eq!(a["start_at"], json!({"hl7": "20261345", "invalid": true}));
+        assert_eq!(a["end_at"], json!({"hl7": "2026x", "invalid": true}));
+        assert_eq!(a.get("duration"), None);
+        assert_eq!(a["resources"][0].get("set_id"), None);
+        assert_eq!(
+            a["resources"][1]["start_at"],
+            json!({"hl7": "tomorrow", "invalid": true})
+        );
+        assert_eq!(
+            v["warnings"],
+            json!([
+                "SCH-9 (segment 2): not a number; omitted",
+                "SCH-11 (segment 2): invalid timestamp kept as sent",
+                "SCH-11 (segment 2): invalid timestamp kept as sent",
+                "AIS-1 (segment 7): set id is not a number; omitted",
+                "AIL-6 (segment 9): invalid timestamp kept as sent"
+            ])
+        );
+        let v = json_of(&mdm().set("TXA", 6, "20260230").text(), &opts(false));
+        assert_eq!(
+            v["warnings"],
+            json!(["TXA-6 (segment 7): invalid timestamp kept as sent"])
+        );
+        let twice = format!("{}TXA|2|CN\rSCH|PLA2^PAS\r", mdm().text());
+        let v = json_of(&twice, &opts(false));
+        assert_eq!(v["document"]["set_id"], 1);
+        assert_eq!(v["appointment"]["placer_appointment_id"]["value"], "PLA2");
+        assert_eq!(
+            v["warnings"],
+            json!(["TXA (segment 12): repeated segment ignored"])
+        );
+    }
+
     /// xorshift64: deterministic pseudo-random numbers without a dependency.
     struct XorShift(u64);
 
@@ -2901,6 +3819,8 @@ mod tests {
             adt().text(),
             hash_delimited(),
             with_truncation_character(),
+            siu().text(),
+            mdm().text(),
         ]
         .iter()
         .map(|t| t.chars().collect())
@@ -2923,6 +3843,10 @@ mod tests {
                     "Haemoglobin",
                     "JVBER",
                     "LAB123",
+                    "PLA100",
+                    "CONSULTANT",
+                    "DOC100",
+                    "Discharged",
                 ] {
                     assert!(!w.contains(content), "warning {w:?} carries content");
                 }
