@@ -271,7 +271,11 @@ async fn every_fixture_becomes_a_schema_valid_normalised_record() {
     assert_eq!(ed["value_type"], "ED");
     assert_eq!(ed["value"]["media_type"], "application/pdf");
     assert_eq!(ed["value"]["encoding"], "Base64");
-    assert_eq!(ed["value"]["size_bytes"], base64(&pdf).len(), "ED.5 length as sent");
+    assert_eq!(
+        ed["value"]["size_bytes"],
+        base64(&pdf).len(),
+        "ED.5 length as sent"
+    );
     assert_eq!(
         rad["observations"][2]["value"],
         "Conclusion:\nNormal study."
