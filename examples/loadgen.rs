@@ -7,6 +7,7 @@
 //! cargo run --release --example loadgen -- --connections 8 --messages 100000 --broker mosquitto
 //! cargo run --release --example loadgen -- --connections 8 --messages 100000 --broker none
 //! cargo run --release --example loadgen -- --connections 8 --messages 100000 --no-normalise
+//! cargo run --release --example loadgen -- --connections 8 --messages 100000 --broker none --dedup-window 7d
 //! ```
 //!
 //! Phases:
@@ -30,6 +31,8 @@ struct Args {
     size: usize,
     broker: String,
     normalise: bool,
+    dedup_window: String,
+    dedup_prefill: usize,
 }
 
 fn args() -> Args {
@@ -39,6 +42,8 @@ fn args() -> Args {
         size: 0,
         broker: "inprocess".into(),
         normalise: true,
+        dedup_window: "0".into(),
+        dedup_prefill: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -49,9 +54,11 @@ fn args() -> Args {
             "--pad-bytes" => a.size = v().parse().expect("number"),
             "--broker" => a.broker = v(),
             "--no-normalise" => a.normalise = false,
+            "--dedup-window" => a.dedup_window = v(),
+            "--dedup-prefill" => a.dedup_prefill = v().parse().expect("number"),
             "-h" | "--help" => {
                 println!(
-                    "loadgen [--connections N] [--messages N] [--pad-bytes N] [--broker inprocess|mosquitto|none]"
+                    "loadgen [--connections N] [--messages N] [--pad-bytes N] [--broker inprocess|mosquitto|none] [--no-normalise] [--dedup-window 7d [--dedup-prefill KEYS]]"
                 );
                 std::process::exit(0);
             }
@@ -76,6 +83,59 @@ OBX|2|NM|K^Potassium^L||4.1|mmol/L|3.5-5.3||||F\r"
         m.push(b'\r');
     }
     m
+}
+
+/// A week of duplicate-detection keys as a busy appliance would have logged them: the outbox is
+/// created by siterelay itself, then its `dedup_log` is filled in one transaction.
+fn prefill_dedup_log(path: &std::path::Path, keys: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let (ob, w) = siterelay::outbox::Outbox::open(
+        path,
+        siterelay::outbox::OutboxOptions {
+            max_bytes: u64::MAX,
+            retain_delivered: Duration::from_secs(3600),
+            retain_rejected: Duration::from_secs(3600),
+            dedup_keep: Duration::ZERO,
+        },
+    )?;
+    drop(ob);
+    w.join();
+    let mut c = rusqlite::Connection::open(path)?;
+    let tx = c.transaction()?;
+    {
+        let mut ins = tx.prepare(
+            "INSERT INTO dedup_log (key, hash, row_id, seq, received_at_us) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let week_us = 7 * 86_400 * 1_000_000i64;
+        let start = siterelay::outbox::now_us() - week_us;
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for i in 0..keys {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = start + (i as i64) * (week_us / keys as i64);
+            ins.execute(rusqlite::params![
+                x as i64,
+                (x >> 1) as i64,
+                i as i64,
+                i as i64,
+                at
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn rss_kib() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -150,8 +210,10 @@ reconnect_max_secs = 1
 name = "load"
 listen = "127.0.0.1:0"
 normalise = {normalise}
+dedup_window = "{dedup}"
 "#,
         normalise = a.normalise,
+        dedup = a.dedup_window,
         data = dir.path().join("data").display(),
         ca = pki.ca_file().display(),
         cert = pki.client_cert_file().display(),
@@ -160,17 +222,33 @@ normalise = {normalise}
     let path = dir.path().join("siterelay.toml");
     std::fs::write(&path, cfg_text)?;
     let cfg = siterelay::config::load(&path)?;
+    if a.dedup_prefill > 0 {
+        prefill_dedup_log(&cfg.outbox_path(), a.dedup_prefill)?;
+    }
+    let rss_before = rss_kib();
+    let started = Instant::now();
     let d = siterelay::app::Daemon::start(&cfg).await?;
+    let start_time = started.elapsed();
+    if a.dedup_prefill > 0 {
+        println!(
+            "dedup prefill: {} keys from the last 7 days; index loaded at start in {:.2} s; RSS grew {} MiB",
+            a.dedup_prefill,
+            start_time.as_secs_f64(),
+            (rss_kib() - rss_before) / 1024
+        );
+    }
     let addr = d.addr("load").unwrap();
     let gauges = d.outbox().gauges();
     println!(
-        "loadgen: {} connections x {} messages (~{} bytes each), outbox {}, broker {}, normalise {}",
+        "loadgen: {} connections x {} messages (~{} bytes each), outbox {}, broker {}, normalise {}, dedup_window {}, daemon started in {:.2} s",
         a.connections,
         a.messages / a.connections,
         message(0, 0, a.size).len(),
         cfg.outbox_path().display(),
         a.broker,
-        a.normalise
+        a.normalise,
+        a.dedup_window,
+        start_time.as_secs_f64()
     );
 
     let commits0 = gauges.commits.load(Ordering::Relaxed);

@@ -76,6 +76,12 @@ impl Daemon {
                 max_bytes: cfg.store.max_bytes,
                 retain_delivered: cfg.store.retain_delivered,
                 retain_rejected: cfg.store.retain_rejected,
+                dedup_keep: cfg
+                    .mllp
+                    .iter()
+                    .map(|f| f.dedup_window)
+                    .max()
+                    .unwrap_or_default(),
             },
         )
         .context("opening the outbox")?;

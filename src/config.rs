@@ -356,8 +356,8 @@ pub struct MllpFeedConfig {
     #[serde(default)]
     pub unaccepted: Unaccepted,
     /// A message whose sender (MSH-3/4), control id (MSH-10) and content match one stored within
-    /// this window is acknowledged again but not forwarded twice. `0` (the default for now)
-    /// turns detection off. At most 31 days.
+    /// this window is acknowledged again but not forwarded twice. Default 7 days; `0` turns
+    /// detection off. At most 31 days.
     #[serde(default = "default_dedup_window", deserialize_with = "de_duration")]
     pub dedup_window: Duration,
     /// MSH-11 processing ids this feed takes, e.g. `["P"]`; others get `AR` with ERR 202.
@@ -398,9 +398,10 @@ pub struct ListenerTls {
 }
 
 fn default_dedup_window() -> Duration {
-    // Off by default for now: the lookup costs ~40% of durable-ACK throughput here
-    // (docs/performance.md); "7d" turns it on.
-    Duration::ZERO
+    // Seven days: a sender that lost an ACK resends within minutes, one restored from a backup
+    // within days. The index costs memory (about 50 bytes per message in the window), not
+    // throughput (docs/performance.md).
+    Duration::from_secs(7 * 86_400)
 }
 fn default_nhs_authorities() -> Vec<String> {
     vec!["NHS".into(), "NHSNBR".into()]

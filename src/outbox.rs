@@ -8,7 +8,7 @@
 //! returns only after the WAL has been fsynced, so a committed row survives a power cut.
 //! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system.
 //!
-//! **Schema** (`PRAGMA user_version = 1`):
+//! **Schema** (`PRAGMA user_version = 3`):
 //! - `messages(id INTEGER PRIMARY KEY, record_id, feed, seq, received_at_us, source_kind, peer,
 //!   format, control_id, size, raw BLOB, state, delivered_at_us)`. `id` is the global arrival
 //!   order, assigned by the writer from an in-memory counter (so it never goes backwards while
@@ -23,6 +23,13 @@
 //! - `meta(key PRIMARY KEY, value)`: small appliance state that must survive restarts: `bdseq`
 //!   (the MQTT birth sequence, incremented per connection) and `inventory` (what each feed has
 //!   carried, as JSON). Written by the same writer thread.
+//! - `rejected(...)`: quarantined (`AE`) messages, kept for `retain_rejected`.
+//! - `dedup_log(id, key, hash, row_id, seq, received_at_us)`: one row per stored message of a
+//!   feed with a `dedup_window`, in time order (appends write its last page only). `key` is a
+//!   64-bit hash of (feed, sender, control id), `hash` the content hash. The writer keeps an
+//!   in-memory index (key -> latest row) rebuilt from this log at open; duplicate lookups never
+//!   read the database. Pruning deletes log rows older than the longest window (`dedup_keep`).
+//!   Version 2 kept the keys in a keyed `dedup` table; opening such a file moves them here.
 //! - Partial indexes: pending rows by `id` (what the sink reads), delivered rows by
 //!   `delivered_at_us` (what pruning reads).
 //! - Deliberately no other index: uniqueness of `id`, `record_id` and `(feed, seq)` is
@@ -274,6 +281,8 @@ pub struct OutboxOptions {
     pub retain_delivered: Duration,
     /// Keep quarantined (`AE`) messages this long.
     pub retain_rejected: Duration,
+    /// Keep duplicate-detection keys this long: the longest feed `dedup_window` (zero: none).
+    pub dedup_keep: Duration,
 }
 
 /// Counters shared with telemetry; updated by the writer after each commit.
@@ -331,7 +340,7 @@ impl WriterThread {
     }
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -372,16 +381,14 @@ CREATE TABLE IF NOT EXISTS rejected (
     raw                 BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rejected_time ON rejected(received_at_us);
-CREATE TABLE IF NOT EXISTS dedup (
-    feed           TEXT    NOT NULL,
-    sender         TEXT    NOT NULL,
-    control_id     TEXT    NOT NULL,
+CREATE TABLE IF NOT EXISTS dedup_log (
+    id             INTEGER PRIMARY KEY,
+    key            INTEGER NOT NULL,
     hash           INTEGER NOT NULL,
+    row_id         INTEGER NOT NULL,
     seq            INTEGER NOT NULL,
-    record_id      TEXT    NOT NULL,
-    received_at_us INTEGER NOT NULL,
-    PRIMARY KEY (feed, sender, control_id)
-) WITHOUT ROWID;
+    received_at_us INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -632,9 +639,90 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
         )
         .map_err(&e)?;
     }
+    // Version 3 replaced the keyed `dedup` table (random-order inserts) with the append-only
+    // `dedup_log` and an in-memory index; carry the keys over.
+    let has_old_dedup: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'dedup'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(&e)?
+        > 0;
+    if has_old_dedup {
+        migrate_dedup(conn).map_err(&e)?;
+    }
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
     Ok(())
+}
+
+fn migrate_dedup(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let rows: Vec<(String, String, String, i64, i64, i64)> = conn
+        .prepare(
+            "SELECT feed, sender, control_id, hash, seq, received_at_us FROM dedup \
+             ORDER BY received_at_us",
+        )?
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (feed, sender, control_id, hash, seq, at) in &rows {
+        let row_id: i64 = conn
+            .query_row(
+                "SELECT id FROM messages WHERE feed = ?1 AND seq = ?2",
+                params![feed, seq],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        conn.execute(
+            "INSERT INTO dedup_log (key, hash, row_id, seq, received_at_us) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                dedup_key(feed, sender, control_id) as i64,
+                hash,
+                row_id,
+                seq,
+                at
+            ],
+        )?;
+    }
+    conn.execute_batch("DROP TABLE dedup; COMMIT")?;
+    info!(
+        keys = rows.len(),
+        "duplicate-detection keys moved to the append-only log"
+    );
+    Ok(())
+}
+
+/// The 64-bit identity of (feed, sender, control id) in the duplicate index (FNV-1a over the
+/// three, separated by a byte that cannot occur in them unescaped). A collision between two
+/// different keys could only flag `control_id_reused` wrongly, or, with the content hashes also
+/// colliding, treat a message as a resend: about 1 in 10^13 for a million keys, then 1 in 2^64.
+fn dedup_key(feed: &str, sender: &str, control_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        feed.as_bytes(),
+        b"\x1f",
+        sender.as_bytes(),
+        b"\x1f",
+        control_id.as_bytes(),
+    ] {
+        for &b in part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// State owned by the writer thread, mirrored into [`OutboxGauges`].
@@ -646,6 +734,18 @@ struct WriterState {
     pending_count: u64,
     pending_bytes: u64,
     total_bytes: u64,
+    /// Duplicate-detection index: the latest message per key within `dedup_keep`, rebuilt from
+    /// `dedup_log` at open. Changed only after the commit that logged the change.
+    dedup: HashMap<u64, DedupEntry>,
+}
+
+/// The latest stored message with one (feed, sender, control id).
+#[derive(Debug, Clone, Copy)]
+struct DedupEntry {
+    hash: u64,
+    row_id: i64,
+    seq: u64,
+    at_us: i64,
 }
 
 impl WriterState {
@@ -690,6 +790,36 @@ impl WriterState {
                 r.get(0)
             })
             .map_err(&e)?;
+        let mut dedup = HashMap::new();
+        if !opts.dedup_keep.is_zero() {
+            let since = now_us() - opts.dedup_keep.as_micros() as i64;
+            let mut stmt = conn
+                .prepare(
+                    "SELECT key, hash, row_id, seq, received_at_us FROM dedup_log \
+                     WHERE received_at_us >= ?1 ORDER BY id",
+                )
+                .map_err(&e)?;
+            let rows = stmt
+                .query_map(params![since], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        DedupEntry {
+                            hash: r.get::<_, i64>(1)? as u64,
+                            row_id: r.get(2)?,
+                            seq: r.get::<_, i64>(3)? as u64,
+                            at_us: r.get(4)?,
+                        },
+                    ))
+                })
+                .map_err(&e)?;
+            for row in rows {
+                let (key, entry) = row.map_err(&e)?;
+                dedup.insert(key, entry);
+            }
+            if !dedup.is_empty() {
+                info!(keys = dedup.len(), "duplicate-detection index loaded");
+            }
+        }
         Ok(WriterState {
             opts,
             last_seq,
@@ -697,6 +827,7 @@ impl WriterState {
             pending_count: pending_count as u64,
             pending_bytes: pending_bytes as u64,
             total_bytes: total_bytes as u64,
+            dedup,
         })
     }
 
@@ -784,6 +915,8 @@ fn apply_batch(
     );
     let mut appended_n = 0u64;
     let mut delivered_n = 0u64;
+    // Index changes of this transaction, applied to `state.dedup` only once it commits.
+    let mut batch_dedup: HashMap<u64, DedupEntry> = HashMap::new();
 
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -805,26 +938,32 @@ fn apply_batch(
                         // A resend of something already stored within the window: answer again,
                         // store nothing. Same control id with other content: store and flag.
                         let mut reused = false;
-                        if let Some(k) = &msg.dedup {
-                            let prior: Option<(i64, i64, String, i64)> = tx
-                                .prepare_cached(
-                                    "SELECT hash, seq, record_id, received_at_us FROM dedup \
-                                     WHERE feed = ?1 AND sender = ?2 AND control_id = ?3",
-                                )?
-                                .query_row(params![&*msg.feed, k.sender, k.control_id], |r| {
-                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                                })
-                                .optional()?;
-                            if let Some((hash, seq, record_id, at)) = prior
-                                && msg.received_at_us - at <= k.window_us
+                        let key = msg
+                            .dedup
+                            .as_ref()
+                            .map(|k| dedup_key(&msg.feed, &k.sender, &k.control_id));
+                        if let (Some(k), Some(key)) = (&msg.dedup, key) {
+                            let prior = batch_dedup
+                                .get(&key)
+                                .or_else(|| state.dedup.get(&key))
+                                .copied();
+                            if let Some(p) = prior
+                                && msg.received_at_us - p.at_us <= k.window_us
                             {
-                                if hash as u64 == k.hash {
+                                if p.hash == k.hash {
                                     gauges.duplicates.fetch_add(1, Ordering::Relaxed);
+                                    let record_id: String = tx
+                                        .prepare_cached(
+                                            "SELECT record_id FROM messages WHERE id = ?1",
+                                        )?
+                                        .query_row(params![p.row_id], |r| r.get(0))
+                                        .optional()?
+                                        .unwrap_or_default();
                                     replies.push((
                                         reply,
                                         Ok(Stored {
-                                            row_id: 0,
-                                            seq: seq as u64,
+                                            row_id: p.row_id,
+                                            seq: p.seq,
                                             record_id,
                                             duplicate: true,
                                         }),
@@ -860,23 +999,28 @@ fn apply_batch(
                             msg.reprocessed,
                             reused,
                         ])?;
-                        if let Some(k) = &msg.dedup {
+                        if let (Some(k), Some(key)) = (&msg.dedup, key) {
+                            // Appended in time order: the log's last page, never a random one.
                             tx.prepare_cached(
-                                "INSERT INTO dedup (feed, sender, control_id, hash, seq, record_id, \
-                                 received_at_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-                                 ON CONFLICT(feed, sender, control_id) DO UPDATE SET \
-                                 hash = excluded.hash, seq = excluded.seq, \
-                                 record_id = excluded.record_id, received_at_us = excluded.received_at_us",
+                                "INSERT INTO dedup_log (key, hash, row_id, seq, received_at_us) \
+                                 VALUES (?1, ?2, ?3, ?4, ?5)",
                             )?
                             .execute(params![
-                                &*msg.feed,
-                                k.sender,
-                                k.control_id,
+                                key as i64,
                                 k.hash as i64,
+                                state.next_id,
                                 seq as i64,
-                                record_id,
                                 msg.received_at_us
                             ])?;
+                            batch_dedup.insert(
+                                key,
+                                DedupEntry {
+                                    hash: k.hash,
+                                    row_id: state.next_id,
+                                    seq,
+                                    at_us: msg.received_at_us,
+                                },
+                            );
                         }
                         let row_id = state.next_id;
                         state.next_id += 1;
@@ -961,6 +1105,7 @@ fn apply_batch(
 
     match result {
         Ok(()) => {
+            state.dedup.extend(batch_dedup);
             gauges.commits.fetch_add(1, Ordering::Relaxed);
             gauges.appended.fetch_add(appended_n, Ordering::Relaxed);
             gauges.delivered.fetch_add(delivered_n, Ordering::Relaxed);
@@ -1043,12 +1188,21 @@ fn prune_delivered(conn: &mut Connection, state: &mut WriterState) -> rusqlite::
             break;
         }
     }
-    // Duplicate keys older than any window (windows are capped at 31 days by the config).
-    let dedup_cutoff = now_us() - 31 * 86_400 * 1_000_000;
-    removed += conn.execute(
-        "DELETE FROM dedup WHERE received_at_us < ?1",
-        params![dedup_cutoff],
-    )? as u64;
+    // Duplicate keys older than the longest window: the log is in time order, so find the first
+    // row to keep (reading only the rows that go) and delete everything before it.
+    let dedup_cutoff = now_us() - state.opts.dedup_keep.as_micros() as i64;
+    let first_kept: Option<i64> = conn
+        .query_row(
+            "SELECT id FROM dedup_log WHERE received_at_us >= ?1 ORDER BY id LIMIT 1",
+            params![dedup_cutoff],
+            |r| r.get(0),
+        )
+        .optional()?;
+    removed += match first_kept {
+        Some(id) => conn.execute("DELETE FROM dedup_log WHERE id < ?1", params![id])?,
+        None => conn.execute("DELETE FROM dedup_log", [])?,
+    } as u64;
+    state.dedup.retain(|_, e| e.at_us >= dedup_cutoff);
     let rejected_cutoff = now_us() - state.opts.retain_rejected.as_micros() as i64;
     removed += conn.execute(
         "DELETE FROM rejected WHERE received_at_us < ?1",
@@ -1369,6 +1523,7 @@ mod tests {
             max_bytes,
             retain_delivered: Duration::from_secs(3600),
             retain_rejected: Duration::from_secs(3600),
+            dedup_keep: Duration::from_secs(7 * 86_400),
         }
     }
 
@@ -1394,6 +1549,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 retain_delivered: Duration::ZERO,
                 retain_rejected: Duration::from_secs(3600),
+                dedup_keep: Duration::ZERO,
             },
         )
         .unwrap();
@@ -1401,6 +1557,139 @@ mod tests {
         ob.flush().await;
         assert!(ob.reader().unwrap().stats().unwrap().is_empty());
         assert_eq!(ob.append(msg("a", "x")).await.unwrap().seq, 3);
+        drop(ob);
+        w.join();
+    }
+
+    fn keyed(feed: &str, control_id: &str, body: &str, at_us: i64) -> NewMessage {
+        NewMessage {
+            control_id: Some(control_id.into()),
+            received_at_us: at_us,
+            dedup: Some(DedupKey {
+                sender: "PAS|RXX".into(),
+                control_id: control_id.into(),
+                hash: content_hash(body.as_bytes()),
+                window_us: 7 * 86_400 * 1_000_000,
+            }),
+            ..msg(feed, body)
+        }
+    }
+
+    #[tokio::test]
+    async fn resends_are_recognised_within_the_window_across_batches_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let now = now_us();
+        let day = 86_400 * 1_000_000;
+        let first;
+        {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            first = ob.append(keyed("a", "C1", "x", now)).await.unwrap();
+            assert!(!first.duplicate);
+            // Same key and content in one group commit: the second is a resend of the first.
+            let both = ob
+                .append_all(vec![keyed("a", "C2", "y", now), keyed("a", "C2", "y", now)])
+                .await;
+            assert!(!both[0].as_ref().unwrap().duplicate);
+            assert!(both[1].as_ref().unwrap().duplicate);
+            drop(ob);
+            w.join();
+        }
+        // After a restart the index is rebuilt from the log.
+        let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+        let again = ob.append(keyed("a", "C1", "x", now + day)).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!((again.seq, &again.record_id), (first.seq, &first.record_id));
+        // Other feed, same control id: not a resend.
+        assert!(
+            !ob.append(keyed("b", "C1", "x", now))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        // Same key, other content: stored and flagged.
+        let reused = ob.append(keyed("a", "C1", "z", now + day)).await.unwrap();
+        assert!(!reused.duplicate);
+        let rows = ob
+            .reader()
+            .unwrap()
+            .pending_after(0, 100, u64::MAX)
+            .unwrap();
+        assert_eq!(rows.len(), 4, "C1, C2, C1 on feed b, reused C1");
+        assert!(rows.last().unwrap().control_id_reused);
+        // Outside the window: a new message.
+        let late = ob
+            .append(keyed("a", "C2", "y", now + 8 * day))
+            .await
+            .unwrap();
+        assert!(!late.duplicate);
+        drop(ob);
+        w.join();
+    }
+
+    #[tokio::test]
+    async fn pruning_forgets_keys_older_than_the_longest_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let day = 86_400 * 1_000_000;
+        let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+        ob.append(keyed("a", "OLD", "x", now_us() - 8 * day))
+            .await
+            .unwrap();
+        ob.append(keyed("a", "NEW", "x", now_us() - day))
+            .await
+            .unwrap();
+        ob.prune().await;
+        ob.flush().await;
+        let n: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM dedup_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        // A window longer than what is kept cannot find the forgotten key.
+        let mut m = keyed("a", "OLD", "x", now_us());
+        m.dedup.as_mut().unwrap().window_us = 30 * day;
+        assert!(!ob.append(m).await.unwrap().duplicate);
+        assert!(
+            ob.append(keyed("a", "NEW", "x", now_us()))
+                .await
+                .unwrap()
+                .duplicate
+        );
+        drop(ob);
+        w.join();
+    }
+
+    #[tokio::test]
+    async fn keys_of_a_version_2_outbox_are_carried_into_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let first = {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            let s = ob.append(msg("a", "x")).await.unwrap();
+            drop(ob);
+            w.join();
+            s
+        };
+        // Put the file back into the version 2 layout with one key.
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "DROP TABLE dedup_log; PRAGMA user_version = 2; \
+             CREATE TABLE dedup (feed TEXT NOT NULL, sender TEXT NOT NULL, control_id TEXT NOT NULL, \
+             hash INTEGER NOT NULL, seq INTEGER NOT NULL, record_id TEXT NOT NULL, \
+             received_at_us INTEGER NOT NULL, PRIMARY KEY (feed, sender, control_id)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO dedup VALUES ('a', 'PAS|RXX', 'C1', ?1, 1, ?2, ?3)",
+            params![content_hash(b"x") as i64, first.record_id, now_us()],
+        )
+        .unwrap();
+        drop(c);
+        let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+        let again = ob.append(keyed("a", "C1", "x", now_us())).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!((again.seq, &again.record_id), (1, &first.record_id));
         drop(ob);
         w.join();
     }

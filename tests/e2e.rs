@@ -268,11 +268,12 @@ async fn full_store_answers_ar_and_keeps_everything_already_acknowledged() {
     let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
     let d = Daemon::start(&cfg).await.unwrap();
     let mut c = connect(d.addr("adt").unwrap()).await;
-    let mut big = adt("BIG");
-    big.extend(std::iter::repeat_n(b'X', 200 * 1024));
-    big.push(b'\r');
     let mut codes = Vec::new();
-    for _ in 0..8 {
+    for i in 0..8 {
+        // Distinct control ids: identical resends would be recognised as duplicates.
+        let mut big = adt(&format!("BIG{i}"));
+        big.extend(std::iter::repeat_n(b'X', 200 * 1024));
+        big.push(b'\r');
         codes.push(c.send(&big, ACK_WAIT).await.unwrap());
     }
     let aa = codes.iter().filter(|a| a.code == "AA").count();

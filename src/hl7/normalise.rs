@@ -506,6 +506,24 @@ pub struct StructuredNumeric {
     pub num2: Tri<NumberOrText>,
 }
 
+/// How many bytes ED.5 holds once decoded: `Base64` (whitespace ignored, padding honoured) or
+/// `Hex`; None for other encodings or data that is not well formed.
+fn decoded_len(encoding: &str, data: &str) -> Option<usize> {
+    let chars = || data.bytes().filter(|b| !b.is_ascii_whitespace());
+    if encoding.eq_ignore_ascii_case("Base64") {
+        let n = chars().count();
+        let b64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+        let pad = chars().rev().take_while(|&b| b == b'=').count();
+        let ok = n % 4 == 0 && pad <= 2 && chars().take(n - pad).all(b64);
+        ok.then(|| n / 4 * 3 - pad)
+    } else if encoding.eq_ignore_ascii_case("Hex") {
+        let n = chars().count();
+        (n % 2 == 0 && chars().all(|b| b.is_ascii_hexdigit())).then_some(n / 2)
+    } else {
+        None
+    }
+}
+
 /// A reference to encapsulated data (ED); the data itself is not copied.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Encapsulated {
@@ -526,6 +544,10 @@ pub struct Encapsulated {
     pub encoding: Tri<String>,
     /// Length in bytes of ED.5 (the data) as sent, still encoded.
     pub size_bytes: usize,
+    /// Size of the document itself once decoded, for `Base64` and `Hex` data that is well
+    /// formed (counted, never decoded or kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoded_bytes: Option<usize>,
 }
 
 /// An OBX-5 value, typed by OBX-2.
@@ -1660,6 +1682,7 @@ impl Reader<'_> {
             media_type: media_type(t, st),
             encoding: self.comp(r, 4),
             size_bytes: comp_raw(r, 5).len(),
+            decoded_bytes: decoded_len(comp_raw(r, 4), comp_raw(r, 5)),
         }
     }
 
@@ -1815,6 +1838,26 @@ mod tests {
     const MSH_ADT: &str =
         "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20260601103000||ADT^A01^ADT_A01|MSG0001|P|2.4";
     const MSH_ORU: &str = "MSH|^~\\&|LAB|RXX|SITERELAY|HUB|20260601120000||ORU^R01^ORU_R01|LAB0001|P|2.5.1|||AL|NE||UNICODE UTF-8";
+    #[test]
+    fn decoded_sizes_of_encapsulated_data() {
+        let table: &[(&str, &str, Option<usize>)] = &[
+            ("Base64", "JVBERi0xLjQKJSVFT0YK", Some(15)),
+            ("BASE64", "TWE=", Some(2)),
+            ("Base64", "TQ==", Some(1)),
+            ("Base64", "TW Fu\n", Some(3)),
+            ("Base64", "TWF", None),
+            ("Base64", "T=Fu", None),
+            ("Base64", "", Some(0)),
+            ("Hex", "25504446", Some(4)),
+            ("Hex", "2550444", None),
+            ("Hex", "zz", None),
+            ("A", "plain text", None),
+        ];
+        for (enc, data, want) in table {
+            assert_eq!(decoded_len(enc, data), *want, "{enc} {data:?}");
+        }
+    }
+
     const PDF_STUB_BASE64: &str = "JVBERi0xLjQKJSVFT0YK"; // "%PDF-1.4\n%%EOF\n"
 
     /// A message built from (segment id, [(field number, value)]) so field
@@ -2807,7 +2850,8 @@ mod tests {
         assert_eq!(
             obs[5]["value"],
             json!({"type": "ED", "data_type": "AP", "data_subtype": "PDF",
-                   "media_type": "application/pdf", "encoding": "Base64", "size_bytes": 20})
+                   "media_type": "application/pdf", "encoding": "Base64", "size_bytes": 20,
+                   "decoded_bytes": 15})
         );
         assert_eq!(obs[5]["performing_organisation"], "LAB");
         assert!(!serde_json::to_string(&v).unwrap().contains(PDF_STUB_BASE64));
