@@ -31,7 +31,7 @@ struct Args {
     size: usize,
     broker: String,
     normalise: bool,
-    dedup_window: String,
+    dedup_window: Option<String>,
     dedup_prefill: usize,
 }
 
@@ -42,7 +42,7 @@ fn args() -> Args {
         size: 0,
         broker: "inprocess".into(),
         normalise: true,
-        dedup_window: "0".into(),
+        dedup_window: None,
         dedup_prefill: 0,
     };
     let mut it = std::env::args().skip(1);
@@ -54,7 +54,7 @@ fn args() -> Args {
             "--pad-bytes" => a.size = v().parse().expect("number"),
             "--broker" => a.broker = v(),
             "--no-normalise" => a.normalise = false,
-            "--dedup-window" => a.dedup_window = v(),
+            "--dedup-window" => a.dedup_window = Some(v()),
             "--dedup-prefill" => a.dedup_prefill = v().parse().expect("number"),
             "-h" | "--help" => {
                 println!(
@@ -210,10 +210,14 @@ reconnect_max_secs = 1
 name = "load"
 listen = "127.0.0.1:0"
 normalise = {normalise}
-dedup_window = "{dedup}"
+{dedup}
 "#,
         normalise = a.normalise,
-        dedup = a.dedup_window,
+        dedup = a
+            .dedup_window
+            .as_ref()
+            .map(|w| format!("dedup_window = \"{w}\""))
+            .unwrap_or_default(),
         data = dir.path().join("data").display(),
         ca = pki.ca_file().display(),
         cert = pki.client_cert_file().display(),
@@ -247,7 +251,7 @@ dedup_window = "{dedup}"
         cfg.outbox_path().display(),
         a.broker,
         a.normalise,
-        a.dedup_window,
+        a.dedup_window.as_deref().unwrap_or("default (7d)"),
         start_time.as_secs_f64()
     );
 
