@@ -139,10 +139,16 @@ pub fn parse_ack(ack: &[u8]) -> Result<AckSummary, ClientError> {
         .find(|s| s.starts_with("MSA"))
         .ok_or(ClientError::NotAnAck)?;
     let fields: Vec<&str> = msa.split(field_sep).collect();
+    // MSA-3 is HL7 text: decode its escapes (`\S\` for `^`...) with the ACK's own delimiters.
+    let text = fields.get(3).copied().unwrap_or("");
+    let text = match crate::hl7::header::parse_header(ack) {
+        Ok(h) => crate::hl7::header::unescape(text, &h.delimiters),
+        Err(_) => text.to_string(),
+    };
     Ok(AckSummary {
         code: fields.get(1).copied().unwrap_or("").to_string(),
         control_id: fields.get(2).copied().unwrap_or("").to_string(),
-        text: fields.get(3).copied().unwrap_or("").to_string(),
+        text,
         raw: ack.to_vec(),
     })
 }

@@ -252,6 +252,26 @@ async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
     assert!(!out.status.success(), "a non-AA answer makes send fail");
     assert!(String::from_utf8_lossy(&out.stdout).contains("#1: AE"));
 
+    // A batch file goes as one frame; the acknowledgement batch lists the one refused message.
+    let batch = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hl7/lab_batch.hl7"
+    );
+    let out = Command::new(BIN)
+        .args(["send", "--to", &listen, batch])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "a refused batch member makes send fail"
+    );
+    assert!(
+        stdout.contains("#1: batch of 3 message(s): 1 not accepted")
+            && stdout.contains("  AE B0002 (required segment OBR is missing for ORU^R01)"),
+        "{stdout}"
+    );
+
     let out = Command::new(BIN)
         .args(["queue", "stats", "--json", "--config"])
         .arg(&cfg)
@@ -264,8 +284,11 @@ async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["feed"], "adt");
-    assert_eq!(v[0]["pending"], 2);
-    assert_eq!(v[0]["last_seq"], 2);
+    assert_eq!(
+        v[0]["pending"], 4,
+        "two single messages and two batch members"
+    );
+    assert_eq!(v[0]["last_seq"], 4);
     assert!(v[0]["oldest_pending_age_secs"].as_f64().unwrap() >= 0.0);
 }
 
