@@ -223,6 +223,7 @@ impl Daemon {
                     application: "SITERELAY".into(),
                     facility: cfg.appliance_id.clone(),
                 },
+                rejects: rejects_tx.clone(),
             });
         }
         let health = HealthContext {

@@ -49,6 +49,9 @@ pub struct SerialContext {
     pub charset: Charset,
     /// Identity in minimal NAKs (hl7-mllp).
     pub responder: Responder,
+    /// Metadata-only notices of rejected HL7 messages (hl7-mllp), when `records.publish_rejects`
+    /// is on.
+    pub rejects: Option<tokio::sync::mpsc::Sender<crate::sources::mllp::server::RejectNotice>>,
 }
 
 /// Why opening a port failed, in words for the person at the box.

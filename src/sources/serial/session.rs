@@ -180,7 +180,7 @@ where
         counters: &ctx.counters,
         inventory: &ctx.inventory,
         outbox: &ctx.outbox,
-        rejects: None,
+        rejects: ctx.rejects.as_ref(),
         policy: &policy,
         dedup_window: None,
     };
