@@ -4,7 +4,8 @@
 //!
 //! [`normalise`] turns a message into the record's clinical sections (patient, visit, event,
 //! merge, orders, observations, appointment, document) with three-state fields ([`tri`]) and
-//! NHS number checks ([`nhs`]).
+//! NHS number checks ([`nhs`]); it reads segments with `fields`, a borrowed field reader that
+//! finds repetitions, components and subcomponents without allocating.
 //!
 //! [`batch`] splits `FHS`/`BHS` batch frames into their messages.
 //!
@@ -15,6 +16,7 @@
 pub mod ack;
 pub mod batch;
 pub mod charset;
+mod fields;
 pub mod header;
 pub mod intake;
 pub mod nhs;

@@ -43,13 +43,11 @@
 //! newline; `\.sp\`, `\H\` and the like are kept verbatim), no charset
 //! handling (the text has already been decoded), no I/O.
 
-use hl7_parser::Message;
-use hl7_parser::message::{Field, Repeat, Separators};
-use hl7_parser::parser::parse_segment_with_separators;
 use jiff::tz::TimeZone;
 use serde::Serialize;
 use serde_json::Number;
 
+use crate::hl7::fields::{Field, Rep, Seg, Segments};
 use crate::hl7::header::{Delimiters, parse_header, unescape};
 use crate::hl7::nhs::nhs_number_valid;
 use crate::hl7::time::{TimeValue, parse_dtm};
@@ -804,6 +802,7 @@ pub fn normalise_with_delimiters(
         d: *delimiters,
         tz: &opts.timezone,
         warnings: Vec::new(),
+        last_time: None,
     };
     let segs = read_segments(
         skip_leading_noise(message_text),
@@ -953,83 +952,19 @@ pub fn normalise_with_delimiters(
     out
 }
 
-/// One segment: its id and its fields (field 1 first; MSH fields are
-/// shifted and never read here).
-struct Seg<'m> {
-    id: &'m str,
-    fields: Vec<Field<'m>>,
-}
-
-impl<'m> Seg<'m> {
-    fn field(&self, n: usize) -> Option<&Field<'m>> {
-        self.fields.get(n.checked_sub(1)?)
-    }
-
-    /// First repetition of field `n`.
-    fn rep(&self, n: usize) -> Option<&Repeat<'m>> {
-        self.field(n)?.repeats.first()
-    }
-}
-
 /// Skips what `parse_header` skips before `MSH`: a UTF-8 BOM and blank space.
 fn skip_leading_noise(text: &str) -> &str {
     text.trim_start_matches(['\u{feff}', ' ', '\t', '\r', '\n'])
 }
 
-/// Splits the message into segments with `hl7_parser`. Its message parser
-/// stops silently at the first line it cannot read (a blank line, a segment
-/// id alone, a malformed id); the rest is then read line by line, keeping
-/// what parses and warning about the rest. If the whole message fails to
-/// parse, every line is read that way.
-fn read_segments<'m>(body: &'m str, d: &Delimiters, warnings: &mut Vec<String>) -> Vec<Seg<'m>> {
-    let mut segs = Vec::new();
-    let consumed = match Message::parse_with_lenient_newlines(body, true) {
-        Ok(msg) => {
-            let consumed = msg.raw_value().len();
-            segs.extend(msg.segments.into_iter().map(|s| Seg {
-                id: s.name,
-                fields: s.fields,
-            }));
-            consumed
-        }
-        Err(_) => {
-            warnings.push("message structure not readable as a whole; read line by line".into());
-            0
-        }
-    };
-    let Some(rest) = body.get(consumed..) else {
-        return segs;
-    };
-    let seps = Separators {
-        field: char::from(d.field),
-        component: char::from(d.component),
-        subcomponent: char::from(d.subcomponent),
-        repetition: char::from(d.repetition),
-        escape: char::from(d.escape),
-        lenient_newlines: true,
-    };
-    for line in rest.split(['\r', '\n']) {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_segment_with_separators(line, seps) {
-            Ok(s) => segs.push(Seg {
-                id: s.name,
-                fields: s.fields,
-            }),
-            Err(_) if line.chars().count() == 3 && line.chars().all(char::is_alphanumeric) => {
-                segs.push(Seg {
-                    id: line,
-                    fields: Vec::new(),
-                });
-            }
-            Err(_) => warnings.push(format!(
-                "unreadable line after segment {} skipped",
-                segs.len()
-            )),
-        }
-    }
-    segs
+/// Splits the message into segments. Lines end at CR, LF or CRLF; blank
+/// lines are skipped; a line that is not a segment (its id is not three
+/// ASCII letters or digits, or the field separator does not follow it) is
+/// skipped with a warning. An id alone (`NTE`) is a segment with no fields.
+fn read_segments<'m>(body: &'m str, d: &Delimiters, warnings: &mut Vec<String>) -> Segments<'m> {
+    Segments::read(body, d, |n| {
+        warnings.push(format!("unreadable line after segment {n} skipped"));
+    })
 }
 
 /// Position of a segment in the message (1-based), for warnings.
@@ -1038,32 +973,16 @@ struct At {
     pos: usize,
 }
 
-/// Component `c` (1-based) of `r`, whole as sent (subcomponent separators
-/// included), or "" when missing.
-fn comp_raw<'m>(r: &Repeat<'m>, c: usize) -> &'m str {
-    c.checked_sub(1)
-        .and_then(|i| r.components.get(i))
-        .map_or("", |c| c.raw_value())
-}
-
-/// Subcomponent `s` of component `c` (both 1-based), or "" when missing.
-fn sub_raw<'m>(r: &Repeat<'m>, c: usize, s: usize) -> &'m str {
-    c.checked_sub(1)
-        .and_then(|i| r.components.get(i))
-        .and_then(|comp| comp.subcomponents.get(s.checked_sub(1)?))
-        .map_or("", |sc| sc.value)
-}
-
 fn is_null_raw(raw: &str) -> bool {
     raw == HL7_NULL
 }
 
 /// A repetition or component used as a composite: `""` is null, all-empty is
 /// absent, otherwise `f` reads its parts.
-fn composite<'a, 'm, T>(r: Option<&'a Repeat<'m>>, f: impl FnOnce(&'a Repeat<'m>) -> T) -> Tri<T> {
+fn composite<'m, T>(r: Option<Rep<'m>>, f: impl FnOnce(Rep<'m>) -> T) -> Tri<T> {
     match r {
         None => Tri::Absent,
-        Some(r) if is_null_raw(r.raw_value()) => Tri::Null,
+        Some(r) if is_null_raw(r.raw()) => Tri::Null,
         Some(r) if r.is_empty() => Tri::Absent,
         Some(r) => Tri::Value(f(r)),
     }
@@ -1071,21 +990,17 @@ fn composite<'a, 'm, T>(r: Option<&'a Repeat<'m>>, f: impl FnOnce(&'a Repeat<'m>
 
 /// A repeating field as a list: `""` is null, no non-empty repetition is
 /// absent; empty and `""` repetitions are skipped.
-fn list<'a, 'm, T>(
-    f: Option<&'a Field<'m>>,
-    mut item: impl FnMut(&'a Repeat<'m>) -> T,
-) -> Tri<Vec<T>> {
+fn list<'m, T>(f: Option<Field<'m>>, item: impl FnMut(Rep<'m>) -> T) -> Tri<Vec<T>> {
     let Some(f) = f else {
         return Tri::Absent;
     };
-    if is_null_raw(f.raw_value()) {
+    if is_null_raw(f.raw()) {
         return Tri::Null;
     }
     let v: Vec<T> = f
-        .repeats
-        .iter()
-        .filter(|r| !r.is_empty() && !is_null_raw(r.raw_value()))
-        .map(&mut item)
+        .reps()
+        .filter(|r| !r.is_empty() && !is_null_raw(r.raw()))
+        .map(item)
         .collect();
     if v.is_empty() {
         Tri::Absent
@@ -1099,9 +1014,33 @@ struct Reader<'o> {
     d: Delimiters,
     tz: &'o TimeZone,
     warnings: Vec<String>,
+    /// The last timestamp read (text, separator, result), see [`Reader::dtm`].
+    last_time: Option<(String, u8, Option<TimeValue>)>,
 }
 
 impl Reader<'_> {
+    /// `parse_dtm` in the feed's zone, remembering the last value: a timestamp
+    /// repeated down a message (OBX-14 on every result) is read once.
+    fn dtm(&mut self, raw: &str, sep: u8) -> Option<TimeValue> {
+        if let Some((last, last_sep, tv)) = &self.last_time
+            && last == raw
+            && *last_sep == sep
+        {
+            return tv.clone();
+        }
+        let tv = parse_dtm(raw, self.tz, sep);
+        match &mut self.last_time {
+            Some((last, last_sep, last_tv)) => {
+                last.clear();
+                last.push_str(raw);
+                *last_sep = sep;
+                last_tv.clone_from(&tv);
+            }
+            None => self.last_time = Some((raw.to_owned(), sep, tv.clone())),
+        }
+        tv
+    }
+
     /// `seg` and `what` are fixed texts from this module, never message content.
     fn warn(&mut self, seg: &'static str, field: Option<usize>, at: At, what: &str) {
         let w = match field {
@@ -1113,46 +1052,56 @@ impl Reader<'_> {
 
     /// Raw text by the three-state rule, escapes decoded.
     fn text(&self, raw: &str) -> Tri<String> {
-        Tri::from_hl7(raw).map(|v| unescape(v, &self.d))
+        Tri::from_hl7(raw).map(|v| self.unescape(v))
     }
 
-    fn comp(&self, r: &Repeat<'_>, c: usize) -> Tri<String> {
-        self.text(comp_raw(r, c))
+    /// `unescape` with the message's delimiters; text without the escape
+    /// character (almost all of it) is copied without calling it.
+    fn unescape(&self, raw: &str) -> String {
+        if raw.as_bytes().contains(&self.d.escape) {
+            unescape(raw, &self.d)
+        } else {
+            raw.to_owned()
+        }
     }
 
-    fn sub(&self, r: &Repeat<'_>, c: usize, s: usize) -> Tri<String> {
-        self.text(sub_raw(r, c, s))
+    fn comp(&self, r: Rep<'_>, c: usize) -> Tri<String> {
+        self.text(r.comp(c))
+    }
+
+    fn sub(&self, r: Rep<'_>, c: usize, s: usize) -> Tri<String> {
+        self.text(r.sub(c, s))
     }
 
     /// Component 1 of the first repetition of field `n`.
-    fn scalar(&self, seg: &Seg<'_>, n: usize) -> Tri<String> {
-        self.text(seg.rep(n).map_or("", |r| comp_raw(r, 1)))
+    fn scalar(&self, seg: Seg<'_, '_>, n: usize) -> Tri<String> {
+        self.text(seg.rep(n).map_or("", |r| r.comp(1)))
     }
 
     /// The whole first repetition of field `n` (for ST/TX-like fields).
-    fn whole(&self, seg: &Seg<'_>, n: usize) -> Tri<String> {
-        self.text(seg.rep(n).map_or("", |r| r.raw_value()))
+    fn whole(&self, seg: Seg<'_, '_>, n: usize) -> Tri<String> {
+        self.text(seg.rep(n).map_or("", Rep::raw))
     }
 
     /// A DTM/TS from the first repetition of field `n`.
-    fn time(&mut self, seg: &Seg<'_>, n: usize, id: &'static str, at: At) -> Tri<TimeField> {
+    fn time(&mut self, seg: Seg<'_, '_>, n: usize, id: &'static str, at: At) -> Tri<TimeField> {
         let Some(r) = seg.rep(n) else {
             return Tri::Absent;
         };
-        self.time_raw(r.raw_value(), comp_raw(r, 1), self.d.component, id, n, at)
+        self.time_raw(r.raw(), r.comp(1), self.d.component, id, n, at)
     }
 
     /// A TS carried in component `c` of `r` (its parts are subcomponents), e.g. TQ.4.
     fn time_in(
         &mut self,
-        r: &Repeat<'_>,
+        r: Rep<'_>,
         c: usize,
         id: &'static str,
         n: usize,
         at: At,
     ) -> Tri<TimeField> {
         let sep = self.d.subcomponent;
-        self.time_raw(comp_raw(r, c), sub_raw(r, c, 1), sep, id, n, at)
+        self.time_raw(r.comp(c), r.sub(c, 1), sep, id, n, at)
     }
 
     /// `raw` is the whole TS (TS.2 may follow after `sep`), `first` its first part.
@@ -1168,7 +1117,7 @@ impl Reader<'_> {
         match Tri::from_hl7(first) {
             Tri::Absent => Tri::Absent,
             Tri::Null => Tri::Null,
-            Tri::Value(_) => match parse_dtm(raw, self.tz, sep) {
+            Tri::Value(_) => match self.dtm(raw, sep) {
                 Some(tv) => Tri::Value(TimeField::Parsed(tv)),
                 None => {
                     self.warn(id, Some(n), at, "invalid timestamp kept as sent");
@@ -1181,7 +1130,7 @@ impl Reader<'_> {
         }
     }
 
-    fn identifier(&self, r: &Repeat<'_>, source: Option<&'static str>) -> Identifier {
+    fn identifier(&self, r: Rep<'_>, source: Option<&'static str>) -> Identifier {
         Identifier {
             value: self.comp(r, 1),
             id_type: self.comp(r, 5),
@@ -1192,7 +1141,7 @@ impl Reader<'_> {
         }
     }
 
-    fn name(&self, r: &Repeat<'_>) -> Name {
+    fn name(&self, r: Rep<'_>) -> Name {
         Name {
             family: self.sub(r, 1, 1),
             given: self.comp(r, 2),
@@ -1203,7 +1152,7 @@ impl Reader<'_> {
         }
     }
 
-    fn provider(&self, r: &Repeat<'_>) -> Provider {
+    fn provider(&self, r: Rep<'_>) -> Provider {
         Provider {
             id: self.comp(r, 1),
             family: self.sub(r, 2, 1),
@@ -1212,7 +1161,7 @@ impl Reader<'_> {
         }
     }
 
-    fn location(&self, r: &Repeat<'_>) -> Location {
+    fn location(&self, r: Rep<'_>) -> Location {
         Location {
             point_of_care: self.comp(r, 1),
             room: self.comp(r, 2),
@@ -1221,7 +1170,7 @@ impl Reader<'_> {
         }
     }
 
-    fn coded(&self, r: &Repeat<'_>) -> Coded {
+    fn coded(&self, r: Rep<'_>) -> Coded {
         Coded {
             code: self.comp(r, 1),
             text: self.comp(r, 2),
@@ -1229,7 +1178,7 @@ impl Reader<'_> {
         }
     }
 
-    fn entity(&self, r: &Repeat<'_>) -> EntityId {
+    fn entity(&self, r: Rep<'_>) -> EntityId {
         EntityId {
             value: self.comp(r, 1),
             namespace: self.comp(r, 2),
@@ -1237,8 +1186,8 @@ impl Reader<'_> {
     }
 
     /// An EI carried as subcomponents of component `c` (EIP, PRL).
-    fn entity_in(&self, r: &Repeat<'_>, c: usize) -> Tri<EntityId> {
-        match Tri::from_hl7(comp_raw(r, c)) {
+    fn entity_in(&self, r: Rep<'_>, c: usize) -> Tri<EntityId> {
+        match Tri::from_hl7(r.comp(c)) {
             Tri::Absent => Tri::Absent,
             Tri::Null => Tri::Null,
             Tri::Value(_) => Tri::Value(EntityId {
@@ -1249,7 +1198,7 @@ impl Reader<'_> {
         }
     }
 
-    fn patient(&mut self, seg: &Seg<'_>, at: At, opts: &NormaliseOptions) -> Patient {
+    fn patient(&mut self, seg: Seg<'_, '_>, at: At, opts: &NormaliseOptions) -> Patient {
         let mut ids = Vec::new();
         for (n, source) in [(3, None), (2, Some("PID-2")), (4, Some("PID-4"))] {
             if let Tri::Value(found) = list(seg.field(n), |r| self.identifier(r, source)) {
@@ -1258,7 +1207,7 @@ impl Reader<'_> {
         }
         let identifiers = if !ids.is_empty() {
             Tri::Value(ids)
-        } else if seg.field(3).is_some_and(|f| is_null_raw(f.raw_value())) {
+        } else if seg.field(3).is_some_and(|f| is_null_raw(f.raw())) {
             Tri::Null
         } else {
             Tri::Absent
@@ -1291,7 +1240,7 @@ impl Reader<'_> {
                 address_type: self.comp(r, 7),
             });
             p.postcode = match addr {
-                Some(r) if is_null_raw(r.raw_value()) => Tri::Null,
+                Some(r) if is_null_raw(r.raw()) => Tri::Null,
                 Some(r) => self.comp(r, 5),
                 None => Tri::Absent,
             };
@@ -1302,7 +1251,7 @@ impl Reader<'_> {
     fn nhs_number(
         &self,
         ids: &Tri<Vec<Identifier>>,
-        seg: &Seg<'_>,
+        seg: Seg<'_, '_>,
         opts: &NormaliseOptions,
     ) -> Tri<NhsNumber> {
         let Tri::Value(ids) = ids else {
@@ -1332,7 +1281,7 @@ impl Reader<'_> {
         }
     }
 
-    fn pv1(&mut self, v: &mut Visit, seg: &Seg<'_>, at: At) {
+    fn pv1(&mut self, v: &mut Visit, seg: Seg<'_, '_>, at: At) {
         v.class = self.scalar(seg, 2);
         v.location = composite(seg.rep(3), |r| self.location(r));
         v.prior_location = composite(seg.rep(6), |r| self.location(r));
@@ -1347,7 +1296,7 @@ impl Reader<'_> {
         v.discharged_at = self.time(seg, 45, "PV1", at);
     }
 
-    fn event(&mut self, seg: &Seg<'_>, at: At) -> Event {
+    fn event(&mut self, seg: Seg<'_, '_>, at: At) -> Event {
         Event {
             type_code: self.scalar(seg, 1),
             recorded_at: self.time(seg, 2, "EVN", at),
@@ -1358,7 +1307,7 @@ impl Reader<'_> {
         }
     }
 
-    fn merge(&self, seg: &Seg<'_>, opts: &NormaliseOptions) -> Merge {
+    fn merge(&self, seg: Seg<'_, '_>, opts: &NormaliseOptions) -> Merge {
         Merge {
             prior_identifiers: list(seg.field(1), |r| self.identifier(r, None)),
             prior_account: composite(seg.rep(3), |r| self.identifier(r, None)),
@@ -1371,20 +1320,20 @@ impl Reader<'_> {
         }
     }
 
-    fn orc(&self, seg: &Seg<'_>) -> Order {
+    fn orc(&self, seg: Seg<'_, '_>) -> Order {
         Order {
             control: self.scalar(seg, 1),
             placer_number: composite(seg.rep(2), |r| self.entity(r)),
             filler_number: composite(seg.rep(3), |r| self.entity(r)),
             group_number: composite(seg.rep(4), |r| self.entity(r)),
             status: self.scalar(seg, 5),
-            priority: self.text(seg.rep(7).map_or("", |r| comp_raw(r, 6))),
+            priority: self.text(seg.rep(7).map_or("", |r| r.comp(6))),
             ordering_provider: composite(seg.rep(12), |r| self.provider(r)),
             ..Order::default()
         }
     }
 
-    fn obr(&mut self, o: &mut Order, seg: &Seg<'_>, at: At) {
+    fn obr(&mut self, o: &mut Order, seg: Seg<'_, '_>, at: At) {
         let placer = composite(seg.rep(2), |r| self.entity(r));
         o.placer_number = std::mem::take(&mut o.placer_number).or_if_absent(|| placer);
         let filler = composite(seg.rep(3), |r| self.entity(r));
@@ -1408,11 +1357,11 @@ impl Reader<'_> {
         o.parent = self.parent(seg);
     }
 
-    fn parent(&self, seg: &Seg<'_>) -> Tri<Parent> {
+    fn parent(&self, seg: Seg<'_, '_>) -> Tri<Parent> {
         let (r26, r29) = (seg.rep(26), seg.rep(29));
         let (t26, t29) = (
-            Tri::from_hl7(r26.map_or("", |r| r.raw_value())),
-            Tri::from_hl7(r29.map_or("", |r| r.raw_value())),
+            Tri::from_hl7(r26.map_or("", Rep::raw)),
+            Tri::from_hl7(r29.map_or("", Rep::raw)),
         );
         if t26.is_absent() && t29.is_absent() {
             return Tri::Absent;
@@ -1422,7 +1371,7 @@ impl Reader<'_> {
         }
         let mut p = Parent::default();
         if let Some(r) = r26 {
-            p.result_code = match Tri::from_hl7(comp_raw(r, 1)) {
+            p.result_code = match Tri::from_hl7(r.comp(1)) {
                 Tri::Absent => Tri::Absent,
                 Tri::Null => Tri::Null,
                 Tri::Value(_) => Tri::Value(Coded {
@@ -1441,8 +1390,8 @@ impl Reader<'_> {
     }
 
     /// Field 1 (SI) as a number; anything else is omitted with a warning.
-    fn set_id(&mut self, seg: &Seg<'_>, id: &'static str, at: At) -> Tri<u32> {
-        match Tri::from_hl7(seg.rep(1).map_or("", |r| comp_raw(r, 1))) {
+    fn set_id(&mut self, seg: Seg<'_, '_>, id: &'static str, at: At) -> Tri<u32> {
+        match Tri::from_hl7(seg.rep(1).map_or("", |r| r.comp(1))) {
             Tri::Absent => Tri::Absent,
             Tri::Null => Tri::Null,
             Tri::Value(s) => match s.trim().parse::<u32>() {
@@ -1456,8 +1405,8 @@ impl Reader<'_> {
     }
 
     /// Field `n` (NM) as a number; anything else is omitted with a warning.
-    fn nm(&mut self, seg: &Seg<'_>, n: usize, id: &'static str, at: At) -> Tri<Number> {
-        match Tri::from_hl7(seg.rep(n).map_or("", |r| comp_raw(r, 1))) {
+    fn nm(&mut self, seg: Seg<'_, '_>, n: usize, id: &'static str, at: At) -> Tri<Number> {
+        match Tri::from_hl7(seg.rep(n).map_or("", |r| r.comp(1))) {
             Tri::Absent => Tri::Absent,
             Tri::Null => Tri::Null,
             Tri::Value(s) => match parse_nm(s) {
@@ -1471,11 +1420,11 @@ impl Reader<'_> {
     }
 
     /// Field `n` of `seg` (first repetition) as a coded value.
-    fn coded_field(&self, seg: &Seg<'_>, n: usize) -> Tri<Coded> {
+    fn coded_field(&self, seg: Seg<'_, '_>, n: usize) -> Tri<Coded> {
         composite(seg.rep(n), |r| self.coded(r))
     }
 
-    fn schedule(&mut self, seg: &Seg<'_>, at: At) -> Appointment {
+    fn schedule(&mut self, seg: Seg<'_, '_>, at: At) -> Appointment {
         let mut a = Appointment {
             placer_appointment_id: composite(seg.rep(1), |r| self.entity(r)),
             filler_appointment_id: composite(seg.rep(2), |r| self.entity(r)),
@@ -1493,9 +1442,7 @@ impl Reader<'_> {
         // SCH-11 (TQ, first repetition): a whole `""` clears both times.
         match seg.rep(11) {
             None => {}
-            Some(r) if is_null_raw(r.raw_value()) => {
-                (a.start_at, a.end_at) = (Tri::Null, Tri::Null)
-            }
+            Some(r) if is_null_raw(r.raw()) => (a.start_at, a.end_at) = (Tri::Null, Tri::Null),
             Some(r) => {
                 a.start_at = self.time_in(r, 4, "SCH", 11, at);
                 a.end_at = self.time_in(r, 5, "SCH", 11, at);
@@ -1505,7 +1452,7 @@ impl Reader<'_> {
     }
 
     /// An AIS, AIG, AIL or AIP (field positions of HL7 v2.5).
-    fn resource(&mut self, seg: &Seg<'_>, at: At) -> Resource {
+    fn resource(&mut self, seg: Seg<'_, '_>, at: At) -> Resource {
         // (kind, segment id, start, duration, duration units, filler status)
         let (kind, id, start, dur, units, status) = match seg.id {
             "AIS" => (ResourceKind::Service, "AIS", 4, 7, 8, 10),
@@ -1536,7 +1483,7 @@ impl Reader<'_> {
         r
     }
 
-    fn document(&mut self, seg: &Seg<'_>, at: At) -> Document {
+    fn document(&mut self, seg: Seg<'_, '_>, at: At) -> Document {
         Document {
             set_id: self.set_id(seg, "TXA", at),
             document_type: self.coded_field(seg, 2),
@@ -1558,9 +1505,9 @@ impl Reader<'_> {
         }
     }
 
-    fn obx(&mut self, seg: &Seg<'_>, at: At) -> Observation {
+    fn obx(&mut self, seg: Seg<'_, '_>, at: At) -> Observation {
         let set_id = self.set_id(seg, "OBX", at);
-        let value_type = self.text(seg.rep(2).map_or("", |r| comp_raw(r, 1)));
+        let value_type = self.text(seg.rep(2).map_or("", |r| r.comp(1)));
         let kind = ValueKind::of(value_type.value().map_or("", String::as_str));
         let (value, value_invalid) = self.obs_value(kind, seg.field(5), at);
         Observation {
@@ -1573,7 +1520,7 @@ impl Reader<'_> {
             value_invalid,
             units: composite(seg.rep(6), |r| self.coded(r)),
             reference_range: self.whole(seg, 7),
-            abnormal_flags: list(seg.field(8), |r| unescape(comp_raw(r, 1), &self.d)),
+            abnormal_flags: list(seg.field(8), |r| self.unescape(r.comp(1))),
             result_status: self.scalar(seg, 11),
             observed_at: self.time(seg, 14, "OBX", at),
             producer_id: self.scalar(seg, 15),
@@ -1586,27 +1533,26 @@ impl Reader<'_> {
     fn obs_value(
         &mut self,
         kind: ValueKind,
-        f: Option<&Field<'_>>,
+        f: Option<Field<'_>>,
         at: At,
     ) -> (Tri<ObsValue>, bool) {
         let Some(f) = f else {
             return (Tri::Absent, false);
         };
-        if is_null_raw(f.raw_value()) {
+        if is_null_raw(f.raw()) {
             return (Tri::Null, false);
         }
-        if f.repeats.iter().all(|r| r.is_empty()) {
+        if f.reps().all(Rep::is_empty) {
             return (Tri::Absent, false);
         }
         let mut invalid = false;
-        let value = if let [r] = f.repeats.as_slice() {
-            self.typed(kind, r, &mut invalid)
+        let value = if f.is_single() {
+            self.typed(kind, f.first(), &mut invalid)
         } else {
             let items = f
-                .repeats
-                .iter()
+                .reps()
                 .map(|r| {
-                    if r.is_empty() || is_null_raw(r.raw_value()) {
+                    if r.is_empty() || is_null_raw(r.raw()) {
                         (kind == ValueKind::Text).then(|| ObsValue::Text(String::new()))
                     } else {
                         Some(self.typed(kind, r, &mut invalid))
@@ -1622,9 +1568,9 @@ impl Reader<'_> {
     }
 
     /// One non-empty OBX-5 repetition.
-    fn typed(&self, kind: ValueKind, r: &Repeat<'_>, invalid: &mut bool) -> ObsValue {
+    fn typed(&mut self, kind: ValueKind, r: Rep<'_>, invalid: &mut bool) -> ObsValue {
         match kind {
-            ValueKind::Number => match self.number(comp_raw(r, 1)) {
+            ValueKind::Number => match self.number(r.comp(1)) {
                 NumberOrText::Number(n) => ObsValue::Number(n),
                 NumberOrText::Text(t) => {
                     *invalid = true;
@@ -1633,7 +1579,7 @@ impl Reader<'_> {
             },
             ValueKind::Structured => {
                 let mut num = |c: usize| {
-                    Tri::from_hl7(comp_raw(r, c)).map(|raw| {
+                    Tri::from_hl7(r.comp(c)).map(|raw| {
                         let n = self.number(raw);
                         *invalid |= matches!(n, NumberOrText::Text(_));
                         n
@@ -1649,17 +1595,17 @@ impl Reader<'_> {
             }
             ValueKind::Coded => ObsValue::Coded(self.coded(r)),
             ValueKind::Encapsulated => ObsValue::Encapsulated(self.encapsulated(r)),
-            ValueKind::Time => match parse_dtm(r.raw_value(), self.tz, self.d.component) {
+            ValueKind::Time => match self.dtm(r.raw(), self.d.component) {
                 Some(tv) => ObsValue::Time(TimeField::Parsed(tv)),
                 None => {
                     *invalid = true;
                     ObsValue::Time(TimeField::Invalid(InvalidTime {
-                        hl7: r.raw_value().to_owned(),
+                        hl7: r.raw().to_owned(),
                         invalid: true,
                     }))
                 }
             },
-            ValueKind::Text => ObsValue::Text(unescape(r.raw_value(), &self.d)),
+            ValueKind::Text => ObsValue::Text(self.unescape(r.raw())),
         }
     }
 
@@ -1668,37 +1614,41 @@ impl Reader<'_> {
     /// finite; anything else is text.
     fn number(&self, raw: &str) -> NumberOrText {
         parse_nm(raw).map_or_else(
-            || NumberOrText::Text(unescape(raw, &self.d)),
+            || NumberOrText::Text(self.unescape(raw)),
             NumberOrText::Number,
         )
     }
 
-    fn encapsulated(&self, r: &Repeat<'_>) -> Encapsulated {
-        let (t, st) = (comp_raw(r, 2), comp_raw(r, 3));
+    fn encapsulated(&self, r: Rep<'_>) -> Encapsulated {
+        let (t, st) = (r.comp(2), r.comp(3));
         Encapsulated {
             kind: "ED",
             data_type: self.text(t),
             data_subtype: self.text(st),
             media_type: media_type(t, st),
             encoding: self.comp(r, 4),
-            size_bytes: comp_raw(r, 5).len(),
-            decoded_bytes: decoded_len(comp_raw(r, 4), comp_raw(r, 5)),
+            size_bytes: r.comp(5).len(),
+            decoded_bytes: decoded_len(r.comp(4), r.comp(5)),
         }
     }
 
     /// NTE-3 repetitions joined by newlines; an empty note is "".
-    fn note(&self, seg: &Seg<'_>) -> String {
+    fn note(&self, seg: Seg<'_, '_>) -> String {
         let Some(f) = seg.field(3) else {
             return String::new();
         };
         let mut out = String::new();
-        for (i, r) in f.repeats.iter().enumerate() {
+        for (i, r) in f.reps().enumerate() {
             if i > 0 {
                 out.push('\n');
             }
-            let raw = r.raw_value();
+            let raw = r.raw();
             if !is_null_raw(raw) {
-                out.push_str(&unescape(raw, &self.d));
+                if raw.as_bytes().contains(&self.d.escape) {
+                    out.push_str(&unescape(raw, &self.d));
+                } else {
+                    out.push_str(raw);
+                }
             }
         }
         out
@@ -3901,6 +3851,434 @@ mod tests {
             "most mutations still reach PID: {with_patient}"
         );
     }
+
+    /// Odd but legal layouts: `#*@!%` delimiters, trailing separators, empty and `""`
+    /// repetitions, subcomponents, an id alone, an unreadable line.
+    fn odd_hash_delimited(line_end: &str) -> String {
+        let lines = [
+            "MSH#*@!%#LAB#RXX#SITERELAY#HUB#20260601120000##ORU*R01*ORU_R01#ODD0001#P#2.5.1",
+            "PID#1#OLD1***RXX*PI#@RXX1***RXX%1.2.3%ISO*MR@@\"\"@9990000018***NHS*NH@##SMITH%SM*ANN*!T!B**MRS**L@\"\"@*##19800615#F###12 HIGH ST%X*FLAT 2*TOWN**ZZ99 9ZZ*GBR*H@2ND*##################\"\"#N##",
+            "PV1#1#I#WARD1*ROOM2*BED3*RXX01%9.9%ISO####C1*DOC%X*A@@C2*DR2############\"\"#########################202606011000##",
+            "ORC#NW#PL1*ICE#FL1*LAB#GRP1*ICE#SC##*****R#####C9*ORD%X*B#",
+            "OBR#1###HB*Hb*L##20260601090000#20260601091500#\"\"######20260601100000########20260601120000+0100###F#HB%Hb%L*1###PL0%ICE*FL0%LAB#",
+            "OBX#1#NM#HB*Hb*L##1@@\"\"@x#g/L#10-20#H@@L###F###20260601091500#",
+            "OBX#2#TX#C*Comment*L##a!.br!b@@\"\"@c##########LAB#",
+            "OBX#3#ED#PDF*Report*L##*AP*PDF*Base64*JVBERi0xLjQKJSVFT0YK##",
+            "OBX#4#SN#EGFR*eGFR*L##>*90@*1*:*2#",
+            "NTE#1#L#a@@\"\"@b!E!",
+            "NTE",
+            "??#junk",
+            "ZZ1#x#",
+        ];
+        lines.map(|l| format!("{l}{line_end}")).concat()
+    }
+
+    /// v2.7 MSH-2 with a truncation character; CR, CRLF and LF mixed with blank lines;
+    /// TQ timestamps in subcomponents; nulls in composites.
+    fn odd_mixed_line_ends() -> String {
+        let lines = [
+            (
+                "MSH|^~\\&#|PAS|RXX|SITERELAY|HUB|20260328100000||SIU^S12^SIU_S12|ODD0003|P|2.7",
+                "\r",
+            ),
+            (
+                "SCH|PLA1^PAS|FIL1^CLINIC|1||||||60|min|^^60^20260329003000&S^20260329023000|C1^DOC^A~~|||||||||||||Booked",
+                "\r\n\n",
+            ),
+            (
+                "AIL|1|A|CLINIC1^\"\"^^RXX&9.9&ISO|||20260329003000|||60|min^minutes||Booked||",
+                "\n",
+            ),
+            ("NTE|1||x~~y", "\r   \r"),
+            ("AIP|2||\"\"|", "\r"),
+            (
+                "TXA|1|DS|TX|20260601175500^S||||||||DOC1^EPR&X|\"\"|PL1^ICE~PL2||",
+                "\r",
+            ),
+        ];
+        lines.map(|(l, end)| format!("{l}{end}")).concat()
+    }
+
+    /// The expected records were captured from the reader this module used before its own
+    /// (`hl7-parser`); they must not change.
+    #[test]
+    fn odd_separators_and_line_ends_read_exactly_as_before() {
+        let o = opts(true);
+        let pretty = |text: &str| serde_json::to_string_pretty(&normalise(text, &o)).unwrap();
+        assert_eq!(pretty(&odd_hash_delimited("\n")), ODD_HASH_DELIMITED);
+        assert_eq!(pretty(&odd_hash_delimited("\r\n")), ODD_HASH_DELIMITED);
+        assert_eq!(pretty(&odd_mixed_line_ends()), ODD_MIXED_LINE_ENDS);
+    }
+
+    const ODD_HASH_DELIMITED: &str = r##"{
+  "patient": {
+    "identifiers": [
+      {
+        "value": "RXX1",
+        "type": "MR",
+        "authority": "RXX",
+        "authority_universal_id": "1.2.3",
+        "authority_universal_id_type": "ISO"
+      },
+      {
+        "value": "9990000018",
+        "type": "NH",
+        "authority": "NHS"
+      },
+      {
+        "value": "OLD1",
+        "type": "PI",
+        "authority": "RXX",
+        "source": "PID-2"
+      }
+    ],
+    "nhs_number": {
+      "value": "9990000018",
+      "valid": true
+    },
+    "names": [
+      {
+        "family": "SMITH",
+        "given": "ANN",
+        "middle": "%B",
+        "prefix": "MRS",
+        "type": "L"
+      }
+    ],
+    "birth_date": {
+      "value": "1980-06-15",
+      "hl7": "19800615",
+      "precision": "day"
+    },
+    "sex": "F",
+    "death": {
+      "date_time": null,
+      "indicator": "N"
+    },
+    "postcode": "ZZ99 9ZZ",
+    "address": {
+      "line1": "12 HIGH ST",
+      "line2": "FLAT 2",
+      "city": "TOWN",
+      "postcode": "ZZ99 9ZZ",
+      "country": "GBR",
+      "type": "H"
+    }
+  },
+  "visit": {
+    "class": "I",
+    "location": {
+      "point_of_care": "WARD1",
+      "room": "ROOM2",
+      "bed": "BED3",
+      "facility": "RXX01"
+    },
+    "attending": [
+      {
+        "id": "C1",
+        "family": "DOC",
+        "given": "A"
+      },
+      {
+        "id": "C2",
+        "family": "DR2"
+      }
+    ],
+    "visit_number": null,
+    "admitted_at": {
+      "value": "2026-06-01T10:00:00+01:00",
+      "hl7": "202606011000",
+      "precision": "minute",
+      "zone": "assumed"
+    }
+  },
+  "orders": [
+    {
+      "control": "NW",
+      "placer_number": {
+        "value": "PL1",
+        "namespace": "ICE"
+      },
+      "filler_number": {
+        "value": "FL1",
+        "namespace": "LAB"
+      },
+      "group_number": {
+        "value": "GRP1",
+        "namespace": "ICE"
+      },
+      "status": "SC",
+      "universal_service": {
+        "code": "HB",
+        "text": "Hb",
+        "system": "L"
+      },
+      "priority": "R",
+      "requested_at": {
+        "value": "2026-06-01T09:00:00+01:00",
+        "hl7": "20260601090000",
+        "precision": "second",
+        "zone": "assumed"
+      },
+      "observed_at": {
+        "value": "2026-06-01T09:15:00+01:00",
+        "hl7": "20260601091500",
+        "precision": "second",
+        "zone": "assumed"
+      },
+      "observation_end_at": null,
+      "specimen_received_at": {
+        "value": "2026-06-01T10:00:00+01:00",
+        "hl7": "20260601100000",
+        "precision": "second",
+        "zone": "assumed"
+      },
+      "ordering_provider": {
+        "id": "C9",
+        "family": "ORD",
+        "given": "B"
+      },
+      "results_reported_at": {
+        "value": "2026-06-01T12:00:00+01:00",
+        "hl7": "20260601120000+0100",
+        "precision": "second",
+        "zone": "given"
+      },
+      "result_status": "F",
+      "parent": {
+        "result_code": {
+          "code": "HB",
+          "text": "Hb",
+          "system": "L"
+        },
+        "result_sub_id": "1",
+        "placer_number": {
+          "value": "PL0",
+          "namespace": "ICE"
+        },
+        "filler_number": {
+          "value": "FL0",
+          "namespace": "LAB"
+        }
+      }
+    }
+  ],
+  "observations": [
+    {
+      "order": 0,
+      "set_id": 1,
+      "value_type": "NM",
+      "code": {
+        "code": "HB",
+        "text": "Hb",
+        "system": "L"
+      },
+      "value": [
+        1,
+        null,
+        null,
+        "x"
+      ],
+      "value_invalid": true,
+      "units": {
+        "code": "g/L"
+      },
+      "reference_range": "10-20",
+      "abnormal_flags": [
+        "H",
+        "L"
+      ],
+      "result_status": "F",
+      "observed_at": {
+        "value": "2026-06-01T09:15:00+01:00",
+        "hl7": "20260601091500",
+        "precision": "second",
+        "zone": "assumed"
+      }
+    },
+    {
+      "order": 0,
+      "set_id": 2,
+      "value_type": "TX",
+      "code": {
+        "code": "C",
+        "text": "Comment",
+        "system": "L"
+      },
+      "value": [
+        "a\nb",
+        "",
+        "",
+        "c"
+      ],
+      "producer_id": "LAB"
+    },
+    {
+      "order": 0,
+      "set_id": 3,
+      "value_type": "ED",
+      "code": {
+        "code": "PDF",
+        "text": "Report",
+        "system": "L"
+      },
+      "value": {
+        "type": "ED",
+        "data_type": "AP",
+        "data_subtype": "PDF",
+        "media_type": "application/pdf",
+        "encoding": "Base64",
+        "size_bytes": 20,
+        "decoded_bytes": 15
+      }
+    },
+    {
+      "order": 0,
+      "set_id": 4,
+      "value_type": "SN",
+      "code": {
+        "code": "EGFR",
+        "text": "eGFR",
+        "system": "L"
+      },
+      "value": [
+        {
+          "comparator": ">",
+          "num1": 90
+        },
+        {
+          "num1": 1,
+          "separator": ":",
+          "num2": 2
+        }
+      ],
+      "notes": [
+        "a\n\n\nb!",
+        ""
+      ]
+    }
+  ],
+  "segments": [
+    "MSH",
+    "PID",
+    "PV1",
+    "ORC",
+    "OBR",
+    "OBX",
+    "OBX",
+    "OBX",
+    "OBX",
+    "NTE",
+    "NTE",
+    "ZZ1"
+  ],
+  "warnings": [
+    "unreadable line after segment 11 skipped",
+    "OBX-5 (segment 6): value does not match its value type"
+  ]
+}"##;
+
+    const ODD_MIXED_LINE_ENDS: &str = r##"{
+  "appointment": {
+    "placer_appointment_id": {
+      "value": "PLA1",
+      "namespace": "PAS"
+    },
+    "filler_appointment_id": {
+      "value": "FIL1",
+      "namespace": "CLINIC"
+    },
+    "occurrence_number": 1,
+    "duration": 60,
+    "duration_units": {
+      "code": "min"
+    },
+    "start_at": {
+      "value": "2026-03-29T00:30:00+00:00",
+      "hl7": "20260329003000&S",
+      "precision": "second",
+      "zone": "assumed"
+    },
+    "end_at": {
+      "value": "2026-03-29T02:30:00+01:00",
+      "hl7": "20260329023000",
+      "precision": "second",
+      "zone": "assumed"
+    },
+    "placer_contact": {
+      "id": "C1",
+      "family": "DOC",
+      "given": "A"
+    },
+    "filler_status": {
+      "code": "Booked"
+    },
+    "resources": [
+      {
+        "kind": "location",
+        "set_id": 1,
+        "segment_action": "A",
+        "location": {
+          "point_of_care": "CLINIC1",
+          "room": null,
+          "facility": "RXX"
+        },
+        "start_at": {
+          "value": "2026-03-29T00:30:00+00:00",
+          "hl7": "20260329003000",
+          "precision": "second",
+          "zone": "assumed"
+        },
+        "duration": 60,
+        "duration_units": {
+          "code": "min",
+          "text": "minutes"
+        },
+        "filler_status": {
+          "code": "Booked"
+        },
+        "notes": [
+          "x\n\ny"
+        ]
+      },
+      {
+        "kind": "personnel",
+        "set_id": 2,
+        "personnel": null
+      }
+    ]
+  },
+  "document": {
+    "set_id": 1,
+    "type": {
+      "code": "DS"
+    },
+    "presentation": "TX",
+    "activity_at": {
+      "value": "2026-06-01T17:55:00+01:00",
+      "hl7": "20260601175500^S",
+      "precision": "second",
+      "zone": "assumed"
+    },
+    "unique_document_number": {
+      "value": "DOC1",
+      "namespace": "EPR&X"
+    },
+    "parent_document_number": null,
+    "placer_order_number": {
+      "value": "PL1",
+      "namespace": "ICE"
+    }
+  },
+  "segments": [
+    "MSH",
+    "SCH",
+    "AIL",
+    "NTE",
+    "AIP",
+    "TXA"
+  ]
+}"##;
 
     #[test]
     fn decimals_follow_hl7_nm() {

@@ -8,6 +8,7 @@
 
 use jiff::civil::{Date, DateTime};
 use jiff::tz::{Offset, TimeZone};
+use memchr::memchr;
 use serde::Serialize;
 
 /// Precision of an HL7 timestamp, as sent.
@@ -56,21 +57,30 @@ pub struct TimeValue {
 
 fn digits(s: &str, from: usize, n: usize) -> Option<i32> {
     let part = s.get(from..from + n)?;
-    if part.bytes().all(|b| b.is_ascii_digit()) {
-        part.parse().ok()
-    } else {
-        None
+    if part.is_empty() {
+        return None;
     }
+    part.bytes().try_fold(0i32, |v, b| {
+        let d = b.is_ascii_digit().then(|| i32::from(b - b'0'))?;
+        v.checked_mul(10)?.checked_add(d)
+    })
 }
 
 /// Parse an HL7 DTM/TS value (only its first component, `TS.1`, is considered).
 /// Returns `None` when it is not a valid timestamp.
 pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValue> {
-    let first = raw.split(component_sep as char).next().unwrap_or("").trim();
+    let first = if component_sep.is_ascii() {
+        let end = memchr(component_sep, raw.as_bytes()).unwrap_or(raw.len());
+        // An ASCII byte is always a character boundary.
+        &raw[..end]
+    } else {
+        raw.split(char::from(component_sep)).next().unwrap_or("")
+    }
+    .trim();
     if first.is_empty() {
         return None;
     }
-    let (body, offset) = match first.find(['+', '-']) {
+    let (body, offset) = match first.bytes().position(|b| b == b'+' || b == b'-') {
         Some(i) => {
             let (b, o) = first.split_at(i);
             let sign = if o.starts_with('-') { -1 } else { 1 };
@@ -89,7 +99,7 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
         }
         None => (first, None),
     };
-    let (main, frac) = match body.split_once('.') {
+    let (main, frac) = match memchr(b'.', body.as_bytes()).map(|i| (&body[..i], &body[i + 1..])) {
         Some((m, f)) => {
             if f.is_empty()
                 || f.len() > 4
@@ -125,11 +135,17 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
     };
     let date = Date::new(year, month, day).ok()?;
     if precision <= Precision::Day {
-        let value = match precision {
-            Precision::Year => format!("{year:04}"),
-            Precision::Month => format!("{year:04}-{month:02}"),
-            _ => date.to_string(),
-        };
+        let mut value = Ascii::default();
+        value.num(year.into(), 4);
+        if precision >= Precision::Month {
+            value.push(b'-');
+            value.num(month.into(), 2);
+        }
+        if precision == Precision::Day {
+            value.push(b'-');
+            value.num(date.day().into(), 2);
+        }
+        let value = value.into_string();
         return Some(TimeValue {
             value,
             hl7: raw.to_string(),
@@ -148,10 +164,11 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
     } else {
         0
     };
-    let nanos = match frac {
-        Some(f) => format!("{f:0<9}").parse::<i32>().ok()?,
-        None => 0,
-    };
+    // The fraction's digits (1 to 4, checked above) as nanoseconds.
+    let nanos = frac.map_or(0, |f| {
+        let n = f.bytes().fold(0, |n, b| n * 10 + i32::from(b - b'0'));
+        (f.len()..9).fold(n, |n, _| n * 10)
+    });
     let dt = DateTime::new(year, month, day, hour, minute, second, nanos).ok()?;
     let (zoned, zone) = match offset {
         Some(off) => (
@@ -162,31 +179,94 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
     };
     let off = zoned.offset();
     let secs = off.seconds();
-    let sign = if secs < 0 { '-' } else { '+' };
+    let sign = if secs < 0 { b'-' } else { b'+' };
     let (oh, om) = (secs.abs() / 3600, (secs.abs() % 3600) / 60);
-    let frac_txt = match frac {
-        Some(f) => format!(".{f}"),
-        None => String::new(),
-    };
-    let value = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{}{}{:02}:{:02}",
-        zoned.year(),
-        zoned.month(),
-        zoned.day(),
-        zoned.hour(),
-        zoned.minute(),
-        zoned.second(),
-        frac_txt,
-        sign,
-        oh,
-        om
-    );
+    // `YYYY-MM-DDTHH:MM:SS[.F]+HH:MM`, written without the formatting machinery (hot path).
+    let mut value = Ascii::default();
+    value.num(zoned.year().into(), 4);
+    for (sep, n) in [
+        (b'-', zoned.month()),
+        (b'-', zoned.day()),
+        (b'T', zoned.hour()),
+        (b':', zoned.minute()),
+        (b':', zoned.second()),
+    ] {
+        value.push(sep);
+        value.num(n.into(), 2);
+    }
+    if let Some(f) = frac {
+        value.push(b'.');
+        // At most four ASCII digits, checked above.
+        f.bytes().for_each(|b| value.push(b));
+    }
+    value.push(sign);
+    value.num(oh, 2);
+    value.push(b':');
+    value.num(om, 2);
+    let value = value.into_string();
     Some(TimeValue {
         value,
         hl7: raw.to_string(),
         precision,
         zone: Some(zone),
     })
+}
+
+/// A short ASCII text built on the stack (a timestamp is at most 30 bytes).
+struct Ascii {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl Default for Ascii {
+    fn default() -> Self {
+        Ascii {
+            buf: [0; 40],
+            len: 0,
+        }
+    }
+}
+
+impl Ascii {
+    /// Appends an ASCII byte (dropped, never reached, if the buffer were full).
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    /// Appends `n` zero-padded to `width` characters, sign included, as
+    /// `format!("{n:0width$}")` does.
+    fn num(&mut self, n: i32, width: usize) {
+        let mut width = width;
+        if n < 0 {
+            self.push(b'-');
+            width = width.saturating_sub(1);
+        }
+        let mut digits = [0u8; 10];
+        let mut i = digits.len();
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for _ in (digits.len() - i)..width {
+            self.push(b'0');
+        }
+        digits[i..].iter().for_each(|&d| self.push(d));
+    }
+
+    fn into_string(self) -> String {
+        // Only ASCII bytes are ever pushed.
+        std::str::from_utf8(&self.buf[..self.len])
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +313,21 @@ mod tests {
         let t = parse_dtm("20261130093000.12+0000", &london(), b'^').unwrap();
         assert_eq!(t.value, "2026-11-30T09:30:00.12+00:00");
         assert_eq!(t.precision, Precision::Fraction);
+    }
+
+    #[test]
+    fn every_part_is_zero_padded() {
+        let utc = TimeZone::UTC;
+        for (hl7, value) in [
+            ("0001", "0001"),
+            ("000102", "0001-02"),
+            ("00010203", "0001-02-03"),
+            ("0001020304", "0001-02-03T04:00:00+00:00"),
+            ("20260102030405.0006-0930", "2026-01-02T03:04:05.0006-09:30"),
+            ("202601020304+0005", "2026-01-02T03:04:00+00:05"),
+        ] {
+            assert_eq!(parse_dtm(hl7, &utc, b'^').unwrap().value, value, "{hl7}");
+        }
     }
 
     #[test]
