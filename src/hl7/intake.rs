@@ -90,11 +90,15 @@ pub fn assess(message: &[u8], default_charset: Charset, strict: bool, me: &Respo
 /// The `AE` error (code 100, the segment as location) when a segment that [`required_segments`]
 /// names for this message's type is absent.
 pub fn missing_segment(h: &Header, message: &[u8]) -> Option<AckError> {
-    let required = required_segments(h);
-    if required.is_empty() {
+    if required_segments(h).is_empty() {
         return None;
     }
-    let present = crate::inventory::segment_ids(message);
+    missing_from(h, &crate::inventory::segment_ids(message))
+}
+
+/// [`missing_segment`] for a caller that already holds the message's segment ids.
+pub fn missing_from(h: &Header, present: &[[u8; 3]]) -> Option<AckError> {
+    let required = required_segments(h);
     let missing = required
         .iter()
         .find(|id| !present.iter().any(|p| p == id.as_bytes()))?;

@@ -412,7 +412,8 @@ async fn prepare(msg: Vec<u8>, peer: &str, ctx: &Hl7Target<'_>, shutting_down: b
             };
         }
     }
-    if let Some(error) = intake::missing_segment(&header, &msg) {
+    let segments = segment_ids(&msg);
+    if let Some(error) = intake::missing_from(&header, &segments) {
         let reason = error.text.clone();
         event::rejected(c, feed, peer, size, &reason);
         let ack = intake::answer(&header, intake::Outcome::Rejected(&error));
@@ -438,7 +439,6 @@ async fn prepare(msg: Vec<u8>, peer: &str, ctx: &Hl7Target<'_>, shutting_down: b
             accepted: false,
         };
     }
-    let segments = segment_ids(&msg);
     let dedup = ctx.dedup_window.map(|w| crate::outbox::DedupKey {
         sender: format!(
             "{}|{}",
