@@ -675,15 +675,18 @@ fn migrate_dedup(conn: &Connection) -> rusqlite::Result<()> {
             ))
         })?
         .collect::<Result<_, _>>()?;
+    // One pass over messages (no index on (feed, seq)), not one scan per key.
+    let mut ids: HashMap<(String, i64), i64> = HashMap::new();
+    if !rows.is_empty() {
+        let mut stmt = conn.prepare("SELECT feed, seq, id FROM messages")?;
+        let found = stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?;
+        for f in found {
+            let (k, id) = f?;
+            ids.insert(k, id);
+        }
+    }
     for (feed, sender, control_id, hash, seq, at) in &rows {
-        let row_id: i64 = conn
-            .query_row(
-                "SELECT id FROM messages WHERE feed = ?1 AND seq = ?2",
-                params![feed, seq],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
+        let row_id = ids.get(&(feed.clone(), *seq)).copied().unwrap_or(0);
         conn.execute(
             "INSERT INTO dedup_log (key, hash, row_id, seq, received_at_us) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
