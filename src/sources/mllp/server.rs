@@ -377,7 +377,6 @@ async fn prepare(msg: Vec<u8>, peer: &str, ctx: &Hl7Target<'_>, shutting_down: b
             error,
             header,
         } => {
-            event::rejected(c, feed, peer, size, &reason);
             quarantine(
                 ctx,
                 msg,
@@ -415,7 +414,6 @@ async fn prepare(msg: Vec<u8>, peer: &str, ctx: &Hl7Target<'_>, shutting_down: b
     let segments = segment_ids(&msg);
     if let Some(error) = intake::missing_from(&header, &segments) {
         let reason = error.text.clone();
-        event::rejected(c, feed, peer, size, &reason);
         let ack = intake::answer(&header, intake::Outcome::Rejected(&error));
         quarantine(
             ctx,
@@ -540,14 +538,12 @@ async fn handle_batch(
     shutting_down: bool,
 ) -> Vec<u8> {
     let feed = &**ctx.name;
-    let c = ctx.counters;
     let size = frame.len();
     let batch = match crate::hl7::batch::split(&frame) {
         Ok(b) => b,
         Err(e) => {
             let error = e.ack_error();
             let reason = format!("batch: {e}");
-            event::rejected(c, feed, peer, size, &reason);
             let nak = crate::hl7::ack::minimal_nak(
                 crate::hl7::ack::AckCode::AE,
                 &error.text,
@@ -618,8 +614,8 @@ async fn handle_batch(
     )
 }
 
-/// Keep a rejected message (committed before its `AE` goes out) and, if configured, tell the
-/// central side about it without content.
+/// Count and log a rejected message, keep it (committed before its `AE` goes out) and, if
+/// configured, tell the central side about it without content.
 async fn quarantine(
     ctx: &Hl7Target<'_>,
     raw: Vec<u8>,
@@ -629,6 +625,7 @@ async fn quarantine(
     error: &crate::hl7::ack::AckError,
     header: Option<&crate::hl7::header::Header>,
 ) {
+    event::rejected(ctx.counters, ctx.name, peer, raw.len(), reason);
     let message_type = header.map(|h| match &h.trigger_event {
         Some(t) => format!("{}^{}", h.message_type, t),
         None => h.message_type.clone(),
