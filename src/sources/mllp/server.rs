@@ -413,14 +413,13 @@ async fn prepare(msg: Vec<u8>, peer: &str, ctx: &Hl7Target<'_>, shutting_down: b
     }
     let segments = segment_ids(&msg);
     if let Some(error) = intake::missing_from(&header, &segments) {
-        let reason = error.text.clone();
         let ack = intake::answer(&header, intake::Outcome::Rejected(&error));
         quarantine(
             ctx,
             msg,
             peer,
             received_at_us,
-            &reason,
+            &error.text,
             &error,
             Some(&header),
         )
