@@ -371,9 +371,15 @@ impl Reader {
     }
 
     fn decoded(&self, bytes: &[u8]) -> String {
-        // Decoding escapes never lengthens text, so this is enough.
+        // Decoding escapes rarely lengthens text (formatting commands can), so this is enough.
         let mut s = String::with_capacity(self.enc.decoded_len(bytes));
-        unescape_into(&mut s, bytes, &self.d, self.enc);
+        unescape_into(
+            &mut s,
+            bytes,
+            &self.d,
+            self.enc,
+            &mut EscapeNotes::default(),
+        );
         s
     }
 
@@ -395,18 +401,45 @@ fn is_null(bytes: &[u8]) -> bool {
     bytes.is_empty() || bytes == b"\"\""
 }
 
-/// Decodes HL7 escape sequences in `text`:
-/// `\F\ \S\ \T\ \R\ \E\` become the delimiters, `\P\` the truncation
-/// character (when there is one), `\.br\` a `"\n"`, `\Xhh..\` the bytes it
-/// encodes when they are valid UTF-8. Anything else (`\H\`, `\N\`, `\Cxxyy\`,
-/// malformed hex, an unterminated sequence) is kept verbatim.
+/// Decodes HL7 escape sequences in `text` into plain text:
+///
+/// * `\F\ \S\ \T\ \R\ \E\` become the delimiters, `\P\` the truncation character (when
+///   there is one), `\Xhh..\` the bytes it encodes when they are valid UTF-8;
+/// * highlighting (`\H\` start, `\N\` normal) is removed: plain text has no emphasis;
+/// * the FT formatting commands are applied as plain text can hold them: `\.br\` a line break,
+///   `\.sp<n>\` n line breaks (1 when n is absent), `\.sk<n>\` n spaces, `\.ti<n>\` n spaces
+///   of indent here, `\.in<n>\` n spaces of indent from here and after every later line break
+///   (a negative n takes indent away), `\.ce\` a line break (centring is not kept), `\.fi\`
+///   and `\.nf\` nothing. Counts are capped at [`MAX_FORMAT_COUNT`], so a hostile
+///   `\.sp999999999\` cannot blow up a record;
+/// * character set escapes (`\Cxxyy\`, `\Mxxyyzz\`, ISO 2022 switches) are removed and
+///   reported in [`EscapeNotes`]: the characters they select are not decoded;
+/// * anything else (`\Zxx\` local escapes, malformed hex, an unterminated sequence) is kept
+///   verbatim.
 pub fn unescape(text: &str, d: &Delimiters) -> String {
+    unescape_noting(text, d).0
+}
+
+/// Largest count an FT formatting command (`\.sp<n>\`, `\.sk<n>\`, `\.in<n>\`, `\.ti<n>\`)
+/// is applied with.
+pub const MAX_FORMAT_COUNT: u32 = 40;
+
+/// What [`unescape_noting`] did that a reader of the result should be told about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EscapeNotes {
+    /// A `\C..\` or `\M..\` character set escape was removed.
+    pub charset_escape_removed: bool,
+}
+
+/// [`unescape`], also saying what was removed.
+pub fn unescape_noting(text: &str, d: &Delimiters) -> (String, EscapeNotes) {
+    let mut notes = EscapeNotes::default();
     if memchr(d.escape, text.as_bytes()).is_none() {
-        return text.to_owned();
+        return (text.to_owned(), notes);
     }
     let mut out = String::with_capacity(text.len());
-    unescape_into(&mut out, text.as_bytes(), d, Charset::Utf8);
-    out
+    unescape_into(&mut out, text.as_bytes(), d, Charset::Utf8, &mut notes);
+    (out, notes)
 }
 
 /// Escapes `text` so it can be placed in a field: delimiters become
@@ -452,8 +485,15 @@ pub fn escape(text: &str, d: &Delimiters) -> String {
 }
 
 /// Appends `bytes` (text in charset `enc`) to `out` with escapes decoded.
-fn unescape_into(out: &mut String, bytes: &[u8], d: &Delimiters, enc: Charset) {
+fn unescape_into(
+    out: &mut String,
+    bytes: &[u8],
+    d: &Delimiters,
+    enc: Charset,
+    notes: &mut EscapeNotes,
+) {
     let mut i = 0;
+    let mut indent: u32 = 0;
     while let Some(off) = memchr(d.escape, &bytes[i..]) {
         let open = i + off;
         enc.push_lossy(out, &bytes[i..open]);
@@ -462,7 +502,7 @@ fn unescape_into(out: &mut String, bytes: &[u8], d: &Delimiters, enc: Charset) {
             return;
         };
         let close = open + 1 + len;
-        if !push_escape(out, &bytes[open + 1..close], d) {
+        if !push_escape(out, &bytes[open + 1..close], d, &mut indent, notes) {
             enc.push_lossy(out, &bytes[open..=close]);
         }
         i = close + 1;
@@ -470,9 +510,42 @@ fn unescape_into(out: &mut String, bytes: &[u8], d: &Delimiters, enc: Charset) {
     enc.push_lossy(out, &bytes[i..]);
 }
 
+/// The count of an FT formatting command (`.sp2`, `.in -4`, `.sk`): `default` when absent,
+/// None when it is not a (signed) integer; capped at [`MAX_FORMAT_COUNT`] either way.
+fn format_count(arg: &[u8], default: i64) -> Option<i64> {
+    let t = arg.trim_ascii();
+    if t.is_empty() {
+        return Some(default);
+    }
+    let (neg, digits) = match t {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, t),
+    };
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0i64, |v, b| v * 10 + i64::from(b - b'0'))
+        .min(i64::from(MAX_FORMAT_COUNT));
+    Some(if neg { -n } else { n })
+}
+
 /// Appends the meaning of one escape sequence (without its escape characters);
-/// false if it is not one we decode.
-fn push_escape(out: &mut String, seq: &[u8], d: &Delimiters) -> bool {
+/// false if it is not one we decode (the caller keeps it verbatim).
+fn push_escape(
+    out: &mut String,
+    seq: &[u8],
+    d: &Delimiters,
+    indent: &mut u32,
+    notes: &mut EscapeNotes,
+) -> bool {
+    let spaces = |out: &mut String, n: i64| {
+        for _ in 0..n.max(0) {
+            out.push(' ');
+        }
+    };
     let c = match seq {
         b"F" => d.field,
         b"S" => d.component,
@@ -483,8 +556,47 @@ fn push_escape(out: &mut String, seq: &[u8], d: &Delimiters) -> bool {
             Some(t) => t,
             None => return false,
         },
-        b".br" => b'\n',
+        // Highlighting on and off: plain text has no emphasis.
+        b"H" | b"N" => return true,
         [b'X', hex @ ..] => return push_hex(out, hex),
+        [b'C', code @ ..] if code.len() == 4 && code.iter().all(u8::is_ascii_hexdigit) => {
+            notes.charset_escape_removed = true;
+            return true;
+        }
+        [b'M', code @ ..]
+            if (code.len() == 4 || code.len() == 6) && code.iter().all(u8::is_ascii_hexdigit) =>
+        {
+            notes.charset_escape_removed = true;
+            return true;
+        }
+        [b'.', cmd @ ..] if cmd.len() >= 2 => {
+            let (name, arg) = cmd.split_at(2);
+            let Some(n) = format_count(arg, 1) else {
+                return false;
+            };
+            let newlines = |out: &mut String, n: i64, indent: u32| {
+                for _ in 0..n.max(0) {
+                    out.push('\n');
+                    spaces(out, i64::from(indent));
+                }
+            };
+            match name {
+                b"br" if arg.trim_ascii().is_empty() => newlines(out, 1, *indent),
+                b"sp" => newlines(out, n, *indent),
+                b"sk" => spaces(out, n),
+                b"ti" => spaces(out, n),
+                b"in" => {
+                    let new = (i64::from(*indent) + n).clamp(0, i64::from(MAX_FORMAT_COUNT));
+                    // Indent applies from here: the rest of this line and every later line.
+                    spaces(out, new - i64::from(*indent));
+                    *indent = new as u32;
+                }
+                b"ce" if arg.trim_ascii().is_empty() => newlines(out, 1, *indent),
+                b"fi" | b"nf" if arg.trim_ascii().is_empty() => {}
+                _ => return false,
+            }
+            return true;
+        }
         _ => return false,
     };
     out.push(char::from(c));
@@ -889,8 +1001,42 @@ PID|1||9990000018^^^NHS^NH||TEST^PATIENT||19700101|U\r";
                 &format!("\\X{}\\", "41".repeat(100)),
                 &"A".repeat(100),
             ),
-            ("highlight kept", &d, "\\H\\bold\\N\\", "\\H\\bold\\N\\"),
-            ("unknown kept", &d, "\\Cxxyy\\z", "\\Cxxyy\\z"),
+            (
+                "highlight removed",
+                &d,
+                "caf\u{e9} \\H\\bold\\N\\ end",
+                "caf\u{e9} bold end",
+            ),
+            ("charset escape removed", &d, "a\\C2842\\b\\M2442\\c", "abc"),
+            (
+                "charset escape of the wrong shape kept",
+                &d,
+                "\\Cxxyy\\z",
+                "\\Cxxyy\\z",
+            ),
+            ("local escape kept", &d, "\\Zfoo\\", "\\Zfoo\\"),
+            ("line break", &d, "a\\.br\\b", "a\nb"),
+            ("skip one line", &d, "a\\.sp\\b", "a\nb"),
+            ("skip three lines", &d, "a\\.sp3\\b", "a\n\n\nb"),
+            (
+                "skip with a space before the count",
+                &d,
+                "a\\.sp 2\\b",
+                "a\n\nb",
+            ),
+            ("huge skip capped", &d, "\\.sp999999999\\", &"\n".repeat(40)),
+            ("skip spaces", &d, "a\\.sk2\\b", "a  b"),
+            ("temporary indent", &d, "\\.ti3\\a", "   a"),
+            (
+                "indent applies to later lines until taken away",
+                &d,
+                "\\.in2\\a\\.br\\b\\.in-2\\\\.br\\c",
+                "  a\n  b\nc",
+            ),
+            ("centre ends the line", &d, "a\\.ce\\b", "a\nb"),
+            ("fill modes removed", &d, "\\.nf\\a\\.fi\\", "a"),
+            ("bad count kept", &d, "\\.spx\\", "\\.spx\\"),
+            ("unknown command kept", &d, "\\.zz\\", "\\.zz\\"),
             ("unterminated kept", &d, "abc\\F", "abc\\F"),
             ("empty sequence kept", &d, "a\\\\b", "a\\\\b"),
             (

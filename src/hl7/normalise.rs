@@ -48,9 +48,9 @@ use serde::Serialize;
 use serde_json::Number;
 
 use crate::hl7::fields::{Field, Rep, Seg, Segments};
-use crate::hl7::header::{Delimiters, parse_header, unescape};
+use crate::hl7::header::{Delimiters, parse_header, unescape_noting};
 use crate::hl7::nhs::nhs_number_valid;
-use crate::hl7::time::{TimeValue, parse_dtm};
+use crate::hl7::time::{LocalTime, TimeValue, parse_birth, parse_dtm};
 use crate::hl7::tri::{HL7_NULL, Tri};
 
 /// How to normalise messages from one feed.
@@ -82,10 +82,10 @@ impl Default for NormaliseOptions {
 /// The normalised content of one message; each member is omitted when absent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Normalised {
-    /// From the first PID.
+    /// From the first PID (the first patient group, see `patients`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patient: Option<Patient>,
-    /// From the first PV1 and PV2.
+    /// From the first patient group's PV1 and PV2.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub visit: Option<Visit>,
     /// From the first EVN.
@@ -94,6 +94,11 @@ pub struct Normalised {
     /// From the first MRG.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merge: Option<Merge>,
+    /// Every patient group, in message order, when the message concerns more than one patient
+    /// (an A17 swap, several PID/MRG pairs in a merge, results for several patients); `patient`,
+    /// `visit` and `merge` above are then the first group's. Empty (omitted) otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub patients: Vec<PatientGroup>,
     /// One per OBR (with the ORC just before it, if any), or per ORC without OBR, in message order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub orders: Vec<Order>,
@@ -116,6 +121,21 @@ pub struct Normalised {
     /// What could not be read, by segment and field position (never content).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// One patient's part of a message: a PID with the PV1, PV2 and MRG that follow it before
+/// the next PID.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PatientGroup {
+    /// The group's PID (absent for segments that came before any PID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient: Option<Patient>,
+    /// The group's PV1 and PV2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visit: Option<Visit>,
+    /// The group's MRG.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge: Option<Merge>,
 }
 
 /// A timestamp: parsed, or kept as sent and marked invalid.
@@ -244,9 +264,14 @@ pub struct Patient {
     /// PID-5 repetitions (demographics only).
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub names: Tri<Vec<Name>>,
-    /// PID-7, a date stays a date (demographics only).
+    /// PID-7's calendar date exactly as sent, never converted to an instant or moved by a
+    /// zone (demographics only); `hl7` keeps the whole PID-7.
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub birth_date: Tri<TimeField>,
+    /// PID-7's time of day when one was sent, as a local time with its precision
+    /// (demographics only).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub birth_time: Tri<LocalTime>,
     /// PID-8 administrative sex.
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub sex: Tri<String>,
@@ -379,7 +404,10 @@ pub struct Merge {
     pub prior_names: Tri<Vec<Name>>,
 }
 
-/// A coded value (CE/CWE/CNE components 1 to 3).
+/// A coded value (CE/CWE/CNE): the primary triplet, the alternate triplet
+/// (components 4 to 6), the CWE/CNE coding system versions and original text.
+/// A code sent only in the alternate components keeps it there, so `{}` never
+/// stands for a code that was sent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Coded {
     /// Identifier (component 1).
@@ -391,6 +419,24 @@ pub struct Coded {
     /// Name of coding system (component 3).
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub system: Tri<String>,
+    /// Alternate identifier (component 4), often a local code.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub alt_code: Tri<String>,
+    /// Alternate text (component 5).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub alt_text: Tri<String>,
+    /// Name of the alternate coding system (component 6).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub alt_system: Tri<String>,
+    /// Coding system version id (CWE/CNE component 7).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub system_version: Tri<String>,
+    /// Alternate coding system version id (CWE/CNE component 8).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub alt_system_version: Tri<String>,
+    /// Original text (CWE/CNE component 9).
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub original_text: Tri<String>,
 }
 
 /// An entity identifier (EI): placer, filler and group numbers.
@@ -424,15 +470,32 @@ pub struct Parent {
 /// One order: an OBR with the ORC just before it, or an ORC or OBR alone.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Order {
+    /// Index into `patients` of the patient group this order belongs to; present only when the
+    /// message has more than one patient group (and this order follows a PID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_index: Option<usize>,
     /// ORC-1 order control, e.g. `NW`, `RE`.
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub control: Tri<String>,
-    /// ORC-2, else OBR-2.
+    /// The order's placer number: ORC-2 when it carries an identifier (EI.1), else OBR-2 when
+    /// that does, else whichever of the two was sent (namespace only, or `""`).
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub placer_number: Tri<EntityId>,
-    /// ORC-3, else OBR-3.
+    /// The order's filler number, chosen like `placer_number` from ORC-3 and OBR-3.
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub filler_number: Tri<EntityId>,
+    /// ORC-2 as sent, present only when ORC-2 and OBR-2 are both sent and differ.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub orc_placer_number: Tri<EntityId>,
+    /// OBR-2 as sent, present only when ORC-2 and OBR-2 are both sent and differ.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub obr_placer_number: Tri<EntityId>,
+    /// ORC-3 as sent, present only when ORC-3 and OBR-3 are both sent and differ.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub orc_filler_number: Tri<EntityId>,
+    /// OBR-3 as sent, present only when ORC-3 and OBR-3 are both sent and differ.
+    #[serde(skip_serializing_if = "Tri::is_absent")]
+    pub obr_filler_number: Tri<EntityId>,
     /// ORC-4 placer group number.
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub group_number: Tri<EntityId>,
@@ -574,6 +637,10 @@ pub struct Observation {
     /// Index into `orders` of the order this OBX follows; omitted outside an order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order: Option<usize>,
+    /// Index into `patients` of the patient group this OBX belongs to; present only when the
+    /// message has more than one patient group (and this OBX follows a PID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_index: Option<usize>,
     /// OBX-1 set id.
     #[serde(skip_serializing_if = "Tri::is_absent")]
     pub set_id: Tri<u32>,
@@ -803,6 +870,7 @@ pub fn normalise_with_delimiters(
         tz: &opts.timezone,
         warnings: Vec::new(),
         last_time: None,
+        charset_escape_in: std::cell::Cell::new(false),
     };
     let segs = read_segments(
         skip_leading_noise(message_text),
@@ -821,16 +889,22 @@ pub fn normalise_with_delimiters(
     let mut pending_orc: Option<usize> = None;
     // The AIS/AIG/AIL/AIP that NTEs attach to; set only while the two above are None.
     let mut cur_resource: Option<usize> = None;
-    let (mut seen_pv1, mut seen_pv2, mut seen_sch) = (false, false, false);
+    let mut seen_sch = false;
+    // Patient groups: a PID starts one; PV1, PV2 and MRG belong to the latest. A segment that
+    // carries a patient's identity (PID, MRG) is never dropped: a second MRG in a group starts
+    // a group of its own.
+    let mut groups: Vec<Group> = Vec::new();
 
     for (i, seg) in segs.iter().enumerate() {
         let at = At { pos: i + 1 };
         match seg.id {
             "PID" => {
-                if out.patient.is_some() {
-                    rd.warn("PID", None, at, "repeated segment ignored");
-                } else {
-                    out.patient = Some(rd.patient(seg, at, opts));
+                match groups.last_mut() {
+                    Some(g) if g.patient.is_none() => g.patient = Some(rd.patient(seg, at, opts)),
+                    _ => groups.push(Group {
+                        patient: Some(rd.patient(seg, at, opts)),
+                        ..Group::default()
+                    }),
                 }
                 cur_order = None;
                 cur_obx = None;
@@ -875,14 +949,22 @@ pub fn normalise_with_delimiters(
             }
             "PV1" | "PV2" => {
                 let pv1 = seg.id == "PV1";
-                let seen = if pv1 { &mut seen_pv1 } else { &mut seen_pv2 };
+                if groups.is_empty() {
+                    groups.push(Group::default());
+                }
+                let g = groups.last_mut().expect("a group exists");
+                let seen = if pv1 {
+                    &mut g.seen_pv1
+                } else {
+                    &mut g.seen_pv2
+                };
                 if *seen {
                     let id = if pv1 { "PV1" } else { "PV2" };
                     rd.warn(id, None, at, "repeated segment ignored");
                     continue;
                 }
                 *seen = true;
-                let visit = out.visit.get_or_insert_with(Visit::default);
+                let visit = g.visit.get_or_insert_with(Visit::default);
                 if pv1 {
                     rd.pv1(visit, seg, at);
                 } else {
@@ -897,15 +979,19 @@ pub fn normalise_with_delimiters(
                 }
             }
             "MRG" => {
-                if out.merge.is_some() {
-                    rd.warn("MRG", None, at, "repeated segment ignored");
-                } else {
-                    out.merge = Some(rd.merge(seg, opts));
+                let merge = rd.merge(seg, opts);
+                match groups.last_mut() {
+                    Some(g) if g.merge.is_none() => g.merge = Some(merge),
+                    _ => groups.push(Group {
+                        merge: Some(merge),
+                        ..Group::default()
+                    }),
                 }
             }
             "ORC" => {
                 out.orders.push(rd.orc(seg));
                 let idx = out.orders.len() - 1;
+                out.orders[idx].patient_index = groups.len().checked_sub(1);
                 cur_order = Some(idx);
                 pending_orc = Some(idx);
                 cur_obx = None;
@@ -915,7 +1001,10 @@ pub fn normalise_with_delimiters(
                 let idx = match pending_orc.take() {
                     Some(idx) => idx,
                     None => {
-                        out.orders.push(Order::default());
+                        out.orders.push(Order {
+                            patient_index: groups.len().checked_sub(1),
+                            ..Order::default()
+                        });
                         out.orders.len() - 1
                     }
                 };
@@ -927,12 +1016,15 @@ pub fn normalise_with_delimiters(
             "OBX" => {
                 let mut obx = rd.obx(seg, at);
                 obx.order = cur_order;
+                obx.patient_index = groups.len().checked_sub(1);
                 out.observations.push(obx);
                 cur_obx = Some(out.observations.len() - 1);
                 cur_resource = None;
             }
             "NTE" => {
-                let text = rd.note(seg);
+                let Some(text) = rd.note(seg) else {
+                    continue;
+                };
                 let target = match (cur_obx, cur_order, cur_resource) {
                     (Some(o), _, _) => out.observations.get_mut(o).map(|o| &mut o.notes),
                     (None, Some(o), _) => out.orders.get_mut(o).map(|o| &mut o.notes),
@@ -947,9 +1039,55 @@ pub fn normalise_with_delimiters(
             }
             _ => {}
         }
+        if rd.charset_escape_in.replace(false) {
+            rd.warnings.push(format!(
+                "{} (segment {}): character set escape (\\C or \\M) removed from text; the characters it selects are not decoded",
+                if seg.id.bytes().all(|b| b.is_ascii_alphanumeric()) { seg.id } else { "?" },
+                at.pos
+            ));
+        }
+    }
+    let mut groups: Vec<PatientGroup> = groups.into_iter().map(Group::into_public).collect();
+    if groups.len() > 1 {
+        let first = &groups[0];
+        out.patient = first.patient.clone();
+        out.visit = first.visit.clone();
+        out.merge = first.merge.clone();
+        out.patients = groups;
+    } else {
+        if let Some(g) = groups.pop() {
+            out.patient = g.patient;
+            out.visit = g.visit;
+            out.merge = g.merge;
+        }
+        // One group (or none): nothing to tell apart.
+        out.orders.iter_mut().for_each(|o| o.patient_index = None);
+        out.observations
+            .iter_mut()
+            .for_each(|o| o.patient_index = None);
     }
     out.warnings = rd.warnings;
     out
+}
+
+/// A patient group being read: [`PatientGroup`] plus what the reader needs to know.
+#[derive(Default)]
+struct Group {
+    patient: Option<Patient>,
+    visit: Option<Visit>,
+    merge: Option<Merge>,
+    seen_pv1: bool,
+    seen_pv2: bool,
+}
+
+impl Group {
+    fn into_public(self) -> PatientGroup {
+        PatientGroup {
+            patient: self.patient,
+            visit: self.visit,
+            merge: self.merge,
+        }
+    }
 }
 
 /// Skips what `parse_header` skips before `MSH`: a UTF-8 BOM and blank space.
@@ -1016,6 +1154,8 @@ struct Reader<'o> {
     warnings: Vec<String>,
     /// The last timestamp read (text, separator, result), see [`Reader::dtm`].
     last_time: Option<(String, u8, Option<TimeValue>)>,
+    /// Set when text of the segment being read held a `\C..\`/`\M..\` escape (removed).
+    charset_escape_in: std::cell::Cell<bool>,
 }
 
 impl Reader<'_> {
@@ -1056,10 +1196,15 @@ impl Reader<'_> {
     }
 
     /// `unescape` with the message's delimiters; text without the escape
-    /// character (almost all of it) is copied without calling it.
+    /// character (almost all of it) is copied without calling it. A character set
+    /// escape removed from the text is remembered for one warning per segment.
     fn unescape(&self, raw: &str) -> String {
         if raw.as_bytes().contains(&self.d.escape) {
-            unescape(raw, &self.d)
+            let (text, notes) = unescape_noting(raw, &self.d);
+            if notes.charset_escape_removed {
+                self.charset_escape_in.set(true);
+            }
+            text
         } else {
             raw.to_owned()
         }
@@ -1089,6 +1234,38 @@ impl Reader<'_> {
             return Tri::Absent;
         };
         self.time_raw(r.raw(), r.comp(1), self.d.component, id, n, at)
+    }
+
+    /// A date of birth from the first repetition of field `n`: the date as sent, and the time
+    /// of day (when sent) on its own. See `crate::hl7::time::parse_birth`.
+    fn birth(
+        &mut self,
+        seg: Seg<'_, '_>,
+        n: usize,
+        id: &'static str,
+        at: At,
+    ) -> (Tri<TimeField>, Tri<LocalTime>) {
+        let Some(r) = seg.rep(n) else {
+            return (Tri::Absent, Tri::Absent);
+        };
+        match Tri::from_hl7(r.comp(1)) {
+            Tri::Absent => (Tri::Absent, Tri::Absent),
+            Tri::Null => (Tri::Null, Tri::Null),
+            Tri::Value(_) => match parse_birth(r.raw(), self.d.component) {
+                Some((date, time)) => (
+                    Tri::Value(TimeField::Parsed(date)),
+                    time.map_or(Tri::Absent, Tri::Value),
+                ),
+                None => {
+                    self.warn(id, Some(n), at, "invalid timestamp kept as sent");
+                    let invalid = InvalidTime {
+                        hl7: r.raw().to_owned(),
+                        invalid: true,
+                    };
+                    (Tri::Value(TimeField::Invalid(invalid)), Tri::Absent)
+                }
+            },
+        }
     }
 
     /// A TS carried in component `c` of `r` (its parts are subcomponents), e.g. TQ.4.
@@ -1175,6 +1352,12 @@ impl Reader<'_> {
             code: self.comp(r, 1),
             text: self.comp(r, 2),
             system: self.comp(r, 3),
+            alt_code: self.comp(r, 4),
+            alt_text: self.comp(r, 5),
+            alt_system: self.comp(r, 6),
+            system_version: self.comp(r, 7),
+            alt_system_version: self.comp(r, 8),
+            original_text: self.comp(r, 9),
         }
     }
 
@@ -1221,7 +1404,7 @@ impl Reader<'_> {
         };
         if opts.demographics {
             p.names = list(seg.field(5), |r| self.name(r));
-            p.birth_date = self.time(seg, 7, "PID", at);
+            (p.birth_date, p.birth_time) = self.birth(seg, 7, "PID", at);
             let death = Death {
                 date_time: self.time(seg, 29, "PID", at),
                 indicator: self.scalar(seg, 30),
@@ -1335,9 +1518,11 @@ impl Reader<'_> {
 
     fn obr(&mut self, o: &mut Order, seg: Seg<'_, '_>, at: At) {
         let placer = composite(seg.rep(2), |r| self.entity(r));
-        o.placer_number = std::mem::take(&mut o.placer_number).or_if_absent(|| placer);
+        (o.placer_number, o.orc_placer_number, o.obr_placer_number) =
+            order_number(std::mem::take(&mut o.placer_number), placer);
         let filler = composite(seg.rep(3), |r| self.entity(r));
-        o.filler_number = std::mem::take(&mut o.filler_number).or_if_absent(|| filler);
+        (o.filler_number, o.orc_filler_number, o.obr_filler_number) =
+            order_number(std::mem::take(&mut o.filler_number), filler);
         o.universal_service = composite(seg.rep(4), |r| self.coded(r));
         let priority = self.scalar(seg, 5);
         if !priority.is_absent() {
@@ -1378,6 +1563,12 @@ impl Reader<'_> {
                     code: self.sub(r, 1, 1),
                     text: self.sub(r, 1, 2),
                     system: self.sub(r, 1, 3),
+                    alt_code: self.sub(r, 1, 4),
+                    alt_text: self.sub(r, 1, 5),
+                    alt_system: self.sub(r, 1, 6),
+                    system_version: self.sub(r, 1, 7),
+                    alt_system_version: self.sub(r, 1, 8),
+                    original_text: self.sub(r, 1, 9),
                 }),
             };
             p.result_sub_id = self.comp(r, 2);
@@ -1512,6 +1703,7 @@ impl Reader<'_> {
         let (value, value_invalid) = self.obs_value(kind, seg.field(5), at);
         Observation {
             order: None,
+            patient_index: None,
             set_id,
             value_type,
             code: composite(seg.rep(3), |r| self.coded(r)),
@@ -1632,11 +1824,13 @@ impl Reader<'_> {
         }
     }
 
-    /// NTE-3 repetitions joined by newlines; an empty note is "".
-    fn note(&self, seg: Seg<'_, '_>) -> String {
-        let Some(f) = seg.field(3) else {
-            return String::new();
-        };
+    /// NTE-3 repetitions joined by newlines (an empty or `""` repetition is an empty line
+    /// between others); None for a note with no text at all, which is omitted.
+    fn note(&self, seg: Seg<'_, '_>) -> Option<String> {
+        let f = seg.field(3)?;
+        if f.reps().all(|r| r.is_empty() || is_null_raw(r.raw())) {
+            return None;
+        }
         let mut out = String::new();
         for (i, r) in f.reps().enumerate() {
             if i > 0 {
@@ -1644,14 +1838,33 @@ impl Reader<'_> {
             }
             let raw = r.raw();
             if !is_null_raw(raw) {
-                if raw.as_bytes().contains(&self.d.escape) {
-                    out.push_str(&unescape(raw, &self.d));
-                } else {
-                    out.push_str(raw);
-                }
+                out.push_str(&self.unescape(raw));
             }
         }
-        out
+        Some(out)
+    }
+}
+
+/// The order's number from the ORC's and the OBR's (either may be absent), and both as sent
+/// when they differ: `(chosen, orc, obr)`. The chosen one is the ORC's when it carries an
+/// identifier, else the OBR's when that does, else whichever was sent (the ORC's first).
+fn order_number(
+    orc: Tri<EntityId>,
+    obr: Tri<EntityId>,
+) -> (Tri<EntityId>, Tri<EntityId>, Tri<EntityId>) {
+    let has_id = |t: &Tri<EntityId>| t.value().is_some_and(|e| matches!(e.value, Tri::Value(_)));
+    let differ = !orc.is_absent() && !obr.is_absent() && orc != obr;
+    let chosen = if has_id(&orc) {
+        orc.clone()
+    } else if has_id(&obr) {
+        obr.clone()
+    } else {
+        orc.clone().or_if_absent(|| obr.clone())
+    };
+    if differ {
+        (chosen, orc, obr)
+    } else {
+        (chosen, Tri::Absent, Tri::Absent)
     }
 }
 
@@ -2996,7 +3209,11 @@ mod tests {
         assert_eq!(v["notes"], json!(["patient note"]));
         let orders = v["orders"].as_array().unwrap();
         assert_eq!(orders.len(), 4, "{v:#}");
-        assert_eq!(orders[0]["notes"], json!(["order note\nsecond line", ""]));
+        assert_eq!(
+            orders[0]["notes"],
+            json!(["order note\nsecond line"]),
+            "an empty NTE is omitted, not an empty string"
+        );
         assert_eq!(orders[0]["universal_service"]["code"], "X1");
         assert_eq!(v["observations"][0]["notes"], json!(["obx note"]));
         assert_eq!(v["observations"][0]["order"], 0);
@@ -3111,7 +3328,7 @@ mod tests {
         let v = json_of(&text, &opts(false));
         assert_eq!(v["segments"], json!(["MSH", "EVN", "NTE", "PID", "ZZ1"]));
         assert_eq!(v["patient"]["sex"], "M");
-        assert_eq!(v["notes"], json!([""]));
+        assert_eq!(v.get("notes"), None, "an NTE with no text is omitted");
         assert_eq!(
             v["warnings"],
             json!(["unreadable line after segment 3 skipped"])
@@ -3138,13 +3355,248 @@ mod tests {
     }
 
     #[test]
-    fn repeated_single_segments_use_the_first_and_warn() {
-        let text = format!("{}\rPID|1||RXX9^^^RXX^MR||||||M\r", adt().text());
+    fn a_second_pid_starts_a_second_patient_group_and_is_never_reduced_to_a_warning() {
+        let text = format!("{}\rPID|1||RXX9^^^RXX^MR|||||M\r", adt().text());
         let v = json_of(&text, &opts(false));
-        assert_eq!(v["patient"]["sex"], "F");
+        assert_eq!(v["patient"]["sex"], "F", "the first group stays at the top");
+        assert_eq!(v["patients"].as_array().unwrap().len(), 2, "{v:#}");
+        assert_eq!(v["patients"][0]["patient"], v["patient"]);
+        assert_eq!(v["patients"][1]["patient"]["sex"], "M");
+        assert_eq!(
+            v["patients"][1]["patient"]["identifiers"][0]["value"],
+            "RXX9"
+        );
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+    }
+
+    /// Lines joined with CR, for probes written one segment per line.
+    fn lines(segs: &[&str]) -> String {
+        segs.join("\r") + "\r"
+    }
+
+    #[test]
+    fn an_a17_swap_carries_both_patients_and_both_locations() {
+        let text = lines(&[
+            "MSH|^~\\&|PAS|RXX|SR|HUB|20260601103000||ADT^A17^ADT_A17|SWAP1|P|2.4",
+            "EVN|A17|20260601103000",
+            "PID|1||AAA111^^^RXX^MR~9990000018^^^NHS^NH||ALPHA^ANN||19800101|F",
+            "PV1|1|I|WARD1^B1^1^RXX|||WARD2^B2^2^RXX",
+            "PID|2||BBB222^^^RXX^MR~9990000026^^^NHS^NH||BRAVO^BOB||19700202|M",
+            "PV1|1|I|WARD2^B2^2^RXX|||WARD1^B1^1^RXX",
+        ]);
+        let v = json_of(&text, &opts(true));
+        let groups = v["patients"].as_array().unwrap();
+        assert_eq!(groups.len(), 2, "{v:#}");
+        assert_eq!(groups[0]["patient"]["identifiers"][0]["value"], "AAA111");
+        assert_eq!(groups[0]["patient"]["nhs_number"]["value"], "9990000018");
+        assert_eq!(groups[0]["visit"]["location"]["point_of_care"], "WARD1");
+        assert_eq!(groups[1]["patient"]["identifiers"][0]["value"], "BBB222");
+        assert_eq!(groups[1]["patient"]["nhs_number"]["value"], "9990000026");
+        assert_eq!(groups[1]["patient"]["names"][0]["family"], "BRAVO");
+        assert_eq!(groups[1]["visit"]["location"]["point_of_care"], "WARD2");
+        assert_eq!(
+            groups[1]["visit"]["prior_location"]["point_of_care"],
+            "WARD1"
+        );
+        // The top level is the first group, as for a single-patient message.
+        assert_eq!(v["patient"], groups[0]["patient"]);
+        assert_eq!(v["visit"], groups[0]["visit"]);
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+    }
+
+    #[test]
+    fn every_pid_mrg_pair_of_a_merge_is_kept() {
+        let text = lines(&[
+            "MSH|^~\\&|PAS|RXX|SR|HUB|20260601103000||ADT^A40^ADT_A39|MERGE2|P|2.4",
+            "EVN|A40|20260601103000",
+            "PID|1||KEEP1^^^RXX^MR",
+            "MRG|GONE1^^^RXX^MR",
+            "PID|2||KEEP2^^^RXX^MR",
+            "MRG|GONE2^^^RXX^MR",
+            "MRG|GONE3^^^RXX^MR",
+        ]);
+        let v = json_of(&text, &opts(false));
+        let groups = v["patients"].as_array().unwrap();
+        assert_eq!(groups.len(), 3, "{v:#}");
+        let id = |g: &Value, k: &str| g[k]["identifiers"][0]["value"].clone();
+        assert_eq!(id(&groups[0], "patient"), "KEEP1");
+        assert_eq!(groups[0]["merge"]["prior_identifiers"][0]["value"], "GONE1");
+        assert_eq!(id(&groups[1], "patient"), "KEEP2");
+        assert_eq!(groups[1]["merge"]["prior_identifiers"][0]["value"], "GONE2");
+        // A second MRG with no PID of its own is a group of its own, not a warning.
+        assert_eq!(groups[2].get("patient"), None);
+        assert_eq!(groups[2]["merge"]["prior_identifiers"][0]["value"], "GONE3");
+        assert_eq!(v["merge"], groups[0]["merge"]);
+        assert_eq!(v.get("warnings"), None, "{v:#}");
+    }
+
+    #[test]
+    fn results_for_two_patients_say_which_patient_each_order_and_result_belongs_to() {
+        let text = lines(&[
+            "MSH|^~\\&|LAB|RXX|SR|HUB|20260601120000||ORU^R01^ORU_R01|TWO1|P|2.5",
+            "PID|1||AAA111^^^RXX^MR",
+            "OBR|1||F1|K^Potassium^L",
+            "OBX|1|NM|K^Potassium^L||4.1|mmol/L",
+            "PID|2||BBB222^^^RXX^MR",
+            "OBR|1||F2|K^Potassium^L",
+            "OBX|1|NM|K^Potassium^L||6.9|mmol/L||HH",
+        ]);
+        let v = json_of(&text, &opts(false));
+        assert_eq!(v["patients"].as_array().unwrap().len(), 2);
+        assert_eq!(v["orders"][0]["patient_index"], 0);
+        assert_eq!(v["orders"][1]["patient_index"], 1);
+        assert_eq!(v["observations"][0]["patient_index"], 0);
+        assert_eq!(v["observations"][1]["patient_index"], 1);
+        assert_eq!(v["observations"][1]["value"], 6.9);
+        let p = v["observations"][1]["patient_index"].as_u64().unwrap() as usize;
+        assert_eq!(
+            v["patients"][p]["patient"]["identifiers"][0]["value"], "BBB222",
+            "Bravo's critical potassium is filed under Bravo"
+        );
+        // A single-patient message carries no index (nothing to tell apart).
+        let one = json_of(&oru().text(), &opts(false));
+        assert_eq!(one.get("patients"), None);
+        assert_eq!(one["observations"][0].get("patient_index"), None);
+    }
+
+    #[test]
+    fn a_birth_date_sent_with_a_time_stays_the_date_sent_and_the_time_is_kept_apart() {
+        let text = lines(&[
+            "MSH|^~\\&|PAS|RXX|SR|HUB|20260601103000||ADT^A47^ADT_A30|BD1|P|2.4",
+            "PID|1||RXX1^^^RXX^MR||TEST^ANN||199909090000|F",
+        ]);
+        let v = json_of(&text, &opts(true));
+        assert_eq!(
+            v["patient"]["birth_date"],
+            json!({"value": "1999-09-09", "hl7": "199909090000", "precision": "day"})
+        );
+        assert_eq!(
+            v["patient"]["birth_time"],
+            json!({"value": "00:00", "precision": "minute"})
+        );
+        let no_time = lines(&[
+            "MSH|^~\\&|PAS|RXX|SR|HUB|20260601103000||ADT^A08|BD2|P|2.4",
+            "PID|1||RXX1^^^RXX^MR||TEST^ANN||19990909|F",
+        ]);
+        let v = json_of(&no_time, &opts(true));
+        assert_eq!(v["patient"]["birth_date"]["value"], "1999-09-09");
+        assert_eq!(v["patient"].get("birth_time"), None);
+        let cleared = no_time.replace("19990909", "\"\"");
+        let v = json_of(&cleared, &opts(true));
+        assert_eq!(v["patient"]["birth_date"], Value::Null);
+        assert_eq!(v["patient"]["birth_time"], Value::Null);
+        let bad = no_time.replace("19990909", "19991309");
+        let v = json_of(&bad, &opts(true));
+        assert_eq!(
+            v["patient"]["birth_date"],
+            json!({"hl7": "19991309", "invalid": true})
+        );
         assert_eq!(
             v["warnings"],
-            json!(["PID (segment 8): repeated segment ignored"])
+            json!(["PID-7 (segment 2): invalid timestamp kept as sent"])
+        );
+    }
+
+    #[test]
+    fn orc_and_obr_numbers_that_differ_or_are_namespace_only_are_all_kept() {
+        // Point-of-care glucose: ORC-2 has only a namespace, the number is in OBR-2.
+        let text = lines(&[
+            "MSH|^~\\&|POC|RXX|SR|HUB|20260601120000||ORU^R01|N1|P|2.4",
+            "PID|1||RXX1^^^RXX^MR",
+            "ORC|RE|^HIS",
+            "OBR|1|9876543||GLU^Glucose^L",
+            "OBX|1|NM|GLU^Glucose^L||5.5|mmol/L",
+        ]);
+        let v = json_of(&text, &opts(false));
+        let o = &v["orders"][0];
+        assert_eq!(o["placer_number"], json!({"value": "9876543"}));
+        assert_eq!(o["orc_placer_number"], json!({"namespace": "HIS"}));
+        assert_eq!(o["obr_placer_number"], json!({"value": "9876543"}));
+        // Blood bank: ORC-3 and OBR-3 both have numbers, and they differ.
+        let text = lines(&[
+            "MSH|^~\\&|BB|RXX|SR|HUB|20260601120000||ORU^R01|N2|P|2.4",
+            "PID|1||RXX1^^^RXX^MR",
+            "ORC|RE|P1^PAS|541234^BB",
+            "OBR|1|P1^PAS|19B44444^BB|XM^Crossmatch^L",
+        ]);
+        let v = json_of(&text, &opts(false));
+        let o = &v["orders"][0];
+        assert_eq!(
+            o["filler_number"],
+            json!({"value": "541234", "namespace": "BB"})
+        );
+        assert_eq!(o["orc_filler_number"]["value"], "541234");
+        assert_eq!(o["obr_filler_number"]["value"], "19B44444");
+        // Equal numbers are given once.
+        assert_eq!(
+            o["placer_number"],
+            json!({"value": "P1", "namespace": "PAS"})
+        );
+        assert_eq!(o.get("orc_placer_number"), None);
+        assert_eq!(o.get("obr_placer_number"), None);
+    }
+
+    #[test]
+    fn coded_values_keep_the_alternate_identifier_text_and_system() {
+        let text = lines(&[
+            "MSH|^~\\&|EPR|RXX|SR|HUB|20260601120000||ORM^O01|C1|P|2.5",
+            "PID|1||RXX1^^^RXX^MR",
+            "ORC|NW|P1",
+            "OBR|1|P1||^^^^DNACPR",
+            "ORC|NW|P2",
+            "OBR|2|P2||^^^^IP CON FRAILTY",
+            "OBX|1|ST|^^^ABC^Assign Benefits^PLW-HL7||x",
+            "OBX|2|CWE|8310-5^Body temperature^LN^BT^Temp^L^2.70^1^Temperature taken||Y^Yes^HL70136",
+        ]);
+        let v = json_of(&text, &opts(false));
+        assert_eq!(
+            v["orders"][0]["universal_service"],
+            json!({"alt_text": "DNACPR"})
+        );
+        assert_eq!(
+            v["orders"][1]["universal_service"],
+            json!({"alt_text": "IP CON FRAILTY"})
+        );
+        assert_eq!(
+            v["observations"][0]["code"],
+            json!({"alt_code": "ABC", "alt_text": "Assign Benefits", "alt_system": "PLW-HL7"})
+        );
+        assert_eq!(
+            v["observations"][1]["code"],
+            json!({
+                "code": "8310-5", "text": "Body temperature", "system": "LN",
+                "alt_code": "BT", "alt_text": "Temp", "alt_system": "L",
+                "system_version": "2.70", "alt_system_version": "1",
+                "original_text": "Temperature taken"
+            })
+        );
+    }
+
+    #[test]
+    fn formatting_escapes_are_applied_highlighting_removed_and_charset_escapes_warned() {
+        let text = lines(&[
+            "MSH|^~\\&|LAB|RXX|SR|HUB|20260601120000||ORU^R01|E1|P|2.5",
+            "PID|1||RXX1^^^RXX^MR",
+            "OBR|1||F1|X^Test^L",
+            "OBX|1|FT|X^Test^L||caf\u{e9} \\H\\bold\\N\\ end\\.sp\\next\\.sp2\\last",
+            "NTE|1||",
+            "NTE|2||a \\C2842\\b",
+        ]);
+        let v = json_of(&text, &opts(false));
+        assert_eq!(
+            v["observations"][0]["value"],
+            "caf\u{e9} bold end\nnext\n\nlast"
+        );
+        assert_eq!(
+            v["observations"][0]["notes"],
+            json!(["a b"]),
+            "empty NTE omitted"
+        );
+        assert_eq!(
+            v["warnings"],
+            json!([
+                "NTE (segment 6): character set escape (\\C or \\M) removed from text; the characters it selects are not decoded"
+            ])
         );
     }
 
@@ -4153,8 +4605,7 @@ mod tests {
         }
       ],
       "notes": [
-        "a\n\n\nb!",
-        ""
+        "a\n\n\nb!"
       ]
     }
   ],

@@ -212,6 +212,51 @@ pub fn parse_dtm(raw: &str, tz: &TimeZone, component_sep: u8) -> Option<TimeValu
     })
 }
 
+/// A time of day exactly as sent, with no date and no zone conversion: a time of birth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalTime {
+    /// `HH`, `HH:MM`, `HH:MM:SS` or `HH:MM:SS.F` (1 to 4 digits), as many parts as were sent.
+    pub value: String,
+    /// `hour`, `minute`, `second` or `fraction`.
+    pub precision: Precision,
+    /// The UTC offset sent with the value (`+01:00`); informative only, never applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<String>,
+}
+
+/// A date of birth (PID-7, and the like): the calendar date exactly as sent, never moved by a
+/// zone, and the time of day as its own local value when the sender gave one. `hl7` in the date
+/// keeps the whole original. None when it is not a valid HL7 DTM/TS.
+pub fn parse_birth(raw: &str, component_sep: u8) -> Option<(TimeValue, Option<LocalTime>)> {
+    // UTC has no gaps, so every valid civil time reads back unchanged; an offset that was sent
+    // is kept as sent (the civil fields are not converted either way).
+    let tv = parse_dtm(raw, &TimeZone::UTC, component_sep)?;
+    if tv.precision <= Precision::Day {
+        return Some((tv, None));
+    }
+    // `YYYY-MM-DDTHH:MM:SS[.F]+HH:MM`: the date, the time, the offset.
+    let v = &tv.value;
+    let date = v.get(..10)?.to_owned();
+    let (civil_time, off) = v.get(11..)?.split_at(v.len() - 11 - 6);
+    let shown = match tv.precision {
+        Precision::Hour => &civil_time[..2],
+        Precision::Minute => &civil_time[..5],
+        _ => civil_time,
+    };
+    let time = LocalTime {
+        value: shown.to_owned(),
+        precision: tv.precision,
+        offset: (tv.zone == Some(ZoneSource::Given)).then(|| off.to_owned()),
+    };
+    let date = TimeValue {
+        value: date,
+        hl7: tv.hl7,
+        precision: Precision::Day,
+        zone: None,
+    };
+    Some((date, Some(time)))
+}
+
 /// A short ASCII text built on the stack (a timestamp is at most 30 bytes).
 struct Ascii {
     buf: [u8; 40],
@@ -351,5 +396,62 @@ mod tests {
         let t = parse_dtm("20261130^S", &london(), b'^').unwrap();
         assert_eq!(t.value, "2026-11-30");
         assert_eq!(t.hl7, "20261130^S");
+    }
+
+    #[test]
+    fn a_birth_date_with_a_time_stays_the_date_sent_and_the_time_is_its_own_local_value() {
+        // The finding: 199909090000 became 1999-09-09T00:00:00+01:00, which a consumer
+        // converting to UTC files on 8 September.
+        let (date, time) = parse_birth("199909090000", b'^').unwrap();
+        assert_eq!(date.value, "1999-09-09");
+        assert_eq!(date.hl7, "199909090000");
+        assert_eq!(date.precision, Precision::Day);
+        assert_eq!(date.zone, None);
+        let time = time.unwrap();
+        assert_eq!(
+            (time.value.as_str(), time.precision, time.offset),
+            ("00:00", Precision::Minute, None)
+        );
+        let table: &[(&str, &str, Option<(&str, Precision, Option<&str>)>)] = &[
+            ("19990909", "1999-09-09", None),
+            ("199909", "1999-09", None),
+            ("1999", "1999", None),
+            (
+                "1999090923",
+                "1999-09-09",
+                Some(("23", Precision::Hour, None)),
+            ),
+            (
+                "19990909235959",
+                "1999-09-09",
+                Some(("23:59:59", Precision::Second, None)),
+            ),
+            (
+                "19990909235959.12",
+                "1999-09-09",
+                Some(("23:59:59.12", Precision::Fraction, None)),
+            ),
+            // An offset is reported, never applied: 23:30 at -0500 is still the 9th.
+            (
+                "199909092330-0500",
+                "1999-09-09",
+                Some(("23:30", Precision::Minute, Some("-05:00"))),
+            ),
+            (
+                "20260329013000",
+                "2026-03-29",
+                Some(("01:30:00", Precision::Second, None)),
+            ),
+        ];
+        for (raw, date, time) in table {
+            let (d, t) = parse_birth(raw, b'^').unwrap();
+            assert_eq!(d.value, *date, "{raw}");
+            assert_eq!(
+                t.map(|t| (t.value, t.precision, t.offset)),
+                time.map(|(v, p, o)| (v.to_owned(), p, o.map(str::to_owned))),
+                "{raw}"
+            );
+        }
+        assert!(parse_birth("19991309", b'^').is_none());
     }
 }
