@@ -179,6 +179,30 @@ pub fn content_hash(bytes: &[u8]) -> u64 {
     h
 }
 
+/// [`content_hash`] of an HL7 message as if its segments were separated by CR alone (CRLF and
+/// LF read as CR), so a resend that differs only in its segment separators is the same
+/// message. For a message that already uses CR it equals `content_hash` (keys stored by
+/// earlier versions still match).
+pub fn hl7_content_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut prev_cr = false;
+    for &b in bytes {
+        let b = match b {
+            // The LF of a CRLF: the CR already stood for the separator.
+            b'\n' if prev_cr => {
+                prev_cr = false;
+                continue;
+            }
+            b'\n' => b'\r',
+            b => b,
+        };
+        prev_cr = b == b'\r';
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 /// A message answered `AE`, kept in quarantine instead of being forwarded.
 #[derive(Debug, Clone)]
 pub struct RejectedMessage {
@@ -1528,6 +1552,21 @@ mod tests {
             retain_rejected: Duration::from_secs(3600),
             dedup_keep: Duration::from_secs(7 * 86_400),
         }
+    }
+
+    #[test]
+    fn hl7_hash_treats_lf_and_crlf_separators_as_cr_and_equals_the_stored_hash_for_cr() {
+        let cr = b"MSH|^~\\&|A|B|C|D|20261130||ADT^A01|C1|P|2.5\rPID|1||1\r";
+        let lf: Vec<u8> = cr
+            .iter()
+            .map(|&b| if b == b'\r' { b'\n' } else { b })
+            .collect();
+        let crlf = String::from_utf8_lossy(cr).replace('\r', "\r\n");
+        assert_eq!(hl7_content_hash(cr), content_hash(cr));
+        assert_eq!(hl7_content_hash(&lf), content_hash(cr));
+        assert_eq!(hl7_content_hash(crlf.as_bytes()), content_hash(cr));
+        let other = String::from_utf8_lossy(cr).replace("PID|1||1", "PID|1||2");
+        assert_ne!(hl7_content_hash(other.as_bytes()), content_hash(cr));
     }
 
     #[tokio::test]

@@ -93,6 +93,10 @@ struct Record<'a> {
     clinical: Option<crate::hl7::normalise::Normalised>,
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<String>,
+    /// HL7: the segment separator the sender used (`cr`, `lf`, `crlf` or `mixed`); `raw` always
+    /// has CR.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segment_separator: Option<&'static str>,
     /// Present (true) only on records resent by a `replay` command.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     replay: bool,
@@ -205,13 +209,58 @@ impl RecordBuilder {
                 )),
                 _ => None,
             },
-            raw: self.include_raw.then_some(text),
+            segment_separator: match row.format {
+                Format::Hl7v2 => segment_separator(&text),
+                _ => None,
+            },
+            raw: self.include_raw.then(|| match row.format {
+                Format::Hl7v2 => cr_separated(text),
+                _ => text,
+            }),
             replay,
             reprocessed: row.reprocessed,
             control_id_reused: row.control_id_reused,
         };
         serde_json::to_vec(&record).expect("records serialise")
     }
+}
+
+/// Which line end separates the segments of an HL7 message: `cr`, `lf`, `crlf`, `mixed`, or
+/// None when there is only one segment and no line end.
+fn segment_separator(text: &str) -> Option<&'static str> {
+    let b = text.as_bytes();
+    let (mut cr, mut lf, mut crlf) = (false, false, false);
+    let mut i = 0;
+    while let Some(off) = memchr::memchr2(b'\r', b'\n', &b[i..]) {
+        let at = i + off;
+        if b[at] == b'\r' && b.get(at + 1) == Some(&b'\n') {
+            crlf = true;
+            i = at + 2;
+        } else {
+            if b[at] == b'\r' {
+                cr = true;
+            } else {
+                lf = true;
+            }
+            i = at + 1;
+        }
+    }
+    match (cr, lf, crlf) {
+        (false, false, false) => None,
+        (true, false, false) => Some("cr"),
+        (false, true, false) => Some("lf"),
+        (false, false, true) => Some("crlf"),
+        _ => Some("mixed"),
+    }
+}
+
+/// The message with every CRLF and LF turned into CR, the HL7 segment separator, so `raw` is
+/// HL7 whatever the sender used (the stored bytes stay exactly as received).
+fn cr_separated(text: String) -> String {
+    if !text.contains('\n') {
+        return text;
+    }
+    text.replace("\r\n", "\r").replace('\n', "\r")
 }
 
 fn hl7_section<'a>(h: &'a Header, tz: &TimeZone) -> Hl7Header<'a> {

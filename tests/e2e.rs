@@ -325,3 +325,92 @@ async fn resends_are_acked_but_forwarded_once_and_reused_control_ids_are_flagged
     );
     d.stop().await;
 }
+
+/// A frame holding two messages (as python-hl7's `mllp_send --loose` sends a file) must never
+/// become one record: Bravo's critical potassium would be filed under Alpha.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_holding_two_patients_messages_is_refused_ae_and_never_becomes_one_record() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
+    let cfg = env.config(broker.port, &[("lab", "127.0.0.1:0")], "");
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("lab").unwrap()).await;
+    let two = concat!(
+        "MSH|^~\\&|LAB|RXX|SITERELAY|HUB|20261130093000||ORU^R01|TWO-A|P|2.5\r",
+        "PID|1||AAA111^^^RXX^MR||ALPHA^ANN\r",
+        "OBR|1||F1|K^Potassium^L\r",
+        "OBX|1|NM|K^Potassium^L||4.1|mmol/L\r",
+        "MSH|^~\\&|LAB|RXX|SITERELAY|HUB|20261130093001||ORU^R01|TWO-B|P|2.5\r",
+        "PID|1||BBB222^^^RXX^MR||BRAVO^BOB\r",
+        "OBR|1||F2|K^Potassium^L\r",
+        "OBX|1|NM|K^Potassium^L||6.9|mmol/L||HH\r",
+    );
+    let ack = c.send(two.as_bytes(), ACK_WAIT).await.unwrap();
+    assert_eq!(
+        (ack.code.as_str(), ack.control_id.as_str()),
+        ("AE", "TWO-A")
+    );
+    let ack_text = String::from_utf8_lossy(&ack.raw).into_owned();
+    assert!(
+        ack_text.contains("ERR||MSH^2|100^"),
+        "ERR-2 names the second MSH: {ack_text:?}"
+    );
+    assert!(ack.text.contains("second MSH"), "{}", ack.text);
+    // The frame is quarantined (kept, not forwarded); the next message is forwarded alone.
+    let ack = c.send(&adt("NEXT1"), ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AA");
+    let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
+    let r = json(&payload);
+    assert_eq!(r["hl7"]["control_id"], "NEXT1");
+    assert_eq!(r["seq"], 1, "the two-message frame took no seq");
+    assert!(sub.recv(Duration::from_millis(500)).await.is_none());
+    assert_eq!(
+        d.telemetry()
+            .feed("lab")
+            .quarantined
+            .load(Ordering::Relaxed),
+        1
+    );
+    d.stop().await;
+}
+
+/// `raw` is HL7 (CR between segments) whatever the sender used; the record says which
+/// separator arrived, and a resend that differs only in separators is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_is_cr_separated_for_lf_senders_and_an_lf_resend_of_a_cr_message_is_a_duplicate() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
+    let cfg = env.config(broker.port, &[("adt", "127.0.0.1:0")], "");
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let cr = adt("SEP1");
+    let lf: Vec<u8> = cr
+        .iter()
+        .map(|&b| if b == b'\r' { b'\n' } else { b })
+        .collect();
+    assert_eq!(c.send(&lf, ACK_WAIT).await.unwrap().code, "AA");
+    let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
+    let r = json(&payload);
+    assert_eq!(r["segment_separator"], "lf");
+    let raw = r["raw"].as_str().unwrap();
+    assert!(!raw.contains('\n'), "{raw:?}");
+    assert_eq!(
+        raw.as_bytes(),
+        cr.as_slice(),
+        "raw is the CR form of the message"
+    );
+    check_schema("record", &r);
+    // The same message again with CR: acknowledged, not forwarded twice.
+    assert_eq!(c.send(&cr, ACK_WAIT).await.unwrap().code, "AA");
+    assert!(
+        sub.recv(Duration::from_millis(800)).await.is_none(),
+        "a resend differing only in separators is not forwarded"
+    );
+    assert_eq!(
+        d.telemetry().feed("adt").duplicates.load(Ordering::Relaxed),
+        1
+    );
+    d.stop().await;
+}

@@ -53,6 +53,8 @@ pub struct AckError {
     pub code: u16,
     /// Segment id and field position of the problem, e.g. `("MSH", 10)`.
     pub location: Option<(&'static str, u8)>,
+    /// Which occurrence of the location's segment (1 = the first; ERR-2.2).
+    pub sequence: u16,
     /// Diagnostic text for ERR-7; must not contain patient data. Empty: omitted.
     pub text: String,
 }
@@ -63,6 +65,7 @@ impl AckError {
         AckError {
             code,
             location,
+            sequence: 1,
             text: text.into(),
         }
     }
@@ -73,11 +76,24 @@ impl AckError {
         AckError::new(207, None, text)
     }
 
-    /// The location as people write it: `MSH-10`, or `PID` for a whole segment (field 0).
+    /// The same error at the `n`th occurrence of its segment (ERR-2.2).
+    pub fn at_sequence(mut self, n: u16) -> Self {
+        self.sequence = n.max(1);
+        self
+    }
+
+    /// The location as people write it: `MSH-10`, or `PID` for a whole segment (field 0); a
+    /// later occurrence of the segment adds its number in brackets (`MSH[2]`).
     pub fn location_text(&self) -> Option<String> {
-        self.location.map(|(seg, field)| match field {
-            0 => seg.to_string(),
-            f => format!("{seg}-{f}"),
+        self.location.map(|(seg, field)| {
+            let seg = match self.sequence {
+                0 | 1 => seg.to_string(),
+                n => format!("{seg}[{n}]"),
+            };
+            match field {
+                0 => seg,
+                f => format!("{seg}-{f}"),
+            }
         })
     }
 }
@@ -251,7 +267,7 @@ fn write_msa_err(
     out.push(f); // ERR-1 (pre-2.5 layout) left empty
     if let Some((segment, field)) = err.location {
         out.push_str(&escape(segment, d));
-        let _ = write!(out, "{c}1");
+        let _ = write!(out, "{c}{}", err.sequence.max(1));
         if field != 0 {
             // Field 0: the whole segment (e.g. a required segment is missing).
             let _ = write!(out, "{c}{field}");

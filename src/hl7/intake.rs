@@ -79,12 +79,45 @@ pub fn assess(message: &[u8], default_charset: Charset, strict: bool, me: &Respo
         );
         return reject(header, err, "LF segment separator on a strict feed".into());
     }
+    if let Some(seg) = second_header(message) {
+        let err = AckError::new(
+            100,
+            Some(("MSH", 0)),
+            format!(
+                "a frame must hold one message: a second MSH starts at segment {seg}; \
+                 send each message in its own frame, or several in a batch (FHS/BHS)"
+            ),
+        )
+        .at_sequence(2);
+        return reject(header, err, "a second MSH in the frame".into());
+    }
     let declared = header.charset.as_deref();
     if let Err(e) = charset::decode(message, declared, default_charset) {
         let err = AckError::new(102, Some(("MSH", 18)), e.to_string());
         return reject(header, err, format!("charset: {e}"));
     }
     Intake::Store(Box::new(header))
+}
+
+/// The position (1-based, counting non-blank lines) of a second message header in `message`:
+/// a line that starts with `MSH` and a delimiter. Two messages in one frame (outside an
+/// FHS/BHS batch) must never become one record: the second patient's results would be filed
+/// under the first. Batches are split before they reach this check.
+pub fn second_header(message: &[u8]) -> Option<usize> {
+    let mut headers = 0;
+    message
+        .split(|&b| b == b'\r' || b == b'\n')
+        .filter(|l| !l.trim_ascii().is_empty())
+        .enumerate()
+        .find_map(|(i, line)| {
+            let line = line.strip_prefix("\u{feff}".as_bytes()).unwrap_or(line);
+            let is_header = line.len() > 3
+                && line.starts_with(b"MSH")
+                && !line[3].is_ascii_alphanumeric()
+                && !line[3].is_ascii_whitespace();
+            headers += usize::from(is_header);
+            (headers == 2).then_some(i + 1)
+        })
 }
 
 /// The `AE` error (code 100, the segment as location) when a segment that [`required_segments`]
@@ -144,6 +177,7 @@ pub fn required_segments(h: &Header) -> &'static [&'static str] {
 
 fn reject_header(e: &HeaderError, me: &Responder) -> Intake {
     let err = AckError {
+        sequence: 1,
         code: e.hl7_error_code(),
         location: e.location(),
         text: e.to_string(),
@@ -241,6 +275,7 @@ pub fn answer_stored(h: &Header) -> Option<Vec<u8>> {
 /// The `AR`/`CR` when the store could not take the message (full, failing, shutting down).
 pub fn answer_refused(h: &Header, reason: &str) -> Option<Vec<u8>> {
     let err = AckError {
+        sequence: 1,
         code: 207,
         location: None,
         text: reason.to_string(),
@@ -284,6 +319,7 @@ pub fn check_policy(h: &Header, p: &Policy) -> Verdict {
             .any(|id| id.eq_ignore_ascii_case(&h.processing_id))
     {
         return Verdict::Refuse(AckError {
+            sequence: 1,
             code: 202,
             location: Some(("MSH", 11)),
             text: format!(
@@ -294,6 +330,7 @@ pub fn check_policy(h: &Header, p: &Policy) -> Verdict {
     }
     if !h.version.starts_with('2') {
         return Verdict::Refuse(AckError {
+            sequence: 1,
             code: 203,
             location: Some(("MSH", 12)),
             text: "only HL7 version 2.x is accepted".into(),
@@ -318,12 +355,14 @@ pub fn check_policy(h: &Header, p: &Policy) -> Verdict {
     }
     Verdict::Refuse(if type_known {
         AckError {
+            sequence: 1,
             code: 201,
             location: Some(("MSH", 9)),
             text: "trigger event not accepted on this feed".into(),
         }
     } else {
         AckError {
+            sequence: 1,
             code: 200,
             location: Some(("MSH", 9)),
             text: "message type not accepted on this feed".into(),
@@ -335,6 +374,7 @@ pub fn check_policy(h: &Header, p: &Policy) -> Verdict {
 pub fn answer_oversized(head: &[u8], limit: u64, me: &Responder) -> Vec<u8> {
     let text = format!("message exceeds the {limit}-byte limit of this feed");
     let err = AckError {
+        sequence: 1,
         code: 207,
         location: None,
         text: text.clone(),
@@ -389,6 +429,7 @@ mod tests {
     #[test]
     fn ack_codes_follow_msh_15_in_every_mode() {
         let e = AckError {
+            sequence: 1,
             code: 207,
             location: None,
             text: "x".into(),
@@ -539,6 +580,35 @@ mod tests {
         assert_eq!(verdict(&format!("{cr}\n"), true), "stored");
         assert_eq!(verdict(&lf, true), "100  ");
         assert_eq!(verdict(&crlf, true), "100  ");
+    }
+
+    #[test]
+    fn a_frame_holding_two_messages_is_answered_ae_100_at_the_second_msh() {
+        // python-hl7's `mllp_send --loose` sends a file like this as one frame.
+        let a = "MSH|^~\\&|LAB|RXX|SR|HUB|20261130||ORU^R01|TWO-A|P|2.5\rPID|1||AAA111\rOBR|1\rOBX|1|NM|K||4.1\r";
+        let b = "MSH|^~\\&|LAB|RXX|SR|HUB|20261130||ORU^R01|TWO-B|P|2.5\rPID|1||BBB222\rOBR|1\rOBX|1|NM|K||6.9||HH\r";
+        assert_eq!(verdict(&format!("{a}{b}"), false), "100 MSH^2 MSH[2]");
+        // With other delimiters, LF line ends, or a blank line between them: still refused.
+        let b_hash = b.replace('|', "#").replace("#^~\\&#", "#^~\\&#");
+        assert_eq!(verdict(&format!("{a}{b_hash}"), false), "100 MSH^2 MSH[2]");
+        assert_eq!(
+            verdict(&format!("{a}\n\n{b}").replace('\r', "\n"), false),
+            "100 MSH^2 MSH[2]"
+        );
+        let Intake::Reject { error, .. } =
+            assess(format!("{a}{b}").as_bytes(), Charset::Utf8, false, &me())
+        else {
+            panic!("two messages in one frame were accepted");
+        };
+        assert!(
+            error.text.contains("second MSH starts at segment 5"),
+            "{}",
+            error.text
+        );
+        // One message is still one message; an MSH-like text inside a field is not a header.
+        assert_eq!(verdict(a, false), "stored");
+        assert_eq!(verdict(&format!("{a}NTE|1||MSH|x\r"), false), "stored");
+        assert_eq!(second_header(b"MSH|a\rMSHX|b\r"), None);
     }
 
     trait ReplaceStr {

@@ -442,7 +442,7 @@ async fn prepare(msg: Vec<u8>, peer: &str, ctx: &Hl7Target<'_>, shutting_down: b
             header.sending_application_raw, header.sending_facility_raw
         ),
         control_id: header.control_id.clone(),
-        hash: crate::outbox::content_hash(&msg),
+        hash: crate::outbox::hl7_content_hash(&msg),
         window_us: w.as_micros() as i64,
     });
     let new = NewMessage {
