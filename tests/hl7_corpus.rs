@@ -408,3 +408,139 @@ impl ReplaceControlId for Vec<u8> {
             .into_bytes()
     }
 }
+
+/// The clinical-safety fixtures (issue: records a clinician can trust) over a real MLLP socket:
+/// each is acknowledged, and its record says what a clinician must not be misled about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clinical_safety_fixtures_keep_every_patient_number_code_and_date_end_to_end() {
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
+    let d = daemon(&env, broker.port).await;
+    let mut c = connect(d.addr("corpus").unwrap()).await;
+    let names = [
+        "adt_a17_bed_swap.hl7",
+        "adt_a40_two_pairs_lf.hl7",
+        "oru_r01_poc_glucose.hl7",
+        "oru_r01_blood_bank_crlf.hl7",
+        "orm_o01_alternate_codes.hl7",
+        "oru_r01_two_patients.hl7",
+        "adt_a08_nulls_invalid_times.hl7",
+    ];
+    for name in names {
+        let ack = c.send(&fixture(name), ACK_WAIT).await.unwrap();
+        assert_eq!(ack.code, "AA", "{name}: {}", ack.text);
+    }
+    let got = sub.collect(names.len(), Duration::from_secs(30)).await;
+    assert_eq!(got.len(), names.len());
+    let mut r: HashMap<String, Value> = HashMap::new();
+    for (_, payload, _) in got {
+        let v = json(&payload);
+        check_schema("record", &v);
+        let raw = v["raw"].as_str().unwrap();
+        assert!(!raw.contains('\n'), "raw is CR-separated: {raw:?}");
+        r.insert(v["hl7"]["control_id"].as_str().unwrap().to_owned(), v);
+    }
+
+    // A17: both patients, both locations.
+    let a17 = &r["PAS000401"];
+    assert_eq!(
+        a17["patients"][0]["patient"]["nhs_number"]["value"],
+        "9990000026"
+    );
+    assert_eq!(
+        a17["patients"][1]["patient"]["nhs_number"]["value"],
+        "9990000034"
+    );
+    assert_eq!(a17["patients"][0]["visit"]["location"]["bed"], "BED1");
+    assert_eq!(a17["patients"][1]["visit"]["location"]["bed"], "BED4");
+    assert_eq!(a17["patient"]["birth_date"]["value"], "1980-05-15");
+    assert_eq!(a17["patient"]["birth_time"]["value"], "08:30");
+    assert_eq!(a17["event"]["planned_at"]["hl7"], "20260601213000");
+
+    // A40 with two pairs, sent with LF: both pairs, dates as sent, the separator reported.
+    let a40 = &r["PAS000402"];
+    assert_eq!(a40["segment_separator"], "lf");
+    assert_eq!(a40["patients"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        a40["patients"][1]["merge"]["prior_identifiers"][1]["value"],
+        "9990000069"
+    );
+    assert_eq!(
+        a40["patients"][0]["merge"]["prior_names"][0]["given"],
+        "CLARA"
+    );
+    assert_eq!(a40["patient"]["birth_date"]["value"], "1999-09-09");
+    assert_eq!(
+        a40["patients"][1]["patient"]["birth_date"]["value"], "1990-01-01",
+        "23:30 at -05:00 is still the 1st of January"
+    );
+    assert_eq!(
+        a40["patients"][1]["patient"]["birth_time"],
+        json!({"value": "23:30", "precision": "minute", "offset": "-05:00"})
+    );
+
+    // Point of care: the number from OBR-2, the namespace from ORC-2, both kept.
+    let poc = &r["POC000501"];
+    let o = &poc["orders"][0];
+    assert_eq!(o["placer_number"], json!({"value": "9876543"}));
+    assert_eq!(o["orc_placer_number"], json!({"namespace": "HIS"}));
+    assert_eq!(o["parent"]["placer_number"]["value"], "PARENT1");
+    assert_eq!(poc["observations"][0]["code"]["alt_code"], "GLU");
+    assert_eq!(
+        poc["observations"][0]["code"]["original_text"],
+        "Glucose (meter)"
+    );
+    assert_eq!(poc["observations"][0]["units"]["system"], "UCUM");
+    assert_eq!(
+        poc["observations"][0]["notes"],
+        json!(["Meter calibrated today\nsecond line"])
+    );
+    assert_eq!(o.get("notes"), None, "the empty NTE is omitted");
+    assert_eq!(
+        poc["observations"][1]["code"],
+        json!({"alt_code": "ABC", "alt_text": "Assign Benefits", "alt_system": "PLW-HL7"})
+    );
+    assert_eq!(poc["patient"]["nhs_number"]["verification_status"], "02");
+
+    // Blood bank (CRLF): both filler numbers.
+    let bb = &r["BB000601"];
+    assert_eq!(bb["segment_separator"], "crlf");
+    assert_eq!(bb["orders"][0]["orc_filler_number"]["value"], "541234");
+    assert_eq!(bb["orders"][0]["obr_filler_number"]["value"], "19B44444");
+
+    // DNACPR and a consult are told apart.
+    let orm = &r["EPR000701"];
+    assert_eq!(orm["orders"][0]["universal_service"]["alt_text"], "DNACPR");
+    assert_eq!(
+        orm["orders"][1]["universal_service"]["alt_text"],
+        "IP CON FRAILTY"
+    );
+
+    // Two patients' results: Bravo's critical potassium is Bravo's.
+    let two = &r["LAB000801"];
+    let k = &two["observations"][1];
+    assert_eq!(
+        (k["value"].as_f64(), k["abnormal_flags"][0].as_str()),
+        (Some(6.9), Some("HH"))
+    );
+    let who = k["patient_index"].as_u64().unwrap() as usize;
+    assert_eq!(
+        two["patients"][who]["patient"]["nhs_number"]["value"],
+        "9990000085"
+    );
+
+    // Nulls and unreadable times: kept as sent, flagged, warned by position only.
+    let n = &r["PAS000901"];
+    assert_eq!(
+        n["event"]["recorded_at"],
+        json!({"hl7": "20261345", "invalid": true})
+    );
+    assert_eq!(n["visit"]["discharged_at"]["invalid"], true);
+    assert_eq!(n["patient"]["death"]["date_time"]["invalid"], true);
+    assert_eq!(n["patient"]["names"], Value::Null);
+    let warnings = n["warnings"].as_array().unwrap();
+    assert!(warnings.len() >= 4, "{warnings:?}");
+    assert!(!serde_json::to_string(warnings).unwrap().contains("2026"));
+    d.stop().await;
+}

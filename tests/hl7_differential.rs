@@ -61,7 +61,10 @@ fn messages() -> Vec<(String, String)> {
         let mut current: Vec<&str> = Vec::new();
         let mut found = Vec::new();
         for line in text.split(['\r', '\n']).filter(|l| !l.is_empty()) {
-            if ["FHS", "BHS", "BTS", "FTS"].iter().any(|e| line.starts_with(e)) {
+            if ["FHS", "BHS", "BTS", "FTS"]
+                .iter()
+                .any(|e| line.starts_with(e))
+            {
                 continue;
             }
             if line.starts_with("MSH") && !current.is_empty() {
@@ -142,7 +145,12 @@ impl Oracle {
 
     /// Component 1 of the first repetition of field `n`.
     fn scalar(&self, seg: &Segment<'_>, n: usize) -> Value {
-        self.text(&self.rep(seg, n).map(|r| self.comp(r, 1)).unwrap_or_default())
+        self.text(
+            &self
+                .rep(seg, n)
+                .map(|r| self.comp(r, 1))
+                .unwrap_or_default(),
+        )
     }
 
     /// The whole first repetition.
@@ -363,7 +371,10 @@ impl Oracle {
             10 => json!({"value": &digits[8..10]}),
             12 => json!({"value": format!("{}:{}", &digits[8..10], &digits[10..12])}),
             _ => {
-                let rest: String = ts[14..].chars().take_while(|c| *c != '+' && *c != '-').collect();
+                let rest: String = ts[14..]
+                    .chars()
+                    .take_while(|c| *c != '+' && *c != '-')
+                    .collect();
                 json!({"value": format!("{}:{}:{}{rest}", &digits[8..10], &digits[10..12], &digits[12..14])})
             }
         };
@@ -493,14 +504,84 @@ impl Oracle {
                 put("results_reported_at", self.time(s, 22));
                 put("diagnostic_service", self.scalar(s, 24));
                 put("result_status", self.scalar(s, 25));
+                put("parent", self.parent(s));
             }
         }
         Value::Object(o)
     }
 
+    /// OBR-26 (parent result: a CE in subcomponents, and a sub-id) and OBR-29 (parent
+    /// placer and filler numbers, EIs in subcomponents).
+    fn parent(&self, seg: &Segment<'_>) -> Value {
+        let raw = |n| {
+            self.rep(seg, n)
+                .map_or(String::new(), |r| r.raw_value().to_owned())
+        };
+        let (r26, r29) = (raw(26), raw(29));
+        if r26.is_empty() && r29.is_empty() {
+            return json!(ABSENT);
+        }
+        let value = |r: &str| !r.is_empty() && r != NULL;
+        if !value(&r26) && !value(&r29) {
+            return Value::Null;
+        }
+        let mut p = Map::new();
+        if let Some(r) = self.rep(seg, 26) {
+            let code = match self.comp(r, 1).as_str() {
+                "" => json!(ABSENT),
+                NULL => Value::Null,
+                _ => {
+                    let names = [
+                        "code",
+                        "text",
+                        "system",
+                        "alt_code",
+                        "alt_text",
+                        "alt_system",
+                        "system_version",
+                        "alt_system_version",
+                        "original_text",
+                    ];
+                    self.obj(
+                        names
+                            .iter()
+                            .enumerate()
+                            .map(|(i, n)| (*n, self.text(&self.sub(r, 1, i + 1))))
+                            .collect(),
+                    )
+                }
+            };
+            p.insert("result_code".into(), code);
+            p.insert("result_sub_id".into(), self.text(&self.comp(r, 2)));
+        }
+        if let Some(r) = self.rep(seg, 29) {
+            for (key, c) in [("placer_number", 1), ("filler_number", 2)] {
+                let v = match self.comp(r, c).as_str() {
+                    "" => json!(ABSENT),
+                    NULL => Value::Null,
+                    _ => {
+                        let (v, ns) =
+                            (self.text(&self.sub(r, c, 1)), self.text(&self.sub(r, c, 2)));
+                        if v == ABSENT && ns == ABSENT {
+                            json!(ABSENT)
+                        } else {
+                            json!({"value": v, "namespace": ns})
+                        }
+                    }
+                };
+                p.insert(key.into(), v);
+            }
+        }
+        Value::Object(p)
+    }
+
     fn observation(&self, seg: &Segment<'_>) -> Value {
         let value_type = self.scalar(seg, 2);
-        let vt = value_type.as_str().unwrap_or("").trim().to_ascii_uppercase();
+        let vt = value_type
+            .as_str()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_uppercase();
         let value = match self.field(seg, 5) {
             None => json!(ABSENT),
             Some(f) if f.raw_value() == NULL => Value::Null,
@@ -521,7 +602,9 @@ impl Oracle {
             }
         };
         let set_id = match self.scalar(seg, 1) {
-            Value::String(s) if s.trim().parse::<u64>().is_ok() => json!(s.trim().parse::<u64>().unwrap()),
+            Value::String(s) if s.trim().parse::<u64>().is_ok() => {
+                json!(s.trim().parse::<u64>().unwrap())
+            }
             Value::String(_) => json!(ABSENT),
             other => other,
         };
@@ -537,7 +620,11 @@ impl Oracle {
                 "abnormal_flags",
                 self.list(seg.field(8), |r| {
                     let c = self.comp(r, 1);
-                    if c.contains(self.sep.escape) { self.decode(&c) } else { json!(c) }
+                    if c.contains(self.sep.escape) {
+                        self.decode(&c)
+                    } else {
+                        json!(c)
+                    }
                 }),
             ),
             ("result_status", self.scalar(seg, 11)),
@@ -550,7 +637,8 @@ impl Oracle {
 
 /// True when a repetition holds no data: only component and subcomponent separators.
 fn all_empty(raw: &str, sep: &Separators) -> bool {
-    raw.chars().all(|c| c == sep.component || c == sep.subcomponent)
+    raw.chars()
+        .all(|c| c == sep.component || c == sep.subcomponent)
 }
 
 #[derive(Default)]
@@ -649,7 +737,9 @@ fn every_fixture_field_agrees_with_an_independent_hl7_parser() {
                     }),
                 },
                 "PV1" | "PV2" | "MRG" => {
-                    if groups.is_empty() || (seg.name == "MRG" && groups.last().unwrap().mrg.is_some()) {
+                    if groups.is_empty()
+                        || (seg.name == "MRG" && groups.last().unwrap().mrg.is_some())
+                    {
                         groups.push(Group::default());
                     }
                     let g = groups.last_mut().unwrap();
@@ -674,7 +764,10 @@ fn every_fixture_field_agrees_with_an_independent_hl7_parser() {
                 "OBX" => observations.push(seg),
                 _ => {}
             }
-            if matches!(seg.name, "SCH" | "AIS" | "AIG" | "AIL" | "AIP" | "TXA" | "PID") {
+            if matches!(
+                seg.name,
+                "SCH" | "AIS" | "AIG" | "AIL" | "AIP" | "TXA" | "PID"
+            ) {
                 pending_orc = None;
             }
         }
@@ -693,21 +786,27 @@ fn every_fixture_field_agrees_with_an_independent_hl7_parser() {
                     o.visit(g.pv1, g.pv2)
                 },
             );
-            v.insert(
-                "merge".into(),
-                g.mrg.map_or(json!(ABSENT), |s| o.merge(s)),
-            );
+            v.insert("merge".into(), g.mrg.map_or(json!(ABSENT), |s| o.merge(s)));
             Value::Object(v)
         };
         if groups.len() > 1 {
             let expected: Vec<Value> = groups.iter().map(group_json).collect();
-            t.compare(&format!("{name}/patients"), &Value::Array(expected), ours.get("patients"));
+            t.compare(
+                &format!("{name}/patients"),
+                &Value::Array(expected),
+                ours.get("patients"),
+            );
         } else {
-            t.compare(&format!("{name}/patients"), &json!(ABSENT), ours.get("patients"));
+            t.compare(
+                &format!("{name}/patients"),
+                &json!(ABSENT),
+                ours.get("patients"),
+            );
         }
-        let first = groups.first().map(group_json).unwrap_or_else(
-            || json!({"patient": ABSENT, "visit": ABSENT, "merge": ABSENT}),
-        );
+        let first = groups
+            .first()
+            .map(group_json)
+            .unwrap_or_else(|| json!({"patient": ABSENT, "visit": ABSENT, "merge": ABSENT}));
         for k in ["patient", "visit", "merge"] {
             t.compare(&format!("{name}/{k}"), &first[k], ours.get(k));
         }
@@ -719,7 +818,11 @@ fn every_fixture_field_agrees_with_an_independent_hl7_parser() {
         } else {
             Value::Array(expected_orders)
         };
-        t.compare(&format!("{name}/orders"), &expected_orders, ours.get("orders"));
+        t.compare(
+            &format!("{name}/orders"),
+            &expected_orders,
+            ours.get("orders"),
+        );
         let expected_obs: Vec<Value> = observations.iter().map(|s| o.observation(s)).collect();
         let expected_obs = if expected_obs.is_empty() {
             json!(ABSENT)
