@@ -3,14 +3,14 @@
 //! unreadable values) must validate, and a record with a member the schema does not document
 //! must not. No broker, no I/O beyond reading the schema at compile time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use jiff::tz::TimeZone;
 use serde_json::{Value, json};
 use siterelay::hl7::charset::Charset;
 use siterelay::hl7::normalise::{NormaliseOptions, normalise};
 use siterelay::outbox::{Format, PendingRow, SourceKind};
-use siterelay::record::{FeedRecordSettings, RecordBuilder};
+use siterelay::record::{DeviceInfo, FeedRecordSettings, RecordBuilder};
 
 const SCHEMA: &str = include_str!("../docs/schema/record.v1.schema.json");
 
@@ -391,4 +391,291 @@ fn the_schema_rejects_undocumented_members_and_wrong_shapes() {
         target.insert((*key).to_owned(), value.clone());
         assert!(!errors(&v).is_empty(), "{name}: accepted\n{v:#}");
     }
+}
+
+/// Every member the schema documents, as `owner.member` where the owner is the `$defs` entry
+/// that declares it (`coded.alt_code`, `patient.birth_time`) or the path from the nearest one
+/// for inline objects (`record.source.kind`, `patient.death.date_time`); arrays add `.*`. Also
+/// the members whose schema allows `null`. A definition used in several places (a coded value
+/// in OBR-4 and in SCH-7) counts once: a fixture anywhere covers it.
+fn documented(schema: &Value) -> (BTreeSet<String>, BTreeSet<String>) {
+    fn walk(
+        root: &Value,
+        node: &Value,
+        owner: &str,
+        visited: &mut BTreeSet<String>,
+        out: &mut BTreeSet<String>,
+        nullable: &mut BTreeSet<String>,
+    ) {
+        if let Some(r) = node.get("$ref").and_then(Value::as_str) {
+            let name = r.trim_start_matches("#/$defs/").to_owned();
+            if visited.insert(name.clone()) {
+                walk(root, &root["$defs"][&name], &name, visited, out, nullable);
+            }
+        }
+        for key in ["anyOf", "oneOf", "allOf"] {
+            for sub in node
+                .get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                walk(root, sub, owner, visited, out, nullable);
+            }
+        }
+        for key in ["then", "else"] {
+            if let Some(sub) = node.get(key) {
+                walk(root, sub, owner, visited, out, nullable);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            walk(root, items, &format!("{owner}.*"), visited, out, nullable);
+        }
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            for (k, sub) in props {
+                let member = format!("{owner}.{k}");
+                // A property that only narrows a referenced definition (birth_date narrows
+                // `time`) declares nothing new.
+                if node.get("$ref").is_none() {
+                    out.insert(member.clone());
+                    if allows_null(root, sub) {
+                        nullable.insert(member.clone());
+                    }
+                }
+                walk(root, sub, &member, visited, out, nullable);
+            }
+        }
+    }
+    let (mut out, mut nullable, mut visited) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    walk(
+        schema,
+        schema,
+        "record",
+        &mut visited,
+        &mut out,
+        &mut nullable,
+    );
+    (out, nullable)
+}
+
+/// Whether a schema node accepts JSON `null` (directly, or through `anyOf`/`oneOf`/`$ref`).
+fn allows_null(root: &Value, node: &Value) -> bool {
+    let direct = match node.get("type") {
+        Some(Value::String(t)) => t == "null",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "null"),
+        _ => false,
+    };
+    direct
+        || node
+            .get("$ref")
+            .and_then(Value::as_str)
+            .is_some_and(|r| allows_null(root, &root["$defs"][r.trim_start_matches("#/$defs/")]))
+        || ["anyOf", "oneOf"].iter().any(|k| {
+            node.get(*k)
+                .and_then(Value::as_array)
+                .is_some_and(|subs| subs.iter().any(|s| allows_null(root, s)))
+        })
+}
+
+/// Marks the members of `value` (read against `node`, named as in [`documented`]) as seen,
+/// and those that are `null`.
+fn produced(
+    root: &Value,
+    node: &Value,
+    owner: &str,
+    value: &Value,
+    seen: &mut BTreeSet<String>,
+    nulls: &mut BTreeSet<String>,
+) {
+    // Every schema node that applies here, with its owner.
+    fn branches<'s>(
+        root: &'s Value,
+        node: &'s Value,
+        owner: &str,
+        out: &mut Vec<(&'s Value, String)>,
+    ) {
+        out.push((node, owner.to_owned()));
+        if let Some(r) = node.get("$ref").and_then(Value::as_str) {
+            let name = r.trim_start_matches("#/$defs/");
+            branches(root, &root["$defs"][name], name, out);
+        }
+        for key in ["anyOf", "oneOf", "allOf"] {
+            for sub in node
+                .get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                branches(root, sub, owner, out);
+            }
+        }
+        for key in ["then", "else"] {
+            if let Some(sub) = node.get(key) {
+                branches(root, sub, owner, out);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    branches(root, node, owner, &mut all);
+    match value {
+        Value::Object(m) => {
+            for (k, v) in m {
+                for (n, o) in &all {
+                    if n.get("$ref").is_some() {
+                        continue;
+                    }
+                    if let Some(sub) = n.get("properties").and_then(|p| p.get(k)) {
+                        let member = format!("{o}.{k}");
+                        seen.insert(member.clone());
+                        if v.is_null() {
+                            nulls.insert(member.clone());
+                        }
+                        produced(root, sub, &member, v, seen, nulls);
+                    }
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (n, o) in &all {
+                if let Some(items) = n.get("items") {
+                    for x in a {
+                        produced(root, items, &format!("{o}.*"), x, seen, nulls);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Records built by the real builder from every fixture file: HL7 (`tests/fixtures/hl7`, every
+/// message of a batch), ASTM (`tests/fixtures/astm`) and line-oriented output, with and without
+/// the per-row flags and device metadata.
+fn fixture_records() -> Vec<(String, Value)> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut out = Vec::new();
+    let settings = |device: Option<DeviceInfo>| FeedRecordSettings {
+        timezone: TimeZone::get("Europe/London").unwrap(),
+        default_charset: Charset::Latin1,
+        device,
+        normalise: Some(opts(true)),
+    };
+    let build = |format: Format, raw: Vec<u8>, device: Option<DeviceInfo>, flags: bool| {
+        let serial = device.is_some();
+        let s = settings(device);
+        let builder = RecordBuilder {
+            appliance: "test-box".into(),
+            organisation: Some("RXX".into()),
+            include_raw: true,
+            feeds: HashMap::from([("f".to_owned(), s.clone())]),
+            fallback: s,
+        };
+        let row = PendingRow {
+            row_id: 1,
+            record_id: "019ad3f2-6c1e-7a31-9b4e-2f6d1c0a9e55".into(),
+            feed: "f".into(),
+            seq: 1,
+            received_at_us: 1_780_000_000_000_000,
+            source_kind: if serial {
+                SourceKind::Serial
+            } else {
+                SourceKind::Mllp
+            },
+            peer: Some("127.0.0.1:5000".into()),
+            format,
+            raw,
+            reprocessed: flags,
+            control_id_reused: flags,
+        };
+        let v: Value = serde_json::from_slice(&builder.build_with(&row, flags)).unwrap();
+        v
+    };
+    let mut files: Vec<_> = ["hl7", "astm"]
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(format!("{root}/tests/fixtures/{d}"))
+                .into_iter()
+                .flatten()
+        })
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let mut bytes = std::fs::read(&path).unwrap();
+        if name.ends_with(".hl7") {
+            // The radiology report's PDF is made by the corpus test; a tiny one does here.
+            bytes = String::from_utf8_lossy(&bytes)
+                .replace("{PDF_BASE64}", "JVBERi0xLjQKJSVFT0YK")
+                .into_bytes();
+            for (i, m) in siterelay::client::split_messages(&bytes)
+                .into_iter()
+                .enumerate()
+            {
+                let m: Vec<u8> = if m.starts_with(b"MSH") {
+                    m
+                } else {
+                    continue;
+                };
+                out.push((format!("{name}#{i}"), build(Format::Hl7v2, m, None, i == 0)));
+            }
+        } else {
+            let device = DeviceInfo {
+                model: Some("Analyser 1".into()),
+                location: Some("Lab bench 2".into()),
+                asset_tag: Some("RXX-0001".into()),
+                protocol: "astm",
+            };
+            out.push((name, build(Format::Astm, bytes, Some(device), false)));
+        }
+    }
+    let device = DeviceInfo {
+        protocol: "lines",
+        ..DeviceInfo::default()
+    };
+    out.push((
+        "lines".into(),
+        build(
+            Format::Lines,
+            b"HR 72\nSPO2 98\n".to_vec(),
+            Some(device),
+            false,
+        ),
+    ));
+    out
+}
+
+#[test]
+fn every_schema_member_and_null_state_is_produced_by_some_fixture() {
+    let schema: Value = serde_json::from_str(SCHEMA).unwrap();
+    let (members, nullable) = documented(&schema);
+    let (mut seen, mut nulls) = (BTreeSet::new(), BTreeSet::new());
+    let records = fixture_records();
+    for (name, v) in &records {
+        assert_valid(name, v);
+        produced(&schema, &schema, "record", v, &mut seen, &mut nulls);
+    }
+    let never: Vec<&String> = members.difference(&seen).collect();
+    let never_null: Vec<&String> = nullable.difference(&nulls).collect();
+    println!(
+        "schema coverage: {} records, {} documented members ({} produced), {} nullable ({} seen null)",
+        records.len(),
+        members.len(),
+        members.intersection(&seen).count(),
+        nullable.len(),
+        nullable.intersection(&nulls).count()
+    );
+    if std::env::var_os("SHOW_NULLS").is_some() {
+        println!("never null: {never_null:?}");
+    }
+    assert!(
+        never.is_empty(),
+        "schema members no fixture produces ({}): {never:#?}",
+        never.len()
+    );
+    assert!(
+        never_null.is_empty(),
+        "nullable members no fixture sends as HL7 null ({}): {never_null:#?}",
+        never_null.len()
+    );
 }
