@@ -32,16 +32,26 @@
 //! * Nothing fails: what cannot be read is omitted and described in
 //!   `warnings`, which name segment ids and positions only, never content.
 //!
+//! * Patients are never merged into one: a PID starts a patient group, and
+//!   the PV1, PV2 and MRG after it belong to that group. With more than one
+//!   group (an A17 swap, several PID/MRG pairs, results for several
+//!   patients) every group is in `patients` and orders and observations say
+//!   which group they follow (`patient_index`); `patient`, `visit` and
+//!   `merge` are the first group's either way.
+//! * A date of birth is the calendar date as sent; a time of birth is a
+//!   separate local time (`crate::hl7::time::parse_birth`).
+//!
 //! Deliberately NOT done here: no validation against HL7 message structures
-//! (segments are read wherever they appear; the first PID, PV1, PV2, EVN,
-//! MRG, SCH and TXA count, later ones are listed in `segments` and warned
-//! about; every AIS/AIG/AIL/AIP is a resource of the one appointment, RGS
-//! groups are not kept), no TQ1/TQ2, no code
-//! translation or terminology mapping, no phone numbers, next of kin,
-//! allergies, diagnoses or insurance, no decoding of ED data (only its size
-//! is reported), no FT formatting beyond escape decoding (`\.br\` becomes a
-//! newline; `\.sp\`, `\H\` and the like are kept verbatim), no charset
-//! handling (the text has already been decoded), no I/O.
+//! (segments are read wherever they appear; the first EVN, SCH and TXA count,
+//! later ones are listed in `segments` and warned about; every
+//! AIS/AIG/AIL/AIP is a resource of the one appointment, RGS groups are not
+//! kept), no TQ1/TQ2, no code translation or terminology mapping, no phone
+//! numbers, next of kin, allergies, diagnoses or insurance, no decoding of ED
+//! data (only its size is reported), no FT formatting beyond what plain text
+//! can hold (`crate::hl7::header::unescape`), no decoding of `\C..\`
+//! character set escapes (removed and warned about), no charset handling (the
+//! text has already been decoded), no I/O. Two messages in one frame never
+//! reach this module (the intake refuses them).
 
 use jiff::tz::TimeZone;
 use serde::Serialize;
