@@ -351,7 +351,7 @@ fn choose_encoding(seg: &[u8], charset_field: &[u8]) -> Charset {
         return declared.unwrap_or(Charset::Ascii);
     }
     match declared {
-        Some(cs @ (Charset::Latin1 | Charset::Latin9)) => cs,
+        Some(cs) if cs.single_byte() => cs,
         _ if std::str::from_utf8(seg).is_ok() => Charset::Utf8,
         _ => Charset::Latin1,
     }
