@@ -697,6 +697,17 @@ PID|1||9990000018^^^NHS^NH||TEST^PATIENT||19700101|U\r";
                 },
             ),
             (
+                "windows-1252 declared in msh-18 decodes its dashes",
+                b"MSH|^~\\&|APP|LABOR NORD\x96S\xdcD|||||ADT^A01|1|P|2.5||||||CP1252",
+                |h| {
+                    assert_eq!(
+                        h.sending_facility.as_deref(),
+                        Some("LABOR NORD\u{2013}S\u{dc}D")
+                    );
+                    assert_eq!(h.msh_encoding, Charset::Windows1252);
+                },
+            ),
+            (
                 "undeclared non utf8 bytes fall back to latin1",
                 b"MSH|^~\\&|APP|M\xdcNCHEN|||||ADT^A01|1|P|2.5",
                 |h| {
