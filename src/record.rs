@@ -205,7 +205,11 @@ impl RecordBuilder {
                 )),
                 _ => None,
             },
-            raw: self.include_raw.then_some(text),
+            // ASTM: the header's password (H-4) is masked; the stored bytes keep it.
+            raw: self.include_raw.then(|| match row.format {
+                Format::Astm => crate::astm::records::mask_password(&text).into_owned(),
+                _ => text,
+            }),
             replay,
             reprocessed: row.reprocessed,
             control_id_reused: row.control_id_reused,
