@@ -124,7 +124,8 @@ pub struct SerialConfig {
     /// Time zone for timestamps without an offset.
     #[serde(default = "default_timezone")]
     pub timezone: String,
-    /// Character set of the device's text: `ASCII`, `8859/1`, `8859/15`, `UNICODE UTF-8`.
+    /// Character set of the device's text: `ASCII`, `8859/1`, `8859/15`, `UNICODE UTF-8`,
+    /// `windows-1252`.
     #[serde(default = "default_serial_charset")]
     pub charset: String,
     /// ASTM only: accept frames with more than 240 characters of text (logged).
@@ -333,7 +334,8 @@ pub struct MllpFeedConfig {
     /// Time zone for HL7 timestamps that carry no offset (IANA name).
     #[serde(default = "default_timezone")]
     pub timezone: String,
-    /// Character set assumed when MSH-18 is empty: `ASCII`, `8859/1`, `8859/15`, `UNICODE UTF-8`.
+    /// Character set assumed when MSH-18 is empty: `ASCII`, `8859/1`, `8859/15`, `UNICODE UTF-8`,
+    /// `windows-1252`.
     #[serde(default = "default_charset")]
     pub default_charset: String,
     /// Add normalised clinical sections (patient, visit, event, merge, orders, observations) to
@@ -763,7 +765,7 @@ fn check_feed_common(
     if crate::hl7::charset::Charset::from_msh18(charset).is_none() {
         p.push(Problem::at(
             at(charset_key),
-            "must be one of \"ASCII\", \"8859/1\", \"8859/15\", \"UNICODE UTF-8\"",
+            "must be one of \"ASCII\", \"8859/1\", \"8859/15\", \"UNICODE UTF-8\", \"windows-1252\"",
         ));
     }
 }
@@ -1108,6 +1110,26 @@ listen = "127.0.0.1:2575"
         assert_eq!(cfg.mqtt.topic_prefix, "siterelay");
         assert_eq!(cfg.mqtt.protocol, MqttProtocol::V5);
         assert_eq!(cfg.mqtt.client_id("box-1"), "siterelay-box-1");
+    }
+
+    #[test]
+    fn windows_1252_is_a_charset_for_serial_ports_and_mllp_feeds() {
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:2575\"",
+            "listen = \"127.0.0.1:2575\"\ndefault_charset = \"windows-1252\"\n\
+             [[serial]]\nname = \"chem\"\ndevice = \"/dev/ttyS0\"\nprotocol = \"astm\"\n\
+             charset = \"windows-1252\"",
+        );
+        let cfg = parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(cfg.serial[0].charset, "windows-1252");
+        assert_eq!(cfg.mllp[0].default_charset, "windows-1252");
+        let p = problems(&text.replace(
+            "\"windows-1252\"\n[[serial]]",
+            "\"windows-1250\"\n[[serial]]",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "mllp[0].default_charset");
+        assert!(p[0].message.contains("\"windows-1252\""), "{p:?}");
     }
 
     #[test]

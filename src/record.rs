@@ -213,8 +213,11 @@ impl RecordBuilder {
                 Format::Hl7v2 => segment_separator(&text),
                 _ => None,
             },
+            // HL7: CR between segments whatever arrived. ASTM: the header's password (H-4) is
+            // masked. The stored bytes keep both as received.
             raw: self.include_raw.then(|| match row.format {
                 Format::Hl7v2 => cr_separated(text),
+                Format::Astm => crate::astm::records::mask_password(&text).into_owned(),
                 _ => text,
             }),
             replay,

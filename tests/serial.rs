@@ -309,6 +309,31 @@ async fn astm_transmission_ended_early_is_stored_flagged_incomplete() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windows_1252_port_reads_an_analysers_quotes_euro_and_dashes_and_masks_its_password() {
+    let (_s, _broker, mut sub, mut pty, d) = connected("astm", "charset = \"windows-1252\"").await;
+    // Bytes as a Windows PC beside the analyser writes them.
+    let message = b"H|\\^&||PSWD|WINLAB^2.0|||||LIS||P|1|20261130093000\r\
+P|1||PAT1||MUSTERMANN^TESTPERSON\rO|1|S1||^^^K|R\r\
+R|1|^^^K|4.1|mmol/L|3.5\x965.0|N||F\rC|1|I|\x84Probe h\xe4molytisch\x93 \x80|G\rL|1|N\r"
+        .to_vec();
+    tokio::task::spawn_blocking(move || {
+        analyser_send(&mut pty, &message, None);
+        pty
+    })
+    .await
+    .unwrap();
+    let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
+    let r = json(&payload);
+    assert_eq!(r["charset"], "windows-1252");
+    let obs = &r["astm"]["patients"][0]["orders"][0]["observations"][0];
+    assert_eq!(obs["reference_range"], "3.5–5.0");
+    assert_eq!(obs["comments"][0]["text"], "„Probe hämolytisch“ €");
+    assert!(r["raw"].as_str().unwrap().starts_with("H|\\^&||***|WINLAB"));
+    assert!(!String::from_utf8_lossy(&payload).contains("PSWD"));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hl7_over_serial_is_acked_on_the_port_after_the_commit() {
     let (_s, _broker, mut sub, mut pty, d) = connected("hl7-mllp", "").await;
     let ack = tokio::task::spawn_blocking(move || {

@@ -16,18 +16,28 @@
 //!
 //! What it deliberately does not do: decode bytes into text (the caller picks the character
 //! set), validate codes or units, build replies or queries, touch the link layer (frame numbers
-//! are already gone), or output the header's password field (H-4). Errors carry line numbers
-//! and record types only, never content.
+//! are already gone), or output the header's password field (H-4; [`mask_password`] removes it
+//! from text that leaves the appliance). Errors carry line numbers and record types only, never
+//! content.
 //!
-//! Rules worth knowing:
-//! - a test code (O-5, R-3 universal test ID `id^name^type^local code^...`): `code` is the first
-//!   component, or the fourth (the manufacturer's code) when the first is empty; `text` is the
-//!   second, `system` the third; all components are kept in `components` (vendors put dilution,
-//!   test name or status in the fifth and later ones);
-//! - an R-4 value that is a plain decimal (`-1`, `5.40`, `.5`; no exponent, no `<`/`>`) becomes a
-//!   JSON number with `value_type` `NM`; anything else a string with `ST`; a value with components
-//!   or repeats is kept as one decoded string. `value_text` always keeps the value as sent (so
-//!   `5.40` keeps its trailing zero);
+//! Rules worth knowing (docs/contract.md, "Records from serial devices", is the reference):
+//! - a test code (O-5, R-3 universal test ID `id^name^type^local code^...`): `code` is
+//!   component 1 (the universal test ID, with `system` = component 3) when sent, else the
+//!   manufacturer's local code made of ALL components from the fourth on ([`local_code`]:
+//!   `^^^ISE^NA` gives `ISE^NA`, never `ISE`), so two analytes never share a `code`; `local`,
+//!   `panel`, `universal_id`, `universal_system` and all `components` are kept too;
+//! - a scalar member is the first component of the field's first repeat (decoded, trimmed);
+//!   when the field holds more than one component or repeat, `<member>_repeats` keeps all of it
+//!   (`specimen_id` `5762` with `specimen_id_repeats` `[["5762","01"]]`). Nothing is re-joined
+//!   with the message's delimiters;
+//! - an R-4 value that is one part and a plain decimal (`-1`, `5.40`, `.5`; no exponent, no
+//!   `<`/`>`) becomes a JSON number with `value_type` `NM`; other single parts a string with
+//!   `ST`; a value whose only non-empty part is its first component is read as that part
+//!   (`40^^` is 40); any other value with parts is `CM`, with `value: null` and the parts in
+//!   `value_repeats` (`0^0^3.0`). `value_text` is R-4 exactly as sent (untrimmed, escapes and
+//!   delimiters as in the message);
+//! - comment text (C-4) is, everywhere, each repeat's non-empty components joined by a space and
+//!   the repeats by a newline, with `text_repeats` when it has parts;
 //! - an O without a P before it, or an R without an O, gets a placeholder parent flagged
 //!   `implied: true` rather than being refused.
 
@@ -133,17 +143,73 @@ pub struct TimeValue {
     pub zone: Option<ZoneSource>,
 }
 
-/// A coded test identifier (O-5, R-3).
+/// A field as sent, when it holds more than one component or repeat: one entry per repeat, each
+/// the list of its components (decoded, trimmed, empty ones as `""`).
+pub type Repeats = Vec<Vec<String>>;
+
+/// Which component(s) a [`Code`]'s `code` was taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodeFrom {
+    /// Component 1, the universal test ID.
+    Universal,
+    /// Components 4 and later, the manufacturer's local code ([`Code::local_code`]).
+    Local,
+}
+
+/// A coded test identifier (O-5, R-3): `universal id^name^type^local code^...`.
+///
+/// `code` identifies the analyte: component 1 when sent, else the local code made from every
+/// local part (components 4 and later), so `^^^ISE^NA` and `^^^ISE^K` never share a code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Code {
-    /// First component, or the fourth (manufacturer's code) when the first is empty.
+    /// `universal_id` when sent, else `local_code`.
     pub code: Option<String>,
-    /// Second component (test name).
+    /// Where `code` came from; `null` when neither was sent.
+    pub code_from: Option<CodeFrom>,
+    /// Component 2 (test name).
     pub text: Option<String>,
-    /// Third component (coding system, e.g. `LN`).
+    /// The coding system of `code`: component 3 when `code` is the universal ID, else `null`
+    /// (the type describes component 1, never the local code).
     pub system: Option<String>,
+    /// Component 1, the universal test ID.
+    pub universal_id: Option<String>,
+    /// Component 3, the type (coding system) of the universal test ID, as sent even when
+    /// component 1 is empty.
+    pub universal_system: Option<String>,
+    /// The local parts in canonical form (see [`local_code`]); `null` when none was sent.
+    pub local_code: Option<String>,
+    /// Components 4 and later, decoded, trailing empty ones dropped.
+    pub local: Vec<String>,
+    /// Component 4 when more local parts follow it (`ISE` in `^^^ISE^NA`, `CHEM12` in
+    /// `^^^CHEM12^GLU`): the panel or test group of analysers that send one.
+    pub panel: Option<String>,
     /// Every component, decoded, in order (empty ones as `""`).
     pub components: Vec<String>,
+}
+
+/// The canonical form of local code parts: each part written as an ASTM component with the
+/// default delimiters (`&` as `&E&`, `|` as `&F&`, `\` as `&R&`, `^` as `&S&`), the parts
+/// joined by `^`, whatever delimiters the message used. Trailing empty parts are dropped by the
+/// caller. Two different part lists never give the same string, and for an analyser using the
+/// default delimiters the result is the text it sent after `^^^` (for example `ISE^NA`).
+pub fn local_code(parts: &[String]) -> String {
+    let mut out = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('^');
+        }
+        for c in part.chars() {
+            match c {
+                '&' => out.push_str("&E&"),
+                '|' => out.push_str("&F&"),
+                '\\' => out.push_str("&R&"),
+                '^' => out.push_str("&S&"),
+                c => out.push(c),
+            }
+        }
+    }
+    out
 }
 
 /// A comment (C record) attached to the record before it.
@@ -153,10 +219,20 @@ pub struct Comment {
     pub sequence: Option<u32>,
     /// C-3 comment source (`I` instrument, `L` computer system).
     pub source: Option<String>,
-    /// C-4 comment text: non-empty components joined by a space, repeats by a newline.
+    /// C-3 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_repeats: Option<Repeats>,
+    /// C-4 comment text, for reading: each repeat's non-empty components joined by one space,
+    /// the non-empty repeats joined by a newline.
     pub text: Option<String>,
+    /// C-4 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_repeats: Option<Repeats>,
     /// C-5 comment type (`G` generic, `T` test name, `P` positive, `N` negative, `I` flag).
     pub comment_type: Option<String>,
+    /// C-5 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment_type_repeats: Option<Repeats>,
 }
 
 /// A record kept as sent: Q, M, and record types this module does not know.
@@ -185,12 +261,24 @@ pub struct Instrument {
     pub sender: Vec<String>,
     /// H-3 message control ID.
     pub message_control_id: Option<String>,
+    /// H-3 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_control_id_repeats: Option<Repeats>,
     /// H-10 receiver ID.
     pub receiver_id: Option<String>,
+    /// H-10 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver_id_repeats: Option<Repeats>,
     /// H-12 processing ID (`P` production, `T` training, `D` debugging, `Q` QC).
     pub processing_id: Option<String>,
+    /// H-12 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processing_id_repeats: Option<Repeats>,
     /// H-13 version of the record specification.
     pub version: Option<String>,
+    /// H-13 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_repeats: Option<Repeats>,
     /// H-14 date and time of the message.
     pub message_datetime: Option<TimeValue>,
 }
@@ -211,59 +299,98 @@ pub struct PersonName {
 }
 
 /// A result (R record).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct Observation {
     /// R-2 sequence number.
     pub set_id: Option<u32>,
     /// R-3 universal test ID.
     pub code: Option<Code>,
-    /// R-4 data value: a JSON number when it is a plain decimal, else a string; `null` if empty.
+    /// R-4 data value: a JSON number when it is a plain decimal, else a string; `null` when
+    /// empty, and when it has a non-empty part other than its first component (`value_type`
+    /// `CM`: read `value_repeats`).
     pub value: serde_json::Value,
-    /// `NM` when `value` is a number, `ST` when a string, `null` when empty.
+    /// `NM` when `value` is a number, `ST` when a string, `CM` when R-4 has a non-empty part
+    /// other than its first component (`value` is then `null`), `null` when empty.
     pub value_type: Option<String>,
-    /// R-4 as sent (escapes decoded, trimmed).
+    /// R-4 exactly as sent: not trimmed, escapes not decoded, delimiters as in the message.
     pub value_text: Option<String>,
+    /// R-4 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_repeats: Option<Repeats>,
     /// R-5 units.
     pub units: Option<String>,
-    /// R-6 reference range, as sent.
+    /// R-5 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub units_repeats: Option<Repeats>,
+    /// R-6 reference range.
     pub reference_range: Option<String>,
-    /// R-7 abnormal flags, one per repeat.
+    /// R-6 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_range_repeats: Option<Repeats>,
+    /// R-7 abnormal flags: the first component of each non-empty repeat.
     pub abnormal_flags: Vec<String>,
+    /// R-7 as repeats of components, when a repeat has more than one component.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abnormal_flags_repeats: Option<Repeats>,
     /// R-9 result status (`F` final, `C` correction, `P` preliminary, `X` cannot be done ...).
     pub result_status: Option<String>,
-    /// R-11 operator identification.
+    /// R-9 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_status_repeats: Option<Repeats>,
+    /// R-11 operator identification (component 1: the operator who performed the test).
     pub operator: Option<String>,
+    /// R-11 as repeats of components, when it has more than one (component 2: the verifier).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator_repeats: Option<Repeats>,
     /// R-12 date and time the test started.
     pub started_at: Option<TimeValue>,
     /// R-13 date and time the test completed.
     pub completed_at: Option<TimeValue>,
     /// R-14 instrument identification.
     pub instrument_id: Option<String>,
+    /// R-14 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instrument_id_repeats: Option<Repeats>,
     /// Comments attached to it.
     pub comments: Vec<Comment>,
 }
 
 /// An order (O record) and its results.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct Order {
     /// O-2 sequence number.
     pub sequence: Option<u32>,
-    /// O-3 specimen ID (the computer system's).
+    /// O-3 specimen ID (the computer system's): its first component (the tube's barcode).
     pub specimen_id: Option<String>,
-    /// O-4 instrument specimen ID.
+    /// O-3 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub specimen_id_repeats: Option<Repeats>,
+    /// O-4 instrument specimen ID: its first component.
     pub instrument_specimen_id: Option<String>,
-    /// O-5 universal test ID, one entry per repeat.
+    /// O-4 as repeats of components, when it has more than one (vendors add rack and position).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instrument_specimen_id_repeats: Option<Repeats>,
+    /// O-5 universal test ID, one entry per non-empty repeat.
     pub universal_test_id: Vec<Code>,
     /// O-6 priority (`S` stat, `A` ASAP, `R` routine ...).
     pub priority: Option<String>,
+    /// O-6 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority_repeats: Option<Repeats>,
     /// O-7 requested date and time.
     pub requested_at: Option<TimeValue>,
     /// O-8 specimen collection date and time.
     pub collected_at: Option<TimeValue>,
     /// O-12 action code.
     pub action_code: Option<String>,
+    /// O-12 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action_code_repeats: Option<Repeats>,
     /// O-26 report type (`F` final, `Q` response to query ...).
     pub report_type: Option<String>,
+    /// O-26 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_type_repeats: Option<Repeats>,
     /// Comments attached to it.
     pub comments: Vec<Comment>,
     /// Its results.
@@ -274,22 +401,34 @@ pub struct Order {
 }
 
 /// A patient (P record) and their orders.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct Patient {
     /// P-2 sequence number.
     pub sequence: Option<u32>,
-    /// P-3 practice-assigned patient ID.
+    /// P-3 practice-assigned patient ID: its first component.
     pub practice_patient_id: Option<String>,
-    /// P-4 laboratory-assigned patient ID.
+    /// P-3 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub practice_patient_id_repeats: Option<Repeats>,
+    /// P-4 laboratory-assigned patient ID: its first component.
     pub laboratory_patient_id: Option<String>,
-    /// P-5 patient ID No. 3.
+    /// P-4 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub laboratory_patient_id_repeats: Option<Repeats>,
+    /// P-5 patient ID No. 3: its first component.
     pub patient_id_3: Option<String>,
-    /// P-6 patient name.
+    /// P-5 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient_id_3_repeats: Option<Repeats>,
+    /// P-6 patient name (first repeat).
     pub name: Option<PersonName>,
     /// P-8 birth date.
     pub birth_date: Option<TimeValue>,
     /// P-9 sex.
     pub sex: Option<String>,
+    /// P-9 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sex_repeats: Option<Repeats>,
     /// Comments attached to it.
     pub comments: Vec<Comment>,
     /// Its orders.
@@ -318,6 +457,9 @@ pub struct AstmMessage {
     pub other_records: Vec<RawRecord>,
     /// L-3 termination code (`N` normal, `T` sender aborted, `E` unknown error ...).
     pub termination_code: Option<String>,
+    /// L-3 as repeats of components, when it has more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub termination_code_repeats: Option<Repeats>,
     /// True iff an L record was present.
     pub complete: bool,
     /// Number of records of each type.
@@ -350,6 +492,57 @@ fn lines(text: &str) -> Vec<(usize, &str)> {
         out.push((line, &text[start..]));
     }
     out
+}
+
+/// What replaces a header's password (H-4) in text leaving the appliance.
+pub const PASSWORD_MASK: &str = "***";
+
+/// The message text with the content of every header record's password field (H-4) replaced by
+/// [`PASSWORD_MASK`]; an empty H-4 stays empty, everything else stays byte for byte. Used for
+/// the record's `raw`, so the password never reaches the central side. Works on text that does
+/// not parse (a second header, bad delimiters): any line that starts with `H` and a
+/// non-alphanumeric character (after blanks, control characters or a stray frame number) is
+/// taken as a header, with that character as its field delimiter.
+pub fn mask_password(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut out = String::new();
+    let mut copied = 0;
+    for (_, line) in lines(text) {
+        let Some(range) = password_range(line) else {
+            continue;
+        };
+        let start = line.as_ptr() as usize - text.as_ptr() as usize;
+        out.push_str(&text[copied..start + range.start]);
+        out.push_str(PASSWORD_MASK);
+        copied = start + range.end;
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Byte range of a non-empty H-4 in `line`, if `line` is a header record.
+fn password_range(line: &str) -> Option<std::ops::Range<usize>> {
+    let body = line.trim_start_matches(|c: char| c.is_whitespace() || c.is_control());
+    let body = match body.as_bytes() {
+        [d, b'H', ..] if d.is_ascii_digit() => &body[1..],
+        _ => body,
+    };
+    let offset = line.len() - body.len();
+    let mut chars = body.chars();
+    if chars.next() != Some('H') {
+        return None;
+    }
+    let field = chars.next()?;
+    if !field.is_ascii_graphic() || field.is_ascii_alphanumeric() {
+        return None;
+    }
+    // Field boundaries: after H-1 (`H`), H-2 (the delimiters) and H-3 comes H-4.
+    let mut bounds = body.match_indices(field).map(|(i, _)| i);
+    let start = bounds.nth(2)? + 1;
+    let end = bounds.next().unwrap_or(body.len());
+    (end > start).then(|| offset + start..offset + end)
 }
 
 /// Read the delimiters from a header line (`H|\^&...`).
@@ -538,8 +731,36 @@ impl Ctx<'_> {
             .collect()
     }
 
+    /// Whether a field was sent with more than one component or repeat (escaped delimiters
+    /// are text, not delimiters).
+    fn structured(&self, raw: &str) -> bool {
+        raw.contains(self.d.component) || raw.contains(self.d.repeat)
+    }
+
+    /// A whole field: its repeats, each its decoded, trimmed components.
+    fn repeats(&self, raw: &str) -> Repeats {
+        raw.split(self.d.repeat)
+            .map(|r| self.components(r))
+            .collect()
+    }
+
     fn first_repeat<'s>(&self, raw: &'s str) -> &'s str {
         raw.split(self.d.repeat).next().unwrap_or("")
+    }
+
+    /// A scalar member: the first component of the first repeat (decoded, trimmed; `None` when
+    /// empty), and the whole field as repeats when it was sent with more than one part, so
+    /// nothing is flattened into a string carrying the message's delimiters.
+    fn scalar(&self, raw: &str) -> (Option<String>, Option<Repeats>) {
+        let first = self
+            .first_repeat(raw)
+            .split(self.d.component)
+            .next()
+            .unwrap_or("");
+        (
+            self.text(first),
+            self.structured(raw).then(|| self.repeats(raw)),
+        )
     }
 
     fn time(&self, raw: &str) -> Option<TimeValue> {
@@ -552,10 +773,36 @@ impl Ctx<'_> {
             return None;
         }
         let get = |i: usize| components.get(i).filter(|c| !c.is_empty()).cloned();
+        let mut local: Vec<String> = components.iter().skip(3).cloned().collect();
+        while local.last().is_some_and(|p| p.is_empty()) {
+            local.pop();
+        }
+        let local_code = (!local.is_empty()).then(|| local_code(&local));
+        let panel = (local.len() > 1 && !local[0].is_empty()).then(|| local[0].clone());
+        let universal_id = get(0);
+        let universal_system = get(2);
+        let (code, code_from, system) = match &universal_id {
+            Some(id) => (
+                Some(id.clone()),
+                Some(CodeFrom::Universal),
+                universal_system.clone(),
+            ),
+            None => (
+                local_code.clone(),
+                local_code.as_ref().map(|_| CodeFrom::Local),
+                None,
+            ),
+        };
         Some(Code {
-            code: get(0).or_else(|| get(3)),
+            code,
+            code_from,
             text: get(1),
-            system: get(2),
+            system,
+            universal_id,
+            universal_system,
+            local_code,
+            local,
+            panel,
             components,
         })
     }
@@ -567,12 +814,12 @@ impl Ctx<'_> {
     }
 
     fn comment(&self, f: &Fields) -> Comment {
-        let text = f
-            .get(4)
-            .split(self.d.repeat)
+        let raw = f.get(4);
+        let text = self
+            .repeats(raw)
+            .into_iter()
             .map(|r| {
-                self.components(r)
-                    .into_iter()
+                r.into_iter()
                     .filter(|c| !c.is_empty())
                     .collect::<Vec<_>>()
                     .join(" ")
@@ -580,17 +827,26 @@ impl Ctx<'_> {
             .filter(|r| !r.is_empty())
             .collect::<Vec<_>>()
             .join("\n");
+        let (source, source_repeats) = self.scalar(f.get(3));
+        let (comment_type, comment_type_repeats) = self.scalar(f.get(5));
         Comment {
             sequence: seq(f.get(2)),
-            source: self.text(f.get(3)),
+            source,
+            source_repeats,
             text: (!text.is_empty()).then_some(text),
-            comment_type: self.text(f.get(5)),
+            text_repeats: self.structured(raw).then(|| self.repeats(raw)),
+            comment_type,
+            comment_type_repeats,
         }
     }
 
     fn instrument(&self, f: &Fields) -> Instrument {
         let sender: Vec<String> = self.components(self.first_repeat(f.get(5)));
         let get = |i: usize| sender.get(i).filter(|c| !c.is_empty()).cloned();
+        let (message_control_id, message_control_id_repeats) = self.scalar(f.get(3));
+        let (receiver_id, receiver_id_repeats) = self.scalar(f.get(10));
+        let (processing_id, processing_id_repeats) = self.scalar(f.get(12));
+        let (version, version_repeats) = self.scalar(f.get(13));
         Instrument {
             name: get(0),
             software_version: get(1),
@@ -600,10 +856,14 @@ impl Ctx<'_> {
             } else {
                 sender.clone()
             },
-            message_control_id: self.text(f.get(3)),
-            receiver_id: self.text(f.get(10)),
-            processing_id: self.text(f.get(12)),
-            version: self.text(f.get(13)),
+            message_control_id,
+            message_control_id_repeats,
+            receiver_id,
+            receiver_id_repeats,
+            processing_id,
+            processing_id_repeats,
+            version,
+            version_repeats,
             message_datetime: self.time(f.get(14)),
         }
     }
@@ -623,69 +883,118 @@ impl Ctx<'_> {
             || name.middle.is_some()
             || name.suffix.is_some()
             || name.title.is_some();
+        let (practice_patient_id, practice_patient_id_repeats) = self.scalar(f.get(3));
+        let (laboratory_patient_id, laboratory_patient_id_repeats) = self.scalar(f.get(4));
+        let (patient_id_3, patient_id_3_repeats) = self.scalar(f.get(5));
+        let (sex, sex_repeats) = self.scalar(f.get(9));
         Patient {
             sequence: seq(f.get(2)),
-            practice_patient_id: self.text(f.get(3)),
-            laboratory_patient_id: self.text(f.get(4)),
-            patient_id_3: self.text(f.get(5)),
+            practice_patient_id,
+            practice_patient_id_repeats,
+            laboratory_patient_id,
+            laboratory_patient_id_repeats,
+            patient_id_3,
+            patient_id_3_repeats,
             name: has_name.then_some(name),
             birth_date: self.time(f.get(8)),
-            sex: self.text(f.get(9)),
-            comments: Vec::new(),
-            orders: Vec::new(),
-            implied: false,
+            sex,
+            sex_repeats,
+            ..Patient::default()
         }
     }
 
     fn order(&self, f: &Fields) -> Order {
+        let (specimen_id, specimen_id_repeats) = self.scalar(f.get(3));
+        let (instrument_specimen_id, instrument_specimen_id_repeats) = self.scalar(f.get(4));
+        let (priority, priority_repeats) = self.scalar(f.get(6));
+        let (action_code, action_code_repeats) = self.scalar(f.get(12));
+        let (report_type, report_type_repeats) = self.scalar(f.get(26));
         Order {
             sequence: seq(f.get(2)),
-            specimen_id: self.text(f.get(3)),
-            instrument_specimen_id: self.text(f.get(4)),
+            specimen_id,
+            specimen_id_repeats,
+            instrument_specimen_id,
+            instrument_specimen_id_repeats,
             universal_test_id: self.codes(f.get(5)),
-            priority: self.text(f.get(6)),
+            priority,
+            priority_repeats,
             requested_at: self.time(f.get(7)),
             collected_at: self.time(f.get(8)),
-            action_code: self.text(f.get(12)),
-            report_type: self.text(f.get(26)),
-            comments: Vec::new(),
-            observations: Vec::new(),
-            implied: false,
+            action_code,
+            action_code_repeats,
+            report_type,
+            report_type_repeats,
+            ..Order::default()
         }
+    }
+
+    /// R-4: a number or a string when its only non-empty part is its first component (empty
+    /// parts carry nothing, so `40^^` is the number 40, its parts still in `value_repeats`);
+    /// anything else with parts is `CM` with `value: null`, read from `value_repeats`.
+    fn value(&self, raw: &str) -> (serde_json::Value, Option<String>, Option<Repeats>) {
+        let repeats = self.structured(raw).then(|| self.repeats(raw));
+        let single = match &repeats {
+            None => self.text(raw),
+            Some(reps) => {
+                let mut non_empty = reps.iter().enumerate().flat_map(|(r, comps)| {
+                    comps
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| !c.is_empty())
+                        .map(move |(i, c)| (r, i, c))
+                });
+                match (non_empty.next(), non_empty.next()) {
+                    (None, _) => None,
+                    (Some((0, 0, c)), None) => Some(c.clone()),
+                    _ => return (serde_json::Value::Null, Some("CM".into()), repeats),
+                }
+            }
+        };
+        let (value, value_type) = match single {
+            None => (serde_json::Value::Null, None),
+            Some(t) => match crate::hl7::normalise::parse_nm(&t) {
+                Some(n) => (serde_json::Value::Number(n), Some("NM".to_string())),
+                None => (serde_json::Value::String(t), Some("ST".to_string())),
+            },
+        };
+        (value, value_type, repeats)
     }
 
     fn observation(&self, f: &Fields) -> Observation {
         let raw = f.get(4);
-        let structured = raw.contains(self.d.component) || raw.contains(self.d.repeat);
-        let value_text = self.text(raw);
-        let (value, value_type) = match &value_text {
-            None => (serde_json::Value::Null, None),
-            Some(t) => match (!structured)
-                .then(|| crate::hl7::normalise::parse_nm(t))
-                .flatten()
-            {
-                Some(n) => (serde_json::Value::Number(n), Some("NM".to_string())),
-                None => (serde_json::Value::String(t.clone()), Some("ST".to_string())),
-            },
-        };
+        let (value, value_type, value_repeats) = self.value(raw);
+        let (units, units_repeats) = self.scalar(f.get(5));
+        let (reference_range, reference_range_repeats) = self.scalar(f.get(6));
+        let flags = f.get(7);
+        let (result_status, result_status_repeats) = self.scalar(f.get(9));
+        let (operator, operator_repeats) = self.scalar(f.get(11));
+        let (instrument_id, instrument_id_repeats) = self.scalar(f.get(14));
         Observation {
             set_id: seq(f.get(2)),
             code: self.code(self.first_repeat(f.get(3))),
             value,
             value_type,
-            value_text,
-            units: self.text(f.get(5)),
-            reference_range: self.text(f.get(6)),
-            abnormal_flags: f
-                .get(7)
+            value_text: (!raw.is_empty()).then(|| raw.to_string()),
+            value_repeats,
+            units,
+            units_repeats,
+            reference_range,
+            reference_range_repeats,
+            abnormal_flags: flags
                 .split(self.d.repeat)
-                .filter_map(|r| self.text(r))
+                .filter_map(|r| self.scalar(r).0)
                 .collect(),
-            result_status: self.text(f.get(9)),
-            operator: self.text(f.get(11)),
+            abnormal_flags_repeats: flags
+                .contains(self.d.component)
+                .then(|| self.repeats(flags)),
+            result_status,
+            result_status_repeats,
+            operator,
+            operator_repeats,
             started_at: self.time(f.get(12)),
             completed_at: self.time(f.get(13)),
-            instrument_id: self.text(f.get(14)),
+            instrument_id,
+            instrument_id_repeats,
             comments: Vec::new(),
         }
     }
@@ -741,6 +1050,7 @@ pub fn parse_message(text: &str, tz: &TimeZone) -> Result<AstmMessage, AstmError
         manufacturer_records: Vec::new(),
         other_records: Vec::new(),
         termination_code: None,
+        termination_code_repeats: None,
         complete: false,
         record_counts: BTreeMap::from([("H".to_string(), 1)]),
     };
@@ -817,7 +1127,7 @@ pub fn parse_message(text: &str, tz: &TimeZone) -> Result<AstmMessage, AstmError
                 attach = Attach::Manufacturer;
             }
             'L' => {
-                msg.termination_code = ctx.text(f.get(3));
+                (msg.termination_code, msg.termination_code_repeats) = ctx.scalar(f.get(3));
                 msg.complete = true;
             }
             _ => {
@@ -831,16 +1141,8 @@ pub fn parse_message(text: &str, tz: &TimeZone) -> Result<AstmMessage, AstmError
 
 fn implied_patient() -> Patient {
     Patient {
-        sequence: None,
-        practice_patient_id: None,
-        laboratory_patient_id: None,
-        patient_id_3: None,
-        name: None,
-        birth_date: None,
-        sex: None,
-        comments: Vec::new(),
-        orders: Vec::new(),
         implied: true,
+        ..Patient::default()
     }
 }
 
@@ -856,18 +1158,8 @@ fn current_order(patients: &mut Vec<Patient>) -> &mut Order {
     let p = current_patient(patients);
     if p.orders.is_empty() {
         p.orders.push(Order {
-            sequence: None,
-            specimen_id: None,
-            instrument_specimen_id: None,
-            universal_test_id: Vec::new(),
-            priority: None,
-            requested_at: None,
-            collected_at: None,
-            action_code: None,
-            report_type: None,
-            comments: Vec::new(),
-            observations: Vec::new(),
             implied: true,
+            ..Order::default()
         });
     }
     let last = p.orders.len() - 1;
@@ -942,7 +1234,17 @@ L|1|N\r";
 
         let o = &p.orders[0];
         assert_eq!(o.specimen_id.as_deref(), Some("SPEC-0001"));
-        assert_eq!(o.instrument_specimen_id.as_deref(), Some("INST-0001^03^12"));
+        // O-4 `INST-0001^03^12`: the ID, then rack and position, never re-joined.
+        assert_eq!(o.instrument_specimen_id.as_deref(), Some("INST-0001"));
+        assert_eq!(
+            o.instrument_specimen_id_repeats,
+            Some(vec![vec![
+                "INST-0001".to_string(),
+                "03".into(),
+                "12".into()
+            ]])
+        );
+        assert_eq!(o.specimen_id_repeats, None);
         let tests: Vec<_> = o
             .universal_test_id
             .iter()
@@ -963,8 +1265,10 @@ L|1|N\r";
             json,
             json!({
                 "set_id": 1,
-                "code": {"code": "GLU", "text": null, "system": null,
-                         "components": ["", "", "", "GLU", "Glucose"]},
+                "code": {"code": "GLU^Glucose", "code_from": "local", "text": null,
+                         "system": null, "universal_id": null, "universal_system": null,
+                         "local_code": "GLU^Glucose", "local": ["GLU", "Glucose"],
+                         "panel": "GLU", "components": ["", "", "", "GLU", "Glucose"]},
                 "value": 5.4,
                 "value_type": "NM",
                 "value_text": "5.40",
@@ -972,7 +1276,8 @@ L|1|N\r";
                 "reference_range": "3.9 to 5.8",
                 "abnormal_flags": ["N"],
                 "result_status": "F",
-                "operator": "OP1^SUP2",
+                "operator": "OP1",
+                "operator_repeats": [["OP1", "SUP2"]],
                 "started_at": {"value": "2024-06-15T10:10:00+01:00", "astm": "20240615101000",
                                "precision": "second", "zone": "assumed"},
                 "completed_at": {"value": "2024-06-15T10:25:00+01:00", "astm": "20240615102500",
@@ -1040,13 +1345,15 @@ L|1|N\r";
         assert_eq!(codes.len(), 2);
         assert_eq!(codes[0].code.as_deref(), None);
         assert_eq!(codes[0].text.as_deref(), Some("LOINC"));
-        assert_eq!(codes[0].system.as_deref(), Some("LN"));
+        // LN types an empty universal ID: kept, but not as the system of any code.
+        assert_eq!(codes[0].system.as_deref(), None);
+        assert_eq!(codes[0].universal_system.as_deref(), Some("LN"));
         assert_eq!(codes[1].code.as_deref(), Some("LOCAL"));
         let r = &m.patients[0].orders[0].observations[0];
         // $S$ is an escaped component delimiter: the name is one component "Na#K".
         let code = r.code.as_ref().unwrap();
         assert_eq!(code.text.as_deref(), Some("Na#K"));
-        assert_eq!(code.system.as_deref(), Some("LN"));
+        assert_eq!(code.universal_system.as_deref(), Some("LN"));
         assert_eq!(r.value, json!(12.5));
         assert_eq!(r.units.as_deref(), Some("g!L"));
         assert!(m.complete);
@@ -1227,15 +1534,22 @@ L|1|N\r";
         );
         let obs = &m.patients[0].orders[0].observations;
         assert_eq!(obs[0].value, json!(-0.5));
-        assert_eq!(obs[0].value_text.as_deref(), Some("-0.50"));
+        // value_text is R-4 exactly as sent, spaces included.
+        assert_eq!(obs[0].value_text.as_deref(), Some("  -0.50 "));
         assert_eq!(obs[0].code.as_ref().unwrap().code.as_deref(), Some("GLU"));
         let c = obs[1].code.as_ref().unwrap();
         assert_eq!(
             (c.code.as_deref(), c.text.as_deref(), c.system.as_deref()),
             (Some("2345-7"), Some("Glucose"), Some("LN"))
         );
-        assert_eq!(obs[1].value, json!("POS^12"));
-        assert_eq!(obs[1].value_type.as_deref(), Some("ST"));
+        // Two non-empty parts: no single value; the parts, never `"POS^12"`.
+        assert_eq!(obs[1].value, serde_json::Value::Null);
+        assert_eq!(obs[1].value_type.as_deref(), Some("CM"));
+        assert_eq!(
+            obs[1].value_repeats,
+            Some(vec![vec!["POS".to_string(), "12".into()]])
+        );
+        assert_eq!(obs[1].value_text.as_deref(), Some("POS^12"));
         assert_eq!(obs[2].value, json!(">100"));
         assert_eq!(obs[3].value, json!("1e5"));
         assert_eq!(obs[4].value, serde_json::Value::Null);
@@ -1243,6 +1557,367 @@ L|1|N\r";
         assert_eq!(obs[5].value, json!(7));
         assert_eq!(obs[6].value, json!("1.2.3"));
         assert_eq!(obs[7].value, json!("."));
+    }
+
+    // Issue 10, finding 8: a result's code identifies the analyte.
+
+    fn result_codes(text: &str) -> Vec<Code> {
+        parse(text).patients[0].orders[0]
+            .observations
+            .iter()
+            .map(|o| o.code.clone().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn sodium_potassium_and_chloride_from_one_ise_module_never_share_a_code() {
+        let codes = result_codes(
+            "H|\\^&\rP|1\rO|1|S1||^^^ISE\rR|1|^^^ISE^NA|139|mmol/L\rR|2|^^^ISE^K|4.2|mmol/L\r\
+             R|3|^^^ISE^CL|111|mmol/L\rL|1|N\r",
+        );
+        let got: Vec<_> = codes.iter().map(|c| c.code.as_deref().unwrap()).collect();
+        assert_eq!(got, ["ISE^NA", "ISE^K", "ISE^CL"]);
+        for (c, analyte) in codes.iter().zip(["NA", "K", "CL"]) {
+            assert_eq!(c.code_from, Some(CodeFrom::Local));
+            assert_eq!(c.panel.as_deref(), Some("ISE"));
+            assert_eq!(c.local, ["ISE", analyte]);
+            assert_eq!(c.local_code, c.code);
+            assert_eq!(
+                (c.system.as_deref(), c.universal_id.as_deref()),
+                (None, None)
+            );
+        }
+        // The order's single ISE test is a code of its own, without a panel.
+        let order = &parse("H|\\^&\rO|1|S1||^^^ISE\rL|1\r").patients[0].orders[0];
+        let ise = &order.universal_test_id[0];
+        assert_eq!(
+            (ise.code.as_deref(), ise.panel.as_deref()),
+            (Some("ISE"), None)
+        );
+    }
+
+    #[test]
+    fn every_result_of_a_chem12_panel_has_its_own_code() {
+        let analytes = [
+            "GLU", "BUN", "CREA", "NA", "K", "CL", "CO2", "CA", "TP", "ALB", "TBIL", "ALP",
+        ];
+        let mut text = String::from("H|\\^&\rP|1\rO|1|S1||^^^CHEM12\r");
+        for (i, a) in analytes.iter().enumerate() {
+            text += &format!("R|{}|^^^CHEM12^{a}|{}|\r", i + 1, i + 1);
+        }
+        text += "L|1|N\r";
+        let codes = result_codes(&text);
+        let mut distinct: Vec<_> = codes.iter().map(|c| c.code.clone().unwrap()).collect();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 12, "{distinct:?}");
+        assert_eq!(codes[0].code.as_deref(), Some("CHEM12^GLU"));
+        assert!(codes.iter().all(|c| c.panel.as_deref() == Some("CHEM12")));
+    }
+
+    #[test]
+    fn microbiology_mic_and_dosage_results_differ_and_keep_every_local_part() {
+        let codes = result_codes(
+            "H|\\^&\rP|1\rO|1|S1\rR|1|^^^AM^MIC|<=0.25|ug/mL||S\rR|2|^^^AM^DOSAGE1^COSTCODE|500 mg\r\
+             L|1\r",
+        );
+        assert_eq!(codes[0].code.as_deref(), Some("AM^MIC"));
+        assert_eq!(codes[1].code.as_deref(), Some("AM^DOSAGE1^COSTCODE"));
+        assert_eq!(codes[1].local, ["AM", "DOSAGE1", "COSTCODE"]);
+        assert_eq!(codes[1].panel.as_deref(), Some("AM"));
+    }
+
+    #[test]
+    fn a_system_sent_for_an_empty_universal_id_is_never_attached_to_the_local_code() {
+        let c = &result_codes("H|\\^&\rR|1|^Sodium^LN^NA|139\rL|1\r")[0];
+        assert_eq!(
+            serde_json::to_value(c).unwrap(),
+            json!({"code": "NA", "code_from": "local", "text": "Sodium", "system": null,
+                   "universal_id": null, "universal_system": "LN", "local_code": "NA",
+                   "local": ["NA"], "panel": null, "components": ["", "Sodium", "LN", "NA"]})
+        );
+        // A universal ID is the code, with its system; the local code is still there.
+        let c = &result_codes("H|\\^&\rR|1|2951-2^Sodium^LN^NA|139\rL|1\r")[0];
+        assert_eq!(
+            (c.code.as_deref(), c.code_from, c.system.as_deref()),
+            (Some("2951-2"), Some(CodeFrom::Universal), Some("LN"))
+        );
+        assert_eq!(c.local_code.as_deref(), Some("NA"));
+    }
+
+    #[test]
+    fn local_codes_have_one_canonical_form_whatever_the_message_delimiters() {
+        let code = |text: &str| result_codes(text)[0].clone();
+        // Other delimiters, same analyser: the same code.
+        assert_eq!(
+            code("H!@#$\rR!1!###ISE#NA!139\rL!1\r").code.as_deref(),
+            Some("ISE^NA")
+        );
+        // An escaped component delimiter is text inside a part, a real one separates parts.
+        let escaped = code("H|\\^&\rR|1|^^^A&S&B|1\rL|1\r");
+        assert_eq!(escaped.local, ["A^B"]);
+        assert_eq!(escaped.code.as_deref(), Some("A&S&B"));
+        assert_eq!(
+            code("H|\\^&\rR|1|^^^A^B|1\rL|1\r").code.as_deref(),
+            Some("A^B")
+        );
+        // With `#` as component delimiter, `#` inside a part is ordinary text in the canonical form.
+        assert_eq!(
+            code("H|\\#&\rR|1|###A&S&B#C|1\rL|1\r").code.as_deref(),
+            Some("A#B^C")
+        );
+        // Trailing empty parts dropped, inner and leading ones kept.
+        let c = code("H|\\^&\rR|1|^^^ISE^NA^^|1\rL|1\r");
+        assert_eq!((c.code.as_deref(), c.local.len()), (Some("ISE^NA"), 2));
+        let c = code("H|\\^&\rR|1|^^^X^^Y|1\rL|1\r");
+        assert_eq!(
+            (c.code.as_deref(), c.local.clone()),
+            (Some("X^^Y"), vec!["X".into(), "".into(), "Y".into()])
+        );
+        let c = code("H|\\^&\rR|1|^^^^NA|1\rL|1\r");
+        assert_eq!((c.code.as_deref(), c.panel.as_deref()), (Some("^NA"), None));
+        assert_eq!(
+            local_code(&["a&b".into(), "c|d\\e^f".into()]),
+            "a&E&b^c&F&d&R&e&S&f"
+        );
+        // A name alone is not a code.
+        let c = code("H|\\^&\rR|1|^Glucose|1\rL|1\r");
+        assert_eq!(
+            (c.code, c.code_from, c.text.as_deref()),
+            (None, None, Some("Glucose"))
+        );
+    }
+
+    // Issue 10, finding 9: parts stay parts; value_text is R-4 as sent.
+
+    #[test]
+    fn multi_part_values_are_kept_as_parts_never_as_strings_with_delimiters() {
+        let m = parse("H|\\^&\rR|1|^^^TITRE|40^^\rR|2|^^^HBV|0^0^3.0\rR|3|^^^X|^^\rL|1\r");
+        let obs = &m.patients[0].orders[0].observations;
+        // `40^^`: the empty parts carry nothing; the value is 40.
+        assert_eq!(
+            (obs[0].value.clone(), obs[0].value_type.as_deref()),
+            (json!(40), Some("NM"))
+        );
+        assert_eq!(
+            obs[0].value_repeats,
+            Some(vec![vec!["40".to_string(), "".into(), "".into()]])
+        );
+        assert_eq!(obs[0].value_text.as_deref(), Some("40^^"));
+        // `0^0^3.0`: three parts, no single value.
+        assert_eq!(
+            (obs[1].value.clone(), obs[1].value_type.as_deref()),
+            (json!(null), Some("CM"))
+        );
+        assert_eq!(
+            obs[1].value_repeats,
+            Some(vec![vec!["0".to_string(), "0".into(), "3.0".into()]])
+        );
+        // Delimiters only: empty.
+        assert_eq!(
+            (obs[2].value.clone(), obs[2].value_type.as_deref()),
+            (json!(null), None)
+        );
+        assert_eq!(obs[2].value_text.as_deref(), Some("^^"));
+    }
+
+    #[test]
+    fn a_real_delimiter_and_an_escaped_one_are_told_apart() {
+        let m = parse("H|\\#&\rR|1|###X|40##\rR|2|###X|40&S&&S&\rL|1\r");
+        let obs = &m.patients[0].orders[0].observations;
+        assert_eq!(obs[0].value, json!(40));
+        assert_eq!(
+            obs[0].value_repeats,
+            Some(vec![vec!["40".to_string(), "".into(), "".into()]])
+        );
+        assert_eq!(obs[0].value_text.as_deref(), Some("40##"));
+        assert_eq!(
+            (obs[1].value.clone(), obs[1].value_type.as_deref()),
+            (json!("40##"), Some("ST"))
+        );
+        assert_eq!(obs[1].value_repeats, None);
+        assert_eq!(obs[1].value_text.as_deref(), Some("40&S&&S&"));
+    }
+
+    #[test]
+    fn specimen_ids_keep_their_parts_and_the_tube_barcode_matches() {
+        let m = parse(
+            "H|\\^&\rP|1|9990000018^^^NHS\rO|1|5762^01|1122206642^^^\\1122206642^^^|^^^A1c|R\rL|1\r",
+        );
+        let p = &m.patients[0];
+        assert_eq!(p.practice_patient_id.as_deref(), Some("9990000018"));
+        let o = &p.orders[0];
+        assert_eq!(o.specimen_id.as_deref(), Some("5762"));
+        assert_eq!(
+            o.specimen_id_repeats,
+            Some(vec![vec!["5762".to_string(), "01".into()]])
+        );
+        assert_eq!(o.instrument_specimen_id.as_deref(), Some("1122206642"));
+        let one = vec!["1122206642".to_string(), "".into(), "".into(), "".into()];
+        assert_eq!(
+            o.instrument_specimen_id_repeats,
+            Some(vec![one.clone(), one])
+        );
+        // Nothing in the normalised patient carries the message's delimiters.
+        let json = serde_json::to_string(&m.patients).unwrap();
+        assert!(!json.contains('^') && !json.contains("\\\\"), "{json}");
+        // A single-part id has no repeats member at all.
+        let o =
+            serde_json::to_value(&parse("H|\\^&\rO|1|S1\rL|1\r").patients[0].orders[0]).unwrap();
+        assert_eq!(
+            (o.get("specimen_id"), o.get("specimen_id_repeats")),
+            (Some(&json!("S1")), None)
+        );
+    }
+
+    #[test]
+    fn value_text_is_r4_exactly_as_sent() {
+        let m =
+            parse("H|\\^&\rR|1|^^^X| 5.40 \rR|2|^^^X|1&S&2\rR|3|^^^X|&lt;1.5\rR|4|^^^X|\rL|1\r");
+        let obs = &m.patients[0].orders[0].observations;
+        let texts: Vec<_> = obs.iter().map(|o| o.value_text.as_deref()).collect();
+        assert_eq!(
+            texts,
+            [Some(" 5.40 "), Some("1&S&2"), Some("&lt;1.5"), None]
+        );
+        assert_eq!(obs[0].value, json!(5.4));
+        assert_eq!(obs[1].value, json!("1^2"));
+    }
+
+    #[test]
+    fn every_scalar_field_keeps_its_parts_when_it_has_several() {
+        // O-6 priority, O-12 action code and O-26 report type.
+        let order = format!("O|1|S1||^^^X|R^S{}N^Y{}F^Q", "|".repeat(6), "|".repeat(14));
+        let m = parse(&format!(
+            "H|\\^&\rP|1|A^B|C\\D|E||||M^X\r{order}\r\
+             R|1|^^^X|1|mmol^L|3.5^5.0|H^x\\L||F^C||OP1^SUP2|||INST^2\rC|1|I^L|t|G^T\rL|1|N^E\r",
+        ));
+        let v = serde_json::to_value(&m).unwrap();
+        let p = &v["patients"][0];
+        assert_eq!(p["practice_patient_id_repeats"], json!([["A", "B"]]));
+        assert_eq!(p["laboratory_patient_id"], json!("C"));
+        assert_eq!(p["laboratory_patient_id_repeats"], json!([["C"], ["D"]]));
+        assert_eq!(p.get("patient_id_3_repeats"), None);
+        assert_eq!(
+            (&p["sex"], &p["sex_repeats"]),
+            (&json!("M"), &json!([["M", "X"]]))
+        );
+        let o = &p["orders"][0];
+        assert_eq!(o["priority_repeats"], json!([["R", "S"]]));
+        assert_eq!(o["action_code_repeats"], json!([["N", "Y"]]));
+        assert_eq!(o["report_type_repeats"], json!([["F", "Q"]]));
+        let r = &o["observations"][0];
+        assert_eq!(
+            (&r["units"], &r["units_repeats"]),
+            (&json!("mmol"), &json!([["mmol", "L"]]))
+        );
+        assert_eq!(r["reference_range_repeats"], json!([["3.5", "5.0"]]));
+        assert_eq!(r["abnormal_flags"], json!(["H", "L"]));
+        assert_eq!(r["abnormal_flags_repeats"], json!([["H", "x"], ["L"]]));
+        assert_eq!(r["result_status_repeats"], json!([["F", "C"]]));
+        assert_eq!(r["operator_repeats"], json!([["OP1", "SUP2"]]));
+        assert_eq!(r["instrument_id_repeats"], json!([["INST", "2"]]));
+        let c = &r["comments"][0];
+        assert_eq!(
+            (&c["source"], &c["source_repeats"]),
+            (&json!("I"), &json!([["I", "L"]]))
+        );
+        assert_eq!(c["comment_type_repeats"], json!([["G", "T"]]));
+        assert_eq!(c.get("text_repeats"), None);
+        assert_eq!(
+            (&v["termination_code"], &v["termination_code_repeats"]),
+            (&json!("N"), &json!([["N", "E"]]))
+        );
+    }
+
+    // Issue 10, finding 10: the H-4 password never leaves the appliance.
+
+    #[test]
+    fn the_header_password_is_masked_in_raw_text() {
+        let text = "H|\\^&|MSG1|PSWD|ANALYSER^1.0|||||LIS||P|1\r\nP|1\r\nL|1\r\n";
+        assert_eq!(
+            mask_password(text),
+            "H|\\^&|MSG1|***|ANALYSER^1.0|||||LIS||P|1\r\nP|1\r\nL|1\r\n"
+        );
+        // Components and repeats of the password go too; other delimiters work.
+        assert_eq!(
+            mask_password("H!@#$!!Pass#word1@x!SENDER\rL!1\r"),
+            "H!@#$!!***!SENDER\rL!1\r"
+        );
+        // Even when the message does not parse: a second header, a password at the end,
+        // leading blanks or a stray frame number.
+        assert_eq!(
+            mask_password("H|\\^&||PSWD\rP|1\r 1H|\\^&||Password1|\rL|1\r"),
+            "H|\\^&||***\rP|1\r 1H|\\^&||***|\rL|1\r"
+        );
+        assert!(parse_message("H|\\^&||PSWD\rP|1\rH|\\^&||Password1|\rL|1\r", &london()).is_err());
+        // Nothing to mask: the text is not copied.
+        for text in [
+            "H|\\^&|||X\rL|1\r",
+            "H|\\^&\r",
+            "P|1|PSWD|Password1\r",
+            "Hello|a|b|c\r",
+        ] {
+            assert!(matches!(mask_password(text), std::borrow::Cow::Borrowed(t) if t == text));
+        }
+        // The normalised message never had it.
+        let m = parse("H|\\^&||Password1|ANALYSER\rP|1\rL|1\r");
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(!json.contains("Password1"), "{json}");
+    }
+
+    // Issue 10, finding 11: Windows-1252 text, and comment text one way everywhere.
+
+    #[test]
+    fn a_windows_1252_comment_and_reference_range_read_as_the_analyser_wrote_them() {
+        use crate::hl7::charset::{Charset, decode};
+        let bytes = b"H|\\^&|||WINLAB\rP|1\rO|1|S1\rR|1|^^^K|4.1|mmol/L|3.5\x965.0|N\r\
+                      C|1|I|\x84Probe h\xe4molytisch\x93 \x80|G\rL|1\r";
+        let m = parse(&decode(bytes, None, Charset::Windows1252).unwrap());
+        let r = &m.patients[0].orders[0].observations[0];
+        assert_eq!(r.reference_range.as_deref(), Some("3.5–5.0"));
+        assert_eq!(r.comments[0].text.as_deref(), Some("„Probe hämolytisch“ €"));
+        // Read as Latin-1 the same bytes hide control characters (what users saw before).
+        let m = parse(&decode(bytes, None, Charset::Latin1).unwrap());
+        let r = &m.patients[0].orders[0].observations[0];
+        assert_eq!(r.reference_range.as_deref(), Some("3.5\u{96}5.0"));
+    }
+
+    #[test]
+    fn comment_text_joins_components_with_spaces_and_repeats_with_newlines_wherever_it_is() {
+        let body = "Sample^ haemolysed ^^\\\\second^line&S&kept";
+        let m = parse(&format!(
+            "H|\\^&\rC|1|I|{body}|G\rP|1\rC|1|I|{body}|G\rO|1|S1\rC|1|I|{body}|G\r\
+             R|1|^^^X|1\rC|1|I|{body}|G\rM|1|X\rC|1|I|{body}|G\rQ|1|^S1\rC|1|I|{body}|G\rL|1\r"
+        ));
+        let o = &m.patients[0].orders[0];
+        let all = [
+            &m.comments[0],
+            &m.patients[0].comments[0],
+            &o.comments[0],
+            &o.observations[0].comments[0],
+            &m.manufacturer_records[0].comments[0],
+            &m.queries[0].comments[0],
+        ];
+        for c in all {
+            assert_eq!(
+                c.text.as_deref(),
+                Some("Sample haemolysed\nsecond line^kept")
+            );
+            assert_eq!(
+                c.text_repeats,
+                Some(vec![
+                    vec![
+                        "Sample".to_string(),
+                        "haemolysed".into(),
+                        "".into(),
+                        "".into()
+                    ],
+                    vec!["".into()],
+                    vec!["second".into(), "line^kept".into()],
+                ])
+            );
+        }
     }
 
     /// xorshift64* pseudo-random generator for the never-panics loop.

@@ -1,9 +1,12 @@
 //! Character sets named in MSH-18 and decoding of a whole message to text.
 //!
-//! Supports the four sets siterelay accepts: `ASCII`, `8859/1` (Latin-1),
-//! `8859/15` (Latin-9) and `UNICODE UTF-8`. [`decode`] turns raw message
-//! bytes into a `String`; [`Charset::encode_lossy`] goes the other way for
-//! text we write (ACKs).
+//! Supports the five sets siterelay accepts: `ASCII`, `8859/1` (Latin-1),
+//! `8859/15` (Latin-9), `UNICODE UTF-8` and `windows-1252` (Latin-1 with
+//! printable characters in 0x80-0x9F, as Windows PCs beside analysers send:
+//! `€ „ “ ” – —`; not in HL7 table 0211, so MSH-18 may name it
+//! `WINDOWS-1252` or `CP1252`). [`decode`] turns raw message bytes into a
+//! `String`; [`Charset::encode_lossy`] goes the other way for text we write
+//! (ACKs).
 //!
 //! Deliberately NOT done here: no guessing or sniffing of undeclared
 //! charsets (the caller passes a configured default), no ISO 2022 code
@@ -25,6 +28,8 @@ pub enum Charset {
     Latin9,
     /// UTF-8 (MSH-18 `UNICODE UTF-8`).
     Utf8,
+    /// Windows code page 1252 (MSH-18 `WINDOWS-1252` or `CP1252`, any case; not in HL7 table 0211).
+    Windows1252,
 }
 
 /// Why a message could not be decoded.
@@ -63,6 +68,16 @@ const LATIN9_DIFF: [(u8, char); 8] = [
     (0xBE, '\u{0178}'), // Ÿ
 ];
 
+/// Windows-1252 characters for the bytes 0x80-0x9F. The five bytes the code page leaves
+/// undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) map to the C1 control of the same value, as the
+/// WHATWG Encoding Standard (and so every browser) does.
+const WINDOWS_1252_C1: [char; 32] = [
+    '\u{20AC}', '\u{0081}', '\u{201A}', '\u{0192}', '\u{201E}', '\u{2026}', '\u{2020}', '\u{2021}',
+    '\u{02C6}', '\u{2030}', '\u{0160}', '\u{2039}', '\u{0152}', '\u{008D}', '\u{017D}', '\u{008F}',
+    '\u{0090}', '\u{2018}', '\u{2019}', '\u{201C}', '\u{201D}', '\u{2022}', '\u{2013}', '\u{2014}',
+    '\u{02DC}', '\u{2122}', '\u{0161}', '\u{203A}', '\u{0153}', '\u{009D}', '\u{017E}', '\u{0178}',
+];
+
 impl Charset {
     /// Maps an MSH-18 value (case-insensitive, surrounding spaces ignored) to
     /// a charset; `None` for anything else, including an empty value.
@@ -76,24 +91,39 @@ impl Charset {
             Some(Charset::Latin9)
         } else if v.eq_ignore_ascii_case("UNICODE UTF-8") {
             Some(Charset::Utf8)
+        } else if v.eq_ignore_ascii_case("WINDOWS-1252") || v.eq_ignore_ascii_case("CP1252") {
+            Some(Charset::Windows1252)
         } else {
             None
         }
     }
 
-    /// The HL7 table 0211 name, as written in MSH-18 (e.g. `UNICODE UTF-8`).
+    /// The HL7 table 0211 name, as written in MSH-18 (e.g. `UNICODE UTF-8`); for Windows-1252,
+    /// which the table lacks, its IANA name `windows-1252`.
     pub fn charset_name(self) -> &'static str {
         match self {
             Charset::Ascii => "ASCII",
             Charset::Latin1 => "8859/1",
             Charset::Latin9 => "8859/15",
             Charset::Utf8 => "UNICODE UTF-8",
+            Charset::Windows1252 => "windows-1252",
         }
+    }
+
+    /// Whether every byte is one character (Latin-1, Latin-9, Windows-1252).
+    pub(crate) fn single_byte(self) -> bool {
+        matches!(
+            self,
+            Charset::Latin1 | Charset::Latin9 | Charset::Windows1252
+        )
     }
 
     /// Decodes one byte of a single-byte charset. Bytes >= 0x80 are mapped as
     /// Latin-1 for `Ascii` and `Utf8` too (only meaningful for Latin sets).
     pub(crate) fn byte_to_char(self, b: u8) -> char {
+        if self == Charset::Windows1252 && (0x80..=0x9F).contains(&b) {
+            return WINDOWS_1252_C1[usize::from(b - 0x80)];
+        }
         if self == Charset::Latin9
             && (0xA4..=0xBE).contains(&b)
             && let Some(&(_, c)) = LATIN9_DIFF.iter().find(|(byte, _)| *byte == b)
@@ -106,22 +136,20 @@ impl Charset {
     /// Length in UTF-8 of `bytes` once decoded by [`Charset::push_lossy`]
     /// (exact for Latin sets and valid UTF-8), to size buffers up front.
     pub(crate) fn decoded_len(self, bytes: &[u8]) -> usize {
-        match self {
-            Charset::Latin1 | Charset::Latin9 if !bytes.is_ascii() => {
-                bytes.iter().map(|&b| self.byte_to_char(b).len_utf8()).sum()
-            }
-            _ => bytes.len(),
+        if self.single_byte() && !bytes.is_ascii() {
+            bytes.iter().map(|&b| self.byte_to_char(b).len_utf8()).sum()
+        } else {
+            bytes.len()
         }
     }
 
     /// Appends `bytes` to `out` without failing: Latin sets map byte by byte,
     /// the others go through UTF-8 with U+FFFD for invalid sequences.
     pub(crate) fn push_lossy(self, out: &mut String, bytes: &[u8]) {
-        match self {
-            Charset::Latin1 | Charset::Latin9 if !bytes.is_ascii() => {
-                out.extend(bytes.iter().map(|&b| self.byte_to_char(b)));
-            }
-            _ => out.push_str(&String::from_utf8_lossy(bytes)),
+        if self.single_byte() && !bytes.is_ascii() {
+            out.extend(bytes.iter().map(|&b| self.byte_to_char(b)));
+        } else {
+            out.push_str(&String::from_utf8_lossy(bytes));
         }
     }
 
@@ -134,6 +162,16 @@ impl Charset {
             .map(|c| match self {
                 Charset::Ascii | Charset::Utf8 => ascii_or_question(c),
                 Charset::Latin1 => u8::try_from(u32::from(c)).unwrap_or(b'?'),
+                Charset::Windows1252 => match u8::try_from(u32::from(c)) {
+                    // Latin-1 characters outside 0x80-0x9F keep their byte.
+                    Ok(b) if !(0x80..=0x9F).contains(&b) => b,
+                    // The rest: the byte whose table entry it is (the five undefined bytes map
+                    // to their C1 control both ways), else unrepresentable.
+                    _ => WINDOWS_1252_C1
+                        .iter()
+                        .position(|&t| t == c)
+                        .map_or(b'?', |i| 0x80 + i as u8),
+                },
                 Charset::Latin9 => {
                     if let Some(&(b, _)) = LATIN9_DIFF.iter().find(|(_, ch)| *ch == c) {
                         b
@@ -196,7 +234,7 @@ pub fn decode(
                 offset: e.utf8_error().valid_up_to(),
             })
         }
-        Charset::Latin1 | Charset::Latin9 => {
+        Charset::Latin1 | Charset::Latin9 | Charset::Windows1252 => {
             let mut out = String::with_capacity(charset.decoded_len(message));
             charset.push_lossy(&mut out, message);
             Ok(out)
@@ -222,6 +260,11 @@ mod tests {
             ("8859/2", None),
             ("ISO IR87", None),
             ("UTF8", None),
+            ("WINDOWS-1252", Some(Charset::Windows1252)),
+            ("windows-1252", Some(Charset::Windows1252)),
+            ("CP1252", Some(Charset::Windows1252)),
+            ("cp1252", Some(Charset::Windows1252)),
+            ("WINDOWS-1250", None),
             ("", None),
         ];
         for (name, expected) in table {
@@ -236,6 +279,7 @@ mod tests {
             Charset::Latin1,
             Charset::Latin9,
             Charset::Utf8,
+            Charset::Windows1252,
         ] {
             assert_eq!(Charset::from_msh18(cs.charset_name()), Some(cs));
         }
@@ -346,6 +390,38 @@ mod tests {
     }
 
     #[test]
+    fn windows_1252_decodes_quotes_euro_and_dashes_that_latin1_turns_into_controls() {
+        let bytes = b"\x84Probe h\xe4molytisch\x93 \x80 3.5\x965.0";
+        let text = "\u{201e}Probe h\u{e4}molytisch\u{201c} \u{20ac} 3.5\u{2013}5.0";
+        assert_eq!(text, "„Probe hämolytisch“ € 3.5–5.0");
+        assert_eq!(
+            decode(bytes, None, Charset::Windows1252).as_deref(),
+            Ok(text)
+        );
+        assert_eq!(
+            decode(bytes, Some("CP1252"), Charset::Ascii).as_deref(),
+            Ok(text)
+        );
+        // The same bytes read as Latin-1: invisible C1 controls, what analysers' users saw.
+        let latin1 = decode(bytes, None, Charset::Latin1).unwrap();
+        assert!(
+            latin1.contains('\u{84}') && latin1.contains('\u{93}') && latin1.contains('\u{96}')
+        );
+        // Every byte 0x80-0x9F: the 27 printable characters, the 5 undefined bytes as C1 controls.
+        let high: Vec<u8> = (0x80..=0x9F).collect();
+        let decoded = decode(&high, None, Charset::Windows1252).unwrap();
+        assert_eq!(
+            decoded,
+            "€\u{81}‚ƒ„…†‡ˆ‰Š‹Œ\u{8d}Ž\u{8f}\u{90}‘’“”•–—˜™š›œ\u{9d}žŸ"
+        );
+        // 0xA0-0xFF are Latin-1.
+        assert_eq!(
+            decode(b"\xa0\xa4\xe9\xff", None, Charset::Windows1252).unwrap(),
+            "\u{a0}\u{a4}\u{e9}\u{ff}"
+        );
+    }
+
+    #[test]
     fn decode_errors_do_not_contain_message_content() {
         let err = decode(b"TEST^PATIENT\xe9", Some("ASCII"), Charset::Ascii).unwrap_err();
         let text = err.to_string();
@@ -366,12 +442,19 @@ mod tests {
                 b"\xa4\xa6\xbe\xe9",
             ),
             (Charset::Latin9, "\u{a4}", b"?"),
+            (
+                Charset::Windows1252,
+                "\u{201e}Probe h\u{e4}molytisch\u{201c} \u{20ac} 3.5\u{2013}5.0",
+                b"\x84Probe h\xe4molytisch\x93 \x80 3.5\x965.0",
+            ),
+            // A C1 control Windows-1252 replaced by a printable character has no byte.
+            (Charset::Windows1252, "\u{84}\u{3a9}", b"??"),
         ];
         for (cs, text, expected) in table {
             assert_eq!(cs.encode_lossy(text), expected.to_vec(), "{cs} {text:?}");
         }
         let all: Vec<u8> = (0u8..=255).collect();
-        for cs in [Charset::Latin1, Charset::Latin9] {
+        for cs in [Charset::Latin1, Charset::Latin9, Charset::Windows1252] {
             let text = decode(&all, Some(cs.charset_name()), Charset::Ascii).unwrap();
             assert_eq!(cs.encode_lossy(&text), all, "{cs}");
         }

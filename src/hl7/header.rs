@@ -351,7 +351,7 @@ fn choose_encoding(seg: &[u8], charset_field: &[u8]) -> Charset {
         return declared.unwrap_or(Charset::Ascii);
     }
     match declared {
-        Some(cs @ (Charset::Latin1 | Charset::Latin9)) => cs,
+        Some(cs) if cs.single_byte() => cs,
         _ if std::str::from_utf8(seg).is_ok() => Charset::Utf8,
         _ => Charset::Latin1,
     }
@@ -806,6 +806,17 @@ PID|1||9990000018^^^NHS^NH||TEST^PATIENT||19700101|U\r";
                 |h| {
                     assert_eq!(h.sending_facility.as_deref(), Some("KLINIK M\u{dc}NCHEN"));
                     assert_eq!(h.msh_encoding, Charset::Latin1);
+                },
+            ),
+            (
+                "windows-1252 declared in msh-18 decodes its dashes",
+                b"MSH|^~\\&|APP|LABOR NORD\x96S\xdcD|||||ADT^A01|1|P|2.5||||||CP1252",
+                |h| {
+                    assert_eq!(
+                        h.sending_facility.as_deref(),
+                        Some("LABOR NORD\u{2013}S\u{dc}D")
+                    );
+                    assert_eq!(h.msh_encoding, Charset::Windows1252);
                 },
             ),
             (
