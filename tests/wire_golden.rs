@@ -192,3 +192,69 @@ async fn acks_and_records_for_every_fixture_match_the_golden_file() {
     }
     assert!(records.len() > 20, "records: {}", records.len());
 }
+
+/// The record JSON for every ASTM fixture, as the builder makes it from a stored row (the link
+/// layer's own bytes are pinned by the byte-level tests in `src/astm/link.rs`).
+#[test]
+fn astm_records_for_every_fixture_match_the_golden_file() {
+    use siterelay::hl7::charset::Charset;
+    use siterelay::outbox::{Format, PendingRow, SourceKind};
+    use siterelay::record::{DeviceInfo, FeedRecordSettings, RecordBuilder};
+    let settings = FeedRecordSettings {
+        timezone: jiff::tz::TimeZone::get("Europe/London").unwrap(),
+        default_charset: Charset::from_msh18("windows-1252").unwrap(),
+        device: Some(DeviceInfo {
+            model: Some("Analyser".into()),
+            location: None,
+            asset_tag: None,
+            protocol: "astm",
+        }),
+        normalise: None,
+    };
+    let builder = RecordBuilder {
+        appliance: "test-box".into(),
+        organisation: Some("RXX".into()),
+        include_raw: true,
+        feeds: std::collections::HashMap::new(),
+        fallback: settings,
+    };
+    let dir = format!("{}/tests/fixtures/astm", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let mut out = BTreeMap::new();
+    for p in files {
+        let row = PendingRow {
+            row_id: 1,
+            record_id: "019ad3f2-6c1e-7a31-9b4e-2f6d1c0a9e55".into(),
+            feed: "analyser".into(),
+            seq: 1,
+            received_at_us: 1_780_000_000_000_000,
+            source_kind: SourceKind::Serial,
+            peer: Some("/dev/ttyUSB0".into()),
+            format: Format::Astm,
+            raw: std::fs::read(&p).unwrap(),
+            reprocessed: false,
+            control_id_reused: false,
+        };
+        let v: Value = serde_json::from_slice(&builder.build(&row)).unwrap();
+        out.insert(p.file_name().unwrap().to_string_lossy().into_owned(), v);
+    }
+    assert!(out.len() >= 10, "ASTM fixtures: {}", out.len());
+    let pretty = serde_json::to_string_pretty(&out).unwrap() + "\n";
+    let path = format!(
+        "{}/tests/golden/astm_records.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &pretty).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).expect("UPDATE_GOLDEN=1 writes it");
+    assert!(
+        want == pretty,
+        "ASTM records changed; compare with `UPDATE_GOLDEN=1 cargo test --test wire_golden` and git diff"
+    );
+}
