@@ -333,6 +333,36 @@ fn days_in_month(y: i32, m: u32) -> u32 {
 }
 
 /// A timestamp: the first component of the first repeat, as sent (escapes not decoded).
+/// P-8 as the contract reads it: the calendar date as sent (never an instant), and the time of
+/// day apart, as a local time with the offset sent (never applied).
+fn birth(raw: &str, d: Delims) -> (Value, Value) {
+    let t = time(raw, d);
+    if t.is_null() || t["value"].is_null() {
+        return (t, Value::Null);
+    }
+    let first = t["astm"].as_str().unwrap().to_owned();
+    let body: String = first.chars().take_while(char::is_ascii_digit).collect();
+    if body.len() <= 8 {
+        return (t, Value::Null);
+    }
+    let value = t["value"].as_str().unwrap();
+    let date = json!({"value": &value[..10], "astm": first, "precision": "day", "zone": null});
+    let (shown, precision) = match body.len() {
+        10 => (body[8..10].to_owned(), "hour"),
+        12 => (format!("{}:{}", &body[8..10], &body[10..12]), "minute"),
+        _ => (
+            format!("{}:{}:{}", &body[8..10], &body[10..12], &body[12..14]),
+            "second",
+        ),
+    };
+    let mut time = json!({"value": shown, "precision": precision});
+    if let Some(i) = first.find(['+', '-']) {
+        let o = &first[i..];
+        time["offset"] = json!(format!("{}:{}", &o[..3], &o[3..]));
+    }
+    (date, time)
+}
+
 fn time(raw: &str, d: Delims) -> Value {
     let first = raw
         .split(d.repeat)
@@ -614,7 +644,9 @@ fn compare_message(t: &mut Tally, fixture: &Fixture, rec: &Value) {
                            "suffix": get(3), "title": get(4)})
                 };
                 o.v("name", name_v);
-                o.v("birth_date", time(r.f(8), d));
+                let (birth_date, birth_time) = birth(r.f(8), d);
+                o.v("birth_date", birth_date);
+                o.v("birth_time", birth_time);
                 o.scalar("sex", r.f(9), d);
                 o.m("implied", None);
                 o.walked("comments");
@@ -847,6 +879,7 @@ fn implied(t: &mut Tally, fixture: &str, at: &str, v: &Value, patient: bool) {
             "patient_id_3",
             "name",
             "birth_date",
+            "birth_time",
             "sex",
         ]
     } else {

@@ -422,8 +422,12 @@ pub struct Patient {
     pub patient_id_3_repeats: Option<Repeats>,
     /// P-6 patient name (first repeat).
     pub name: Option<PersonName>,
-    /// P-8 birth date.
+    /// P-8 birth date: the calendar date as sent (`YYYY-MM-DD` or coarser), never an instant
+    /// and never moved by a zone; `astm` keeps the whole P-8.
     pub birth_date: Option<TimeValue>,
+    /// P-8's time of day when the analyser sent one, a local time with its precision (and
+    /// the offset sent, informative only); `null` otherwise.
+    pub birth_time: Option<crate::hl7::time::LocalTime>,
     /// P-9 sex.
     pub sex: Option<String>,
     /// P-9 as repeats of components, when it has more than one.
@@ -767,6 +771,34 @@ impl Ctx<'_> {
         parse_timestamp(self.first_repeat(raw), self.tz, self.d.component)
     }
 
+    /// P-8: the date as sent and, apart, the time of day (`crate::hl7::time::parse_birth`, the
+    /// rule HL7's PID-7 follows). A value that is not a timestamp is kept as sent, `value` null.
+    fn birth(&self, raw: &str) -> (Option<TimeValue>, Option<crate::hl7::time::LocalTime>) {
+        let tv = self.time(raw);
+        let Some(tv) = tv else {
+            return (None, None);
+        };
+        if tv.value.is_none() {
+            return (Some(tv), None);
+        }
+        match crate::hl7::time::parse_birth(&tv.astm, b'^') {
+            Some((date, time)) => (
+                Some(TimeValue {
+                    value: Some(date.value),
+                    astm: tv.astm,
+                    precision: Some(match date.precision {
+                        crate::hl7::time::Precision::Year => Precision::Year,
+                        crate::hl7::time::Precision::Month => Precision::Month,
+                        _ => Precision::Day,
+                    }),
+                    zone: None,
+                }),
+                time,
+            ),
+            None => (Some(tv), None),
+        }
+    }
+
     fn code(&self, repeat: &str) -> Option<Code> {
         let components = self.components(repeat);
         if components.iter().all(|c| c.is_empty()) {
@@ -887,6 +919,7 @@ impl Ctx<'_> {
         let (laboratory_patient_id, laboratory_patient_id_repeats) = self.scalar(f.get(4));
         let (patient_id_3, patient_id_3_repeats) = self.scalar(f.get(5));
         let (sex, sex_repeats) = self.scalar(f.get(9));
+        let (birth_date, birth_time) = self.birth(f.get(8));
         Patient {
             sequence: seq(f.get(2)),
             practice_patient_id,
@@ -896,7 +929,8 @@ impl Ctx<'_> {
             patient_id_3,
             patient_id_3_repeats,
             name: has_name.then_some(name),
-            birth_date: self.time(f.get(8)),
+            birth_date,
+            birth_time,
             sex,
             sex_repeats,
             ..Patient::default()
@@ -1983,5 +2017,33 @@ L|1|N\r";
             parsed > 100,
             "the mutations should often still parse ({parsed})"
         );
+    }
+
+    #[test]
+    fn a_birth_date_sent_with_a_time_stays_the_date_sent_and_the_time_is_kept_apart() {
+        // 00:30 at +01:00 is 23:30 UTC the day before: converting would move the birthday.
+        let text = "H|\\^&\rP|1||||SYNTHETIC^ECHO||199909090030+0100|F\rL|1|N\r";
+        let tz = TimeZone::get("Europe/London").unwrap();
+        let m = parse_message(text, &tz).unwrap();
+        let p = &m.patients[0];
+        let d = p.birth_date.as_ref().unwrap();
+        assert_eq!(d.value.as_deref(), Some("1999-09-09"));
+        assert_eq!(d.astm, "199909090030+0100");
+        assert_eq!((d.precision, d.zone), (Some(Precision::Day), None));
+        let t = p.birth_time.as_ref().unwrap();
+        assert_eq!(
+            (t.value.as_str(), t.offset.as_deref()),
+            ("00:30", Some("+01:00"))
+        );
+        // A date alone has no time; a value that is not a timestamp is kept as sent.
+        let m = parse_message("H|\\^&\rP|1||||X||19751231\rL|1\r", &tz).unwrap();
+        assert_eq!(
+            m.patients[0].birth_date.as_ref().unwrap().value.as_deref(),
+            Some("1975-12-31")
+        );
+        assert!(m.patients[0].birth_time.is_none());
+        let m = parse_message("H|\\^&\rP|1||||X||19751331\rL|1\r", &tz).unwrap();
+        let d = m.patients[0].birth_date.as_ref().unwrap();
+        assert_eq!((d.value.as_deref(), d.astm.as_str()), (None, "19751331"));
     }
 }
