@@ -19,8 +19,9 @@ use crate::config::Config;
 use crate::health::{FeedInfo, HealthContext};
 use crate::hl7::charset::Charset;
 use crate::hl7::intake::Responder;
+use crate::intake::FeedIntake;
 use crate::inventory::{FeedInventory, FeedInventoryData};
-use crate::outbox::{Outbox, OutboxOptions, WriterThread};
+use crate::outbox::{Outbox, OutboxOptions, SourceKind, WriterThread};
 use crate::record::{FeedRecordSettings, RecordBuilder};
 use crate::sink::mqtt::{FleetSettings, INVENTORY_KEY, MqttSink, SinkSettings};
 use crate::sources::mllp::server::{FeedContext, MllpListener};
@@ -123,6 +124,13 @@ impl Daemon {
         } else {
             (None, None)
         };
+        // Identity in acknowledgements built without a usable MSH.
+        let responder = || Responder {
+            application: "SITERELAY".into(),
+            facility: cfg.appliance_id.clone(),
+        };
+        // Every feed's receive stage, also used by the quarantine retry.
+        let mut intakes: HashMap<String, Arc<FeedIntake>> = HashMap::new();
         let mut bound = Vec::new();
         let mut feeds = Vec::new();
         let mut record_feeds = HashMap::new();
@@ -156,21 +164,23 @@ impl Daemon {
                     .with_context(|| format!("TLS for feed {}", f.name))?,
                 )),
             };
-            let ctx = FeedContext {
+            let intake = Arc::new(FeedIntake {
                 name: Arc::from(f.name.as_str()),
-                max_message_bytes: f.max_message_bytes,
-                idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+                source_kind: SourceKind::Mllp,
                 default_charset,
-                responder: Responder {
-                    application: "SITERELAY".into(),
-                    facility: cfg.appliance_id.clone(),
-                },
+                responder: responder(),
                 counters: telemetry.feed(&f.name),
                 inventory: inventory_of(&f.name),
+                outbox: outbox.clone(),
                 rejects: rejects_tx.clone(),
                 policy: feed_policy(f),
                 dedup_window: (!f.dedup_window.is_zero()).then_some(f.dedup_window),
-                outbox: outbox.clone(),
+            });
+            intakes.insert(f.name.clone(), intake.clone());
+            let ctx = FeedContext {
+                intake,
+                max_message_bytes: f.max_message_bytes,
+                idle_timeout: Duration::from_secs(f.idle_timeout_secs),
                 tls,
             };
             let l = MllpListener::bind(f.listen_addr(), f.max_connections, ctx)
@@ -211,19 +221,25 @@ impl Daemon {
             );
             let counters = telemetry.feed(&sc.name);
             counters.set_port_state(crate::telemetry::PortState::Waiting, None);
+            // HL7 over serial takes every type (no `accept` list) and has no duplicate window.
+            let intake = Arc::new(FeedIntake {
+                name: Arc::from(sc.name.as_str()),
+                source_kind: SourceKind::Serial,
+                default_charset: charset,
+                responder: responder(),
+                counters,
+                inventory: inventory_of(&sc.name),
+                outbox: outbox.clone(),
+                rejects: rejects_tx.clone(),
+                policy: crate::hl7::intake::Policy::default(),
+                dedup_window: None,
+            });
+            intakes.insert(sc.name.clone(), intake.clone());
             serial_ctxs.push(crate::sources::serial::SerialContext {
                 name: Arc::from(sc.name.as_str()),
                 cfg: sc.clone(),
-                outbox: outbox.clone(),
+                intake,
                 store_max_bytes: cfg.store.max_bytes,
-                counters,
-                inventory: inventory_of(&sc.name),
-                charset,
-                responder: Responder {
-                    application: "SITERELAY".into(),
-                    facility: cfg.appliance_id.clone(),
-                },
-                rejects: rejects_tx.clone(),
             });
         }
         let health = HealthContext {
@@ -302,37 +318,13 @@ impl Daemon {
             listeners.spawn(crate::sources::serial::run(sc, shutdown_rx.clone()));
         }
         let mut others = JoinSet::new();
-        let charsets: HashMap<String, Charset> = cfg
-            .mllp
-            .iter()
-            .map(|f| {
-                (
-                    f.name.clone(),
-                    Charset::from_msh18(&f.default_charset).unwrap_or(Charset::Utf8),
-                )
-            })
-            .chain(cfg.serial.iter().map(|s| {
-                (
-                    s.name.clone(),
-                    Charset::from_msh18(&s.charset).unwrap_or(Charset::Latin1),
-                )
-            }))
-            .collect();
         others.spawn(crate::status::serve(
             crate::status::socket_path(&cfg.data_dir),
             Arc::new(crate::status::StatusContext {
                 health: health.clone(),
                 outbox: outbox.clone(),
-                charsets,
-                policies: cfg
-                    .mllp
-                    .iter()
-                    .map(|f| (f.name.clone(), feed_policy(f)))
-                    .collect(),
-                responder: Responder {
-                    application: "SITERELAY".into(),
-                    facility: cfg.appliance_id.clone(),
-                },
+                intakes,
+                responder: responder(),
             }),
             shutdown_rx.clone(),
         ));

@@ -1,13 +1,25 @@
 //! siterelay: the edge of a regional HL7 information-sharing network.
 //!
-//! The pipeline is drawn by the modules:
-//! - [`sources`]: where bytes arrive (MLLP over TCP/TLS; serial ports later) and become messages;
-//! - [`hl7`]: pure HL7 v2 logic (MSH, ACKs, charsets, timestamps);
-//! - [`outbox`]: the durable SQLite store every message passes through before it is acknowledged;
-//! - [`sink`]: where records leave (mutual-TLS MQTT), each marked delivered only on its PUBACK;
-//! - [`record`]: the JSON record contract; [`telemetry`]: counters and named events;
-//! - [`health`], [`inventory`]: what the appliance reports about itself (fleet monitoring);
-//! - [`config`], [`app`] (wiring), [`client`] (an MLLP client for `siterelay send` and tests).
+//! The pipeline, in the order a message travels:
+//!
+//! 1. [`sources`]: bytes arrive (MLLP over TCP/TLS, serial ports) and are framed into complete
+//!    messages. Sources own sockets and ports, and write back what the intake answers.
+//! 2. [`intake`]: the receive stage. Each complete message is decided (the pure checks in
+//!    [`hl7::intake`]), stored as a row in the outbox or quarantined, counted, added to the
+//!    inventory, and answered. **A frame becomes a row here**, and its `AA` is built only after
+//!    the commit.
+//! 3. [`outbox`]: the durable SQLite store (one writer thread, group commit, fsync). A row stays
+//!    pending until the broker has confirmed its record.
+//! 4. [`record`]: a row becomes the JSON record of the contract (`docs/contract.md`) at publish
+//!    time, from the stored bytes ([`hl7::normalise`], [`astm::records`]).
+//! 5. [`sink`]: records leave over mutual-TLS MQTT (QoS 1). **A row becomes delivered on the
+//!    PUBACK of its publish**, never on `publish()` returning.
+//!
+//! Beside the pipeline: [`telemetry`] (counters and named events), [`health`] and [`inventory`]
+//! (what the appliance reports about itself), [`status`] (the local status socket and the
+//! quarantine retry), [`watch`] (the central team's fleet view), [`config`], [`app`] (wiring),
+//! [`client`] (an MLLP client for `siterelay send` and tests). Protocol logic ([`hl7`],
+//! [`astm`], `sources::mllp::framing`) owns no I/O. See `docs/architecture.md`.
 
 pub mod app;
 pub mod astm;
@@ -15,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod health;
 pub mod hl7;
+pub mod intake;
 pub mod inventory;
 pub mod outbox;
 pub mod record;

@@ -18,8 +18,10 @@ use std::collections::HashMap;
 
 use crate::health::{Health, HealthContext};
 use crate::hl7::charset::Charset;
-use crate::hl7::intake::{self, Intake, Responder, Verdict, check_policy};
-use crate::outbox::{Format, NewMessage, Outbox, Reader, SourceKind};
+use crate::hl7::intake::{self, Responder};
+use crate::intake::FeedIntake;
+use crate::inventory::FeedInventory;
+use crate::outbox::{Outbox, Reader, SourceKind};
 
 /// What the status socket needs: the health sources, and for `retry`, the outbox and each
 /// feed's current character-set setting.
@@ -28,10 +30,8 @@ pub struct StatusContext {
     pub health: HealthContext,
     /// The outbox.
     pub outbox: Outbox,
-    /// Each feed's charset assumed when MSH-18 is empty (as configured now).
-    pub charsets: HashMap<String, Charset>,
-    /// Each feed's acceptance policy (as configured now); feeds not listed accept everything.
-    pub policies: HashMap<String, intake::Policy>,
+    /// Each configured feed's receive stage (its current settings): a retry goes through it.
+    pub intakes: HashMap<String, Arc<FeedIntake>>,
     /// Identity in minimal NAKs (not sent anywhere on a retry, but the intake needs one).
     pub responder: Responder,
 }
@@ -128,56 +128,28 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
     }
     let mut results = Vec::new();
     for row in rows {
-        let charset = ctx
-            .charsets
-            .get(&row.feed)
-            .copied()
-            .unwrap_or(Charset::Utf8);
-        let strict = ctx.policies.get(&row.feed).is_some_and(|p| p.strict);
-        let outcome = match intake::assess(&row.raw, charset, strict, &ctx.responder) {
-            Intake::Store(h)
-                if ctx
-                    .policies
-                    .get(&row.feed)
-                    .is_some_and(|p| check_policy(&h, p) != Verdict::Accept) =>
-            {
-                serde_json::json!({"id": row.id, "stored": false, "error": "not accepted by the feed's policy (accept / processing_ids)"})
-            }
-            Intake::Store(h) if let Some(e) = intake::missing_segment(&h, &row.raw) => {
-                serde_json::json!({"id": row.id, "stored": false, "error": e.text})
-            }
-            Intake::Store(h) => {
-                let msg = NewMessage {
-                    feed: Arc::from(row.feed.as_str()),
-                    source_kind: if row.source_kind == "serial" {
-                        SourceKind::Serial
-                    } else {
-                        SourceKind::Mllp
-                    },
-                    peer: row.peer.clone(),
-                    format: Format::Hl7v2,
-                    control_id: Some(h.control_id.clone()),
-                    raw: row.raw.clone(),
-                    received_at_us: row.received_at_us,
-                    reprocessed: true,
-                    dedup: None,
-                };
-                match ctx.outbox.append(msg).await {
-                    Ok(stored) => {
-                        let _ = ctx.outbox.forget_rejected(row.id).await;
-                        tracing::info!(feed = %row.feed, quarantine_id = row.id, seq = stored.seq, "quarantined message reprocessed");
-                        serde_json::json!({"id": row.id, "stored": true, "seq": stored.seq})
-                    }
-                    Err(e) => {
-                        serde_json::json!({"id": row.id, "stored": false, "error": e.to_string()})
-                    }
-                }
-            }
-            Intake::Reject { reason, .. } => {
-                serde_json::json!({"id": row.id, "stored": false, "error": reason})
-            }
+        let intake = match ctx.intakes.get(&row.feed) {
+            Some(i) => i.clone(),
+            // A feed no longer configured: UTF-8 and no acceptance policy, counted nowhere.
+            None => Arc::new(FeedIntake {
+                name: Arc::from(row.feed.as_str()),
+                source_kind: if row.source_kind == "serial" {
+                    SourceKind::Serial
+                } else {
+                    SourceKind::Mllp
+                },
+                default_charset: Charset::Utf8,
+                responder: ctx.responder.clone(),
+                counters: Default::default(),
+                inventory: Arc::new(FeedInventory::from_saved(Default::default())),
+                outbox: ctx.outbox.clone(),
+                rejects: None,
+                policy: intake::Policy::default(),
+                dedup_window: None,
+            }),
         };
-        results.push(outcome);
+        let outcome = intake.retry(&row).await;
+        results.push(serde_json::to_value(outcome).unwrap_or_default());
     }
     serde_json::json!({"ok": true, "results": results})
 }

@@ -129,6 +129,15 @@ async fn rejected_messages_are_quarantined_announced_without_content_and_retried
     assert_eq!(r["seq"], 1);
     assert_eq!(r["hl7"]["control_id"], "Q1");
     assert_eq!(r["charset"], "8859/1");
+    // The retry went through the feed's receive stage like any arrival: counted in health.
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(h["feeds"][0]["name"], "adt");
+    assert_eq!(h["feeds"][0]["acks"]["AA"], 1, "{h}");
     assert!(
         r["raw"].as_str().unwrap().contains("PÉTIENT")
             || r["raw"].as_str().unwrap().contains("\u{c9}")

@@ -90,7 +90,7 @@ pub struct SinkSettings {
     /// Birth/death, health, inventory, commands.
     pub fleet: FleetSettings,
     /// Reject notices to publish on `<prefix>/<appliance>/rejects/<feed>` (when configured).
-    pub rejects: Option<mpsc::Receiver<crate::sources::mllp::server::RejectNotice>>,
+    pub rejects: Option<mpsc::Receiver<crate::intake::RejectNotice>>,
 }
 
 /// Events from either protocol version, reduced to what the sink needs.
@@ -325,7 +325,7 @@ impl MqttSink {
     async fn session(
         &self,
         reader: &mut Option<Reader>,
-        rejects: &mut Option<mpsc::Receiver<crate::sources::mllp::server::RejectNotice>>,
+        rejects: &mut Option<mpsc::Receiver<crate::intake::RejectNotice>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         // Delivered marks from the previous session must be committed before we read pending

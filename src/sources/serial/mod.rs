@@ -22,11 +22,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{FlowControl, Parity, SerialConfig};
-use crate::hl7::charset::Charset;
-use crate::hl7::intake::Responder;
-use crate::inventory::FeedInventory;
-use crate::outbox::Outbox;
-use crate::telemetry::{FeedCounters, PortState};
+use crate::telemetry::PortState;
 
 /// First wait before reopening a port.
 const REOPEN_START: Duration = Duration::from_secs(1);
@@ -37,21 +33,10 @@ pub struct SerialContext {
     pub name: Arc<str>,
     /// Port settings.
     pub cfg: SerialConfig,
-    /// Where messages go.
-    pub outbox: Outbox,
+    /// The feed's receive stage: every complete message from the port goes there.
+    pub intake: Arc<crate::intake::FeedIntake>,
     /// Cap on undelivered bytes (answer NAK to ENQ when reached).
     pub store_max_bytes: u64,
-    /// Counters and port state.
-    pub counters: Arc<FeedCounters>,
-    /// What the feed carries.
-    pub inventory: Arc<FeedInventory>,
-    /// Charset of the device's text.
-    pub charset: Charset,
-    /// Identity in minimal NAKs (hl7-mllp).
-    pub responder: Responder,
-    /// Metadata-only notices of rejected HL7 messages (hl7-mllp), when `records.publish_rejects`
-    /// is on.
-    pub rejects: Option<tokio::sync::mpsc::Sender<crate::sources::mllp::server::RejectNotice>>,
 }
 
 /// Why opening a port failed, in words for the person at the box.
@@ -127,7 +112,9 @@ pub async fn run(ctx: SerialContext, mut shutdown: watch::Receiver<bool>) {
         }
         match open(&ctx.cfg) {
             Ok(port) => {
-                ctx.counters.set_port_state(PortState::Connected, None);
+                ctx.intake
+                    .counters
+                    .set_port_state(PortState::Connected, None);
                 info!(feed = %feed, device = %device.display(), protocol = ?ctx.cfg.protocol, "serial port open");
                 last_problem = None;
                 wait = REOPEN_START;
@@ -138,7 +125,7 @@ pub async fn run(ctx: SerialContext, mut shutdown: watch::Receiver<bool>) {
                     warn!(feed = %feed, device = %device.display(), why = %why, "serial port lost; reopening");
                     PortState::Waiting
                 };
-                ctx.counters.set_port_state(state, Some(why));
+                ctx.intake.counters.set_port_state(state, Some(why));
             }
             Err(e) => {
                 let (state, text) = describe_open_error(&device, &e);
@@ -146,7 +133,7 @@ pub async fn run(ctx: SerialContext, mut shutdown: watch::Receiver<bool>) {
                     warn!(feed = %feed, "{text}");
                     last_problem = Some(text.clone());
                 }
-                ctx.counters.set_port_state(state, Some(text));
+                ctx.intake.counters.set_port_state(state, Some(text));
             }
         }
         tokio::select! {

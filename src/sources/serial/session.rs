@@ -11,9 +11,8 @@ use tracing::{debug, warn};
 use super::SerialContext;
 use crate::astm::link::{Action, Link, LinkConfig};
 use crate::config::SerialProtocol;
-use crate::outbox::{AppendError, Format, NewMessage, SourceKind, now_us};
+use crate::outbox::Format;
 use crate::sources::mllp::framing::{FrameEvent, Framer, encode};
-use crate::sources::mllp::server::{Hl7Target, handle_message};
 use crate::telemetry::mllp as event;
 
 /// Resolves once shutdown is requested.
@@ -41,37 +40,6 @@ fn read_end(r: std::io::Result<usize>) -> Option<String> {
     }
 }
 
-async fn store(
-    ctx: &SerialContext,
-    raw: Vec<u8>,
-    format: Format,
-    control_id: Option<String>,
-) -> Result<u64, AppendError> {
-    let size = raw.len();
-    let msg = NewMessage {
-        feed: ctx.name.clone(),
-        source_kind: SourceKind::Serial,
-        peer: Some(ctx.cfg.device.display().to_string()),
-        format,
-        control_id,
-        raw,
-        received_at_us: now_us(),
-        reprocessed: false,
-        dedup: None,
-    };
-    let c = &*ctx.counters;
-    match ctx.outbox.append(msg).await {
-        Ok(s) => {
-            event::stored(c, &ctx.name, "-", s.seq, size);
-            Ok(s.seq)
-        }
-        Err(e) => {
-            event::refused(c, &ctx.name, "-", size, &e.to_string());
-            Err(e)
-        }
-    }
-}
-
 /// ASTM E1381: the link state machine decides; the final frame's ACK waits for the commit.
 async fn astm<S>(mut port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
 where
@@ -86,7 +54,7 @@ where
     let mut timer: Option<std::time::Instant> = None;
     loop {
         // Refuse new transmissions (NAK to ENQ) while the store is full.
-        let g = ctx.outbox.gauges();
+        let g = ctx.intake.outbox.gauges();
         link.set_busy(
             g.pending_bytes.load(std::sync::atomic::Ordering::Relaxed) >= ctx.store_max_bytes,
         );
@@ -121,16 +89,11 @@ where
                     Action::CancelTimer => timer = None,
                     Action::Deliver { message, complete } => {
                         let size = message.len();
-                        let facts = crate::astm::records::parse_message(
-                            &crate::hl7::charset::decode(&message, None, ctx.charset)
-                                .unwrap_or_else(|_| String::from_utf8_lossy(&message).into_owned()),
-                            &jiff::tz::TimeZone::UTC,
-                        )
-                        .ok();
-                        let ok = store(ctx, message, Format::Astm, None).await.is_ok();
-                        if ok {
-                            observe_astm(ctx, facts.as_ref(), size);
-                        }
+                        let ok = ctx
+                            .intake
+                            .receive_device(message, Format::Astm, &peer(ctx))
+                            .await
+                            .is_ok();
                         if complete {
                             next.extend(link.on_store_result(std::time::Instant::now(), ok));
                         } else if ok {
@@ -146,21 +109,9 @@ where
     }
 }
 
-fn observe_astm(ctx: &SerialContext, msg: Option<&crate::astm::records::AstmMessage>, size: usize) {
-    let (instrument, codes) = match msg {
-        Some(m) => (
-            m.instrument.name.clone(),
-            m.patients
-                .iter()
-                .flat_map(|p| p.orders.iter())
-                .flat_map(|o| o.observations.iter())
-                .filter_map(|o| o.code.as_ref().and_then(|c| c.code.clone()))
-                .collect::<Vec<_>>(),
-        ),
-        None => (None, Vec::new()),
-    };
-    ctx.inventory
-        .observe_device(instrument.as_deref(), &codes, size, now_us());
+/// The device path, as records and logs name the sender.
+fn peer(ctx: &SerialContext) -> String {
+    ctx.cfg.device.display().to_string()
 }
 
 /// HL7 over MLLP on the serial byte stream, ACKs written back on the port.
@@ -170,52 +121,34 @@ where
 {
     let mut framer = Framer::new(ctx.cfg.max_message_bytes as usize);
     let mut buf = vec![0u8; 4096];
-    let peer = ctx.cfg.device.display().to_string();
-    let policy = crate::hl7::intake::Policy::default();
-    let target = Hl7Target {
-        name: &ctx.name,
-        source_kind: SourceKind::Serial,
-        default_charset: ctx.charset,
-        responder: &ctx.responder,
-        counters: &ctx.counters,
-        inventory: &ctx.inventory,
-        outbox: &ctx.outbox,
-        rejects: ctx.rejects.as_ref(),
-        policy: &policy,
-        dedup_window: None,
-    };
+    let peer = peer(ctx);
+    let counters = &*ctx.intake.counters;
     loop {
         while let Some(ev) = framer.next_event() {
             match ev {
                 FrameEvent::Message(m) => {
-                    if let Some(ack) = handle_message(m, &peer, &target, false).await
+                    if let Some(ack) = ctx.intake.receive_hl7(m, &peer, false).await
                         && let Err(e) = port.write_all(&encode(&ack)).await
                     {
                         return format!("write failed: {e}");
                     }
                 }
                 FrameEvent::Discarded { bytes } => {
-                    event::discarded(&ctx.counters, &ctx.name, &peer, bytes)
+                    event::discarded(counters, &ctx.name, &peer, bytes)
                 }
                 FrameEvent::Abandoned { bytes } => event::incomplete(
-                    &ctx.counters,
+                    counters,
                     &ctx.name,
                     &peer,
                     bytes,
                     "new start block inside a frame",
                 ),
                 FrameEvent::TooLarge { head, seen } => {
-                    event::oversized(
-                        &ctx.counters,
-                        &ctx.name,
-                        &peer,
-                        seen,
-                        ctx.cfg.max_message_bytes,
-                    );
+                    event::oversized(counters, &ctx.name, &peer, seen, ctx.cfg.max_message_bytes);
                     let nak = crate::hl7::intake::answer_oversized(
                         &head,
                         ctx.cfg.max_message_bytes,
-                        &ctx.responder,
+                        &ctx.intake.responder,
                     );
                     let _ = port.write_all(&encode(&nak)).await;
                     // A serial line cannot be "closed": start afresh.
@@ -234,7 +167,7 @@ where
         ) {
             if framer.in_frame() {
                 event::incomplete(
-                    &ctx.counters,
+                    counters,
                     &ctx.name,
                     &peer,
                     framer.buffered_bytes(),
@@ -322,11 +255,12 @@ async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, shutdown: &mut watch:
     }
     let size = msg.len();
     loop {
-        match store(ctx, msg.clone(), Format::Lines, None).await {
-            Ok(_) => {
-                ctx.inventory.observe_device(None, &[], size, now_us());
-                return;
-            }
+        match ctx
+            .intake
+            .receive_device(msg.clone(), Format::Lines, &peer(ctx))
+            .await
+        {
+            Ok(_) => return,
             Err(_) if *shutdown.borrow() => {
                 warn!(feed = %ctx.name, size, "shutting down with a device message not stored");
                 return;

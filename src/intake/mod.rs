@@ -1,0 +1,62 @@
+//! The receive stage: where a complete message from any transport becomes a row in the outbox
+//! (or an entry in quarantine) and an answer for its sender.
+//!
+//! Sources own sockets and serial ports; they frame bytes into complete messages and hand each
+//! one here, to the [`FeedIntake`] of its feed. The intake decides (the pure checks of
+//! `crate::hl7::intake`: header, separators, one message per frame, character set, the feed's
+//! policy, required segments), stores the message (one append, committed and fsynced by the
+//! outbox's writer) or quarantines it, counts it, adds it to the feed's inventory, and returns
+//! the acknowledgement. The source writes that acknowledgement only after this returns, so an
+//! `AA` always follows the commit that holds the message, and an `AE` the commit that holds its
+//! quarantine entry.
+//!
+//! Everything that reaches the outbox passes through here: MLLP connections
+//! (`crate::sources::mllp`), serial ports (`crate::sources::serial`: HL7 frames, ASTM
+//! messages, device lines) and the quarantine retry of `siterelay queue rejected retry`
+//! (`crate::status`), which runs the same checks with the feed's current settings.
+//!
+//! What this stage must never do: touch a socket or a port, build records (that happens at
+//! publish time, from the stored bytes), or answer before the commit.
+
+mod device;
+mod hl7;
+mod quarantine;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::hl7::charset::Charset;
+use crate::hl7::intake::{Policy, Responder};
+use crate::inventory::FeedInventory;
+use crate::outbox::{Outbox, SourceKind};
+use crate::telemetry::FeedCounters;
+
+pub use hl7::RetryOutcome;
+pub use quarantine::RejectNotice;
+
+/// One feed's receive stage: shared by every connection of an MLLP feed, or by a serial port.
+pub struct FeedIntake {
+    /// Feed name (topic level, `seq` space).
+    pub name: Arc<str>,
+    /// `mllp` or `serial`, stored with every row.
+    pub source_kind: SourceKind,
+    /// Charset assumed when MSH-18 is empty (a serial port's configured charset).
+    pub default_charset: Charset,
+    /// Identity in acknowledgements built without a usable MSH.
+    pub responder: Responder,
+    /// The feed's counters (health).
+    pub counters: Arc<FeedCounters>,
+    /// What the feed has carried (inventory).
+    pub inventory: Arc<FeedInventory>,
+    /// Where messages and quarantine entries are committed.
+    pub outbox: Outbox,
+    /// Metadata-only notices of rejected messages for the sink, when
+    /// `records.publish_rejects` is on.
+    pub rejects: Option<mpsc::Sender<RejectNotice>>,
+    /// Which message types, processing ids and separators the feed takes.
+    pub policy: Policy,
+    /// Resends within this window are acknowledged again but stored once (None: off).
+    pub dedup_window: Option<Duration>,
+}

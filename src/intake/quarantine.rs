@@ -1,0 +1,96 @@
+//! Rejected messages: kept in the outbox's quarantine (committed before their `AE` goes out)
+//! and, when configured, announced to the central side without content.
+
+use tracing::warn;
+
+use super::FeedIntake;
+use crate::hl7::ack::AckError;
+use crate::hl7::header::Header;
+use crate::outbox::RejectedMessage;
+use crate::telemetry::mllp as event;
+
+/// A rejected message, as the central side may be told about it (no content).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RejectNotice {
+    /// Feed name.
+    pub feed: String,
+    /// When it was received (RFC 3339).
+    pub at: String,
+    /// Quarantine id on the appliance.
+    pub quarantine_id: i64,
+    /// MSH-3.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sending_application: Option<String>,
+    /// MSH-4.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sending_facility: Option<String>,
+    /// `TYPE^TRIGGER`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<String>,
+    /// HL7 table 0357 code.
+    pub error_code: u16,
+    /// Segment-field, e.g. `MSH-10`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_location: Option<String>,
+}
+
+impl FeedIntake {
+    /// Count and log a rejected message, keep it (committed before its `AE` goes out) and, if
+    /// configured, tell the central side about it without content.
+    pub(super) async fn quarantine(
+        &self,
+        raw: Vec<u8>,
+        peer: &str,
+        received_at_us: i64,
+        reason: &str,
+        error: &AckError,
+        header: Option<&Header>,
+    ) {
+        event::rejected(&self.counters, &self.name, peer, raw.len(), reason);
+        let message_type = header.map(|h| match &h.trigger_event {
+            Some(t) => format!("{}^{}", h.message_type, t),
+            None => h.message_type.clone(),
+        });
+        let m = RejectedMessage {
+            feed: self.name.clone(),
+            source_kind: self.source_kind,
+            peer: Some(peer.to_string()),
+            received_at_us,
+            error_code: error.code,
+            error_location: error.location_text(),
+            reason: reason.to_string(),
+            control_id: header.map(|h| h.control_id.clone()),
+            sending_application: header.and_then(|h| h.sending_application.clone()),
+            sending_facility: header.and_then(|h| h.sending_facility.clone()),
+            message_type,
+            raw,
+        };
+        let notice = RejectNotice {
+            feed: self.name.to_string(),
+            at: crate::record::rfc3339_us(received_at_us),
+            quarantine_id: 0,
+            sending_application: m.sending_application.clone(),
+            sending_facility: m.sending_facility.clone(),
+            message_type: m.message_type.clone(),
+            error_code: m.error_code,
+            error_location: m.error_location.clone(),
+        };
+        match self.outbox.quarantine(m).await {
+            Ok(id) => {
+                self.counters
+                    .quarantined
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(tx) = &self.rejects {
+                    // Best effort: the quarantine itself is the record of truth.
+                    let _ = tx.try_send(RejectNotice {
+                        quarantine_id: id,
+                        ..notice
+                    });
+                }
+            }
+            Err(e) => {
+                warn!(feed = %self.name, error = %e, "could not quarantine a rejected message")
+            }
+        }
+    }
+}
