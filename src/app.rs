@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -49,7 +48,7 @@ const LISTENER_GRACE: Duration = Duration::from_secs(5);
 /// A running siterelay.
 pub struct Daemon {
     feeds: Vec<(String, SocketAddr)>,
-    shutdown: watch::Sender<bool>,
+    shutdown: crate::shutdown::Trigger,
     listeners: JoinSet<()>,
     others: JoinSet<()>,
     outbox: Outbox,
@@ -115,7 +114,7 @@ impl Daemon {
                 .map(|(_, i)| i.clone())
                 .expect("an inventory per feed")
         };
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (shutdown, shutdown_rx) = crate::shutdown::channel();
 
         // Metadata-only notices of rejected messages, for the sink to publish (if configured).
         let (rejects_tx, rejects_rx) = if cfg.records.publish_rejects {
@@ -331,13 +330,13 @@ impl Daemon {
         others.spawn(sink.run(shutdown_rx.clone()));
         {
             let outbox = outbox.clone();
-            let mut rx = shutdown_rx.clone();
+            let rx = shutdown_rx.clone();
             others.spawn(async move {
                 loop {
                     outbox.prune().await;
                     tokio::select! {
                         _ = tokio::time::sleep(PRUNE_EVERY) => {}
-                        _ = rx.wait_for(|s| *s) => break,
+                        _ = rx.requested() => break,
                     }
                 }
             });
@@ -381,7 +380,7 @@ impl Daemon {
 
     /// Graceful stop: listeners, then sink, then the outbox writer.
     pub async fn stop(mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.trigger();
         let listeners = async { while self.listeners.join_next().await.is_some() {} };
         if tokio::time::timeout(LISTENER_GRACE, listeners)
             .await

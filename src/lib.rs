@@ -16,7 +16,7 @@
 //!    PUBACK of its publish**, never on `publish()` returning.
 //!
 //! Beside the pipeline: [`telemetry`] (counters and named events), [`health`] and [`inventory`]
-//! (what the appliance reports about itself), [`status`] (the local status socket and the
+//! (what the appliance reports about itself), [`shutdown`] (stopping every task at a safe point), [`status`] (the local status socket and the
 //! quarantine retry), [`watch`] (the central team's fleet view), [`config`], [`app`] (wiring),
 //! [`client`] (an MLLP client for `siterelay send` and tests). Protocol logic ([`hl7`],
 //! [`astm`], `sources::mllp::framing`) owns no I/O. See `docs/architecture.md`.
@@ -31,6 +31,7 @@ pub mod intake;
 pub mod inventory;
 pub mod outbox;
 pub mod record;
+pub mod shutdown;
 pub mod sink;
 pub mod sources;
 pub mod status;

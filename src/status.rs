@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use std::collections::HashMap;
@@ -44,7 +43,7 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 /// Serve requests until shutdown. A client writes one line: `status` (or nothing) for the
 /// health report, or `retry all` / `retry <id>` to pass quarantined messages through the intake
 /// again; it gets one JSON document back.
-pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, shutdown: crate::shutdown::Shutdown) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -59,7 +58,7 @@ pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, mut shutdown: watch::
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => break,
+            _ = shutdown.requested() => break,
         };
         let Ok((mut stream, _)) = accepted else {
             continue;

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rumqttc::{TlsConfiguration, Transport};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -203,7 +203,7 @@ impl MqttSink {
     }
 
     /// Run until `shutdown` turns true: connect, publish, reconnect with backoff.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, shutdown: crate::shutdown::Shutdown) {
         let mut rejects = self.settings.rejects.take();
         let m = &self.settings.mqtt;
         let mut reader = match self.outbox.reader() {
@@ -219,10 +219,10 @@ impl MqttSink {
         let mut streak = 0u64;
         let mut last_warned: Option<Instant> = None;
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_requested() {
                 break;
             }
-            match self.session(&mut reader, &mut rejects, &mut shutdown).await {
+            match self.session(&mut reader, &mut rejects, &shutdown).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Failed {
                     error,
@@ -257,7 +257,7 @@ impl MqttSink {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = stopped(&mut shutdown) => break,
+                        _ = shutdown.requested() => break,
                     }
                 }
             }
@@ -326,7 +326,7 @@ impl MqttSink {
         &self,
         reader: &mut Option<Reader>,
         rejects: &mut Option<mpsc::Receiver<crate::intake::RejectNotice>>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &crate::shutdown::Shutdown,
     ) -> SessionEnd {
         // Delivered marks from the previous session must be committed before we read pending
         // rows again, or we would resend records the broker already confirmed.
@@ -654,7 +654,7 @@ impl MqttSink {
                         last_inventory = Some(Instant::now());
                     }
                 }
-                _ = stopped(shutdown), if draining_since.is_none() => {
+                _ = shutdown.requested(), if draining_since.is_none() => {
                     if connected_at.is_none() {
                         break SessionEnd::Shutdown;
                     }
@@ -895,10 +895,6 @@ async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 }
 
 /// Resolves once shutdown is requested (holds no borrow of the watch value across awaits).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
 use crate::hl7::intake;
 use crate::intake::FeedIntake;
+use crate::shutdown::Shutdown;
 use crate::sources::mllp::framing::{FrameEvent, Framer, encode};
 use crate::telemetry::mllp as event;
 
@@ -68,18 +69,18 @@ impl MllpListener {
         self.listener.local_addr()
     }
 
-    /// Accept until `shutdown` turns true, then wait for every connection to finish.
-    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
+    /// Accept until shutdown is requested, then wait for every connection to finish.
+    pub async fn serve(self, shutdown: Shutdown) {
         let mut conns = JoinSet::new();
         loop {
             // Take a connection slot before accepting: beyond the cap, peers wait in the backlog.
             let permit = tokio::select! {
                 p = self.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = shutdown.requested() => break,
             };
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = shutdown.requested() => break,
             };
             // Reap finished connection tasks so the set does not grow.
             while conns.try_join_next().is_some() {}
@@ -122,12 +123,8 @@ impl MllpListener {
 }
 
 /// Serve one connection until EOF, idle timeout, an error, or shutdown.
-async fn connection<S>(
-    mut stream: S,
-    peer: SocketAddr,
-    ctx: &FeedContext,
-    mut shutdown: watch::Receiver<bool>,
-) where
+async fn connection<S>(mut stream: S, peer: SocketAddr, ctx: &FeedContext, shutdown: Shutdown)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let feed = &*ctx.intake.name;
@@ -141,7 +138,7 @@ async fn connection<S>(
         while let Some(ev) = framer.next_event() {
             match ev {
                 FrameEvent::Message(msg) => {
-                    let stopping = *shutdown.borrow();
+                    let stopping = shutdown.is_requested();
                     let ack = ctx.intake.receive_hl7(msg, &peer_s, stopping).await;
                     handled += 1;
                     let Some(ack) = ack else { continue };
@@ -170,13 +167,13 @@ async fn connection<S>(
                 }
             }
         }
-        let stopping = *shutdown.borrow();
+        let stopping = shutdown.is_requested();
         if stopping {
             break "shutting down";
         }
         let read = tokio::select! {
             r = tokio::time::timeout(ctx.idle_timeout, stream.read(&mut buf)) => r,
-            _ = shutdown.wait_for(|s| *s) => break "shutting down",
+            _ = shutdown.requested() => break "shutting down",
         };
         match read {
             Ok(Ok(0)) => {

@@ -18,7 +18,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{FlowControl, Parity, SerialConfig};
@@ -100,14 +99,14 @@ fn open(cfg: &SerialConfig) -> Result<tokio_serial::SerialStream, tokio_serial::
 }
 
 /// Keep the port open and served until shutdown.
-pub async fn run(ctx: SerialContext, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(ctx: SerialContext, shutdown: crate::shutdown::Shutdown) {
     let feed = ctx.name.clone();
     let device = ctx.cfg.device.clone();
     let cap = Duration::from_secs(ctx.cfg.reopen_max_secs);
     let mut wait = REOPEN_START;
     let mut last_problem: Option<String> = None;
     loop {
-        if *shutdown.borrow() {
+        if shutdown.is_requested() {
             break;
         }
         match open(&ctx.cfg) {
@@ -118,8 +117,8 @@ pub async fn run(ctx: SerialContext, mut shutdown: watch::Receiver<bool>) {
                 info!(feed = %feed, device = %device.display(), protocol = ?ctx.cfg.protocol, "serial port open");
                 last_problem = None;
                 wait = REOPEN_START;
-                let why = session::serve(port, &ctx, &mut shutdown).await;
-                let state = if *shutdown.borrow() {
+                let why = session::serve(port, &ctx, &shutdown).await;
+                let state = if shutdown.is_requested() {
                     PortState::Waiting
                 } else {
                     warn!(feed = %feed, device = %device.display(), why = %why, "serial port lost; reopening");
@@ -138,7 +137,7 @@ pub async fn run(ctx: SerialContext, mut shutdown: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = session::stopped(&mut shutdown) => break,
+            _ = shutdown.requested() => break,
         }
         wait = (wait * 2).min(cap);
     }

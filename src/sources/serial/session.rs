@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -12,16 +11,12 @@ use super::SerialContext;
 use crate::astm::link::{Action, Link, LinkConfig};
 use crate::config::SerialProtocol;
 use crate::outbox::Format;
+use crate::shutdown::Shutdown;
 use crate::sources::mllp::framing::{FrameEvent, Framer, encode};
 use crate::telemetry::mllp as event;
 
-/// Resolves once shutdown is requested.
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 /// Serve the port with its protocol until it fails or shutdown.
-pub async fn serve<S>(port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+pub async fn serve<S>(port: S, ctx: &SerialContext, shutdown: &Shutdown) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -41,7 +36,7 @@ fn read_end(r: std::io::Result<usize>) -> Option<String> {
 }
 
 /// ASTM E1381: the link state machine decides; the final frame's ACK waits for the commit.
-async fn astm<S>(mut port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+async fn astm<S>(mut port: S, ctx: &SerialContext, shutdown: &Shutdown) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -73,7 +68,7 @@ where
             _ = tokio::time::sleep_until(Instant::from_std(timer.unwrap_or(now_std))), if timer.is_some() => {
                 link.on_tick(std::time::Instant::now())
             }
-            _ = stopped(shutdown) => return "shutting down".into(),
+            _ = shutdown.requested() => return "shutting down".into(),
         };
         // Carry out the actions; storing a complete message yields more (the held ACK).
         while !actions.is_empty() {
@@ -115,7 +110,7 @@ fn peer(ctx: &SerialContext) -> String {
 }
 
 /// HL7 over MLLP on the serial byte stream, ACKs written back on the port.
-async fn hl7<S>(mut port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+async fn hl7<S>(mut port: S, ctx: &SerialContext, shutdown: &Shutdown) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -158,7 +153,7 @@ where
         }
         let r = tokio::select! {
             r = port.read(&mut buf) => r,
-            _ = stopped(shutdown) => return "shutting down".into(),
+            _ = shutdown.requested() => return "shutting down".into(),
         };
         if let Some(why) = read_end(
             r.as_ref()
@@ -183,7 +178,7 @@ where
 /// Line-oriented devices: a line (CR, LF or CRLF) is a message, or lines closer together than
 /// `group_gap_ms` are one message. There is no acknowledgement on such lines, so a message the
 /// store cannot take is retried (reading pauses meanwhile) rather than dropped.
-async fn lines<S>(mut port: S, ctx: &SerialContext, shutdown: &mut watch::Receiver<bool>) -> String
+async fn lines<S>(mut port: S, ctx: &SerialContext, shutdown: &Shutdown) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -197,7 +192,7 @@ where
         let r = tokio::select! {
             r = port.read(&mut buf) => Some(r),
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => None,
-            _ = stopped(shutdown) => {
+            _ = shutdown.requested() => {
                 if !group.is_empty() {
                     store_retrying(ctx, std::mem::take(&mut group), shutdown).await;
                 }
@@ -249,7 +244,7 @@ where
     }
 }
 
-async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, shutdown: &mut watch::Receiver<bool>) {
+async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, shutdown: &Shutdown) {
     if msg.is_empty() {
         return;
     }
@@ -261,7 +256,7 @@ async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, shutdown: &mut watch:
             .await
         {
             Ok(_) => return,
-            Err(_) if *shutdown.borrow() => {
+            Err(_) if shutdown.is_requested() => {
                 warn!(feed = %ctx.name, size, "shutting down with a device message not stored");
                 return;
             }
