@@ -13,7 +13,7 @@
 //! validity (Modulus 11, tested in `src/hl7/nhs.rs`), and text holding escape sequences other
 //! than the delimiter escapes: the oracle keeps `\H\` and writes `\.br\` as CR, while the
 //! contract applies FT formatting ("Escapes in text"); those members are counted as
-//! "explained" and checked by the unit tests in `src/hl7/header.rs` and `src/hl7/normalise.rs`.
+//! "explained" and checked by the unit tests in `src/hl7/header.rs` and `src/hl7/normalise/`.
 
 use std::collections::BTreeMap;
 
