@@ -23,4 +23,5 @@ pub mod sources;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod units;
 pub mod watch;

@@ -600,7 +600,7 @@ fn queue_stats(path: &Path, json: bool) -> ExitCode {
             s.pending,
             s.pending_bytes,
             s.oldest_pending_age
-                .map(human_age)
+                .map(siterelay::units::human_duration)
                 .unwrap_or_else(|| "-".into()),
             s.delivered,
             s.delivered_bytes,
@@ -611,14 +611,4 @@ fn queue_stats(path: &Path, json: bool) -> ExitCode {
         println!("(outbox is empty)");
     }
     ExitCode::SUCCESS
-}
-
-fn human_age(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
-    }
 }
