@@ -36,10 +36,6 @@ fn feed_policy(f: &crate::config::MllpFeedConfig) -> crate::hl7::intake::Policy 
     }
 }
 
-fn default_nhs() -> Vec<String> {
-    vec!["NHS".into(), "NHSNBR".into()]
-}
-
 /// How often delivered rows past retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// How long listeners get to finish in-flight messages at shutdown.
@@ -136,13 +132,7 @@ impl Daemon {
                     timezone: timezone.clone(),
                     default_charset,
                     device: None,
-                    normalise: f
-                        .normalise
-                        .then(|| crate::hl7::normalise::NormaliseOptions {
-                            timezone,
-                            demographics: f.demographics,
-                            nhs_authorities: f.nhs_authorities.clone(),
-                        }),
+                    normalise: f.normalise_options(timezone),
                 },
             );
             let tls = match &f.tls {
@@ -190,13 +180,7 @@ impl Daemon {
                 FeedRecordSettings {
                     timezone: timezone.clone(),
                     default_charset: charset,
-                    normalise: (sc.protocol == crate::config::SerialProtocol::Hl7Mllp).then(|| {
-                        crate::hl7::normalise::NormaliseOptions {
-                            timezone,
-                            demographics: true,
-                            nhs_authorities: default_nhs(),
-                        }
-                    }),
+                    normalise: sc.normalise_options(timezone),
                     device: Some(crate::record::DeviceInfo {
                         model: sc.model.clone(),
                         location: sc.location.clone(),

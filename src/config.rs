@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::hl7::normalise::NormaliseOptions;
 pub use crate::units::{parse_bytes, parse_duration};
 
 /// Default location of the configuration file.
@@ -137,6 +138,15 @@ pub struct SerialConfig {
     /// Absent: every line is a message.
     #[serde(default)]
     pub group_gap_ms: Option<u64>,
+    /// `hl7-mllp` only: as `normalise` of `[[mllp]]` (absent: on).
+    #[serde(default)]
+    pub normalise: Option<bool>,
+    /// `hl7-mllp` only: as `demographics` of `[[mllp]]` (absent: on).
+    #[serde(default)]
+    pub demographics: Option<bool>,
+    /// `hl7-mllp` only: as `nhs_authorities` of `[[mllp]]` (absent: `["NHS", "NHSNBR"]`).
+    #[serde(default)]
+    pub nhs_authorities: Option<Vec<String>>,
     /// Device model, copied into records.
     #[serde(default)]
     pub model: Option<String>,
@@ -342,11 +352,11 @@ pub struct MllpFeedConfig {
     pub default_charset: String,
     /// Add normalised clinical sections (patient, visit, event, merge, orders, observations) to
     /// each record. Off: the record carries the header and `raw` only.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_normalise")]
     pub normalise: bool,
     /// With `normalise`: include names, birth date, death, address and postcode. Off for data
     /// minimisation (identifiers and sex stay).
-    #[serde(default = "default_true")]
+    #[serde(default = "default_demographics")]
     pub demographics: bool,
     /// Assigning authorities (PID-3.4) that mean "NHS number" (type `NH` always does).
     #[serde(default = "default_nhs_authorities")]
@@ -407,8 +417,16 @@ fn default_dedup_window() -> Duration {
     // throughput (docs/performance.md).
     Duration::from_secs(7 * 86_400)
 }
+// Per-feed normalisation defaults, the same for `[[mllp]]` and `[[serial]]` HL7 ports: those of
+// `NormaliseOptions::default()`, their one home.
+fn default_normalise() -> bool {
+    true
+}
+fn default_demographics() -> bool {
+    NormaliseOptions::default().demographics
+}
 fn default_nhs_authorities() -> Vec<String> {
-    vec!["NHS".into(), "NHSNBR".into()]
+    NormaliseOptions::default().nhs_authorities
 }
 fn default_baud() -> u32 {
     9600
@@ -498,6 +516,36 @@ impl MllpFeedConfig {
         self.listen
             .parse()
             .expect("listen address validated by Config::check")
+    }
+
+    /// How this feed's records are normalised (`None`: `normalise = false`); `timezone` is the
+    /// feed's `timezone`, resolved.
+    pub fn normalise_options(&self, timezone: jiff::tz::TimeZone) -> Option<NormaliseOptions> {
+        self.normalise.then(|| NormaliseOptions {
+            timezone,
+            demographics: self.demographics,
+            nhs_authorities: self.nhs_authorities.clone(),
+        })
+    }
+}
+
+impl SerialConfig {
+    /// How this port's records are normalised: for `hl7-mllp` as an `[[mllp]]` feed with the
+    /// same keys would be (same defaults); `None` for other protocols and with `normalise = false`.
+    pub fn normalise_options(&self, timezone: jiff::tz::TimeZone) -> Option<NormaliseOptions> {
+        if self.protocol != SerialProtocol::Hl7Mllp
+            || !self.normalise.unwrap_or_else(default_normalise)
+        {
+            return None;
+        }
+        Some(NormaliseOptions {
+            timezone,
+            demographics: self.demographics.unwrap_or_else(default_demographics),
+            nhs_authorities: self
+                .nhs_authorities
+                .clone()
+                .unwrap_or_else(default_nhs_authorities),
+        })
     }
 }
 
@@ -667,6 +715,19 @@ impl Config {
                     at("group_gap_ms"),
                     "applies to protocol = \"lines\" only",
                 ));
+            }
+            if s.protocol != SerialProtocol::Hl7Mllp {
+                let given = [
+                    ("normalise", s.normalise.is_some()),
+                    ("demographics", s.demographics.is_some()),
+                    ("nhs_authorities", s.nhs_authorities.is_some()),
+                ];
+                for (key, _) in given.iter().filter(|(_, g)| *g) {
+                    p.push(Problem::at(
+                        at(key),
+                        "applies to protocol = \"hl7-mllp\" only: remove it from this port",
+                    ));
+                }
             }
             if s.astm_lenient && s.protocol != SerialProtocol::Astm {
                 p.push(Problem::at(
@@ -1138,6 +1199,84 @@ listen = "127.0.0.1:2575"
                 .all(|p| p.key.starts_with("mqtt.") && p.key.ends_with("_file")),
             "{problems:?}"
         );
+        // The commented-out [[serial]] examples, uncommented, are valid too.
+        let (head, ports) = text.split_once("# One [[serial]] table").unwrap();
+        let ports: String = ports
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg: Config = toml::from_str(&format!("{head}{ports}")).expect("serial examples parse");
+        assert_eq!(cfg.serial.len(), 3);
+        assert!(!cfg.serial[1].demographics.unwrap());
+        let problems = cfg.check();
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.key.starts_with("mqtt.") && p.key.ends_with("_file")),
+            "{problems:?}"
+        );
+    }
+
+    /// [`MINIMAL`] and a serial port speaking `protocol`; `extra` starts on line 15.
+    fn with_port(protocol: &str, extra: &str) -> String {
+        format!(
+            "{MINIMAL}[[serial]]\nname = \"port\"\ndevice = \"/dev/ttyS0\"\nprotocol = \"{protocol}\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn serial_hl7_ports_take_the_normalisation_keys_and_other_protocols_refuse_them() {
+        let tz = || jiff::tz::TimeZone::UTC;
+        let text = with_port(
+            "hl7-mllp",
+            "demographics = false\nnhs_authorities = [\"NHSX\"]",
+        );
+        let cfg = parse(Path::new("t.toml"), &text).unwrap();
+        let o = cfg.serial[0].normalise_options(tz()).unwrap();
+        assert!(!o.demographics);
+        assert_eq!(o.nhs_authorities, ["NHSX"]);
+        let cfg = parse(
+            Path::new("t.toml"),
+            &with_port("hl7-mllp", "normalise = false"),
+        )
+        .unwrap();
+        assert!(cfg.serial[0].normalise_options(tz()).is_none());
+        for protocol in ["astm", "lines"] {
+            let p = problems(&with_port(
+                protocol,
+                "demographics = false\nnormalise = true",
+            ));
+            let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+            assert_eq!(
+                keys,
+                [
+                    ("serial[0].demographics", Some(15)),
+                    ("serial[0].normalise", Some(16))
+                ]
+            );
+            assert!(p[0].message.contains("\"hl7-mllp\" only"), "{p:?}");
+            let cfg = parse(Path::new("t.toml"), &with_port(protocol, "")).unwrap();
+            assert!(cfg.serial[0].normalise_options(tz()).is_none());
+        }
+    }
+
+    #[test]
+    fn per_feed_normalisation_defaults_are_those_of_normalise_options() {
+        let tz = || jiff::tz::TimeZone::UTC;
+        let cfg = parse(Path::new("t.toml"), &with_port("hl7-mllp", "")).unwrap();
+        let d = NormaliseOptions::default();
+        for o in [
+            cfg.mllp[0].normalise_options(tz()).unwrap(),
+            cfg.serial[0].normalise_options(tz()).unwrap(),
+        ] {
+            assert_eq!(o.demographics, d.demographics);
+            assert_eq!(o.nhs_authorities, d.nhs_authorities);
+        }
+        // What 0.1 did and docs/configuration.md says: demographics on, both authorities.
+        assert!(d.demographics);
+        assert_eq!(d.nhs_authorities, ["NHS", "NHSNBR"]);
     }
 
     #[test]
