@@ -149,7 +149,7 @@ impl Daemon {
             let ctx = FeedContext {
                 name: Arc::from(f.name.as_str()),
                 max_message_bytes: f.max_message_bytes,
-                idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+                idle_timeout: f.idle_timeout,
                 default_charset,
                 responder: Responder {
                     application: "SITERELAY".into(),
@@ -269,7 +269,7 @@ impl Daemon {
                 rejects: rejects_rx,
                 fleet: FleetSettings {
                     health: health.clone(),
-                    health_interval: Duration::from_secs(cfg.mqtt.health_interval_secs),
+                    health_interval: cfg.mqtt.health_interval,
                     host: crate::health::host_facts(),
                     inventories,
                 },
