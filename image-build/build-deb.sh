@@ -91,7 +91,7 @@ if [ "$1" = "configure" ]; then
         fi
     fi
     echo "siterelay: edit /etc/siterelay/siterelay.toml, put the TLS files in /etc/siterelay/tls/,"
-    echo "           run 'siterelay check-config --config /etc/siterelay/siterelay.toml',"
+    echo "           run 'sudo -u siterelay siterelay check-config',"
     echo "           then 'systemctl start siterelay'."
 fi
 exit 0

@@ -23,8 +23,9 @@ dpkg -L siterelay | grep -qx /usr/share/doc/siterelay/schema/record.v1.schema.js
 
 # The shipped config is the annotated example: it parses, and the only problems are the
 # certificate files the central team has not issued yet (named with file, line and key).
+# No --config: the default path is the shipped one.
 set +e
-out="$(/usr/bin/siterelay check-config --config /etc/siterelay/siterelay.toml 2>&1)"
+out="$(env -u SITERELAY_CONFIG /usr/bin/siterelay check-config 2>&1)"
 rc=$?
 set -e
 [ $rc -ne 0 ] || fail "check-config passed without certificates"

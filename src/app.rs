@@ -36,10 +36,6 @@ fn feed_policy(f: &crate::config::MllpFeedConfig) -> crate::hl7::intake::Policy 
     }
 }
 
-fn default_nhs() -> Vec<String> {
-    vec!["NHS".into(), "NHSNBR".into()]
-}
-
 /// How often delivered rows past retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// How long listeners get to finish in-flight messages at shutdown.
@@ -143,13 +139,7 @@ impl Daemon {
                     timezone: timezone.clone(),
                     default_charset,
                     device: None,
-                    normalise: f
-                        .normalise
-                        .then(|| crate::hl7::normalise::NormaliseOptions {
-                            timezone,
-                            demographics: f.demographics,
-                            nhs_authorities: f.nhs_authorities.clone(),
-                        }),
+                    normalise: f.normalise_options(timezone),
                 },
             );
             let tls = match &f.tls {
@@ -179,7 +169,7 @@ impl Daemon {
             let ctx = FeedContext {
                 intake,
                 max_message_bytes: f.max_message_bytes,
-                idle_timeout: Duration::from_secs(f.idle_timeout_secs),
+                idle_timeout: f.idle_timeout,
                 tls,
             };
             let l = MllpListener::bind(f.listen_addr(), f.max_connections, ctx)
@@ -199,13 +189,7 @@ impl Daemon {
                 FeedRecordSettings {
                     timezone: timezone.clone(),
                     default_charset: charset,
-                    normalise: (sc.protocol == crate::config::SerialProtocol::Hl7Mllp).then(|| {
-                        crate::hl7::normalise::NormaliseOptions {
-                            timezone,
-                            demographics: true,
-                            nhs_authorities: default_nhs(),
-                        }
-                    }),
+                    normalise: sc.normalise_options(timezone),
                     device: Some(crate::record::DeviceInfo {
                         model: sc.model.clone(),
                         location: sc.location.clone(),
@@ -300,7 +284,7 @@ impl Daemon {
                 rejects: rejects_rx,
                 fleet: FleetSettings {
                     health: health.clone(),
-                    health_interval: Duration::from_secs(cfg.mqtt.health_interval_secs),
+                    health_interval: cfg.mqtt.health_interval,
                     host: crate::health::host_facts(),
                     inventories,
                 },

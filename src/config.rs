@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::hl7::normalise::NormaliseOptions;
+pub use crate::units::{parse_bytes, parse_duration};
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/siterelay/siterelay.toml";
 
@@ -119,8 +122,13 @@ pub struct SerialConfig {
     #[serde(default = "default_max_message_bytes", deserialize_with = "de_bytes")]
     pub max_message_bytes: u64,
     /// Longest wait between attempts to reopen a missing or failed port (backoff from 1 s).
-    #[serde(default = "default_reopen_max_secs")]
-    pub reopen_max_secs: u64,
+    /// Old name: `reopen_max_secs`.
+    #[serde(
+        default = "default_reopen_max",
+        alias = "reopen_max_secs",
+        deserialize_with = "de_duration"
+    )]
+    pub reopen_max: Duration,
     /// Time zone for timestamps without an offset.
     #[serde(default = "default_timezone")]
     pub timezone: String,
@@ -131,10 +139,22 @@ pub struct SerialConfig {
     /// ASTM only: accept frames with more than 240 characters of text (logged).
     #[serde(default)]
     pub astm_lenient: bool,
-    /// `lines` only: consecutive lines less than this many milliseconds apart form one message.
+    /// `lines` only: consecutive lines less than this apart form one message (e.g. `"500ms"`).
     /// Absent: every line is a message.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub group_gap: Option<Duration>,
+    /// Old name of `group_gap`, an integer of milliseconds. [`parse`] moves it into `group_gap`.
     #[serde(default)]
-    pub group_gap_ms: Option<u64>,
+    group_gap_ms: Option<u64>,
+    /// `hl7-mllp` only: as `normalise` of `[[mllp]]` (absent: on).
+    #[serde(default)]
+    pub normalise: Option<bool>,
+    /// `hl7-mllp` only: as `demographics` of `[[mllp]]` (absent: on).
+    #[serde(default)]
+    pub demographics: Option<bool>,
+    /// `hl7-mllp` only: as `nhs_authorities` of `[[mllp]]` (absent: `["NHS", "NHSNBR"]`).
+    #[serde(default)]
+    pub nhs_authorities: Option<Vec<String>>,
     /// Device model, copied into records.
     #[serde(default)]
     pub model: Option<String>,
@@ -268,22 +288,46 @@ pub struct MqttConfig {
     #[serde(default)]
     pub protocol: MqttProtocol,
     /// MQTT keep-alive interval.
-    #[serde(default = "default_keep_alive_secs")]
-    pub keep_alive_secs: u64,
+    /// Old name: `keep_alive_secs`.
+    #[serde(
+        default = "default_keep_alive",
+        alias = "keep_alive_secs",
+        deserialize_with = "de_duration"
+    )]
+    pub keep_alive: Duration,
     /// Time allowed for TCP + TLS + CONNACK.
-    #[serde(default = "default_connect_timeout_secs")]
-    pub connect_timeout_secs: u64,
+    /// Old name: `connect_timeout_secs`.
+    #[serde(
+        default = "default_connect_timeout",
+        alias = "connect_timeout_secs",
+        deserialize_with = "de_duration"
+    )]
+    pub connect_timeout: Duration,
     /// Upper bound of the reconnect backoff (exponential with jitter, starting at 0.5 s).
-    #[serde(default = "default_reconnect_max_secs")]
-    pub reconnect_max_secs: u64,
+    /// Old name: `reconnect_max_secs`.
+    #[serde(
+        default = "default_reconnect_max",
+        alias = "reconnect_max_secs",
+        deserialize_with = "de_duration"
+    )]
+    pub reconnect_max: Duration,
     /// A PUBACK that has not arrived this long after its PUBLISH marks the connection as broken:
     /// it is dropped and every unconfirmed record is sent again on a new one.
-    #[serde(default = "default_ack_timeout_secs")]
-    pub ack_timeout_secs: u64,
-    /// Seconds between health reports on `<prefix>/<appliance_id>/health` (also sent on
-    /// significant changes, at most every 5 s).
-    #[serde(default = "default_health_interval_secs")]
-    pub health_interval_secs: u64,
+    /// Old name: `ack_timeout_secs`.
+    #[serde(
+        default = "default_ack_timeout",
+        alias = "ack_timeout_secs",
+        deserialize_with = "de_duration"
+    )]
+    pub ack_timeout: Duration,
+    /// Time between health reports on `<prefix>/<appliance_id>/health` (also sent on
+    /// significant changes, at most every 5 s). Old name: `health_interval_secs`.
+    #[serde(
+        default = "default_health_interval",
+        alias = "health_interval_secs",
+        deserialize_with = "de_duration"
+    )]
+    pub health_interval: Duration,
     /// Records published and not yet acknowledged at any moment (QoS 1 window).
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
@@ -325,9 +369,13 @@ pub struct MllpFeedConfig {
     /// Largest message accepted, in bytes. A larger frame is refused and the connection closed.
     #[serde(default = "default_max_message_bytes", deserialize_with = "de_bytes")]
     pub max_message_bytes: u64,
-    /// A connection with no traffic for this long is closed.
-    #[serde(default = "default_idle_timeout_secs")]
-    pub idle_timeout_secs: u64,
+    /// A connection with no traffic for this long is closed. Old name: `idle_timeout_secs`.
+    #[serde(
+        default = "default_idle_timeout",
+        alias = "idle_timeout_secs",
+        deserialize_with = "de_duration"
+    )]
+    pub idle_timeout: Duration,
     /// Concurrent connections accepted on this feed; further connections wait in the backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -340,11 +388,11 @@ pub struct MllpFeedConfig {
     pub default_charset: String,
     /// Add normalised clinical sections (patient, visit, event, merge, orders, observations) to
     /// each record. Off: the record carries the header and `raw` only.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_normalise")]
     pub normalise: bool,
     /// With `normalise`: include names, birth date, death, address and postcode. Off for data
     /// minimisation (identifiers and sex stay).
-    #[serde(default = "default_true")]
+    #[serde(default = "default_demographics")]
     pub demographics: bool,
     /// Assigning authorities (PID-3.4) that mean "NHS number" (type `NH` always does).
     #[serde(default = "default_nhs_authorities")]
@@ -405,8 +453,16 @@ fn default_dedup_window() -> Duration {
     // throughput (docs/performance.md).
     Duration::from_secs(7 * 86_400)
 }
+// Per-feed normalisation defaults, the same for `[[mllp]]` and `[[serial]]` HL7 ports: those of
+// `NormaliseOptions::default()`, their one home.
+fn default_normalise() -> bool {
+    true
+}
+fn default_demographics() -> bool {
+    NormaliseOptions::default().demographics
+}
 fn default_nhs_authorities() -> Vec<String> {
-    vec!["NHS".into(), "NHSNBR".into()]
+    NormaliseOptions::default().nhs_authorities
 }
 fn default_baud() -> u32 {
     9600
@@ -417,8 +473,8 @@ fn default_data_bits() -> u8 {
 fn default_stop_bits() -> u8 {
     1
 }
-fn default_reopen_max_secs() -> u64 {
-    30
+fn default_reopen_max() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_serial_charset() -> String {
     "8859/1".into()
@@ -444,20 +500,20 @@ fn default_mqtt_port() -> u16 {
 fn default_topic_prefix() -> String {
     "siterelay".into()
 }
-fn default_keep_alive_secs() -> u64 {
-    30
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
 }
-fn default_connect_timeout_secs() -> u64 {
-    10
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
 }
-fn default_reconnect_max_secs() -> u64 {
-    30
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
 }
-fn default_ack_timeout_secs() -> u64 {
-    60
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(60)
 }
-fn default_health_interval_secs() -> u64 {
-    30
+fn default_health_interval() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_max_inflight() -> u16 {
     100
@@ -468,8 +524,8 @@ fn default_true() -> bool {
 fn default_max_message_bytes() -> u64 {
     4 * 1024 * 1024
 }
-fn default_idle_timeout_secs() -> u64 {
-    600
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_max_connections() -> usize {
     64
@@ -496,6 +552,36 @@ impl MllpFeedConfig {
         self.listen
             .parse()
             .expect("listen address validated by Config::check")
+    }
+
+    /// How this feed's records are normalised (`None`: `normalise = false`); `timezone` is the
+    /// feed's `timezone`, resolved.
+    pub fn normalise_options(&self, timezone: jiff::tz::TimeZone) -> Option<NormaliseOptions> {
+        self.normalise.then(|| NormaliseOptions {
+            timezone,
+            demographics: self.demographics,
+            nhs_authorities: self.nhs_authorities.clone(),
+        })
+    }
+}
+
+impl SerialConfig {
+    /// How this port's records are normalised: for `hl7-mllp` as an `[[mllp]]` feed with the
+    /// same keys would be (same defaults); `None` for other protocols and with `normalise = false`.
+    pub fn normalise_options(&self, timezone: jiff::tz::TimeZone) -> Option<NormaliseOptions> {
+        if self.protocol != SerialProtocol::Hl7Mllp
+            || !self.normalise.unwrap_or_else(default_normalise)
+        {
+            return None;
+        }
+        Some(NormaliseOptions {
+            timezone,
+            demographics: self.demographics.unwrap_or_else(default_demographics),
+            nhs_authorities: self
+                .nhs_authorities
+                .clone()
+                .unwrap_or_else(default_nhs_authorities),
+        })
     }
 }
 
@@ -589,8 +675,11 @@ impl Config {
                     ));
                 }
             }
-            if f.idle_timeout_secs == 0 {
-                p.push(Problem::at(at("idle_timeout_secs"), "must be at least 1"));
+            if f.idle_timeout.is_zero() {
+                p.push(Problem::at(
+                    at("idle_timeout"),
+                    "must be more than 0 (e.g. \"10m\")",
+                ));
             }
             if f.max_connections == 0 {
                 p.push(Problem::at(at("max_connections"), "must be at least 1"));
@@ -657,14 +746,30 @@ impl Config {
                 ("charset", &s.charset),
                 p,
             );
-            if s.reopen_max_secs == 0 {
-                p.push(Problem::at(at("reopen_max_secs"), "must be at least 1"));
-            }
-            if s.group_gap_ms.is_some() && s.protocol != SerialProtocol::Lines {
+            if s.reopen_max.is_zero() {
                 p.push(Problem::at(
-                    at("group_gap_ms"),
+                    at("reopen_max"),
+                    "must be more than 0 (e.g. \"30s\")",
+                ));
+            }
+            if s.group_gap.is_some() && s.protocol != SerialProtocol::Lines {
+                p.push(Problem::at(
+                    at("group_gap"),
                     "applies to protocol = \"lines\" only",
                 ));
+            }
+            if s.protocol != SerialProtocol::Hl7Mllp {
+                let given = [
+                    ("normalise", s.normalise.is_some()),
+                    ("demographics", s.demographics.is_some()),
+                    ("nhs_authorities", s.nhs_authorities.is_some()),
+                ];
+                for (key, _) in given.iter().filter(|(_, g)| *g) {
+                    p.push(Problem::at(
+                        at(key),
+                        "applies to protocol = \"hl7-mllp\" only: remove it from this port",
+                    ));
+                }
             }
             if s.astm_lenient && s.protocol != SerialProtocol::Astm {
                 p.push(Problem::at(
@@ -692,20 +797,35 @@ impl Config {
         if m.max_inflight == 0 {
             p.push(Problem::at("mqtt.max_inflight", "must be at least 1"));
         }
-        if m.keep_alive_secs < 5 {
-            p.push(Problem::at("mqtt.keep_alive_secs", "must be at least 5"));
+        if m.keep_alive < Duration::from_secs(5) {
+            p.push(Problem::at("mqtt.keep_alive", "must be at least 5s"));
         }
-        if m.health_interval_secs < 5 {
+        // MQTT counts these in whole seconds.
+        for (key, d) in [
+            ("keep_alive", m.keep_alive),
+            ("connect_timeout", m.connect_timeout),
+        ] {
+            if d.subsec_nanos() != 0 {
+                p.push(Problem::at(
+                    format!("mqtt.{key}"),
+                    "must be whole seconds (e.g. \"10s\")",
+                ));
+            }
+        }
+        if m.health_interval < Duration::from_secs(5) {
+            p.push(Problem::at("mqtt.health_interval", "must be at least 5s"));
+        }
+        if m.ack_timeout.is_zero() {
             p.push(Problem::at(
-                "mqtt.health_interval_secs",
-                "must be at least 5",
+                "mqtt.ack_timeout",
+                "must be more than 0 (e.g. \"60s\")",
             ));
         }
-        if m.ack_timeout_secs == 0 {
-            p.push(Problem::at("mqtt.ack_timeout_secs", "must be at least 1"));
-        }
-        if m.reconnect_max_secs == 0 {
-            p.push(Problem::at("mqtt.reconnect_max_secs", "must be at least 1"));
+        if m.reconnect_max.is_zero() {
+            p.push(Problem::at(
+                "mqtt.reconnect_max",
+                "must be more than 0 (e.g. \"30s\")",
+            ));
         }
         let files = [
             ("ca_file", &m.ca_file, PemKind::Certs),
@@ -902,6 +1022,17 @@ pub fn warnings(path: &Path, cfg: &Config) -> Vec<String> {
     if cfg.mqtt.insecure_plaintext {
         w.push("mqtt.insecure_plaintext = true: records leave this box unencrypted and the broker is not authenticated".into());
     }
+    for (i, s) in cfg.serial.iter().enumerate() {
+        if let Some(gap) = s.group_gap
+            && gap >= Duration::from_secs(60)
+        {
+            w.push(format!(
+                "serial[{i}].group_gap is {}: lines that far apart form one message (a bare number is seconds; \"{}ms\" is milliseconds)",
+                crate::units::human_duration(gap),
+                gap.as_secs()
+            ));
+        }
+    }
     w
 }
 
@@ -923,26 +1054,145 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         file: path.to_path_buf(),
         problems,
     };
-    let cfg: Config = match toml::from_str(text) {
+    let conflicts = alias_conflicts(text);
+    if !conflicts.is_empty() {
+        return Err(fail(conflicts));
+    }
+    let mut cfg: Config = match toml::from_str(text) {
         Ok(c) => c,
         Err(e) => {
             let line = e.span().map(|s| line_of(text, s.start));
             return Err(fail(vec![Problem {
-                key: String::new(),
+                key: e
+                    .span()
+                    .and_then(|s| key_at(text, s.start))
+                    .unwrap_or_default(),
                 message: describe_toml_error(&e),
                 line,
             }]));
         }
     };
+    for s in &mut cfg.serial {
+        if let Some(ms) = s.group_gap_ms.take() {
+            s.group_gap = Some(Duration::from_millis(ms));
+        }
+    }
     let mut problems = cfg.check();
     if problems.is_empty() {
         return Ok(cfg);
     }
     for pr in &mut problems {
-        pr.line = locate(text, &pr.key);
+        let (line, key) = place(text, &pr.key);
+        pr.line = line;
+        pr.key = key;
     }
     problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
     Err(fail(problems))
+}
+
+/// Keys renamed after 0.1, when every duration took the same `"30s"`/`"10m"`/`"7d"` form, as
+/// (table, old name, current name). The old names still work and are documented in
+/// docs/configuration.md: an old `*_secs` key takes the same values as its new one (an integer
+/// is seconds); `group_gap_ms` takes an integer of milliseconds. Giving both names is an error.
+pub const ALIASES: &[(&str, &str, &str)] = &[
+    ("mqtt", "keep_alive_secs", "keep_alive"),
+    ("mqtt", "connect_timeout_secs", "connect_timeout"),
+    ("mqtt", "reconnect_max_secs", "reconnect_max"),
+    ("mqtt", "ack_timeout_secs", "ack_timeout"),
+    ("mqtt", "health_interval_secs", "health_interval"),
+    ("mllp", "idle_timeout_secs", "idle_timeout"),
+    ("serial", "reopen_max_secs", "reopen_max"),
+    ("serial", "group_gap_ms", "group_gap"),
+];
+
+/// A table that gives a key under both its old and its current name.
+fn alias_conflicts(text: &str) -> Vec<Problem> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(doc) = DeTable::parse(text) else {
+        return Vec::new(); // toml::from_str reports the syntax error
+    };
+    let mut p = Vec::new();
+    for (table, old, new) in ALIASES {
+        let Some((_, v)) = doc.get_ref().iter().find(|(k, _)| k.get_ref() == table) else {
+            continue;
+        };
+        let tables: Vec<(String, &DeTable<'_>)> = match v.get_ref() {
+            DeValue::Table(t) => vec![(table.to_string(), t)],
+            DeValue::Array(a) => a
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| match item.get_ref() {
+                    DeValue::Table(t) => Some((format!("{table}[{i}]"), t)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (at, t) in tables {
+            let find = |name: &str| t.iter().find(|(k, _)| k.get_ref() == name).map(|(k, _)| k);
+            if let (Some(_), Some(o)) = (find(new), find(old)) {
+                p.push(Problem {
+                    key: format!("{at}.{old}"),
+                    message: format!(
+                        "is the old name of `{new}`, which is also given: keep `{new}` only"
+                    ),
+                    line: Some(line_of(text, o.span().start)),
+                });
+            }
+        }
+    }
+    p.sort_by_key(|p| p.line);
+    p
+}
+
+/// The line of a problem's key and the key as the file spells it: checks name the current key
+/// (`mllp[0].idle_timeout`), but a file may use its old name (`idle_timeout_secs`).
+fn place(text: &str, key: &str) -> (Option<usize>, String) {
+    if let Some((line, true)) = locate(text, key) {
+        return (Some(line), key.to_string());
+    }
+    if let Some((at, last)) = key.rsplit_once('.') {
+        let table = at.split('[').next().unwrap_or(at);
+        for (t, old, new) in ALIASES {
+            let alias = format!("{at}.{old}");
+            if *t == table
+                && *new == last
+                && let Some((line, true)) = locate(text, &alias)
+            {
+                return (Some(line), alias);
+            }
+        }
+    }
+    (locate(text, key).map(|(line, _)| line), key.to_string())
+}
+
+/// The dotted path (`mllp[0].dedup_window`) of the key whose value holds byte `offset`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    // Table spans need not cover their keys (`[[mllp]]` tables), so search every value.
+    fn value(v: &toml::Spanned<DeValue<'_>>, offset: usize, path: String) -> Option<String> {
+        match v.get_ref() {
+            DeValue::Table(t) => table(t, offset, &path),
+            DeValue::Array(a) => a
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| value(item, offset, format!("{path}[{i}]")))
+                .or_else(|| v.span().contains(&offset).then_some(path)),
+            _ => v.span().contains(&offset).then_some(path),
+        }
+    }
+    fn table(t: &DeTable<'_>, offset: usize, path: &str) -> Option<String> {
+        t.iter().find_map(|(k, v)| {
+            let here = if path.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{path}.{}", k.get_ref())
+            };
+            value(v, offset, here)
+        })
+    }
+    let doc = DeTable::parse(text).ok()?;
+    table(doc.get_ref(), offset, "")
 }
 
 /// toml's message without its own multi-line source excerpt (we print file:line ourselves).
@@ -966,8 +1216,8 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// Find the line of a dotted key path such as `mllp[1].tls.cert_file`; falls back to the nearest
-/// ancestor that exists in the file.
-fn locate(text: &str, key: &str) -> Option<usize> {
+/// ancestor that exists in the file. The flag is true when the whole path was found.
+fn locate(text: &str, key: &str) -> Option<(usize, bool)> {
     use toml::de::{DeTable, DeValue};
     let doc = DeTable::parse(text).ok()?;
     let mut best: Option<usize> = None;
@@ -983,6 +1233,7 @@ fn locate(text: &str, key: &str) -> Option<usize> {
         }
     }
     let mut cur: Option<&toml::Spanned<DeValue<'_>>> = None;
+    let mut found = 0;
     for (name, idx) in &segs {
         let next = match cur {
             None => doc
@@ -1004,8 +1255,9 @@ fn locate(text: &str, key: &str) -> Option<usize> {
             }
         }
         cur = Some(v);
+        found += 1;
     }
-    best
+    best.map(|line| (line, found == segs.len()))
 }
 
 fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -1025,58 +1277,38 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
-/// Parse `"512 MiB"`, `"2GiB"`, `"100 MB"`, `"4096"`.
-pub fn parse_bytes(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
+/// A duration key: a string such as `"30s"`, `"10m"`, `"2h"`, `"7d"`, `"500ms"` (see
+/// [`parse_duration`]) or an integer number of seconds.
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(u64),
-        Text(String),
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(
+                "a duration such as \"30s\", \"10m\", \"2h\", \"7d\" or an integer number of seconds",
+            )
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(n))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+            u64::try_from(n)
+                .map(Duration::from_secs)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Duration, E> {
+            parse_duration(s).ok_or_else(|| {
+                E::custom(format!(
+                    "'{s}' is not a duration: use e.g. \"30s\", \"10m\", \"2h\", \"7d\", \"500ms\" or an integer number of seconds"
+                ))
+            })
+        }
     }
-    match Raw::deserialize(d)? {
-        Raw::Int(n) => Ok(Duration::from_secs(n)),
-        Raw::Text(s) => parse_duration(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "'{s}' is not a duration: use seconds or e.g. \"7d\", \"12h\", \"30m\", \"45s\""
-            ))
-        }),
-    }
+    d.deserialize_any(V)
 }
 
-/// Parse `"7d"`, `"12h"`, `"30m"`, `"45s"` or plain seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult = match unit.trim() {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return None,
-    };
-    Some(Duration::from_secs(n.checked_mul(mult)?))
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 #[cfg(test)]
@@ -1173,6 +1405,242 @@ listen = "127.0.0.1:2575"
                 .all(|p| p.key.starts_with("mqtt.") && p.key.ends_with("_file")),
             "{problems:?}"
         );
+        // The commented-out [[serial]] examples, uncommented, are valid too.
+        let (head, ports) = text.split_once("# One [[serial]] table").unwrap();
+        let ports: String = ports
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg: Config = toml::from_str(&format!("{head}{ports}")).expect("serial examples parse");
+        assert_eq!(cfg.serial.len(), 3);
+        assert!(!cfg.serial[1].demographics.unwrap());
+        assert_eq!(cfg.serial[2].group_gap, Some(Duration::from_millis(500)));
+        let problems = cfg.check();
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.key.starts_with("mqtt.") && p.key.ends_with("_file")),
+            "{problems:?}"
+        );
+    }
+
+    /// A 0.1 configuration: every duration under its old name, in its old form.
+    const OLD_KEYS: &str = r#"
+appliance_id = "box-1"
+organisation = "RXX"
+data_dir = "/tmp/x"
+[store]
+retain_delivered = "2d"
+retain_rejected = 86400
+[mqtt]
+host = "localhost"
+insecure_plaintext = true
+keep_alive_secs = 20
+connect_timeout_secs = 7
+reconnect_max_secs = 45
+ack_timeout_secs = 90
+health_interval_secs = 15
+[[mllp]]
+name = "adt"
+listen = "127.0.0.1:2575"
+idle_timeout_secs = 120
+dedup_window = "3d"
+[[serial]]
+name = "monitor"
+device = "/dev/ttyS0"
+protocol = "lines"
+reopen_max_secs = 5
+group_gap_ms = 250
+[[serial]]
+name = "gas"
+device = "/dev/ttyS1"
+protocol = "hl7-mllp"
+"#;
+
+    #[test]
+    fn a_0_1_config_with_the_old_key_names_loads_as_before() {
+        let cfg = parse(Path::new("t.toml"), OLD_KEYS).unwrap();
+        let s = Duration::from_secs;
+        assert_eq!(cfg.store.retain_delivered, s(2 * 86_400));
+        assert_eq!(cfg.store.retain_rejected, s(86_400));
+        let m = &cfg.mqtt;
+        assert_eq!(
+            (m.keep_alive, m.connect_timeout, m.reconnect_max),
+            (s(20), s(7), s(45))
+        );
+        assert_eq!((m.ack_timeout, m.health_interval), (s(90), s(15)));
+        assert_eq!(cfg.mllp[0].idle_timeout, s(120));
+        assert_eq!(cfg.mllp[0].dedup_window, s(3 * 86_400));
+        assert_eq!(cfg.serial[0].reopen_max, s(5));
+        assert_eq!(cfg.serial[0].group_gap, Some(Duration::from_millis(250)));
+        assert_eq!(cfg.serial[1].group_gap, None);
+        assert_eq!(cfg.serial[1].reopen_max, s(30));
+        // As in 0.1, an HL7 serial port is normalised with demographics and both authorities.
+        let o = cfg.serial[1]
+            .normalise_options(jiff::tz::TimeZone::UTC)
+            .unwrap();
+        assert!(o.demographics);
+        assert_eq!(o.nhs_authorities, ["NHS", "NHSNBR"]);
+        assert!(
+            cfg.serial[0]
+                .normalise_options(jiff::tz::TimeZone::UTC)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn old_and_new_duration_keys_give_the_same_value() {
+        let new = OLD_KEYS
+            .replace("keep_alive_secs = 20", "keep_alive = \"20s\"")
+            .replace("connect_timeout_secs = 7", "connect_timeout = \"7s\"")
+            .replace("reconnect_max_secs = 45", "reconnect_max = 45")
+            .replace("ack_timeout_secs = 90", "ack_timeout = \"90 s\"")
+            .replace("health_interval_secs = 15", "health_interval = \"15s\"")
+            .replace("idle_timeout_secs = 120", "idle_timeout = \"2m\"")
+            .replace("reopen_max_secs = 5", "reopen_max = \"5s\"")
+            .replace("group_gap_ms = 250", "group_gap = \"250ms\"");
+        for (_, old, _) in ALIASES {
+            assert!(!new.contains(old), "{old} still in {new}");
+        }
+        let a = parse(Path::new("t.toml"), OLD_KEYS).unwrap();
+        let b = parse(Path::new("t.toml"), &new).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+
+    #[test]
+    fn a_key_under_both_its_names_is_an_error_with_file_and_line() {
+        let text = OLD_KEYS
+            .replace(
+                "idle_timeout_secs = 120",
+                "idle_timeout_secs = 120\nidle_timeout = \"2m\"",
+            )
+            .replace(
+                "group_gap_ms = 250",
+                "group_gap = \"1s\"\ngroup_gap_ms = 250",
+            );
+        let e = parse(Path::new("t.toml"), &text).unwrap_err();
+        let keys: Vec<_> = e
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("mllp[0].idle_timeout_secs", Some(19)),
+                ("serial[0].group_gap_ms", Some(28))
+            ]
+        );
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(
+                "t.toml:19: mllp[0].idle_timeout_secs: is the old name of `idle_timeout`, which is also given"
+            ),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn duration_problems_name_the_key_as_written_and_its_line() {
+        let p = problems(&MINIMAL.replace(
+            "name = \"adt\"",
+            "name = \"adt\"\nidle_timeout = \"10 minutes\"",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].key.as_str(), p[0].line),
+            ("mllp[0].idle_timeout", Some(10))
+        );
+        assert!(
+            p[0].message.contains("'10 minutes' is not a duration"),
+            "{p:?}"
+        );
+        // A check on a value given under its old name points at that name.
+        let p = problems(&OLD_KEYS.replace("reopen_max_secs = 5", "reopen_max_secs = 0"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].key.as_str(), p[0].line),
+            ("serial[0].reopen_max_secs", Some(25))
+        );
+        let p = problems(&OLD_KEYS.replace("protocol = \"lines\"", "protocol = \"astm\""));
+        assert_eq!(
+            (p[0].key.as_str(), p[0].line),
+            ("serial[0].group_gap_ms", Some(26))
+        );
+        // MQTT counts keep-alive and connect timeout in whole seconds.
+        let p = problems(&OLD_KEYS.replace("keep_alive_secs = 20", "keep_alive = \"5500ms\""));
+        assert_eq!(
+            (p[0].key.as_str(), p[0].line),
+            ("mqtt.keep_alive", Some(11))
+        );
+        assert!(p[0].message.contains("whole seconds"), "{p:?}");
+        let p = problems(&OLD_KEYS.replace("ack_timeout_secs = 90", "ack_timeout = -1"));
+        assert_eq!(
+            (p[0].key.as_str(), p[0].line),
+            ("mqtt.ack_timeout", Some(14))
+        );
+    }
+
+    /// [`MINIMAL`] and a serial port speaking `protocol`; `extra` starts on line 15.
+    fn with_port(protocol: &str, extra: &str) -> String {
+        format!(
+            "{MINIMAL}[[serial]]\nname = \"port\"\ndevice = \"/dev/ttyS0\"\nprotocol = \"{protocol}\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn serial_hl7_ports_take_the_normalisation_keys_and_other_protocols_refuse_them() {
+        let tz = || jiff::tz::TimeZone::UTC;
+        let text = with_port(
+            "hl7-mllp",
+            "demographics = false\nnhs_authorities = [\"NHSX\"]",
+        );
+        let cfg = parse(Path::new("t.toml"), &text).unwrap();
+        let o = cfg.serial[0].normalise_options(tz()).unwrap();
+        assert!(!o.demographics);
+        assert_eq!(o.nhs_authorities, ["NHSX"]);
+        let cfg = parse(
+            Path::new("t.toml"),
+            &with_port("hl7-mllp", "normalise = false"),
+        )
+        .unwrap();
+        assert!(cfg.serial[0].normalise_options(tz()).is_none());
+        for protocol in ["astm", "lines"] {
+            let p = problems(&with_port(
+                protocol,
+                "demographics = false\nnormalise = true",
+            ));
+            let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+            assert_eq!(
+                keys,
+                [
+                    ("serial[0].demographics", Some(15)),
+                    ("serial[0].normalise", Some(16))
+                ]
+            );
+            assert!(p[0].message.contains("\"hl7-mllp\" only"), "{p:?}");
+            let cfg = parse(Path::new("t.toml"), &with_port(protocol, "")).unwrap();
+            assert!(cfg.serial[0].normalise_options(tz()).is_none());
+        }
+    }
+
+    #[test]
+    fn per_feed_normalisation_defaults_are_those_of_normalise_options() {
+        let tz = || jiff::tz::TimeZone::UTC;
+        let cfg = parse(Path::new("t.toml"), &with_port("hl7-mllp", "")).unwrap();
+        let d = NormaliseOptions::default();
+        for o in [
+            cfg.mllp[0].normalise_options(tz()).unwrap(),
+            cfg.serial[0].normalise_options(tz()).unwrap(),
+        ] {
+            assert_eq!(o.demographics, d.demographics);
+            assert_eq!(o.nhs_authorities, d.nhs_authorities);
+        }
+        // What 0.1 did and docs/configuration.md says: demographics on, both authorities.
+        assert!(d.demographics);
+        assert_eq!(d.nhs_authorities, ["NHS", "NHSNBR"]);
     }
 
     #[test]

@@ -37,4 +37,5 @@ pub mod sources;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod units;
 pub mod watch;

@@ -18,6 +18,16 @@ use siterelay::config::{self, DEFAULT_CONFIG_PATH, LogConfig, LogOutput, Timesta
     about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out"
 )]
 struct Cli {
+    /// Configuration file (used by run, check-config, status and queue). May be given before or
+    /// after the subcommand.
+    #[arg(
+        long,
+        global = true,
+        env = "SITERELAY_CONFIG",
+        default_value = DEFAULT_CONFIG_PATH,
+        value_name = "FILE"
+    )]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,17 +35,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.
-    Run {
-        /// Configuration file.
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    Run,
     /// Check a configuration file exactly as start-up does; exit 1 on any problem.
-    CheckConfig {
-        /// Configuration file.
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    CheckConfig,
     /// Send HL7 messages from files over MLLP and print each ACK (exit 1 on any non-AA).
     Send {
         /// Destination, HOST:PORT.
@@ -51,9 +53,6 @@ enum Command {
     },
     /// This appliance's state, from the running daemon (or from the outbox file if it is down).
     Status {
-        /// Configuration file (to find data_dir).
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
         /// Print the JSON report instead of text.
         #[arg(long)]
         json: bool,
@@ -99,9 +98,6 @@ enum RejectedCommand {
 enum QueueCommand {
     /// Messages answered AE (unusable content), kept in quarantine instead of being forwarded.
     Rejected {
-        /// Configuration file (to find data_dir).
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH, global = true)]
-        config: PathBuf,
         /// JSON output.
         #[arg(long, global = true)]
         json: bool,
@@ -110,9 +106,6 @@ enum QueueCommand {
     },
     /// Per feed: pending, delivered, oldest pending age, bytes. Safe while the daemon runs.
     Stats {
-        /// Configuration file (to find data_dir).
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -121,26 +114,22 @@ enum QueueCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config = cli.config;
     match cli.command {
-        Command::Run { config } => run(&config),
-        Command::CheckConfig { config } => check_config(&config),
+        Command::Run => run(&config),
+        Command::CheckConfig => check_config(&config),
         Command::Send {
             to,
             timeout_secs,
             files,
         } => send(&to, Duration::from_secs(timeout_secs), &files),
         Command::Queue {
-            command: QueueCommand::Stats { config, json },
+            command: QueueCommand::Stats { json },
         } => queue_stats(&config, json),
         Command::Queue {
-            command:
-                QueueCommand::Rejected {
-                    config,
-                    json,
-                    command,
-                },
+            command: QueueCommand::Rejected { json, command },
         } => rejected(&config, json, command.unwrap_or(RejectedCommand::List)),
-        Command::Status { config, json } => status(&config, json),
+        Command::Status { json } => status(&config, json),
         Command::Watch(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -600,7 +589,7 @@ fn queue_stats(path: &Path, json: bool) -> ExitCode {
             s.pending,
             s.pending_bytes,
             s.oldest_pending_age
-                .map(human_age)
+                .map(siterelay::units::human_duration)
                 .unwrap_or_else(|| "-".into()),
             s.delivered,
             s.delivered_bytes,
@@ -611,14 +600,4 @@ fn queue_stats(path: &Path, json: bool) -> ExitCode {
         println!("(outbox is empty)");
     }
     ExitCode::SUCCESS
-}
-
-fn human_age(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
-    }
 }

@@ -196,16 +196,6 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// A duration for people: `42s`, `3m12s`, `5h04m`, `2d03h`.
-pub fn human_secs(s: u64) -> String {
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
 /// The report as a person reads it.
 pub fn render(h: &Health) -> String {
     use std::fmt::Write;
@@ -214,7 +204,7 @@ pub fn render(h: &Health) -> String {
         o,
         "siterelay {}: running for {} (report at {})",
         h.appliance,
-        human_secs(h.uptime_secs),
+        crate::units::human_secs(h.uptime_secs),
         h.at
     );
     let m = &h.mqtt;
@@ -240,7 +230,7 @@ pub fn render(h: &Health) -> String {
         b.pending_count,
         human_bytes(b.pending_bytes),
         b.oldest_pending_age_secs
-            .map(|s| human_secs(s as u64))
+            .map(|s| crate::units::human_secs(s as u64))
             .unwrap_or_else(|| "-".into()),
         human_bytes(b.store_bytes),
         human_bytes(b.store_max_bytes)

@@ -255,14 +255,14 @@ pub fn render_table(rows: &[Row]) -> String {
             r.appliance,
             r.state,
             r.state_age_secs
-                .map(crate::status::human_secs)
+                .map(crate::units::human_secs)
                 .unwrap_or_else(|| "-".into()),
             r.health_age_secs
-                .map(crate::status::human_secs)
+                .map(crate::units::human_secs)
                 .unwrap_or_else(|| "-".into()),
             opt(r.pending),
             r.oldest_pending_secs
-                .map(crate::status::human_secs)
+                .map(crate::units::human_secs)
                 .unwrap_or_else(|| "-".into()),
             match (r.feeds_up, r.feeds_total) {
                 (Some(u), Some(t)) => format!("{u}/{t}"),

@@ -1,5 +1,5 @@
-//! The real `siterelay` binary: SIGKILL durability, SIGTERM, TLS refusals in the log, and the
-//! `check-config`, `send` and `queue stats` commands.
+//! The real `siterelay` binary: SIGKILL durability, SIGTERM, TLS refusals in the log, the
+//! `check-config`, `send` and `queue stats` commands, and where the configuration is read from.
 
 mod common;
 
@@ -209,6 +209,76 @@ fn check_config_reports_each_problem_with_file_and_line() {
         err.lines().filter(|l| l.contains("cert.toml:")).count(),
         1,
         "one message: {err}"
+    );
+}
+
+/// Run the binary with `args` (and `SITERELAY_CONFIG` set to `env_config`, or unset).
+fn siterelay(args: &[&str], env_config: Option<&Path>) -> std::process::Output {
+    let mut c = Command::new(BIN);
+    c.args(args).env_remove("SITERELAY_CONFIG");
+    if let Some(p) = env_config {
+        c.env("SITERELAY_CONFIG", p);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn config_is_one_global_option_with_a_default_and_an_environment_variable() {
+    let env = Env::new();
+    let good = env.write_config(
+        "good.toml",
+        &env.config_text(8883, &[("adt", "0.0.0.0:2575")], ""),
+    );
+    let bad = env.write_config("bad.toml", "appliance_id = \"x\"\n");
+    let g = good.to_str().unwrap();
+    let stdout = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    // Before or after the subcommand, or from the environment: the same file.
+    for (args, from_env) in [
+        (vec!["check-config", "--config", g], None),
+        (vec!["--config", g, "check-config"], None),
+        (vec!["check-config"], Some(good.as_path())),
+        // The flag wins over the environment.
+        (vec!["check-config", "--config", g], Some(bad.as_path())),
+    ] {
+        let out = siterelay(&args, from_env);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout(&out).starts_with(&format!("{g}: OK")),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let out = siterelay(&["check-config"], Some(bad.as_path()));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml"));
+    // Neither: the default path.
+    let out = siterelay(&["check-config"], None);
+    let all = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("/etc/siterelay/siterelay.toml"), "{all}");
+    // Every subcommand that reads the file takes --config where it always did (exit 2 would be
+    // a usage error); they fail here only because this data_dir has no outbox or daemon.
+    for args in [
+        vec!["status", "--config", g],
+        vec!["queue", "stats", "--config", g, "--json"],
+        vec!["queue", "rejected", "--config", g, "list"],
+        vec!["queue", "rejected", "list", "--config", g],
+        vec!["queue", "--config", g, "rejected", "--json"],
+    ] {
+        let out = siterelay(&args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+    let help = stdout(&siterelay(&["run", "--help"], None));
+    assert!(
+        help.contains("--config <FILE>")
+            && help.contains("SITERELAY_CONFIG")
+            && help.contains("/etc/siterelay/siterelay.toml"),
+        "{help}"
     );
 }
 

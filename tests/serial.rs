@@ -333,22 +333,29 @@ R|1|^^^K|4.1|mmol/L|3.5\x965.0|N||F\rC|1|I|\x84Probe h\xe4molytisch\x93 \x80|G\r
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hl7_over_serial_is_acked_on_the_port_after_the_commit() {
-    let (_s, _broker, mut sub, mut pty, d) = connected("hl7-mllp", "").await;
-    let ack = tokio::task::spawn_blocking(move || {
-        pty.write(&siterelay::sources::mllp::framing::encode(&adt("SER1")))
+/// Play an HL7 device: write `message` in an MLLP frame on the pty and read the framed ACK.
+async fn hl7_device_send(pty: Pty, message: Vec<u8>) -> (Pty, siterelay::client::AckSummary) {
+    let (pty, ack) = tokio::task::spawn_blocking(move || {
+        let mut pty = pty;
+        pty.write(&siterelay::sources::mllp::framing::encode(&message))
             .unwrap();
         let mut got = Vec::new();
         let end = Instant::now() + Duration::from_secs(10);
         while !got.ends_with(&[0x1c, 0x0d]) && Instant::now() < end {
             got.extend(pty.read_timeout(Duration::from_millis(200)).unwrap());
         }
-        got
+        (pty, got)
     })
     .await
     .unwrap();
     let ack = siterelay::client::parse_ack(&ack[1..ack.len() - 2]).unwrap();
+    (pty, ack)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hl7_over_serial_is_acked_on_the_port_after_the_commit() {
+    let (_s, _broker, mut sub, pty, d) = connected("hl7-mllp", "").await;
+    let (_pty, ack) = hl7_device_send(pty, adt("SER1")).await;
     assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AA", "SER1"));
     let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
     let r = json(&payload);
@@ -356,6 +363,52 @@ async fn hl7_over_serial_is_acked_on_the_port_after_the_commit() {
     assert_eq!(r["source"]["kind"], "serial");
     assert_eq!(r["hl7"]["control_id"], "SER1");
     assert_eq!(r["device"]["protocol"], "hl7-mllp");
+    // By default, as on an [[mllp]] feed, the record carries the demographics.
+    let p = &r["patient"];
+    assert_eq!(p["names"][0]["family"], "TEST", "{r}");
+    assert_eq!(p["birth_date"]["value"], "1980-06-15", "{r}");
+    assert_eq!(p["postcode"], "ZZ99 9ZZ", "{r}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_hl7_port_with_demographics_off_leaves_names_birth_date_and_address_out() {
+    let (_s, _broker, mut sub, pty, d) = connected(
+        "hl7-mllp",
+        "demographics = false\nnhs_authorities = [\"NHS\"]",
+    )
+    .await;
+    let (_pty, ack) = hl7_device_send(pty, adt("SER2")).await;
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AA", "SER2"));
+    let (_, payload, _) = sub.recv(Duration::from_secs(10)).await.expect("record");
+    let r = json(&payload);
+    assert_eq!(r["hl7"]["control_id"], "SER2");
+    let p = &r["patient"];
+    assert_eq!(p["nhs_number"]["value"], "9990000018", "{r}");
+    assert_eq!(p["sex"], "F", "identifiers and sex stay: {r}");
+    assert!(
+        p["identifiers"].as_array().is_some_and(|i| i.len() == 2),
+        "{r}"
+    );
+    for gone in [
+        "names",
+        "birth_date",
+        "birth_time",
+        "death",
+        "address",
+        "postcode",
+    ] {
+        assert!(p.get(gone).is_none(), "{gone} in {r}");
+    }
+    let mut clinical = r.clone();
+    clinical.as_object_mut().unwrap().remove("raw");
+    let clinical = clinical.to_string();
+    for personal in ["PATIENT", "1980", "TEST STREET", "TESTTOWN", "ZZ99"] {
+        assert!(
+            !clinical.contains(personal),
+            "{personal} outside raw: {clinical}"
+        );
+    }
     d.stop().await;
 }
 

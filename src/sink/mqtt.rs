@@ -45,7 +45,7 @@ const MARK_BATCH: usize = 256;
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait for outstanding PUBACKs during a clean shutdown.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
-/// Backoff starts here and doubles up to `reconnect_max_secs`.
+/// Backoff starts here and doubles up to `reconnect_max`.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Repeated connection failures are logged at WARN at most this often (DEBUG otherwise).
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -213,7 +213,7 @@ impl MqttSink {
                 return;
             }
         };
-        let cap = Duration::from_secs(m.reconnect_max_secs);
+        let cap = m.reconnect_max;
         let mut backoff = Backoff::new(BACKOFF_START, cap);
         // Failures in a row, and when one was last logged at WARN (then at most once a minute).
         let mut streak = 0u64;
@@ -280,9 +280,9 @@ impl MqttSink {
         let client = match m.protocol {
             MqttProtocol::V5 => {
                 let mut o = rumqttc::v5::MqttOptions::new(client_id, m.host.clone(), m.port);
-                o.set_keep_alive(Duration::from_secs(m.keep_alive_secs))
+                o.set_keep_alive(m.keep_alive)
                     .set_clean_start(true)
-                    .set_connection_timeout(m.connect_timeout_secs)
+                    .set_connection_timeout(m.connect_timeout.as_secs())
                     .set_max_packet_size(Some(s.max_packet_bytes as u32))
                     .set_outgoing_inflight_upper_limit(m.max_inflight)
                     .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
@@ -299,7 +299,7 @@ impl MqttSink {
             }
             MqttProtocol::V311 => {
                 let mut o = rumqttc::MqttOptions::new(client_id, m.host.clone(), m.port);
-                o.set_keep_alive(Duration::from_secs(m.keep_alive_secs))
+                o.set_keep_alive(m.keep_alive)
                     .set_clean_session(true)
                     .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes)
                     .set_inflight(m.max_inflight)
@@ -312,7 +312,7 @@ impl MqttSink {
                     .set_transport(transport);
                 let (client, mut el) = rumqttc::AsyncClient::new(o, window + 64);
                 let mut net = el.network_options();
-                net.set_connection_timeout(m.connect_timeout_secs);
+                net.set_connection_timeout(m.connect_timeout.as_secs());
                 el.set_network_options(net);
                 tokio::spawn(pump_v311(el, tx));
                 Client::V311(client)
@@ -365,7 +365,7 @@ impl MqttSink {
         let mut draining_since: Option<Instant> = None;
         // Send order of in-flight records, for the PUBACK timeout (stale entries skipped lazily).
         let mut sent_order: VecDeque<(u16, i64, Instant)> = VecDeque::new();
-        let ack_timeout = Duration::from_secs(self.settings.mqtt.ack_timeout_secs);
+        let ack_timeout = self.settings.mqtt.ack_timeout;
         // Fleet bookkeeping.
         let mut health_timer = tokio::time::interval(fleet.health_interval);
         health_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

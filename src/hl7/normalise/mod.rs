@@ -105,11 +105,13 @@ pub struct NormaliseOptions {
 
 impl Default for NormaliseOptions {
     /// Europe/London (UTC if the bundled database lacked it), demographics
-    /// off (opt in to personal data), authorities `NHS` and `NHSNBR`.
+    /// on, authorities `NHS` and `NHSNBR`. These are also the defaults of a
+    /// feed's `demographics` and `nhs_authorities` keys (`crate::config` takes
+    /// them from here), for `[[mllp]]` feeds and serial HL7 ports alike.
     fn default() -> Self {
         NormaliseOptions {
             timezone: TimeZone::get("Europe/London").unwrap_or(TimeZone::UTC),
-            demographics: false,
+            demographics: true,
             nhs_authorities: vec!["NHS".to_owned(), "NHSNBR".to_owned()],
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! One task per port keeps it open: it opens the device by path (exclusively), runs the
 //! configured protocol until the port fails or disappears (a USB adapter unplugged reads EIO or
-//! end of file), then reopens it by path with backoff (1 s doubling to `reopen_max_secs`). The
+//! end of file), then reopens it by path with backoff (1 s doubling to `reopen_max`). The
 //! port's state (`connected`, `waiting`, `error`) is kept for health reports. A message is stored
 //! only when complete by its protocol's rules (or, for ASTM, flagged incomplete when the
 //! analyser ended the transmission early); a message cut off by the port failing is dropped and
@@ -102,7 +102,7 @@ fn open(cfg: &SerialConfig) -> Result<tokio_serial::SerialStream, tokio_serial::
 pub async fn run(ctx: SerialContext, shutdown: crate::shutdown::Shutdown) {
     let feed = ctx.name.clone();
     let device = ctx.cfg.device.clone();
-    let cap = Duration::from_secs(ctx.cfg.reopen_max_secs);
+    let cap = ctx.cfg.reopen_max;
     let mut wait = REOPEN_START;
     let mut last_problem: Option<String> = None;
     loop {

@@ -176,13 +176,13 @@ where
 }
 
 /// Line-oriented devices: a line (CR, LF or CRLF) is a message, or lines closer together than
-/// `group_gap_ms` are one message. There is no acknowledgement on such lines, so a message the
+/// `group_gap` are one message. There is no acknowledgement on such lines, so a message the
 /// store cannot take is retried (reading pauses meanwhile) rather than dropped.
 async fn lines<S>(mut port: S, ctx: &SerialContext, shutdown: &Shutdown) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let gap = ctx.cfg.group_gap_ms.map(Duration::from_millis);
+    let gap = ctx.cfg.group_gap;
     let max = ctx.cfg.max_message_bytes as usize;
     let mut buf = vec![0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
