@@ -98,19 +98,7 @@ fn bump(map: &mut BTreeMap<String, u64>, key: &str, changed: &mut bool) {
     }
 }
 
-/// Segment ids of an HL7 message (first three bytes of each CR/LF-separated segment).
-pub fn segment_ids(message: &[u8]) -> Vec<[u8; 3]> {
-    let mut out: Vec<[u8; 3]> = Vec::new();
-    for seg in message.split(|&b| b == b'\r' || b == b'\n') {
-        if seg.len() >= 3 {
-            let id = [seg[0], seg[1], seg[2]];
-            if id.iter().all(|b| b.is_ascii_alphanumeric()) && !out.contains(&id) {
-                out.push(id);
-            }
-        }
-    }
-    out
-}
+pub use siterelay_proto::hl7::segment_ids;
 
 impl FeedInventory {
     /// Start from what was saved.

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use siterelay::astm::link::{Action, Link, LinkConfig};
+use siterelay_proto::astm::link::{Action, Link, LinkConfig};
 
 fuzz_target!(|data: &[u8]| {
     let tz = jiff::tz::TimeZone::UTC;
@@ -19,12 +19,12 @@ fuzz_target!(|data: &[u8]| {
         for a in actions {
             if let Action::Deliver { message, complete } = a {
                 let text = String::from_utf8_lossy(&message);
-                let _ = siterelay::astm::records::parse_message(&text, &tz);
+                let _ = siterelay_proto::astm::records::parse_message(&text, &tz);
                 if complete {
                     let _ = link.on_store_result(now, piece[0] % 2 == 0);
                 }
             }
         }
     }
-    let _ = siterelay::astm::records::parse_message(&String::from_utf8_lossy(data), &tz);
+    let _ = siterelay_proto::astm::records::parse_message(&String::from_utf8_lossy(data), &tz);
 });

@@ -1,34 +1,11 @@
-//! What the listener does with an arbitrary frame: read the MSH, decide AA/AE, build the ACK,
-//! and build the published record from the stored bytes. Must never panic.
+//! What the intake does with an arbitrary frame: read the MSH, decide AA/AE, build the ACK,
+//! split batches, and normalise the stored bytes as the record builder does. Must never panic.
 #![no_main]
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
-use siterelay::hl7::charset::Charset;
-use siterelay::hl7::intake::{self, Intake, Responder};
-use siterelay::outbox::{Format, PendingRow, SourceKind};
-use siterelay::record::{FeedRecordSettings, RecordBuilder};
-
-fn builder() -> &'static RecordBuilder {
-    static B: OnceLock<RecordBuilder> = OnceLock::new();
-    B.get_or_init(|| RecordBuilder {
-        appliance: "fuzz".into(),
-        organisation: Some("RXX".into()),
-        include_raw: true,
-        feeds: HashMap::new(),
-        fallback: FeedRecordSettings {
-            timezone: jiff::tz::TimeZone::get("Europe/London").unwrap(),
-            default_charset: Charset::Utf8,
-            device: None,
-            normalise: Some(siterelay::hl7::normalise::NormaliseOptions {
-                demographics: true,
-                ..Default::default()
-            }),
-        },
-    })
-}
+use siterelay_proto::hl7::charset::{self, Charset};
+use siterelay_proto::hl7::intake::{self, Intake, Responder};
+use siterelay_proto::hl7::normalise::{NormaliseOptions, normalise_with_delimiters};
 
 fuzz_target!(|data: &[u8]| {
     let me = Responder { application: "SITERELAY".into(), facility: "FUZZ".into() };
@@ -40,8 +17,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = intake::answer_stored(&h);
         let _ = intake::answer_refused(&h, "full");
     }
-    if siterelay::hl7::batch::is_batch(data)
-        && let Ok(batch) = siterelay::hl7::batch::split(data)
+    if siterelay_proto::hl7::batch::is_batch(data)
+        && let Ok(batch) = siterelay_proto::hl7::batch::split(data)
     {
         let mut acks = Vec::new();
         for group in &batch.groups {
@@ -54,22 +31,22 @@ fuzz_target!(|data: &[u8]| {
             }
             acks.push(group_acks);
         }
-        let _ = siterelay::hl7::ack::build_batch_ack(&batch, &acks, jiff::ZonedDateTime::now(), || "X".into());
+        let _ = siterelay_proto::hl7::ack::build_batch_ack(&batch, &acks, jiff::ZonedDateTime::now(), || "X".into());
     }
     let _ = intake::answer_oversized(data, 1024, &me);
-    let row = PendingRow {
-        row_id: 1,
-        record_id: "00000000-0000-7000-8000-000000000000".into(),
-        feed: "f".into(),
-        seq: 1,
-        received_at_us: 0,
-        source_kind: SourceKind::Mllp,
-        peer: None,
-        format: Format::Hl7v2,
-        raw: data.to_vec(),
-        reprocessed: false,
-        control_id_reused: false,
-    };
-    let json = builder().build(&row);
-    assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok());
+    // What the record builder does with the stored bytes: decode them as MSH-18 says (or
+    // leniently), then normalise with the message's own delimiters.
+    if let Ok(h) = siterelay_proto::hl7::header::parse_header(data) {
+        let cs = h
+            .charset
+            .as_deref()
+            .and_then(Charset::from_msh18)
+            .unwrap_or(Charset::Utf8);
+        let text = charset::decode(data, None, cs)
+            .unwrap_or_else(|_| String::from_utf8_lossy(data).into_owned());
+        let opts = NormaliseOptions::default();
+        let n = normalise_with_delimiters(&text, &h.delimiters, &opts);
+        let json = serde_json::to_vec(&n).expect("normalised content serialises");
+        assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok());
+    }
 });

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use siterelay::sources::mllp::framing::{FrameEvent, Framer};
+use siterelay_proto::mllp::{FrameEvent, Framer};
 
 fuzz_target!(|data: &[u8]| {
     if data.is_empty() {

@@ -1,4 +1,5 @@
-//! HL7 v2 over MLLP: [`framing`] is the pure byte-level state machine, [`server`] the sockets.
+//! HL7 v2 over MLLP: [`framing`] is the pure byte-level state machine (in `siterelay-proto`),
+//! [`server`] the sockets.
 
-pub mod framing;
+pub use siterelay_proto::mllp as framing;
 pub mod server;

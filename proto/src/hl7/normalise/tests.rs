@@ -1472,10 +1472,10 @@ fn odd_separators_and_line_ends_read_exactly_as_before() {
 
 const ODD_HASH_DELIMITED: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/golden/normalise/odd_hash_delimited.json"
+    "/../tests/golden/normalise/odd_hash_delimited.json"
 ));
 
 const ODD_MIXED_LINE_ENDS: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/golden/normalise/odd_mixed_line_ends.json"
+    "/../tests/golden/normalise/odd_mixed_line_ends.json"
 ));

@@ -249,6 +249,20 @@ fn find(s: &str, b: u8) -> Option<usize> {
     s.bytes().position(|x| x == b)
 }
 
+/// Segment ids of an HL7 message (first three bytes of each CR/LF-separated segment).
+pub fn segment_ids(message: &[u8]) -> Vec<[u8; 3]> {
+    let mut out: Vec<[u8; 3]> = Vec::new();
+    for seg in message.split(|&b| b == b'\r' || b == b'\n') {
+        if seg.len() >= 3 {
+            let id = [seg[0], seg[1], seg[2]];
+            if id.iter().all(|b| b.is_ascii_alphanumeric()) && !out.contains(&id) {
+                out.push(id);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! HL7 v2 logic siterelay needs, as pure code (no I/O): MSH parsing ([`header`]), ACK building
-//! ([`ack`]), charset decoding ([`charset`]), timestamps ([`time`]) and the receive decision
-//! shared by every HL7 source ([`intake`]).
+//! ([`ack`]), charset decoding ([`charset`]), timestamps ([`time`], shared with ASTM) and the
+//! receive decision shared by every HL7 source ([`intake`]).
 //!
 //! [`normalise`] turns a message into the record's clinical sections (patient, visit, event,
 //! merge, orders, observations, appointment, document) with three-state fields ([`tri`]) and
@@ -11,15 +11,16 @@
 //!
 //! Deliberately not here: an HL7 validator (the body is stored and forwarded as received; only
 //! the segments a record cannot be read without are required, see [`intake`]), MLLP framing (in
-//! `sources::mllp::framing`).
+//! [`crate::mllp`]).
 
 pub mod ack;
 pub mod batch;
 pub mod charset;
 mod fields;
+pub use fields::segment_ids;
 pub mod header;
 pub mod intake;
 pub mod nhs;
 pub mod normalise;
-pub mod time;
+pub use crate::time;
 pub mod tri;

@@ -1,6 +1,6 @@
 //! Deciding what to do with one received HL7 message, and what to answer.
 //!
-//! Pure code shared by every HL7 source (MLLP over TCP now, MLLP over serial later): it reads the
+//! Pure code shared by every HL7 source (MLLP over TCP, and HL7 framed on a serial port): it reads the
 //! MSH, checks the character set, and either asks the caller to store the message or hands back
 //! the negative acknowledgement to send. After the caller's store attempt, [`answer_stored`] and
 //! [`answer_refused`] build the final ACK. The caller writes an `AA` only after the commit.
@@ -126,7 +126,7 @@ pub fn missing_segment(h: &Header, message: &[u8]) -> Option<AckError> {
     if required_segments(h).is_empty() {
         return None;
     }
-    missing_from(h, &crate::inventory::segment_ids(message))
+    missing_from(h, &crate::hl7::segment_ids(message))
 }
 
 /// [`missing_segment`] for a caller that already holds the message's segment ids.
