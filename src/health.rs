@@ -21,7 +21,7 @@ pub const HEALTH_SCHEMA: &str = "siterelay.health.v1";
 pub struct FeedInfo {
     /// Feed name.
     pub name: String,
-    /// `mllp` (later `serial`).
+    /// `mllp` or `serial`.
     pub kind: &'static str,
     /// Listen address or device path.
     pub endpoint: String,

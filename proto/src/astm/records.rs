@@ -43,8 +43,7 @@
 
 use std::collections::BTreeMap;
 
-use jiff::civil::{Date, DateTime};
-use jiff::tz::{Offset, TimeZone};
+use jiff::tz::TimeZone;
 use serde::Serialize;
 
 /// Why a message could not be parsed. Positions are 1-based line numbers of the input text.
@@ -100,33 +99,9 @@ pub struct Delimiters {
     pub escape: char,
 }
 
-/// Precision of a timestamp, as sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// `YYYY`
-    Year,
-    /// `YYYYMM`
-    Month,
-    /// `YYYYMMDD`
-    Day,
-    /// `YYYYMMDDHH`
-    Hour,
-    /// `YYYYMMDDHHMM`
-    Minute,
-    /// `YYYYMMDDHHMMSS`
-    Second,
-}
-
-/// Where the offset of a normalised instant came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ZoneSource {
-    /// The value carried `+HHMM`/`-HHMM` (not in LIS2-A2, but some instruments send it).
-    Given,
-    /// The caller's time zone was applied.
-    Assumed,
-}
+// Precision and zone source are those of every siterelay timestamp (`crate::time`); an ASTM
+// timestamp has no fraction, so it never has `Precision::Fraction`.
+pub use crate::time::{Precision, ZoneSource};
 
 /// A normalised timestamp.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -602,76 +577,15 @@ pub fn parse_timestamp(raw: &str, tz: &TimeZone, component: char) -> Option<Time
     })
 }
 
-fn digits(s: &str, from: usize, n: usize) -> Option<i32> {
-    let part = s.get(from..from + n)?;
-    if part.bytes().all(|b| b.is_ascii_digit()) {
-        part.parse().ok()
-    } else {
-        None
-    }
-}
-
+/// `YYYY[MM[DD[HH[MM[SS]]]]]` with an optional `+HHMM`/`-HHMM`, read by the one timestamp
+/// reader siterelay has (`crate::time::parse_dtm`); ASTM has no fractional seconds, so a value
+/// with one is not a timestamp here.
 fn normalise_timestamp(s: &str, tz: &TimeZone) -> Option<(String, Precision, Option<ZoneSource>)> {
-    let (body, offset) = match s.find(['+', '-']) {
-        Some(i) => {
-            let (body, off) = s.split_at(i);
-            if off.len() != 5 {
-                return None;
-            }
-            let sign = if off.starts_with('-') { -1 } else { 1 };
-            let (hh, mm) = (digits(off, 1, 2)?, digits(off, 3, 2)?);
-            if hh > 14 || mm > 59 {
-                return None;
-            }
-            (
-                body,
-                Some(Offset::from_seconds(sign * (hh * 3600 + mm * 60)).ok()?),
-            )
-        }
-        None => (s, None),
-    };
-    let precision = match body.len() {
-        4 => Precision::Year,
-        6 => Precision::Month,
-        8 => Precision::Day,
-        10 => Precision::Hour,
-        12 => Precision::Minute,
-        14 => Precision::Second,
-        _ => return None,
-    };
-    let num = |from: usize, default: i32| {
-        if body.len() > from {
-            digits(body, from, 2)
-        } else {
-            Some(default)
-        }
-    };
-    let year = digits(body, 0, 4)? as i16;
-    let month = num(4, 1)? as i8;
-    let day = num(6, 1)? as i8;
-    let date = Date::new(year, month, day).ok()?;
-    if precision <= Precision::Day {
-        let value = match precision {
-            Precision::Year => format!("{year:04}"),
-            Precision::Month => format!("{year:04}-{month:02}"),
-            _ => date.to_string(),
-        };
-        return Some((value, precision, None));
+    if s.contains('.') {
+        return None;
     }
-    let (hour, minute, second) = (num(8, 0)? as i8, num(10, 0)? as i8, num(12, 0)? as i8);
-    let dt = DateTime::new(year, month, day, hour, minute, second, 0).ok()?;
-    let (zoned, source) = match offset {
-        Some(off) => (
-            dt.to_zoned_datetime(TimeZone::fixed(off)).ok()?,
-            ZoneSource::Given,
-        ),
-        None => (dt.to_zoned_datetime(tz.clone()).ok()?, ZoneSource::Assumed),
-    };
-    let value = zoned
-        .timestamp()
-        .display_with_offset(zoned.offset())
-        .to_string();
-    Some((value, precision, Some(source)))
+    let tv = crate::time::parse_dtm(s, tz, b'^')?;
+    Some((tv.value, tv.precision, tv.zone))
 }
 
 /// Field access and decoding with one message's delimiters.
@@ -786,11 +700,7 @@ impl Ctx<'_> {
                 Some(TimeValue {
                     value: Some(date.value),
                     astm: tv.astm,
-                    precision: Some(match date.precision {
-                        crate::hl7::time::Precision::Year => Precision::Year,
-                        crate::hl7::time::Precision::Month => Precision::Month,
-                        _ => Precision::Day,
-                    }),
+                    precision: Some(date.precision),
                     zone: None,
                 }),
                 time,
