@@ -240,8 +240,15 @@ async fn health_inventory_and_commands(kind: Kind) {
     drop(c);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    broker.up(&f.env).await;
-    let mut central = f.central(broker.port, "siterelay/test-box/#").await;
+    // The central side subscribes before the appliance can connect (its first health report
+    // after the outage is what this test reads).
+    broker
+        .up_with_fault(&f.env, siterelay_testkit::broker::Fault::RefuseConnect)
+        .await;
+    let mut central = f
+        .central(broker.central_port(), "siterelay/test-box/#")
+        .await;
+    broker.let_appliance_in().await;
 
     // The first health report after the outage shows the backlog and its age.
     let h = next_json(&mut central, "/health", Duration::from_secs(20)).await;

@@ -6,6 +6,8 @@
 //! - [`subscriber`]: [`Subscriber`], a reconnecting MQTT v5 subscriber that collects messages.
 //! - [`mosquitto`]: [`Mosquitto`], a launcher for a real Mosquitto with the same PKI.
 //! - [`pty`]: real pseudo-terminals for serial-port tests.
+//! - [`proxy`]: a TCP proxy a test controls between siterelay and a broker (refuse, cut,
+//!   swallow, throttle).
 //! - [`tls`], [`client`]: rustls configs (always the `ring` provider) and rumqttc options.
 //!
 //! Typical use in a `#[tokio::test]`:
@@ -24,6 +26,7 @@ pub mod broker;
 pub mod client;
 pub mod mosquitto;
 pub mod pki;
+pub mod proxy;
 pub mod pty;
 pub mod subscriber;
 pub mod tls;

@@ -12,6 +12,7 @@ use siterelay::config::Config;
 use siterelay_testkit::broker::{BrokerOptions, Fault, TestBroker};
 use siterelay_testkit::mosquitto::Mosquitto;
 use siterelay_testkit::pki::Pki;
+use siterelay_testkit::proxy::{Mode, Proxy};
 use siterelay_testkit::subscriber::Subscriber;
 use std::process::{Child, Command, Stdio};
 
@@ -35,6 +36,12 @@ pub enum Inner {
 }
 
 /// A broker that can be stopped and started again on the same port.
+///
+/// Mosquitto sits behind a [`Proxy`] the test controls (`port` is the proxy's, where siterelay
+/// connects; [`Broker::central_port`] is Mosquitto's own, where the central side's test clients
+/// connect), so a test can keep the appliance out while its subscriber gets in place: MQTT
+/// keeps nothing for a topic nobody subscribes to. The in-process broker does the same with
+/// [`Fault::RefuseConnect`].
 pub struct Broker {
     pub kind: Kind,
     pub port: u16,
@@ -42,6 +49,10 @@ pub struct Broker {
     dir: PathBuf,
     /// Mosquitto ACL file contents, if any.
     pub acl: Option<String>,
+    /// Mosquitto's own port (the in-process broker: the same as `port`).
+    real_port: u16,
+    /// In front of Mosquitto: closed while the broker is down or the appliance is kept out.
+    gate: Option<Proxy>,
 }
 
 impl Broker {
@@ -53,20 +64,32 @@ impl Broker {
 
     /// A broker not yet running, with its port reserved.
     pub fn down(kind: Kind, env: &Env) -> Broker {
+        let port = siterelay_testkit::free_port();
         Broker {
             kind,
-            port: siterelay_testkit::free_port(),
+            port,
             inner: Inner::Down,
             dir: env.dir.path().join("broker"),
             acl: None,
+            real_port: match kind {
+                Kind::InProcess => port,
+                Kind::Mosquitto => siterelay_testkit::free_port(),
+            },
+            gate: None,
         }
+    }
+
+    /// Where the central side's test clients connect (past the proxy in front of Mosquitto).
+    pub fn central_port(&self) -> u16 {
+        self.real_port
     }
 
     pub async fn up(&mut self, env: &Env) {
         self.up_with_fault(env, Fault::None).await
     }
 
-    /// Start with a fault already active (in-process broker only; Mosquitto ignores it).
+    /// Start with a fault already active. Mosquitto knows only [`Fault::RefuseConnect`]: its
+    /// proxy stays closed, so siterelay cannot connect until [`Broker::let_appliance_in`].
     pub async fn up_with_fault(&mut self, env: &Env, fault: Fault) {
         std::fs::create_dir_all(&self.dir).unwrap();
         self.inner = match self.kind {
@@ -76,18 +99,35 @@ impl Broker {
                 Inner::Test(TestBroker::start(o).await.expect("start in-process broker"))
             }
             Kind::Mosquitto => Inner::Mosq(
-                Mosquitto::start_on(&env.pki, &self.dir, self.acl.as_deref(), self.port)
+                Mosquitto::start_on(&env.pki, &self.dir, self.acl.as_deref(), self.real_port)
                     .await
                     .expect("start mosquitto"),
             ),
         };
+        if self.kind == Kind::Mosquitto {
+            let mode = if fault == Fault::RefuseConnect {
+                Mode::Closed
+            } else {
+                Mode::Pass
+            };
+            match &self.gate {
+                Some(g) => g.set(mode).await,
+                None => {
+                    self.gate = Some(Proxy::start_on(self.port, self.real_port, mode).await);
+                }
+            }
+        }
     }
 
     pub async fn stop(&mut self) {
+        // The broker first, then its proxy: a broker that dies publishes no Last Will.
         match std::mem::replace(&mut self.inner, Inner::Down) {
             Inner::Test(b) => b.shutdown().await,
             Inner::Mosq(mut m) => m.stop().await,
             Inner::Down => {}
+        }
+        if let Some(g) = &self.gate {
+            g.set(Mode::Closed).await;
         }
     }
 
@@ -102,8 +142,18 @@ impl Broker {
         self.test_broker().set_fault(f)
     }
 
+    /// After `up_with_fault(Fault::RefuseConnect)`: let siterelay connect (in-process: clear
+    /// the fault; Mosquitto: open its proxy).
+    pub async fn let_appliance_in(&self) {
+        match (&self.inner, &self.gate) {
+            (Inner::Test(b), _) => b.set_fault(Fault::None),
+            (Inner::Mosq(_), Some(g)) => g.set(Mode::Pass).await,
+            _ => panic!("no broker running"),
+        }
+    }
+
     pub async fn subscribe(&self, env: &Env, filter: &str) -> Subscriber {
-        Subscriber::connect(self.port, &env.pki, None, filter)
+        Subscriber::connect(self.real_port, &env.pki, None, filter)
             .await
             .expect("subscriber connects")
     }
