@@ -303,6 +303,10 @@ pub struct HostFacts {
     /// Host name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub hostname: Option<String>,
+    /// The kernel's boot id (new at every boot): two boxes running with one appliance id (a
+    /// cloned SD card) show up as births alternating between two boot ids.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub boot_id: Option<String>,
 }
 
 /// Read the host facts.
@@ -324,6 +328,7 @@ pub fn host_facts() -> HostFacts {
         kernel: read("/proc/sys/kernel/osrelease"),
         arch: std::env::consts::ARCH,
         hostname: read("/proc/sys/kernel/hostname"),
+        boot_id: read("/proc/sys/kernel/random/boot_id"),
     }
 }
 

@@ -56,6 +56,14 @@ struct Appliance {
     health: Option<Health>,
     /// Pending counts of the last few reports (backlog trend).
     pending_trend: Vec<u64>,
+    /// Boot ids of the last few births, oldest first (see [`duplicate_id`]).
+    boot_ids: Vec<String>,
+}
+
+/// Births whose boot ids alternate (`x, y, x`) come from two machines running with one
+/// appliance id (a cloned SD card): a reboot changes the boot id once and never goes back.
+fn duplicate_id(boot_ids: &[String]) -> bool {
+    boot_ids.windows(3).any(|w| w[0] == w[2] && w[0] != w[1])
 }
 
 /// One appliance as displayed (and as printed by `--json`).
@@ -92,7 +100,8 @@ pub struct Row {
     /// Client certificate days left.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_days_left: Option<i64>,
-    /// Problems: `offline`, `stale`, `backlog-growing`, `cert-expiring`, `clock`.
+    /// Problems: `offline`, `stale`, `backlog-growing`, `cert-expiring`, `clock`,
+    /// `duplicate-id` (births alternate between two machines: two boxes share this id).
     pub problems: Vec<String>,
 }
 
@@ -127,6 +136,17 @@ impl Fleet {
                 }
                 let s: Status = serde_json::from_slice(payload).ok()?;
                 let a = self.appliances.entry(appliance.to_string()).or_default();
+                // Every birth's boot id counts, even one the bdseq rule below ignores: the other
+                // box of a cloned pair keeps its own bdseq.
+                let boot = s.host.as_ref().and_then(|h| h.get("boot_id"));
+                if s.state == "online"
+                    && let Some(b) = boot.and_then(serde_json::Value::as_str)
+                {
+                    a.boot_ids.push(b.to_owned());
+                    if a.boot_ids.len() > 6 {
+                        a.boot_ids.remove(0);
+                    }
+                }
                 // A death from an older connection must not override a newer birth.
                 if a.bdseq.is_some_and(|b| s.bdseq < b) {
                     return None;
@@ -191,6 +211,9 @@ impl Fleet {
         }
         if h.is_some_and(|h| h.clock.suspect || h.clock.synchronized == Some(false)) {
             problems.push("clock".into());
+        }
+        if duplicate_id(&a.boot_ids) {
+            problems.push("duplicate-id".into());
         }
         Some(Row {
             appliance: appliance.to_string(),
@@ -449,5 +472,38 @@ mod tests {
             (false, "hub".into(), 1883)
         );
         assert!(parse_broker("hub:8883").is_err());
+    }
+
+    fn birth(bdseq: i64, boot_id: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schema": "siterelay.status.v1", "appliance": "a", "state": "online", "bdseq": bdseq,
+            "at": "2026-11-30T00:00:00Z", "host": {"arch": "x86_64", "boot_id": boot_id}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn births_alternating_between_two_boot_ids_flag_two_boxes_with_one_id_and_a_reboot_does_not() {
+        let topic = "siterelay/a/status";
+        let mut f = Fleet::new("siterelay", 60);
+        // A reboot: one change of boot id, never back.
+        for (bdseq, boot) in [(1, "x"), (2, "x"), (3, "y"), (4, "y")] {
+            f.apply(topic, &birth(bdseq, boot), 0);
+        }
+        f.apply("siterelay/a/health", &health(0, None, 365), 0);
+        assert!(
+            !f.row("a", 0)
+                .unwrap()
+                .problems
+                .contains(&"duplicate-id".to_string())
+        );
+        // A cloned SD card: the two boxes knock each other off and take turns, each with its
+        // own bdseq (the older one's births are ignored for state, not for this check).
+        let mut g = Fleet::new("siterelay", 60);
+        for (bdseq, boot) in [(7, "x"), (7, "y"), (8, "x")] {
+            g.apply(topic, &birth(bdseq, boot), 0);
+        }
+        g.apply("siterelay/a/health", &health(0, None, 365), 0);
+        assert_eq!(g.row("a", 0).unwrap().problems, ["duplicate-id"]);
     }
 }

@@ -428,3 +428,49 @@ async fn tells_systemd_ready_watchdog_and_stopping() {
         }
     }
 }
+
+/// Two daemons on one data directory: the second is refused at start, naming the first's pid,
+/// and the first keeps working (its status socket is not taken away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_data_directory_is_refused_and_the_first_keeps_its_socket() {
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = env.write_config(
+        "s.toml",
+        &env.config_text(broker.port, &[("adt", &listen)], ""),
+    );
+    let first = Proc::start(&cfg, env.dir.path().join("run1.log"));
+    wait_listening(port).await;
+    // The second uses another port, so only the data directory is shared.
+    let port2 = siterelay_testkit::free_port();
+    let cfg2 = env.write_config(
+        "s2.toml",
+        &env.config_text(broker.port, &[("adt", &format!("127.0.0.1:{port2}"))], ""),
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg2)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the second daemon must not run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("pid {}", first.child.id())) && err.contains("already running"),
+        "names the holder: {err}"
+    );
+    // The first still answers on its status socket and still stores messages.
+    let status = std::process::Command::new(BIN)
+        .args(["status", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let mut c = connect(listen.parse().unwrap()).await;
+    assert_eq!(c.send(&adt("L1"), ACK_WAIT).await.unwrap().code, "AA");
+}

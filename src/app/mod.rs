@@ -12,7 +12,8 @@
 //!   built, and the sink itself;
 //! - `status.rs`: the health report's sources and the status socket.
 //!
-//! [`Daemon::start`] builds them in this order: the MQTT client TLS (a missing or unreadable
+//! [`Daemon::start`] builds them in this order: the data directory's lock (`lock.rs`: one daemon
+//! per data directory), the MQTT client TLS (a missing or unreadable
 //! certificate fails start-up before anything is opened), the outbox, the counters and the
 //! inventories saved by the previous run, then every MLLP feed in config order, each with its
 //! TLS and bound to its address here (so an address that cannot be bound fails start-up: `main`
@@ -27,6 +28,7 @@
 //! writer to commit its last batch.
 
 mod feeds;
+mod lock;
 mod serial;
 mod sink;
 mod status;
@@ -54,6 +56,8 @@ const LISTENER_GRACE: Duration = Duration::from_secs(5);
 
 /// A running siterelay.
 pub struct Daemon {
+    /// Held for the daemon's life: no second daemon can open this data directory.
+    _lock: lock::DataDirLock,
     feeds: Vec<(String, SocketAddr)>,
     shutdown: crate::shutdown::Trigger,
     listeners: JoinSet<()>,
@@ -116,6 +120,7 @@ fn by_name(
 impl Daemon {
     /// Start everything described by `cfg` (already checked by [`crate::config::load`]).
     pub async fn start(cfg: &Config) -> anyhow::Result<Daemon> {
+        let lock = lock::DataDirLock::acquire(&cfg.data_dir)?;
         let mqtt_tls = sink::client_tls(cfg)?;
         let (outbox, writer) = store::open(cfg)?;
         let names = store::feed_names(cfg);
@@ -170,6 +175,7 @@ impl Daemon {
             "siterelay started"
         );
         Ok(Daemon {
+            _lock: lock,
             feeds,
             shutdown,
             listeners,
