@@ -271,28 +271,42 @@ async fn daemon(cfg: config::Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let d = siterelay::app::Daemon::start(&cfg).await?;
+    let mut d = siterelay::app::Daemon::start(&cfg).await?;
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("running")]);
+    // WATCHDOG=1 only while the outbox writer answers: a wedged writer stops the pings and
+    // systemd restarts the daemon. A part that dies outright is caught below, at once.
     let watchdog = sd_notify::watchdog_enabled().map(|usec| {
         // Ping at half the interval systemd expects.
         let every = (usec / 2).max(Duration::from_millis(100));
+        let outbox = d.outbox().clone();
         tokio::spawn(async move {
             loop {
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                if let Ok(true) = tokio::time::timeout(every, outbox.probe()).await {
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                }
                 tokio::time::sleep(every).await;
             }
         })
     });
+    let mut failure = None;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
+        why = d.failed() => {
+            error!(reason = %why, "a vital part of siterelay stopped: shutting down to be restarted");
+            failure = Some(why);
+        }
     }
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     d.stop().await;
     if let Some(w) = watchdog {
         w.abort();
     }
-    Ok(())
+    match failure {
+        // Exit non-zero so systemd (Restart=on-failure) starts a fresh daemon.
+        Some(why) => anyhow::bail!("stopped because {why}"),
+        None => Ok(()),
+    }
 }
 
 fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {

@@ -474,3 +474,55 @@ async fn a_second_daemon_on_the_same_data_directory_is_refused_and_the_first_kee
     let mut c = connect(listen.parse().unwrap()).await;
     assert_eq!(c.send(&adt("L1"), ACK_WAIT).await.unwrap().code, "AA");
 }
+
+/// A vital part that dies (the sink, pruning, a listener, or a writer that stops answering)
+/// makes the daemon stop cleanly and exit non-zero, so systemd's Restart=on-failure starts a
+/// fresh one, instead of storing messages it will never forward. The death is injected with a
+/// test-build-only variable: it cannot be caused from outside the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_vital_task_makes_the_daemon_exit_non_zero_for_systemd_to_restart_it() {
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = env.write_config(
+        "s.toml",
+        &env.config_text(broker.port, &[("adt", &listen)], ""),
+    );
+    let mut p = Proc::start_with_env(
+        &cfg,
+        env.dir.path().join("run.log"),
+        &[("SITERELAY_TEST_VITAL_TASK_DIES_AFTER_MS", "1500")],
+    );
+    wait_listening(port).await;
+    let mut c = connect(listen.parse().unwrap()).await;
+    assert_eq!(c.send(&adt("V1"), ACK_WAIT).await.unwrap().code, "AA");
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.expect("the daemon exits on its own");
+    assert!(!status.success(), "exit status must tell systemd it failed");
+    let log = p.log();
+    assert!(log.contains("a vital part of siterelay stopped"), "{log}");
+    assert!(log.contains("panicked"), "{log}");
+    assert!(
+        log.contains("siterelay stopped"),
+        "it still stops cleanly: {log}"
+    );
+    // What it had acknowledged is still there for the next start.
+    let out = std::process::Command::new(BIN)
+        .args(["queue", "stats", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v[0]["feed"].as_str(), v[0]["pending"].as_u64()),
+        (Some("adt"), Some(1))
+    );
+}

@@ -53,6 +53,11 @@ use crate::telemetry::Telemetry;
 
 /// How long listeners get to finish in-flight messages at shutdown.
 const LISTENER_GRACE: Duration = Duration::from_secs(5);
+/// How often [`Daemon::failed`] checks that the outbox writer answers.
+const WRITER_PROBE_EVERY: Duration = Duration::from_secs(5);
+/// A writer that has not answered a probe for this long is taken as dead (the slowest fsync
+/// of a large group on an SD card is far below it).
+pub const WRITER_PROBE_LIMIT: Duration = Duration::from_secs(60);
 
 /// A running siterelay.
 pub struct Daemon {
@@ -61,7 +66,10 @@ pub struct Daemon {
     feeds: Vec<(String, SocketAddr)>,
     shutdown: crate::shutdown::Trigger,
     listeners: JoinSet<()>,
+    /// The sink and the pruning task: the daemon cannot do its job without them.
     others: JoinSet<()>,
+    /// The status socket: useful, not vital (a socket that cannot be bound ends it early).
+    aux: JoinSet<()>,
     outbox: Outbox,
     writer: WriterThread,
     telemetry: Arc<Telemetry>,
@@ -159,7 +167,8 @@ impl Daemon {
             listeners.spawn(crate::sources::serial::run(p.ctx, shutdown_rx.clone()));
         }
         let mut others = JoinSet::new();
-        others.spawn(status::serve(
+        let mut aux = JoinSet::new();
+        aux.spawn(status::serve(
             cfg,
             health,
             intakes,
@@ -168,6 +177,18 @@ impl Daemon {
         ));
         others.spawn(sink.run(shutdown_rx.clone()));
         others.spawn(store::prune_every(outbox.clone(), shutdown_rx));
+        // Test builds only: a vital task that dies after the given time, so a test can show the
+        // daemon noticing a dead part (a fault that cannot be made from outside the process).
+        #[cfg(debug_assertions)]
+        if let Some(ms) = std::env::var("SITERELAY_TEST_VITAL_TASK_DIES_AFTER_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            others.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                panic!("injected by SITERELAY_TEST_VITAL_TASK_DIES_AFTER_MS");
+            });
+        }
         info!(
             appliance = %cfg.appliance_id,
             feeds = feeds.len(),
@@ -180,6 +201,7 @@ impl Daemon {
             shutdown,
             listeners,
             others,
+            aux,
             outbox,
             writer,
             telemetry,
@@ -206,6 +228,39 @@ impl Daemon {
         &self.outbox
     }
 
+    /// Resolves when a vital part of the daemon has stopped on its own (a listener or serial
+    /// port task, the sink or pruning ended, or the outbox writer no longer answers within
+    /// [`WRITER_PROBE_LIMIT`]), saying which. The daemon cannot do its job any more: `main`
+    /// stops and exits non-zero, so systemd restarts it. Never resolves otherwise.
+    pub async fn failed(&mut self) -> String {
+        let outbox = self.outbox.clone();
+        let writer = async move {
+            loop {
+                tokio::time::sleep(WRITER_PROBE_EVERY).await;
+                match tokio::time::timeout(WRITER_PROBE_LIMIT, outbox.probe()).await {
+                    Ok(true) => {}
+                    Ok(false) => return "the outbox writer thread has stopped".to_owned(),
+                    Err(_) => {
+                        return format!(
+                            "the outbox writer has not answered for {}s",
+                            WRITER_PROBE_LIMIT.as_secs()
+                        );
+                    }
+                }
+            }
+        };
+        let ended = |what: &str, r: Result<(), tokio::task::JoinError>| match r {
+            Ok(()) => format!("{what} ended"),
+            Err(e) if e.is_panic() => format!("{what} panicked"),
+            Err(e) => format!("{what} stopped: {e}"),
+        };
+        tokio::select! {
+            Some(r) = self.listeners.join_next() => ended("a listener or serial port task", r),
+            Some(r) = self.others.join_next() => ended("the sink or the pruning task", r),
+            why = writer => why,
+        }
+    }
+
     /// Graceful stop: listeners and serial ports, then the status socket, sink and pruning,
     /// then the outbox writer.
     pub async fn stop(mut self) {
@@ -221,6 +276,7 @@ impl Daemon {
             self.listeners.abort_all();
         }
         while self.others.join_next().await.is_some() {}
+        while self.aux.join_next().await.is_some() {}
         self.outbox.flush().await;
         drop(self.outbox);
         // Let the writer finish its last transaction off the async threads.

@@ -296,6 +296,16 @@ impl Outbox {
         }
     }
 
+    /// Whether the writer thread is alive and working through its queue: true once a no-op
+    /// command sent now has been answered (false at once if the writer is gone). The daemon's
+    /// watchdog and its dead-part check ask this.
+    pub async fn probe(&self) -> bool {
+        match self.queue(Cmd::Flush).await {
+            Some(rx) => rx.await.is_ok(),
+            None => false,
+        }
+    }
+
     /// Increment the integer stored under `key` (starting from 0) and return the committed value.
     pub async fn increment(&self, key: &'static str) -> Result<i64, AppendError> {
         self.request(|reply| Cmd::Increment(key, reply)).await
