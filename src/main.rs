@@ -298,10 +298,12 @@ async fn daemon(cfg: config::Config) -> anyhow::Result<()> {
         }
     }
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
-    d.stop().await;
+    // The watchdog holds an outbox handle: it must go before the writer is told to finish.
     if let Some(w) = watchdog {
         w.abort();
+        let _ = w.await;
     }
+    d.stop().await;
     match failure {
         // Exit non-zero so systemd (Restart=on-failure) starts a fresh daemon.
         Some(why) => anyhow::bail!("stopped because {why}"),
