@@ -6,6 +6,7 @@
 //! - [`subscriber`]: [`Subscriber`], a reconnecting MQTT v5 subscriber that collects messages.
 //! - [`mosquitto`]: [`Mosquitto`], a launcher for a real Mosquitto with the same PKI.
 //! - [`pty`]: real pseudo-terminals for serial-port tests.
+//! - [`tmpfs`]: [`Tmpfs`], a small tmpfs to fill up (disk-full tests; needs root).
 //! - [`tls`], [`client`]: rustls configs (always the `ring` provider) and rumqttc options.
 //!
 //! Typical use in a `#[tokio::test]`:
@@ -27,11 +28,13 @@ pub mod pki;
 pub mod pty;
 pub mod subscriber;
 pub mod tls;
+pub mod tmpfs;
 
 pub use broker::{BrokerOptions, Fault, TestBroker};
 pub use mosquitto::{Mosquitto, mosquitto_available, mosquitto_or_skip};
 pub use pki::{Pki, PkiOptions};
 pub use subscriber::{Received, Subscriber};
+pub use tmpfs::Tmpfs;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {
