@@ -70,6 +70,7 @@ impl Daemon {
             &cfg.outbox_path(),
             OutboxOptions {
                 max_bytes: cfg.store.max_bytes,
+                quarantine_max_bytes: cfg.store.quarantine_budget(),
                 retain_delivered: cfg.store.retain_delivered,
                 retain_rejected: cfg.store.retain_rejected,
                 dedup_keep: cfg
