@@ -379,4 +379,66 @@ mod tests {
         drop(ob);
         w.join();
     }
+
+    /// `SQLITE_FULL` in a group holding delivery marks and an append: the reserve is released,
+    /// the append alone is refused (`Full(Disk)`, never `Closed`), and the marks are applied
+    /// again in the room the reserve left and committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_in_a_mixed_group_refuses_the_append_and_commits_the_marks() {
+        let Some(fs) = Tmpfs::mount(16 << 20) else {
+            return;
+        };
+        let path = fs.path().join("outbox.sqlite");
+        let (ob, w) = Outbox::open(&path, opts(1 << 40)).unwrap();
+        let body = "m".repeat(64 * 1024);
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            ids.push(ob.append(msg("a", &body)).await.unwrap().row_id);
+        }
+        let _filler = fs.fill("filler", 256 * 1024);
+        // One group: the write lock is held elsewhere, the writer waits for it with a first
+        // command, and both commands are queued behind it.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        ob.put_meta("warm-up", "1".into()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let marks = {
+            let ob = ob.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move { ob.mark_delivered(ids).await })
+        };
+        marks.await.unwrap();
+        let big = {
+            let ob = ob.clone();
+            tokio::spawn(async move { ob.append(msg("a", &"b".repeat(2 << 20))).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let commits = ob.gauges().commits.load(Ordering::Relaxed);
+        other.execute_batch("COMMIT").unwrap();
+        let answer = big.await.unwrap();
+        ob.flush().await;
+        // The warm-up, the group (once: the marks, after the append was taken out), the flush.
+        assert_eq!(ob.gauges().commits.load(Ordering::Relaxed) - commits, 3);
+        assert!(
+            matches!(
+                answer,
+                Err(AppendError::Full {
+                    reason: Full::Disk,
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+        let g = ob.gauges();
+        assert!(g.space_short.load(Ordering::Relaxed));
+        assert_eq!(g.pending_count.load(Ordering::Relaxed), 0);
+        assert_eq!(g.delivered.load(Ordering::Relaxed), 20);
+        let r = ob.reader().unwrap();
+        assert!(r.pending_after(0, 100, u64::MAX).unwrap().is_empty());
+        // Delivered: still retained, or already pruned to make room (the disk is still full).
+        let retained: u64 = r.stats().unwrap().iter().map(|s| s.delivered).sum();
+        assert_eq!(retained + g.pruned_early.load(Ordering::Relaxed), 20);
+        drop(ob);
+        w.join();
+    }
 }

@@ -1188,7 +1188,7 @@ mod tests {
         let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
         assert_eq!(ob.append(msg("a", "before")).await.unwrap().seq, 1);
         // Statements that fail for one message, one quarantine entry and one delivery mark,
-        // and the write lock held elsewhere so that everything queued next lands in one group.
+        // and the write lock held elsewhere so that everything queued lands in one group.
         let other = Connection::open(&path).unwrap();
         other
             .execute_batch(
@@ -1200,6 +1200,10 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'mboom'); END; BEGIN IMMEDIATE;",
             )
             .unwrap();
+        // The writer takes this alone and waits for the lock; everything after it queues up
+        // and becomes the next group.
+        ob.put_meta("warm-up", "1".into()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let boom = NewMessage {
             control_id: Some("BOOM".into()),
             ..msg("a", "boom")
@@ -1227,9 +1231,13 @@ mod tests {
             .ok()
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let commits = ob.gauges().commits.load(Ordering::Relaxed);
         other.execute_batch("COMMIT").unwrap();
         let answers = answers.await.unwrap();
         ob.flush().await;
+        // The warm-up, the whole group (once, after its failing commands were taken out), the
+        // flush.
+        assert_eq!(ob.gauges().commits.load(Ordering::Relaxed) - commits, 3);
 
         assert_eq!(answers[0].as_ref().unwrap().seq, 2);
         assert!(
