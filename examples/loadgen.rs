@@ -93,6 +93,7 @@ fn prefill_dedup_log(path: &std::path::Path, keys: usize) -> anyhow::Result<()> 
         path,
         siterelay::outbox::OutboxOptions {
             max_bytes: u64::MAX,
+            quarantine_max_bytes: u64::MAX / 10,
             retain_delivered: Duration::from_secs(3600),
             retain_rejected: Duration::from_secs(3600),
             dedup_keep: Duration::ZERO,

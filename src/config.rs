@@ -223,11 +223,17 @@ pub enum Timestamps {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Cap on undelivered message bytes. When reached, new messages are refused (`AR`) until the
-    /// broker drains the backlog. Never overwrites or drops the oldest. Integer bytes or a string
-    /// such as `"2 GiB"`.
+    /// Cap on the bytes the store occupies on disk: undelivered and retained delivered messages,
+    /// quarantine, the duplicate log and the WAL. Delivered messages are pruned first (before
+    /// `retain_delivered`) to stay under it; when what is left reaches it, new messages are
+    /// refused (`AR`) until the broker drains the backlog. Never overwrites or drops an
+    /// undelivered message. Integer bytes or a string such as `"2 GiB"`.
     #[serde(default = "default_store_max_bytes", deserialize_with = "de_bytes")]
     pub max_bytes: u64,
+    /// Quarantine's own budget within `max_bytes` (default: a tenth of it). A message that
+    /// would be quarantined (`AE`) beyond it is refused (`AR`) instead, so its sender keeps it.
+    #[serde(default, deserialize_with = "de_opt_bytes")]
+    pub quarantine_max_bytes: Option<u64>,
     /// How long delivered messages are kept (for audit and replay) before pruning. Integer seconds
     /// or a string such as `"7d"`, `"12h"`, `"30m"`.
     #[serde(default = "default_retain_delivered", deserialize_with = "de_duration")]
@@ -237,10 +243,18 @@ pub struct StoreConfig {
     pub retain_rejected: Duration,
 }
 
+impl StoreConfig {
+    /// Quarantine's budget: as configured, or a tenth of `max_bytes`.
+    pub fn quarantine_budget(&self) -> u64 {
+        self.quarantine_max_bytes.unwrap_or(self.max_bytes / 10)
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             max_bytes: default_store_max_bytes(),
+            quarantine_max_bytes: None,
             retain_delivered: default_retain_delivered(),
             retain_rejected: default_retain_rejected(),
         }
@@ -613,6 +627,16 @@ impl Config {
             p.push(Problem::at(
                 "store.max_bytes",
                 "must be at least 1 MiB (e.g. \"2 GiB\")",
+            ));
+        }
+        if self
+            .store
+            .quarantine_max_bytes
+            .is_some_and(|q| q > self.store.max_bytes)
+        {
+            p.push(Problem::at(
+                "store.quarantine_max_bytes",
+                "must not be larger than store.max_bytes (it is a part of it)",
             ));
         }
         self.check_mqtt(&mut p);
@@ -1305,6 +1329,10 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         }
     }
     d.deserialize_any(V)
+}
+
+fn de_opt_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_bytes(d).map(Some)
 }
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

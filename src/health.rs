@@ -44,6 +44,8 @@ pub struct HealthContext {
     pub gauges: Arc<OutboxGauges>,
     /// Configured store cap.
     pub store_max_bytes: u64,
+    /// Quarantine's budget within it.
+    pub quarantine_max_bytes: u64,
     /// Data directory (disk free).
     pub data_dir: PathBuf,
     /// Client certificate file (expiry).
@@ -97,12 +99,31 @@ pub struct OutboxHealth {
     pub oldest_pending_age_secs: Option<f64>,
     /// Records confirmed by the broker since the previous report.
     pub delivered_last_interval: u64,
-    /// Bytes of all rows kept (pending and retained delivered).
+    /// Bytes the store occupies on disk, counted against the cap: the database's pages in use
+    /// (pending and retained delivered messages, quarantine, the duplicate log) and the WAL.
     pub store_bytes: u64,
-    /// The cap on undelivered bytes.
+    /// The cap on `store_bytes` (`store.max_bytes`).
     pub store_max_bytes: u64,
-    /// Messages refused because the store was full, since start.
+    /// Messages refused because the store, its quarantine budget or the disk was full, since
+    /// start.
     pub refused_full: u64,
+    /// Bytes kept in quarantine.
+    #[serde(default)]
+    pub quarantine_bytes: u64,
+    /// Quarantine's budget (`store.quarantine_max_bytes`).
+    #[serde(default)]
+    pub quarantine_max_bytes: u64,
+    /// The disk filled up: the space reserve is in use and new messages are refused (`AR`)
+    /// until delivered records have been pruned and space given back.
+    #[serde(default)]
+    pub space_short: bool,
+    /// Delivered records pruned before `store.retain_delivered` because space was short or the
+    /// store over its cap, since start (retention is a maximum, not a promise).
+    #[serde(default)]
+    pub pruned_early: u64,
+    /// When that last happened.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retention_cut_at: Option<String>,
 }
 
 /// One feed in the health report.
@@ -379,9 +400,17 @@ impl HealthContext {
                 oldest_pending_age_secs: oldest_pending_us
                     .map(|t| ((now_us - t).max(0) as f64) / 1e6),
                 delivered_last_interval,
-                store_bytes: ld(&g.total_bytes),
+                store_bytes: ld(&g.store_bytes),
                 store_max_bytes: self.store_max_bytes,
                 refused_full: ld(&g.refused_full),
+                quarantine_bytes: ld(&g.quarantine_bytes),
+                quarantine_max_bytes: self.quarantine_max_bytes,
+                space_short: g.space_short.load(Ordering::Relaxed),
+                pruned_early: ld(&g.pruned_early),
+                retention_cut_at: match g.retention_cut_at_us.load(Ordering::Relaxed) {
+                    0 => None,
+                    t => Some(rfc3339_us(t)),
+                },
             },
             feeds,
             mqtt: MqttHealth {

@@ -235,6 +235,33 @@ pub fn render(h: &Health) -> String {
         human_bytes(b.store_bytes),
         human_bytes(b.store_max_bytes)
     );
+    if b.space_short {
+        let _ = writeln!(
+            o,
+            "          DISK FULL: new messages are refused (AR) until space is freed \
+             (docs/operations.md, \"Full disk\")"
+        );
+    }
+    if b.quarantine_bytes > 0 || b.pruned_early > 0 {
+        let _ = writeln!(
+            o,
+            "          quarantine {} of {}{}",
+            human_bytes(b.quarantine_bytes),
+            human_bytes(b.quarantine_max_bytes),
+            if b.pruned_early > 0 {
+                format!(
+                    "; {} delivered record(s) pruned before retain_delivered to make room{}",
+                    b.pruned_early,
+                    b.retention_cut_at
+                        .as_deref()
+                        .map(|t| format!(", last at {t}"))
+                        .unwrap_or_default()
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     let _ = writeln!(o, "feeds");
     for f in &h.feeds {
         let _ = writeln!(

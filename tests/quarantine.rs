@@ -151,3 +151,122 @@ async fn rejected_messages_are_quarantined_announced_without_content_and_retried
         "only the non-HL7 message stays quarantined: {out}"
     );
 }
+
+fn acks(d: &siterelay::app::Daemon) -> (u64, u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = d.telemetry().feed("adt");
+    (
+        c.ack_aa.load(Relaxed),
+        c.ack_ae.load(Relaxed),
+        c.ack_ar.load(Relaxed),
+        c.quarantined.load(Relaxed),
+    )
+}
+
+/// `AE` tells the sender to drop the message, so it goes out only once the quarantine entry is
+/// committed. A quarantine that fails (an injected fault: a trigger refusing the insert) is
+/// answered `AR` instead, with or without a usable MSH, so the sender keeps the message; once
+/// the fault is gone the same messages get `AE` and are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_that_fails_is_answered_ar_so_the_sender_keeps_the_message() {
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let text = env.config_text(broker.port, &[("adt", "127.0.0.1:0")], "")
+        + "default_charset = \"ASCII\"\n";
+    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let d = siterelay::app::Daemon::start(&cfg).await.unwrap();
+    let db = rusqlite::Connection::open(env.data_dir().join("outbox.sqlite")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER no_quarantine BEFORE INSERT ON rejected \
+         BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+    )
+    .unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let ack = c.send(&latin1_adt("F1"), ACK_WAIT).await.unwrap();
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AR", "F1"));
+    assert!(ack.text.contains("store failure"), "{}", ack.text);
+    let ack = c.send(b"not HL7 at all", ACK_WAIT).await.unwrap();
+    assert_eq!(ack.code, "AR");
+    assert_eq!(acks(&d), (0, 0, 2, 0), "counted as AR, not AE");
+    assert!(
+        d.outbox()
+            .reader()
+            .unwrap()
+            .quarantined(None)
+            .unwrap()
+            .is_empty()
+    );
+
+    db.execute_batch("DROP TRIGGER no_quarantine").unwrap();
+    assert_eq!(
+        c.send(&latin1_adt("F1"), ACK_WAIT).await.unwrap().code,
+        "AE"
+    );
+    assert_eq!(
+        c.send(b"not HL7 at all", ACK_WAIT).await.unwrap().code,
+        "AE"
+    );
+    assert_eq!(acks(&d), (0, 2, 2, 2));
+    assert_eq!(
+        d.outbox()
+            .reader()
+            .unwrap()
+            .quarantined(None)
+            .unwrap()
+            .len(),
+        2
+    );
+    d.stop().await;
+}
+
+/// The issue's case: 40 junk frames of 1 MiB from one peer with `max_bytes = "8 MiB"` grew the
+/// data directory to 44 MiB. Now only the first 4 KiB of a frame that is not HL7 at all is
+/// kept, quarantine has its own budget inside the cap (a tenth: 819 KiB here) and beyond it a
+/// would-be `AE` is answered `AR`; the data directory stays under the cap and `store_bytes`
+/// says what is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_and_quarantine_floods_stay_within_the_quarantine_budget_and_the_cap() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let env = Env::new();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let text = env.config_text(broker.port, &[("adt", "127.0.0.1:0")], "")
+        + "default_charset = \"ASCII\"\n"
+        + "\n[store]\nmax_bytes = \"8 MiB\"\n";
+    let cfg = siterelay::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let d = siterelay::app::Daemon::start(&cfg).await.unwrap();
+    let mut c = connect(d.addr("adt").unwrap()).await;
+    let junk = vec![b'J'; 1 << 20];
+    for _ in 0..40 {
+        assert_eq!(c.send(&junk, ACK_WAIT).await.unwrap().code, "AE");
+    }
+    let g = d.outbox().gauges();
+    assert_eq!(g.quarantine_bytes.load(Relaxed), 40 * 4096);
+    let kept = d.outbox().reader().unwrap().quarantined(None).unwrap();
+    assert!(kept.iter().all(|q| q.truncated && q.size == 1 << 20));
+    // HL7 that is rejected is kept whole, up to the budget.
+    let mut big = latin1_adt("BIG");
+    big.extend(std::iter::repeat_n(b'X', 300 * 1024));
+    big.push(b'\r');
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(c.send(&big, ACK_WAIT).await.unwrap().code);
+    }
+    assert_eq!(codes, ["AE", "AE", "AR", "AR"]);
+    let dir_bytes: u64 = std::fs::read_dir(env.data_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        // The space reserve is room kept free for the store, not its data.
+        .filter(|e| e.file_name() != "outbox.reserve")
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    let store = g.store_bytes.load(Relaxed);
+    eprintln!(
+        "quarantine {} B, store_bytes {store} B, data directory {dir_bytes} B (without the reserve)",
+        g.quarantine_bytes.load(Relaxed)
+    );
+    assert!(store <= 8 << 20, "{store}");
+    assert!(dir_bytes <= 8 << 20, "{dir_bytes}");
+    d.stop().await;
+}

@@ -26,6 +26,7 @@ pub(super) fn health(
         telemetry: shared.telemetry.clone(),
         gauges: shared.outbox.gauges(),
         store_max_bytes: cfg.store.max_bytes,
+        quarantine_max_bytes: cfg.store.quarantine_budget(),
         data_dir: cfg.data_dir.clone(),
         client_cert: cfg.mqtt.cert_file.clone(),
         ca_file: cfg.mqtt.ca_file.clone(),

@@ -22,6 +22,7 @@ pub(super) fn open(cfg: &Config) -> anyhow::Result<(Outbox, WriterThread)> {
         &cfg.outbox_path(),
         OutboxOptions {
             max_bytes: cfg.store.max_bytes,
+            quarantine_max_bytes: cfg.store.quarantine_budget(),
             retain_delivered: cfg.store.retain_delivered,
             retain_rejected: cfg.store.retain_rejected,
             dedup_keep: cfg

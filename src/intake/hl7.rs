@@ -20,6 +20,15 @@ use crate::inventory::{Hl7Facts, segment_ids};
 use crate::outbox::{AppendError, Format, NewMessage, QuarantinedRow, SourceKind, now_us};
 use crate::telemetry::mllp as event;
 
+/// The text of the `AR` when the store could not take a message (or its quarantine entry).
+pub(super) fn refusal_text(e: &AppendError) -> &'static str {
+    match e {
+        AppendError::Full { .. } => "store full: message not accepted, resend later",
+        AppendError::Failed(_) => "store failure: message not accepted, resend later",
+        AppendError::Closed => "siterelay is shutting down: resend later",
+    }
+}
+
 /// A message that passed every check: what answering it needs once it is appended.
 struct ToStore {
     header: Box<Header>,
@@ -113,15 +122,17 @@ impl FeedIntake {
                 error,
                 header,
             } => {
-                self.quarantine(
-                    msg,
-                    peer,
-                    received_at_us,
-                    &reason,
-                    &error,
-                    header.as_deref(),
-                )
-                .await;
+                let ack = self
+                    .quarantine(
+                        msg,
+                        peer,
+                        received_at_us,
+                        &reason,
+                        &error,
+                        header.as_deref(),
+                        ack,
+                    )
+                    .await;
                 Answer {
                     ack,
                     accepted: false,
@@ -285,11 +296,7 @@ impl FeedIntake {
                 }
             }
             Err(e) => {
-                let text = match &e {
-                    AppendError::Full { .. } => "store full: message not accepted, resend later",
-                    AppendError::Failed(_) => "store failure: message not accepted, resend later",
-                    AppendError::Closed => "siterelay is shutting down: resend later",
-                };
+                let text = refusal_text(&e);
                 event::refused(c, feed, &header.control_id, size, &e.to_string());
                 Answer {
                     ack: intake::answer_refused(header, text),
@@ -319,9 +326,10 @@ impl FeedIntake {
                     &self.responder.application,
                     &self.responder.facility,
                 );
-                self.quarantine(frame, peer, now_us(), &reason, &error, None)
-                    .await;
-                return nak;
+                return self
+                    .quarantine(frame, peer, now_us(), &reason, &error, None, Some(nak))
+                    .await
+                    .unwrap_or_default();
             }
         };
         for note in &batch.notes {

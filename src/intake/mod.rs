@@ -8,7 +8,8 @@
 //! outbox's writer) or quarantines it, counts it, adds it to the feed's inventory, and returns
 //! the acknowledgement. The source writes that acknowledgement only after this returns, so an
 //! `AA` always follows the commit that holds the message, and an `AE` the commit that holds its
-//! quarantine entry.
+//! quarantine entry; when the store cannot take the message, or quarantine cannot keep it
+//! (full, failing), the answer is `AR`, so the sender keeps it.
 //!
 //! Everything that reaches the outbox passes through here: MLLP connections
 //! (`crate::sources::mllp`), serial ports (`crate::sources::serial`: HL7 frames, ASTM

@@ -1,11 +1,13 @@
-//! Rejected messages: kept in the outbox's quarantine (committed before their `AE` goes out)
-//! and, when configured, announced to the central side without content.
+//! Rejected messages: kept in the outbox's quarantine (committed before their `AE` goes out; a
+//! quarantine that fails is answered `AR` instead, so the sender keeps the message) and, when
+//! configured, announced to the central side without content.
 
 use tracing::warn;
 
 use super::FeedIntake;
-use crate::hl7::ack::AckError;
+use crate::hl7::ack::{AckCode, AckError};
 use crate::hl7::header::Header;
+use crate::hl7::intake;
 use crate::outbox::RejectedMessage;
 use crate::telemetry::mllp as event;
 
@@ -35,8 +37,10 @@ pub struct RejectNotice {
 }
 
 impl FeedIntake {
-    /// Count and log a rejected message, keep it (committed before its `AE` goes out) and, if
-    /// configured, tell the central side about it without content.
+    /// Keep a rejected message in quarantine and answer: `ack` (the `AE`) once the entry is
+    /// committed, counted and, if configured, announced to the central side without content;
+    /// or, when quarantine could not keep it (full, failing), an `AR` so the sender keeps it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn quarantine(
         &self,
         raw: Vec<u8>,
@@ -45,8 +49,9 @@ impl FeedIntake {
         reason: &str,
         error: &AckError,
         header: Option<&Header>,
-    ) {
-        event::rejected(&self.counters, &self.name, peer, raw.len(), reason);
+        ack: Option<Vec<u8>>,
+    ) -> Option<Vec<u8>> {
+        let size = raw.len();
         let message_type = header.map(|h| match &h.trigger_event {
             Some(t) => format!("{}^{}", h.message_type, t),
             None => h.message_type.clone(),
@@ -77,6 +82,7 @@ impl FeedIntake {
         };
         match self.outbox.quarantine(m).await {
             Ok(id) => {
+                event::rejected(&self.counters, &self.name, peer, size, reason);
                 self.counters
                     .quarantined
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -87,10 +93,38 @@ impl FeedIntake {
                         ..notice
                     });
                 }
+                ack
             }
             Err(e) => {
-                warn!(feed = %self.name, error = %e, "could not quarantine a rejected message")
+                warn!(feed = %self.name, peer, size, reason, error = %e, "could not quarantine a rejected message: refused (AR) instead of AE, so the sender keeps it");
+                let control_id = header.map_or("-", |h| h.control_id.as_str());
+                event::refused(&self.counters, &self.name, control_id, size, &e.to_string());
+                let text = super::hl7::refusal_text(&e);
+                match header {
+                    Some(h) => intake::answer_refused(h, text),
+                    None => Some(refused_without_header(self, text)),
+                }
             }
         }
     }
+}
+
+/// An `AR` for a message without a usable MSH (the `AE` it would have had is built the same
+/// way).
+fn refused_without_header(me: &FeedIntake, text: &str) -> Vec<u8> {
+    let err = AckError {
+        sequence: 1,
+        code: 207,
+        location: None,
+        text: text.to_string(),
+    };
+    crate::hl7::ack::minimal_nak(
+        AckCode::AR,
+        text,
+        Some(&err),
+        &intake::next_ack_control_id(),
+        jiff::ZonedDateTime::now(),
+        &me.responder.application,
+        &me.responder.facility,
+    )
 }

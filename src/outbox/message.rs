@@ -125,3 +125,24 @@ pub struct Stored {
     /// nothing new was stored, and `seq`/`record_id` are those of the original.
     pub duplicate: bool,
 }
+
+/// How much of a frame that is not HL7 at all is kept in quarantine.
+pub const QUARANTINE_JUNK_KEEP: usize = 4 * 1024;
+
+/// How many bytes of a rejected message quarantine keeps: all of it when it looks like HL7
+/// (an `MSH`, `FHS` or `BHS` segment first, after an optional byte-order mark and blank
+/// space), so that it can be retried; otherwise only the first [`QUARANTINE_JUNK_KEEP`]
+/// bytes, enough to see what was sent (a port scanner, a wrong protocol, a stray file), so a
+/// peer sending junk cannot fill the disk through quarantine.
+pub(super) fn quarantine_keep(raw: &[u8]) -> usize {
+    let body = raw.strip_prefix("\u{feff}".as_bytes()).unwrap_or(raw);
+    let body = body.trim_ascii_start();
+    let hl7 = [b"MSH", b"FHS", b"BHS"]
+        .iter()
+        .any(|seg| body.len() > 3 && body.starts_with(*seg) && !body[3].is_ascii_alphanumeric());
+    if hl7 {
+        raw.len()
+    } else {
+        raw.len().min(QUARANTINE_JUNK_KEEP)
+    }
+}

@@ -6,24 +6,46 @@
 //! **File.** One SQLite database, `<data_dir>/outbox.sqlite`, created with mode 0600 (SQLite gives
 //! its `-wal` and `-shm` files the same mode). `journal_mode=WAL`, `synchronous=FULL`: a commit
 //! returns only after the WAL has been fsynced, so a committed row survives a power cut.
-//! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system.
+//! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system. Next to it,
+//! `outbox.reserve`: the space reserve (below).
 //!
-//! **Schema** (`PRAGMA user_version = 3`; created and migrated in `schema.rs`):
+//! **Schema** (`PRAGMA user_version = 5`; created and migrated in `schema.rs`). Message content
+//! and delivery state live in different tables, so recording a PUBACK writes a few bytes and
+//! never a copy of the message:
 //! - `messages(id INTEGER PRIMARY KEY, record_id, feed, seq, received_at_us, source_kind, peer,
-//!   format, control_id, size, raw BLOB, state, delivered_at_us, reprocessed,
-//!   control_id_reused)`. `id` is the global arrival order, assigned by the writer from an
-//!   in-memory counter (so it never goes backwards while the process runs, even when pruning
-//!   deletes the newest rows; the sink's cursor relies on that). `raw` holds the bytes exactly as
-//!   received; `record_id` is a UUIDv7 fixed at insert, so every resend of a record carries the
-//!   same `id` (the central side's idempotency key). `state` is 0 (pending) or 1 (delivered).
+//!   format, control_id, size, raw BLOB, reprocessed, control_id_reused)`: content, written
+//!   once at append and never updated; deleted only by pruning. `id` is the global arrival
+//!   order, assigned by the writer; it never goes backwards and is never reused, across
+//!   restarts too (the sink's cursor and the duplicate log rely on that): pruning records the
+//!   highest id handed out in `meta.last_row_id` before it deletes rows, and at open the next id
+//!   is one more than the largest of that, the ids still stored and those the delivery and
+//!   duplicate logs name. `raw` holds the bytes exactly as received; `record_id` is a UUIDv7
+//!   fixed at insert, so every resend of a record carries the same `id` (the central side's
+//!   idempotency key). (Files made before version 5 still have the `state` and
+//!   `delivered_at_us` columns, unused and left in place: dropping them would rewrite the
+//!   whole store at start.)
+//! - `pending(id INTEGER PRIMARY KEY, size)`: one row per undelivered message, inserted in the
+//!   append's transaction. What the sink reads (`pending` in id order joined to `messages` by
+//!   rowid: the same B-tree walk as the partial index it replaces; measured by
+//!   `examples/state_bench.rs` with 200,000 delivered and 50,000 pending rows of 4 KB: 1.78 ms
+//!   per 512-row fetch against 1.82 ms before, the oldest-pending query 4.6 µs against 4.1 µs).
+//! - `delivered(n INTEGER PRIMARY KEY, id, delivered_at_us)`: the delivery log, in the order
+//!   PUBACKs were recorded (appends write its last page only). Marking a row delivered deletes
+//!   its `pending` row and appends here: about 150 bytes of WAL per mark against 4.3 KB (4 KB
+//!   messages) or 20.7 KB (20 KB messages) when the whole row was rewritten (same bench).
+//!   Pruning reads it from the front: oldest delivery first, with no index.
 //! - `feed_seq(feed PRIMARY KEY, last_seq)`: a floor for each feed's sequence numbers, written
 //!   by pruning in the same transaction that deletes rows, so pruning every row of a feed never
 //!   lets its `seq` restart. At open, a feed's last seq is the larger of this floor and the
 //!   highest `seq` still in `messages`.
 //! - `meta(key PRIMARY KEY, value)`: small appliance state that must survive restarts: `bdseq`
-//!   (the MQTT birth sequence, incremented per connection) and `inventory` (what each feed has
-//!   carried, as JSON). Written by the same writer thread.
-//! - `rejected(...)`: quarantined (`AE`) messages, kept for `retain_rejected`.
+//!   (the MQTT birth sequence, incremented per connection), `inventory` (what each feed has
+//!   carried, as JSON), the high-water marks `last_row_id` and `last_rejected_id`, and the
+//!   version-5 marker. Written by the same writer thread.
+//! - `rejected(...)`: quarantined (`AE`) messages, kept for `retain_rejected`. Ids are assigned
+//!   by the writer and never reused either (`meta.last_rejected_id`, written whenever
+//!   quarantine rows are deleted). A frame that is not HL7 at all keeps only its first 4 KiB
+//!   (`size` is what was received; `QuarantinedRow::truncated`).
 //! - `dedup_log(id, key, hash, row_id, seq, received_at_us)`: one row per stored message of a
 //!   feed with a `dedup_window`, in time order (appends write its last page only). `key` is a
 //!   64-bit hash of (feed, sender, control id), `hash` the content hash. The writer keeps an
@@ -31,12 +53,10 @@
 //!   read the database (`dedup.rs`). Pruning deletes log rows older than the longest window
 //!   (`dedup_keep`). Version 2 kept the keys in a keyed `dedup` table; opening such a file moves
 //!   them here.
-//! - Partial indexes: pending rows by `id` (what the sink reads), delivered rows by
-//!   `delivered_at_us` (what pruning reads).
-//! - Deliberately no other index: uniqueness of `id`, `record_id` and `(feed, seq)` is
+//! - Deliberately no secondary index: uniqueness of `id`, `record_id` and `(feed, seq)` is
 //!   guaranteed by the single writer, and every index page is another 4 KiB written into the
-//!   WAL before each fsync. An append commit touches two pages (the table's last leaf and the
-//!   pending index).
+//!   WAL before each fsync. An append commit touches the last leaf of `messages` (and its
+//!   overflow pages) and the last leaf of `pending`, as it touched the partial index before.
 //!
 //! **Who changes a row.** Only the writer thread (one `rusqlite::Connection`, `writer.rs`)
 //! writes; [`Outbox`] handles send it commands. Sources append and wait for the commit (or
@@ -49,14 +69,60 @@
 //! own read-only connections ([`Reader`], `reader.rs`); WAL lets them read while the writer
 //! writes.
 //!
-//! **States.** insert -> pending (0) -> delivered (1) -> deleted by pruning once
-//! `delivered_at_us` is older than `retain_delivered`, or earlier when the whole file would exceed
-//! `max_bytes` (oldest delivered first). A pending row is never deleted or overwritten: when
-//! pending bytes reach `max_bytes`, [`Outbox::append`] answers [`AppendError::Full`] and the source
-//! refuses the message (`AR`), so the sender keeps it and retries.
+//! **Every waiter gets its own true answer** (`writer.rs`). Each command's answer is decided
+//! while its group is applied and sent only once the commit's outcome is known. When one
+//! command's statement fails, the transaction is rolled back, that command alone is answered
+//! ([`AppendError::Failed`] with the SQLite error: the source answers `AR`, the sender keeps the
+//! message), and the rest of the group is applied again without it in a new transaction (no
+//! savepoints: the common path costs nothing; a failure costs its group one more attempt).
+//! `SQLITE_FULL` releases the reserve and refuses every append and quarantine entry still in
+//! the group ([`Full::Disk`]) before the rest is tried again. A commit that fails for another
+//! reason answers everything in it `Failed` with that error. Nothing is answered
+//! [`AppendError::Closed`] unless the writer has really stopped. A quarantine entry is answered
+//! with its id only after its commit, and the intake sends `AE` only then; a quarantine that
+//! fails (or is refused: the budget, the disk) is answered `AR` instead, so the sender keeps
+//! the message.
+//!
+//! **Space** (`space.rs`, `prune.rs`).
+//! - *What counts against `max_bytes`*: everything the store has on disk: the database's pages
+//!   in use (pending and delivered messages, quarantine, the duplicate log, delivery state,
+//!   meta) plus the WAL file, measured after every commit (`page_count - freelist_count`, and
+//!   the WAL's length). The WAL is kept a small part of the cap (checkpoint after `max_bytes /
+//!   16`, at most 1000 pages; truncated to `max_bytes / 8`, at most 64 MiB). An append (or
+//!   quarantine entry) is refused ([`Full::Cap`]) when what pruning cannot free (all of that
+//!   minus delivered messages' bytes) plus the new message would pass the cap; otherwise it is
+//!   taken and, when the total is then over the cap, delivered rows are pruned at once (at most
+//!   once a second), oldest delivery first, whatever `retain_delivered` says.
+//! - *Quarantine* has its own budget inside the cap (`store.quarantine_max_bytes`, a tenth of
+//!   it by default): beyond it a message that would be quarantined is refused
+//!   ([`Full::Quarantine`]: `AR`). Only the first 4 KiB of a frame that is not HL7 at all is
+//!   kept, so a peer sending junk cannot fill the disk.
+//! - *The reserve*: `outbox.reserve`, 4 MiB really allocated (`posix_fallocate`). When a write
+//!   fails with `SQLITE_FULL` the file is deleted: the store is *short of space*. While short,
+//!   appends and quarantine entries are refused at once ([`Full::Disk`]: `AR`) and the reserve's
+//!   room goes to what makes space come back: delivery marks (a few bytes each), pruning and
+//!   vacuuming. At most once a second (also when idle: the writer polls every 200 ms while
+//!   short) the writer prunes delivered rows oldest first regardless of age, 100 rows per
+//!   transaction, vacuuming after each, until the file system has room for the reserve plus
+//!   4 MiB; then re-creates the reserve and takes appends again. The 4 MiB headroom is the
+//!   hysteresis. A disk filled by something else recovers the same way once it is freed.
+//! - *Giving space back*: `PRAGMA incremental_vacuum(N)` frees one page per step of its
+//!   statement (run through `execute_batch` it freed one page per call), so it is stepped to
+//!   the end, 256 pages per transaction, until the freelist is empty; then a checkpoint
+//!   (`TRUNCATE` under pressure), which is when a WAL-mode database file actually shrinks.
+//! - *Retention is a maximum, not a promise*: delivered rows pruned before `retain_delivered`
+//!   (space short, or over the cap) are counted (`pruned_early`, `retention_cut_at` in health)
+//!   and logged. Pending rows and quarantine are never pruned early.
+//!
+//! **States.** insert -> pending (a `pending` row) -> delivered (a `delivered` row instead) ->
+//! deleted by pruning once delivered longer than `retain_delivered` ago, or earlier under
+//! pressure (above). A pending row is never deleted or overwritten: when there is no room,
+//! [`Outbox::append`] answers [`AppendError::Full`] and the source refuses the message (`AR`),
+//! so the sender keeps it and retries.
 //!
 //! **When rows are deleted** (all by the writer; `prune.rs` holds the retention rules):
-//! `messages` only by pruning, delivered rows only; `rejected` by pruning after
+//! `messages` only by pruning, delivered rows only (with their `delivered` rows, in the same
+//! transaction); `pending` rows when their delivery is recorded; `rejected` by pruning after
 //! `retain_rejected`, or when a retried message has been stored again
 //! ([`Outbox::forget_rejected`]); `dedup_log` by pruning after `dedup_keep`. `feed_seq` and
 //! `meta` rows are never deleted.
@@ -72,9 +138,13 @@
 //!   with the same `record_id`, which the central side deduplicates.
 //! - Retrying a quarantined message: it is appended first and forgotten after that commit, so a
 //!   crash in between leaves it in both places, never in neither.
-//! - During pruning: a transaction either deletes a batch or not; nothing pending is touched.
-//! - During a migration at open: the version-3 key move is one transaction; the version stamp is
-//!   written last.
+//! - During pruning: a transaction either deletes a batch (messages, their `delivered` rows, and
+//!   the raised floors and high-water mark) or not; nothing pending is touched. During a vacuum
+//!   chunk: SQLite's own transaction.
+//! - With the reserve released (short of space): nothing on disk says so; at the next open the
+//!   reserve is made again if there is room, otherwise the store starts short.
+//! - During a migration at open: the version-3 key move and the version-5 state move are one
+//!   transaction each (the latter leaves a marker in `meta`); the version stamp is written last.
 //!
 //! # Files
 //!
@@ -84,12 +154,13 @@
 //! - `schema.rs`: the file, its pragmas, the tables and the migrations.
 //! - `writer.rs`: the writer thread, group commit, one method per command.
 //! - `prune.rs`: retention (what pruning deletes, and when).
+//! - `space.rs`: bytes counted against the cap, the space reserve, vacuuming.
 //! - `dedup.rs`: duplicate detection (keys, content hashes, the in-memory index).
 //! - `reader.rs`: read-only queries ([`Reader`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -100,12 +171,13 @@ mod message;
 mod prune;
 mod reader;
 mod schema;
+mod space;
 #[cfg(test)]
 mod test_support;
 mod writer;
 
 pub use dedup::{DedupKey, content_hash, hl7_content_hash};
-pub use message::{Format, NewMessage, RejectedMessage, SourceKind, Stored};
+pub use message::{Format, NewMessage, QUARANTINE_JUNK_KEEP, RejectedMessage, SourceKind, Stored};
 pub use reader::{FeedStats, PendingRow, QuarantinedRow, Reader};
 pub use writer::WriterThread;
 
@@ -114,20 +186,47 @@ use writer::{Cmd, Reply, WriterState};
 /// Why a message could not be stored. The message was not stored in every case.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppendError {
-    /// Undelivered data has reached the configured cap.
-    #[error("outbox full: {pending_bytes} bytes undelivered, cap {max_bytes}")]
+    /// No room: the store's cap, the quarantine's budget, or the disk.
+    #[error("{}", full_text(*.reason, *.used_bytes, *.max_bytes))]
     Full {
-        /// Undelivered bytes now.
-        pending_bytes: u64,
-        /// The configured cap.
+        /// Which limit.
+        reason: Full,
+        /// What counts against that limit now (bytes).
+        used_bytes: u64,
+        /// The limit (bytes).
         max_bytes: u64,
     },
-    /// SQLite failed (disk full, I/O error...).
+    /// SQLite failed for this command (an I/O error, a constraint...).
     #[error("outbox write failed: {0}")]
     Failed(String),
     /// The writer has stopped (shutting down).
     #[error("outbox is closed")]
     Closed,
+}
+
+/// Which limit refused a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// `store.max_bytes`: everything on disk except delivered messages (which pruning frees
+    /// first) has reached the cap.
+    Cap,
+    /// `store.quarantine_max_bytes`: quarantine has reached its own budget.
+    Quarantine,
+    /// The file system is full (the space reserve has been released): nothing new is taken
+    /// until delivered messages have been pruned and space given back.
+    Disk,
+}
+
+fn full_text(reason: Full, used: u64, max: u64) -> String {
+    match reason {
+        Full::Cap => {
+            format!("outbox full: {used} bytes on disk that pruning cannot free, cap {max}")
+        }
+        Full::Quarantine => format!("quarantine full: {used} bytes kept, budget {max}"),
+        Full::Disk => {
+            format!("disk full: no room on the outbox's file system (outbox {used} bytes)")
+        }
+    }
 }
 
 /// Errors opening or reading the store.
@@ -164,8 +263,11 @@ pub enum OutboxError {
 /// Options for opening the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxOptions {
-    /// Cap on undelivered bytes.
+    /// Cap on the bytes the store occupies on disk (everything: messages, quarantine, the
+    /// duplicate log, the WAL). Delivered messages are pruned first when it is reached.
     pub max_bytes: u64,
+    /// Quarantine's own budget within the cap.
+    pub quarantine_max_bytes: u64,
     /// Keep delivered rows this long.
     pub retain_delivered: Duration,
     /// Keep quarantined (`AE`) messages this long.
@@ -181,8 +283,24 @@ pub struct OutboxGauges {
     pub pending_count: AtomicU64,
     /// Undelivered bytes.
     pub pending_bytes: AtomicU64,
-    /// Bytes of all rows (pending + retained delivered).
+    /// Message bytes of all rows (pending + retained delivered).
     pub total_bytes: AtomicU64,
+    /// Bytes the store occupies on disk, counted against the cap: database pages in use and
+    /// the WAL.
+    pub store_bytes: AtomicU64,
+    /// Bytes kept in quarantine.
+    pub quarantine_bytes: AtomicU64,
+    /// The disk filled up and the space reserve was released: new messages are refused until
+    /// space has been given back.
+    pub space_short: AtomicBool,
+    /// New messages are being refused (space short, or the cap reached by what pruning cannot
+    /// free).
+    pub refusing: AtomicBool,
+    /// Delivered records pruned before `retain_delivered` because space was short or the store
+    /// over its cap, since start.
+    pub pruned_early: AtomicU64,
+    /// When that last happened (µs since the epoch), 0 if never.
+    pub retention_cut_at_us: AtomicI64,
     /// Commits performed (each one fsync).
     pub commits: AtomicU64,
     /// Messages appended since start.

@@ -1,34 +1,86 @@
 //! Retention: what is deleted, and when. Run by the writer thread after a group holding a
-//! `Prune` command has committed (a timer in the daemon sends one); never touches a pending row.
+//! `Prune` command has committed (a timer in the daemon sends one every 5 minutes), and at once
+//! when space is short or the store is over its cap; never touches a pending row.
 //!
-//! - Delivered messages once `delivered_at_us` is older than `retain_delivered`, and, while the
-//!   rows' bytes exceed `max_bytes`, the oldest delivered ones regardless of age; in chunks of
-//!   [`PRUNE_CHUNK`] rows per transaction, so pruning never holds the write lock for long. Each
-//!   chunk first raises every feed's `feed_seq` floor, so `seq` never restarts.
+//! - Delivered messages, oldest delivery first (the `delivered` log's order), once delivered
+//!   longer than `retain_delivered` ago; and, **under pressure**, regardless of age: while the
+//!   disk is short of space (until the file system has room for the reserve again) or the
+//!   store is over `max_bytes` (until it is under). `retain_delivered` is a maximum, not a
+//!   promise: rows pruned early are counted (`pruned_early` in health) and logged. In chunks
+//!   ([`PRUNE_CHUNK`] rows per transaction, [`PRESSURE_CHUNK`] under pressure, when every WAL
+//!   page may be borrowed from the reserve), so pruning never holds the write lock for long.
+//!   Each chunk first raises every feed's `feed_seq` floor and the row-id high-water mark, so
+//!   neither `seq` nor row ids ever restart.
 //! - Duplicate-detection keys older than the longest window (`dedup_keep`), from `dedup_log`
 //!   and from the in-memory index.
-//! - Quarantined messages older than `retain_rejected`.
+//! - Quarantined messages older than `retain_rejected` (never early: quarantine has its own
+//!   budget instead).
 //!
-//! Then `PRAGMA incremental_vacuum` gives the freed pages back to the file system.
+//! Then the freed pages go back to the file system ([`space::vacuum`]).
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::now_us;
-use super::writer::WriterState;
+use super::space;
+use super::writer::{LAST_REJECTED_ID_KEY, LAST_ROW_ID_KEY, WriterState, record_high_water};
 
 /// Rows deleted per pruning transaction, so pruning never holds the write lock for long.
 const PRUNE_CHUNK: usize = 2000;
+/// Rows deleted per transaction under pressure (each transaction's WAL pages may have to fit
+/// in the reserve).
+const PRESSURE_CHUNK: usize = 100;
 
-/// Delete delivered rows past retention, then oldest delivered rows while the file's rows exceed
-/// `max_bytes`; then old duplicate keys and old quarantined messages. Never touches pending rows.
+/// Whether delivered rows must go regardless of age: short of space and not yet enough free,
+/// or over the cap.
+fn under_pressure(conn: &Connection, state: &WriterState) -> rusqlite::Result<bool> {
+    if state.space.is_short() {
+        let (_, free, size) = space::page_counts(conn)?;
+        return Ok(!state.space.enough(free * size));
+    }
+    Ok(space::used_bytes(conn, &state.wal)? > state.opts.max_bytes)
+}
+
+/// Delete delivered rows past retention (or, under pressure, oldest first regardless of age);
+/// then old duplicate keys and old quarantined messages; then give the space back. Never
+/// touches pending rows.
 pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::Result<()> {
-    let cutoff = now_us() - state.opts.retain_delivered.as_micros() as i64;
+    let now = now_us();
+    let cutoff = now - state.opts.retain_delivered.as_micros() as i64;
     let mut removed = 0u64;
+    let mut early = 0u64;
+    let mut pressed = false;
     loop {
-        let over_cap = state.total_bytes > state.opts.max_bytes;
+        let pressure = under_pressure(conn, state)?;
+        pressed |= pressure;
+        let chunk = if pressure {
+            PRESSURE_CHUNK
+        } else {
+            PRUNE_CHUNK
+        };
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Record each feed's last seq before rows go, so seq never restarts.
+        let due: Vec<(i64, i64, i64)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT n, id, delivered_at_us FROM delivered ORDER BY n LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![chunk as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            let mut due = Vec::new();
+            for row in rows {
+                let row: (i64, i64, i64) = row?;
+                if !(pressure || row.2 < cutoff) {
+                    break;
+                }
+                due.push(row);
+            }
+            due
+        };
+        let Some(&(last_n, _, _)) = due.last() else {
+            break;
+        };
+        // Record each feed's last seq and the highest row id before rows go, so neither
+        // restarts.
         {
             let mut floor = tx.prepare_cached(
                 "INSERT INTO feed_seq (feed, last_seq) VALUES (?1, ?2) \
@@ -38,23 +90,27 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
                 floor.execute(params![&**feed, *seq as i64])?;
             }
         }
-        let freed: i64 = tx.query_row(
-            "WITH doomed AS (SELECT id, size FROM messages WHERE state = 1 AND \
-             (delivered_at_us < ?1 OR ?2) ORDER BY delivered_at_us LIMIT ?3) \
-             SELECT COALESCE(SUM(size), 0) FROM doomed",
-            params![cutoff, over_cap, PRUNE_CHUNK as i64],
-            |r| r.get(0),
-        )?;
-        let n = tx.execute(
-            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE state = 1 AND \
-             (delivered_at_us < ?1 OR ?2) ORDER BY delivered_at_us LIMIT ?3)",
-            params![cutoff, over_cap, PRUNE_CHUNK as i64],
-        )?;
+        record_high_water(&tx, LAST_ROW_ID_KEY, state.next_id - 1)?;
+        let mut freed = 0u64;
+        {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING size")?;
+            for (_, id, _) in &due {
+                let size: Option<i64> = delete.query_row(params![id], |r| r.get(0)).optional()?;
+                freed += size.unwrap_or(0) as u64;
+            }
+        }
+        tx.execute("DELETE FROM delivered WHERE n <= ?1", params![last_n])?;
         tx.commit()?;
-        state.total_bytes = state.total_bytes.saturating_sub(freed as u64);
-        removed += n as u64;
-        if n < PRUNE_CHUNK {
+        state.total_bytes = state.total_bytes.saturating_sub(freed);
+        removed += due.len() as u64;
+        early += due.iter().filter(|r| r.2 >= cutoff).count() as u64;
+        if due.len() < chunk && !pressure {
             break;
+        }
+        if pressure {
+            // Give the pages back as we go: under pressure the file system needs them.
+            space::vacuum(conn, true)?;
         }
     }
     // Duplicate keys older than the longest window: the log is in time order, so find the first
@@ -73,14 +129,44 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
     } as u64;
     state.dedup.retain(|_, e| e.at_us >= dedup_cutoff);
     let rejected_cutoff = now_us() - state.opts.retain_rejected.as_micros() as i64;
-    removed += conn.execute(
-        "DELETE FROM rejected WHERE received_at_us < ?1",
-        params![rejected_cutoff],
-    )? as u64;
-    if removed > 0 {
-        conn.execute_batch("PRAGMA incremental_vacuum;")?;
-        info!(removed, "pruned delivered messages");
+    {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let gone: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM rejected WHERE received_at_us < ?1",
+            params![rejected_cutoff],
+            |r| r.get(0),
+        )?;
+        if gone > 0 {
+            record_high_water(&tx, LAST_REJECTED_ID_KEY, state.next_rejected_id - 1)?;
+            let bytes: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(length(raw)), 0) FROM rejected WHERE received_at_us < ?1",
+                params![rejected_cutoff],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "DELETE FROM rejected WHERE received_at_us < ?1",
+                params![rejected_cutoff],
+            )?;
+            tx.commit()?;
+            state.quarantine_bytes = state.quarantine_bytes.saturating_sub(bytes as u64);
+            removed += gone as u64;
+        }
     }
+    if removed > 0 || pressed {
+        let pages = space::vacuum(conn, pressed || state.space.is_short())?;
+        info!(removed, pages_returned = pages, "pruned");
+    }
+    if early > 0 {
+        state.pruned_early += early;
+        state.retention_cut_at_us = now;
+        warn!(
+            rows = early,
+            short_of_space = state.space.is_short(),
+            "delivered records pruned before retain_delivered to make room (retention is a \
+             maximum, not a promise)"
+        );
+    }
+    state.measure(conn);
     Ok(())
 }
 
@@ -88,6 +174,7 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
 mod tests {
     use std::time::Duration;
 
+    use super::super::now_us;
     use super::super::test_support::{keyed, msg, opts};
     use super::super::{Outbox, OutboxOptions};
     use super::*;
@@ -112,6 +199,7 @@ mod tests {
             &path,
             OutboxOptions {
                 max_bytes: 1 << 20,
+                quarantine_max_bytes: (1 << 20) / 10,
                 retain_delivered: Duration::ZERO,
                 retain_rejected: Duration::from_secs(3600),
                 dedup_keep: Duration::ZERO,
@@ -155,6 +243,123 @@ mod tests {
                 .unwrap()
                 .duplicate
         );
+        drop(ob);
+        w.join();
+    }
+
+    fn no_retention(max_bytes: u64) -> OutboxOptions {
+        OutboxOptions {
+            max_bytes,
+            quarantine_max_bytes: max_bytes / 10,
+            retain_delivered: Duration::ZERO,
+            retain_rejected: Duration::ZERO,
+            dedup_keep: Duration::ZERO,
+        }
+    }
+
+    fn rejected_msg() -> super::super::RejectedMessage {
+        super::super::RejectedMessage {
+            feed: std::sync::Arc::from("a"),
+            source_kind: super::super::SourceKind::Mllp,
+            peer: None,
+            received_at_us: now_us(),
+            error_code: 100,
+            error_location: None,
+            reason: "r".into(),
+            control_id: None,
+            sending_application: None,
+            sending_facility: None,
+            message_type: None,
+            raw: b"MSH|".to_vec(),
+        }
+    }
+
+    /// Pruning the newest rows (all of them here) and reopening must not hand their ids out
+    /// again: a duplicate-log entry or a central-side reference to an old id would otherwise
+    /// name a different message. The same for quarantine ids.
+    #[tokio::test]
+    async fn row_ids_are_never_reused_after_the_newest_rows_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        {
+            let (ob, w) = Outbox::open(&path, no_retention(1 << 20)).unwrap();
+            let mut ids = Vec::new();
+            for _ in 0..3 {
+                ids.push(ob.append(msg("a", "x")).await.unwrap().row_id);
+            }
+            assert_eq!(ids, [1, 2, 3]);
+            ob.mark_delivered(ids).await;
+            let q1 = ob.quarantine(rejected_msg()).await.unwrap();
+            let q2 = ob.quarantine(rejected_msg()).await.unwrap();
+            assert_eq!((q1, q2), (1, 2));
+            ob.forget_rejected(q2).await.unwrap();
+            ob.prune().await;
+            ob.flush().await;
+            let r = ob.reader().unwrap();
+            assert!(r.stats().unwrap().is_empty(), "every message pruned");
+            assert!(
+                r.quarantined(None).unwrap().is_empty(),
+                "every entry pruned"
+            );
+            drop(ob);
+            w.join();
+        }
+        let (ob, w) = Outbox::open(&path, no_retention(1 << 20)).unwrap();
+        let next = ob.append(msg("a", "x")).await.unwrap();
+        assert_eq!((next.row_id, next.seq), (4, 4));
+        assert_eq!(ob.quarantine(rejected_msg()).await.unwrap(), 3);
+        drop(ob);
+        w.join();
+    }
+
+    /// Pruned pages go back to the file system: `incremental_vacuum` stepped to the end in
+    /// chunks (run through `execute_batch` it frees a single page per call), then a checkpoint
+    /// shrinks the file.
+    #[tokio::test]
+    async fn pruning_gives_the_space_back_to_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let (ob, w) = Outbox::open(&path, no_retention(1 << 30)).unwrap();
+        let body = "x".repeat(50 * 1024);
+        let mut ids = Vec::new();
+        for _ in 0..200 {
+            ids.push(ob.append(msg("a", &body)).await.unwrap().row_id);
+        }
+        ob.mark_delivered(ids).await;
+        ob.flush().await;
+        let c = Connection::open(&path).unwrap();
+        let checkpoint = || {
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .unwrap()
+        };
+        let file = || std::fs::metadata(&path).unwrap().len();
+        let freelist = || -> i64 {
+            c.query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap()
+        };
+        checkpoint();
+        let before = file();
+        // What the old code did: delete, then one execute_batch of the pragma.
+        c.execute_batch("DELETE FROM messages WHERE id = 1; DELETE FROM delivered WHERE id = 1;")
+            .unwrap();
+        let free_after_delete = freelist();
+        c.execute_batch("PRAGMA incremental_vacuum;").unwrap();
+        let freed_by_one_call = free_after_delete - freelist();
+        assert!(free_after_delete > 10, "{free_after_delete}");
+        assert_eq!(freed_by_one_call, 1, "execute_batch steps the pragma once");
+        ob.prune().await;
+        ob.flush().await;
+        checkpoint();
+        let after = file();
+        eprintln!(
+            "file {before} -> {after} bytes; freelist after deleting one 50 KiB row: \
+             {free_after_delete}, one execute_batch freed {freed_by_one_call}, after pruning: {}",
+            freelist()
+        );
+        assert_eq!(freelist(), 0);
+        assert!(before > 10_000_000, "{before}");
+        assert!(after < 200_000, "{after}");
+        assert!(ob.reader().unwrap().stats().unwrap().is_empty());
         drop(ob);
         w.join();
     }

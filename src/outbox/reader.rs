@@ -57,14 +57,19 @@ pub struct QuarantinedRow {
     pub reason: String,
     /// MSH-10, when readable.
     pub control_id: Option<String>,
-    /// Size in bytes.
+    /// Size in bytes, as received.
     pub size: u64,
-    /// The bytes as received (patient data: never logged).
+    /// Only the first bytes were kept (a frame that is not HL7 at all; see
+    /// `QUARANTINE_JUNK_KEEP`): `raw` is shorter than `size`.
+    pub truncated: bool,
+    /// The bytes as received, or their beginning when `truncated` (patient data: never logged).
     #[serde(skip)]
     pub raw: Vec<u8>,
 }
 
 fn row_to_quarantined(r: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantinedRow> {
+    let size = r.get::<_, i64>(9)? as u64;
+    let raw: Vec<u8> = r.get(10)?;
     Ok(QuarantinedRow {
         id: r.get(0)?,
         feed: r.get(1)?,
@@ -75,8 +80,9 @@ fn row_to_quarantined(r: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantinedRow>
         error_location: r.get(6)?,
         reason: r.get(7)?,
         control_id: r.get(8)?,
-        size: r.get::<_, i64>(9)? as u64,
-        raw: r.get(10)?,
+        size,
+        truncated: (raw.len() as u64) < size,
+        raw,
     })
 }
 
@@ -129,8 +135,10 @@ impl Reader {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw, \
-                 reprocessed, control_id_reused FROM messages WHERE state = 0 AND id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT m.id, m.record_id, m.feed, m.seq, m.received_at_us, m.source_kind, m.peer, \
+                 m.format, m.raw, m.reprocessed, m.control_id_reused \
+                 FROM pending p CROSS JOIN messages m ON m.id = p.id \
+                 WHERE p.id > ?1 ORDER BY p.id LIMIT ?2",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
@@ -161,7 +169,8 @@ impl Reader {
     pub fn oldest_pending_us(&self) -> Result<Option<i64>, OutboxError> {
         self.conn
             .query_row(
-                "SELECT received_at_us FROM messages WHERE state = 0 ORDER BY id LIMIT 1",
+                "SELECT m.received_at_us FROM pending p CROSS JOIN messages m ON m.id = p.id \
+                 ORDER BY p.id LIMIT 1",
                 [],
                 |r| r.get(0),
             )
@@ -233,11 +242,12 @@ impl Reader {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT feed, \
-                   SUM(state = 0), SUM(CASE WHEN state = 0 THEN size ELSE 0 END), \
-                   SUM(state = 1), SUM(CASE WHEN state = 1 THEN size ELSE 0 END), \
-                   MIN(CASE WHEN state = 0 THEN received_at_us END), MAX(seq) \
-                 FROM messages GROUP BY feed ORDER BY feed",
+                "SELECT m.feed, \
+                   COUNT(p.id), COALESCE(SUM(p.size), 0), \
+                   COUNT(*) - COUNT(p.id), SUM(m.size) - COALESCE(SUM(p.size), 0), \
+                   MIN(CASE WHEN p.id IS NOT NULL THEN m.received_at_us END), MAX(m.seq) \
+                 FROM messages m LEFT JOIN pending p ON p.id = m.id \
+                 GROUP BY m.feed ORDER BY m.feed",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt
@@ -264,8 +274,9 @@ impl Reader {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT delivered_at_us - received_at_us FROM messages \
-                 WHERE state = 1 AND received_at_us >= ?1",
+                "SELECT d.delivered_at_us - m.received_at_us \
+                 FROM delivered d CROSS JOIN messages m ON m.id = d.id \
+                 WHERE m.received_at_us >= ?1",
             )
             .map_err(sqlite(&self.path))?;
         let rows = stmt

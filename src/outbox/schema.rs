@@ -7,9 +7,13 @@
 //! - 2: the `rejected` table and `messages.reprocessed`; later, still as version 2,
 //!   `messages.control_id_reused` and a keyed `dedup` table.
 //! - 3: `dedup` replaced by the append-only `dedup_log` (the writer keeps the index in memory).
+//! - 4: (another change; nothing here depends on it).
+//! - 5: delivery state moved out of `messages` into `pending` and `delivered`; the row-id
+//!   high-water mark in `meta`.
 //!
-//! Each step is detected from the file itself (a column or a table missing or present), not
-//! from the version number; the version is stamped last.
+//! Each step is detected from the file itself (a column, a table or a `meta` marker missing or
+//! present), not from the version number, and can run again harmlessly; the version is stamped
+//! last.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +26,7 @@ use super::dedup::dedup_key;
 use super::{OutboxError, sqlite};
 
 /// The version this build writes; a file with a higher one is refused.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -37,11 +41,18 @@ CREATE TABLE IF NOT EXISTS messages (
     control_id      TEXT,
     size            INTEGER NOT NULL,
     raw             BLOB    NOT NULL,
-    state           INTEGER NOT NULL DEFAULT 0,
-    delivered_at_us INTEGER
+    reprocessed     INTEGER NOT NULL DEFAULT 0,
+    control_id_reused INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS messages_pending ON messages(id) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS messages_delivered ON messages(delivered_at_us) WHERE state = 1;
+CREATE TABLE IF NOT EXISTS pending (
+    id   INTEGER PRIMARY KEY,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS delivered (
+    n               INTEGER PRIMARY KEY,
+    id              INTEGER NOT NULL,
+    delivered_at_us INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS feed_seq (
     feed     TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
@@ -159,27 +170,42 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
     conn.execute_batch(SCHEMA).map_err(&e)?;
     migrate_to_v2(conn).map_err(&e)?;
     migrate_to_v3(conn).map_err(&e)?;
+    migrate_to_v5(conn).map_err(&e)?;
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
     Ok(())
 }
 
-/// Version 2 added `messages.reprocessed` and `messages.control_id_reused` (and the `rejected`
-/// table, created by [`SCHEMA`]). Only `reprocessed` is looked for: the two columns are added
-/// together (two statements, not one transaction).
+/// Version 2 added `messages.reprocessed` and, later under the same version number,
+/// `messages.control_id_reused` (and the `rejected` table, created by [`SCHEMA`]). The two
+/// columns were added by two statements outside a transaction, so a file can have the first
+/// without the second (made between those releases, or interrupted between the two): each
+/// column is looked for on its own.
 fn migrate_to_v2(conn: &Connection) -> rusqlite::Result<()> {
-    let has_reprocessed: bool = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'reprocessed'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )? > 0;
-    if !has_reprocessed {
-        conn.execute_batch(
-            "ALTER TABLE messages ADD COLUMN reprocessed INTEGER NOT NULL DEFAULT 0; \
-             ALTER TABLE messages ADD COLUMN control_id_reused INTEGER NOT NULL DEFAULT 0;",
-        )?;
+    for (column, add) in [
+        (
+            "reprocessed",
+            "ALTER TABLE messages ADD COLUMN reprocessed INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "control_id_reused",
+            "ALTER TABLE messages ADD COLUMN control_id_reused INTEGER NOT NULL DEFAULT 0",
+        ),
+    ] {
+        if !has_column(conn, "messages", column)? {
+            conn.execute_batch(add)?;
+            info!(column, "outbox: column added to messages");
+        }
     }
     Ok(())
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get::<_, i64>(0),
+    )? > 0)
 }
 
 /// Version 3 replaced the keyed `dedup` table (random-order inserts) with the append-only
@@ -243,6 +269,77 @@ fn migrate_to_v3(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// `meta` key set by the version-5 step once the delivery state has been moved.
+const STATE_MOVED_KEY: &str = "delivery_state_moved";
+
+/// Version 5 keeps delivery state apart from message content: `pending(id, size)` holds a row
+/// per undelivered message and `delivered(n, id, delivered_at_us)` logs deliveries in the order
+/// they happened (both created by [`SCHEMA`]), so recording a PUBACK never rewrites a message.
+/// A file from before has `messages.state` and `messages.delivered_at_us`: their values are
+/// copied into the two tables and the two partial indexes on them dropped, in one transaction
+/// that also leaves a marker in `meta` (so the step never runs twice) and the row-id high-water
+/// mark. The two columns stay in such a file, unused: dropping them would rewrite every row,
+/// i.e. the whole store, at start (impossible on the full disk this change is for).
+///
+/// Independent of version 4: it reads and writes only `messages`, `pending`, `delivered` and
+/// `meta`.
+fn migrate_to_v5(conn: &Connection) -> rusqlite::Result<()> {
+    if !has_column(conn, "messages", "state")? {
+        return Ok(());
+    }
+    let moved: bool = conn.query_row(
+        "SELECT COUNT(*) FROM meta WHERE key = ?1",
+        params![STATE_MOVED_KEY],
+        |r| r.get::<_, i64>(0),
+    )? > 0;
+    if moved {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let pending = conn.execute(
+            "INSERT OR IGNORE INTO pending (id, size) \
+             SELECT id, size FROM messages WHERE state = 0 ORDER BY id",
+            [],
+        )?;
+        let delivered = conn.execute(
+            "INSERT INTO delivered (id, delivered_at_us) \
+             SELECT id, COALESCE(delivered_at_us, 0) FROM messages WHERE state <> 0 \
+             AND id NOT IN (SELECT id FROM delivered) ORDER BY delivered_at_us, id",
+            [],
+        )?;
+        conn.execute_batch(
+            "DROP INDEX IF EXISTS messages_pending; DROP INDEX IF EXISTS messages_delivered;",
+        )?;
+        conn.execute(
+            "INSERT INTO meta (key, value) \
+             SELECT ?1, CAST(COALESCE(MAX(id), 0) AS TEXT) FROM messages WHERE 1 \
+             ON CONFLICT(key) DO UPDATE SET value = \
+               MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+            params![super::writer::LAST_ROW_ID_KEY],
+        )?;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, '5')",
+            params![STATE_MOVED_KEY],
+        )?;
+        Ok::<_, rusqlite::Error>((pending, delivered))
+    })();
+    match result {
+        Ok((pending, delivered)) => {
+            conn.execute_batch("COMMIT")?;
+            info!(
+                pending,
+                delivered, "outbox: delivery state moved out of messages (version 5)"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{keyed, msg, opts};
@@ -294,5 +391,83 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", p.display());
         }
+    }
+
+    /// A file from between the two version-2 releases: `reprocessed` present, but not
+    /// `control_id_reused` (or one interrupted between the two ALTERs), with its delivery state
+    /// still in `messages`. Opening it adds the missing column (every insert used to fail),
+    /// moves the state into `pending` and `delivered`, and keeps ids increasing.
+    #[tokio::test]
+    async fn a_version_2_file_missing_control_id_reused_is_completed_and_its_state_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
+             CREATE TABLE messages (id INTEGER PRIMARY KEY, record_id TEXT NOT NULL,
+               feed TEXT NOT NULL, seq INTEGER NOT NULL, received_at_us INTEGER NOT NULL,
+               source_kind TEXT NOT NULL, peer TEXT, format TEXT NOT NULL, control_id TEXT,
+               size INTEGER NOT NULL, raw BLOB NOT NULL, state INTEGER NOT NULL DEFAULT 0,
+               delivered_at_us INTEGER);
+             CREATE INDEX messages_pending ON messages(id) WHERE state = 0;
+             CREATE INDEX messages_delivered ON messages(delivered_at_us) WHERE state = 1;
+             CREATE TABLE feed_seq (feed TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             ALTER TABLE messages ADD COLUMN reprocessed INTEGER NOT NULL DEFAULT 0;
+             INSERT INTO messages (id, record_id, feed, seq, received_at_us, source_kind,
+               format, size, raw, state, delivered_at_us)
+               VALUES (1, 'r1', 'a', 1, 1, 'mllp', 'hl7v2', 3, X'616263', 1, 5),
+                      (2, 'r2', 'a', 2, 2, 'mllp', 'hl7v2', 3, X'646566', 0, NULL);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        drop(c);
+        for reopen in 0..2 {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            let r = ob.reader().unwrap();
+            let pending: Vec<(i64, Vec<u8>)> = r
+                .pending_after(0, 10, u64::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.row_id, p.raw))
+                .collect();
+            let expect_pending: Vec<(i64, Vec<u8>)> = if reopen == 0 {
+                vec![(2, b"def".to_vec())]
+            } else {
+                vec![(2, b"def".to_vec()), (3, b"x".to_vec())]
+            };
+            assert_eq!(pending, expect_pending);
+            let stats = r.stats().unwrap();
+            assert_eq!((stats[0].delivered, stats[0].delivered_bytes), (1, 3));
+            if reopen == 0 {
+                // Inserting works again (it failed on the missing column), with the next id.
+                let s = ob.append(msg("a", "x")).await.unwrap();
+                assert_eq!((s.row_id, s.seq), (3, 3));
+            }
+            drop(ob);
+            w.join();
+        }
+        let c = Connection::open(&path).unwrap();
+        assert!(has_column(&c, "messages", "control_id_reused").unwrap());
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let old_indexes: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('messages_pending', 'messages_delivered')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_indexes, 0);
+        let logged: Vec<(i64, i64)> = c
+            .prepare("SELECT id, delivered_at_us FROM delivered")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(logged, [(1, 5)], "moved once, not twice");
     }
 }

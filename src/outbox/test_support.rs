@@ -39,6 +39,7 @@ pub(super) fn keyed(feed: &str, control_id: &str, body: &str, at_us: i64) -> New
 pub(super) fn opts(max_bytes: u64) -> OutboxOptions {
     OutboxOptions {
         max_bytes,
+        quarantine_max_bytes: max_bytes / 10,
         retain_delivered: Duration::from_secs(3600),
         retain_rejected: Duration::from_secs(3600),
         dedup_keep: Duration::from_secs(7 * 86_400),

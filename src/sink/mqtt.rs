@@ -689,7 +689,8 @@ impl MqttSink {
         )
     }
 
-    /// What counts as a significant change: peers per feed, backlog empty or not, broker errors.
+    /// What counts as a significant change: peers per feed, backlog empty or not, broker errors,
+    /// store-full refusals, the disk running short, delivered records pruned early.
     fn signature(&self) -> Vec<u64> {
         let t = &self.telemetry;
         let mut sig: Vec<u64> = self
@@ -703,6 +704,8 @@ impl MqttSink {
         let g = self.outbox.gauges();
         sig.push(u64::from(g.pending_count.load(Ordering::Relaxed) > 0));
         sig.push(g.refused_full.load(Ordering::Relaxed));
+        sig.push(u64::from(g.space_short.load(Ordering::Relaxed)));
+        sig.push(g.pruned_early.load(Ordering::Relaxed));
         sig.push(t.sink.refused.load(Ordering::Relaxed));
         sig
     }

@@ -8,6 +8,7 @@
 //! - [`pty`]: real pseudo-terminals for serial-port tests.
 //! - [`proxy`]: a TCP proxy a test controls between siterelay and a broker (refuse, cut,
 //!   swallow, throttle).
+//! - [`tmpfs`]: [`Tmpfs`], a small tmpfs to fill up (disk-full tests; needs root).
 //! - [`tls`], [`client`]: rustls configs (always the `ring` provider) and rumqttc options.
 //!
 //! Typical use in a `#[tokio::test]`:
@@ -30,11 +31,13 @@ pub mod proxy;
 pub mod pty;
 pub mod subscriber;
 pub mod tls;
+pub mod tmpfs;
 
 pub use broker::{BrokerOptions, Fault, TestBroker};
 pub use mosquitto::{Mosquitto, mosquitto_available, mosquitto_or_skip};
 pub use pki::{Pki, PkiOptions};
 pub use subscriber::{Received, Subscriber};
+pub use tmpfs::Tmpfs;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {

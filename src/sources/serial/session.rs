@@ -51,7 +51,9 @@ where
         // Refuse new transmissions (NAK to ENQ) while the store is full.
         let g = ctx.intake.outbox.gauges();
         link.set_busy(
-            g.pending_bytes.load(std::sync::atomic::Ordering::Relaxed) >= ctx.store_max_bytes,
+            g.refusing.load(std::sync::atomic::Ordering::Relaxed)
+                || g.pending_bytes.load(std::sync::atomic::Ordering::Relaxed)
+                    >= ctx.store_max_bytes,
         );
         let now_std = std::time::Instant::now();
         let mut actions = tokio::select! {
