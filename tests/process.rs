@@ -4,12 +4,23 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use siterelay_testkit::pki::Pki;
+
+/// `s.toml` with one MLLP feed, `adt`, on a free port: (config path, listen address, port).
+fn one_feed_config(env: &Env, broker: &Broker) -> (PathBuf, String, u16) {
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = env.write_config(
+        "s.toml",
+        &env.config_text(broker.port, &[("adt", &listen)], ""),
+    );
+    (cfg, listen, port)
+}
 
 fn pending(env: &Env) -> u64 {
     let r = siterelay::outbox::Reader::open(&env.data_dir().join("outbox.sqlite")).unwrap();
@@ -286,12 +297,7 @@ fn config_is_one_global_option_with_a_default_and_an_environment_variable() {
 async fn send_and_queue_stats_commands_work_against_a_running_daemon() {
     let env = Env::new();
     let broker = Broker::down(Kind::InProcess, &env);
-    let port = siterelay_testkit::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let cfg = env.write_config(
-        "s.toml",
-        &env.config_text(broker.port, &[("adt", &listen)], ""),
-    );
+    let (cfg, listen, port) = one_feed_config(&env, &broker);
     let _p = Proc::start(&cfg, env.dir.path().join("run.log"));
     wait_listening(port).await;
 
@@ -392,12 +398,7 @@ async fn under_systemd_stderr_lines_carry_no_timestamps() {
 async fn tells_systemd_ready_watchdog_and_stopping() {
     let env = Env::new();
     let broker = Broker::down(Kind::InProcess, &env);
-    let port = siterelay_testkit::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let cfg = env.write_config(
-        "s.toml",
-        &env.config_text(broker.port, &[("adt", &listen)], ""),
-    );
+    let (cfg, listen, _port) = one_feed_config(&env, &broker);
     let sock_path = env.dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
@@ -435,12 +436,7 @@ async fn tells_systemd_ready_watchdog_and_stopping() {
 async fn a_second_daemon_on_the_same_data_directory_is_refused_and_the_first_keeps_its_socket() {
     let env = Env::new();
     let broker = Broker::down(Kind::InProcess, &env);
-    let port = siterelay_testkit::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let cfg = env.write_config(
-        "s.toml",
-        &env.config_text(broker.port, &[("adt", &listen)], ""),
-    );
+    let (cfg, listen, port) = one_feed_config(&env, &broker);
     let first = Proc::start(&cfg, env.dir.path().join("run1.log"));
     wait_listening(port).await;
     // The second uses another port, so only the data directory is shared.
@@ -483,12 +479,7 @@ async fn a_second_daemon_on_the_same_data_directory_is_refused_and_the_first_kee
 async fn a_dead_vital_task_makes_the_daemon_exit_non_zero_for_systemd_to_restart_it() {
     let env = Env::new();
     let broker = Broker::down(Kind::InProcess, &env);
-    let port = siterelay_testkit::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let cfg = env.write_config(
-        "s.toml",
-        &env.config_text(broker.port, &[("adt", &listen)], ""),
-    );
+    let (cfg, listen, port) = one_feed_config(&env, &broker);
     let mut p = Proc::start_with_env(
         &cfg,
         env.dir.path().join("run.log"),
