@@ -8,7 +8,7 @@
 //! returns only after the WAL has been fsynced, so a committed row survives a power cut.
 //! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system.
 //!
-//! **Schema** (`PRAGMA user_version = 3`; created and migrated in `schema.rs`):
+//! **Schema** (`PRAGMA user_version = 4`; created and migrated in `schema.rs`):
 //! - `messages(id INTEGER PRIMARY KEY, record_id, feed, seq, received_at_us, source_kind, peer,
 //!   format, control_id, size, raw BLOB, state, delivered_at_us, reprocessed,
 //!   control_id_reused)`. `id` is the global arrival order, assigned by the writer from an
@@ -24,6 +24,12 @@
 //!   (the MQTT birth sequence, incremented per connection) and `inventory` (what each feed has
 //!   carried, as JSON). Written by the same writer thread.
 //! - `rejected(...)`: quarantined (`AE`) messages, kept for `retain_rejected`.
+//! - `held(row_id INTEGER PRIMARY KEY, reason, detail, since_us)` (version 4): undelivered rows
+//!   the sink has set aside because their record cannot be published (too large for the MQTT
+//!   packet limit, refused by the broker with a permanent reason code, or unbuildable; see
+//!   `held.rs`). The row itself stays in `messages`, undelivered, with its bytes; the sink's
+//!   pending reads skip it; pruning never deletes it. The writer mirrors the table in memory
+//!   (row id -> size), so a delivered mark touches `held` only for a row that is held.
 //! - `dedup_log(id, key, hash, row_id, seq, received_at_us)`: one row per stored message of a
 //!   feed with a `dedup_window`, in time order (appends write its last page only). `key` is a
 //!   64-bit hash of (feed, sender, control id), `hash` the content hash. The writer keeps an
@@ -41,7 +47,8 @@
 //! **Who changes a row.** Only the writer thread (one `rusqlite::Connection`, `writer.rs`)
 //! writes; [`Outbox`] handles send it commands. Sources append and wait for the commit (or
 //! quarantine an `AE`-answered message and wait for its id); the sink marks rows delivered when
-//! their PUBACK arrives; a timer asks for pruning; the control plane increments the birth
+//! their PUBACK arrives, and holds a row whose record cannot be published; `siterelay queue held
+//! retry` releases held rows; a timer asks for pruning; the control plane increments the birth
 //! sequence and stores the inventory; a quarantine retry appends the message again, then forgets
 //! the quarantined copy. The writer drains everything queued, applies it in ONE transaction (one
 //! method per command) and commits once: many connections share one fsync (group commit).
@@ -55,11 +62,18 @@
 //! pending bytes reach `max_bytes`, [`Outbox::append`] answers [`AppendError::Full`] and the source
 //! refuses the message (`AR`), so the sender keeps it and retries.
 //!
+//! A pending row may also be *held* (a row in `held`): pending -> held ([`Outbox::hold`], by the
+//! sink) -> pending again ([`Outbox::unhold`], by `siterelay queue held retry`), or -> delivered
+//! when a `replay` resent it and the broker confirmed it (the mark removes the hold in the same
+//! transaction). Held rows count as pending bytes against `max_bytes` (they are kept, not
+//! delivered) and are counted apart in the gauges (`held_count`, `held_bytes`).
+//!
 //! **When rows are deleted** (all by the writer; `prune.rs` holds the retention rules):
 //! `messages` only by pruning, delivered rows only; `rejected` by pruning after
 //! `retain_rejected`, or when a retried message has been stored again
 //! ([`Outbox::forget_rejected`]); `dedup_log` by pruning after `dedup_keep`. `feed_seq` and
-//! `meta` rows are never deleted.
+//! `meta` rows are never deleted. `held` rows are deleted when their row is released or
+//! delivered, never by pruning (and pruning never deletes a held message).
 //!
 //! **Crash at each step.**
 //! - Before the commit of an append: the row is not there and no ACK was sent; the sender resends.
@@ -73,8 +87,10 @@
 //! - Retrying a quarantined message: it is appended first and forgotten after that commit, so a
 //!   crash in between leaves it in both places, never in neither.
 //! - During pruning: a transaction either deletes a batch or not; nothing pending is touched.
-//! - During a migration at open: the version-3 key move is one transaction; the version stamp is
-//!   written last.
+//! - Holding or releasing a row: one statement in the group's transaction; a crash before the
+//!   commit leaves the row as it was (held or not), and the sink decides again.
+//! - During a migration at open: the version-3 key move is one transaction; the version-4
+//!   table is created with `IF NOT EXISTS`; the version stamp is written last.
 //!
 //! # Files
 //!
@@ -85,17 +101,19 @@
 //! - `writer.rs`: the writer thread, group commit, one method per command.
 //! - `prune.rs`: retention (what pruning deletes, and when).
 //! - `dedup.rs`: duplicate detection (keys, content hashes, the in-memory index).
+//! - `held.rs`: held rows (what held means, why a row is held, the hold and unhold answers).
 //! - `reader.rs`: read-only queries ([`Reader`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
 mod dedup;
+mod held;
 mod message;
 mod prune;
 mod reader;
@@ -105,8 +123,9 @@ mod test_support;
 mod writer;
 
 pub use dedup::{DedupKey, content_hash, hl7_content_hash};
+pub use held::{Hold, HoldOutcome, HoldReason, Unheld};
 pub use message::{Format, NewMessage, RejectedMessage, SourceKind, Stored};
-pub use reader::{FeedStats, PendingRow, QuarantinedRow, Reader};
+pub use reader::{FeedStats, HeldRow, PendingRow, QuarantinedRow, Reader};
 pub use writer::WriterThread;
 
 use writer::{Cmd, Reply, WriterState};
@@ -193,6 +212,10 @@ pub struct OutboxGauges {
     pub refused_full: AtomicU64,
     /// Resends recognised as duplicates (answered, not stored again).
     pub duplicates: AtomicU64,
+    /// Held rows (undelivered rows set aside; included in `pending_count`).
+    pub held_count: AtomicU64,
+    /// Their bytes (included in `pending_bytes`).
+    pub held_bytes: AtomicU64,
 }
 
 /// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
@@ -202,6 +225,8 @@ pub struct Outbox {
     path: PathBuf,
     appended: Arc<Notify>,
     gauges: Arc<OutboxGauges>,
+    /// Rows released from hold and not yet taken by the sink (see [`Outbox::take_released`]).
+    released: Arc<Mutex<Vec<i64>>>,
 }
 
 /// Current time in microseconds since the Unix epoch.
@@ -244,6 +269,7 @@ impl Outbox {
                 path: path.to_path_buf(),
                 appended,
                 gauges,
+                released: Arc::default(),
             },
             thread,
         ))
@@ -310,6 +336,31 @@ impl Outbox {
     /// it in both places, never in neither).
     pub async fn forget_rejected(&self, id: i64) -> Result<(), AppendError> {
         self.request(|reply| Cmd::ForgetRejected(id, reply)).await
+    }
+
+    /// Set an undelivered row aside (its record cannot be published). Answers once committed.
+    pub async fn hold(&self, h: Hold) -> Result<HoldOutcome, AppendError> {
+        self.request(|reply| Cmd::Hold(h, reply)).await
+    }
+
+    /// Release one held row (or all, `None`). Once committed, the rows are handed to the sink
+    /// ([`Outbox::take_released`]) and it is woken to publish them.
+    pub async fn unhold(&self, which: Option<i64>) -> Result<Unheld, AppendError> {
+        let unheld = self.request(|reply| Cmd::Unhold(which, reply)).await?;
+        if !unheld.row_ids.is_empty() {
+            self.released
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(&unheld.row_ids);
+            self.appended.notify_one();
+        }
+        Ok(unheld)
+    }
+
+    /// Rows released from hold since the last call (for the sink; a new connection reads every
+    /// pending row anyway and clears this).
+    pub fn take_released(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.released.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Store `value` under `key` (committed with the next group).

@@ -1,5 +1,6 @@
 //! Retention: what is deleted, and when. Run by the writer thread after a group holding a
-//! `Prune` command has committed (a timer in the daemon sends one); never touches a pending row.
+//! `Prune` command has committed (a timer in the daemon sends one); never touches a pending row,
+//! nor a held one.
 //!
 //! - Delivered messages once `delivered_at_us` is older than `retain_delivered`, and, while the
 //!   rows' bytes exceed `max_bytes`, the oldest delivered ones regardless of age; in chunks of
@@ -38,16 +39,20 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
                 floor.execute(params![&**feed, *seq as i64])?;
             }
         }
+        // Delivered rows only, and never a held one (a held row is undelivered; the second
+        // condition keeps that true whatever marks a row delivered).
         let freed: i64 = tx.query_row(
             "WITH doomed AS (SELECT id, size FROM messages WHERE state = 1 AND \
-             (delivered_at_us < ?1 OR ?2) ORDER BY delivered_at_us LIMIT ?3) \
+             (delivered_at_us < ?1 OR ?2) AND id NOT IN (SELECT row_id FROM held) \
+             ORDER BY delivered_at_us LIMIT ?3) \
              SELECT COALESCE(SUM(size), 0) FROM doomed",
             params![cutoff, over_cap, PRUNE_CHUNK as i64],
             |r| r.get(0),
         )?;
         let n = tx.execute(
             "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE state = 1 AND \
-             (delivered_at_us < ?1 OR ?2) ORDER BY delivered_at_us LIMIT ?3)",
+             (delivered_at_us < ?1 OR ?2) AND id NOT IN (SELECT row_id FROM held) \
+             ORDER BY delivered_at_us LIMIT ?3)",
             params![cutoff, over_cap, PRUNE_CHUNK as i64],
         )?;
         tx.commit()?;

@@ -7,9 +7,12 @@
 //! - 2: the `rejected` table and `messages.reprocessed`; later, still as version 2,
 //!   `messages.control_id_reused` and a keyed `dedup` table.
 //! - 3: `dedup` replaced by the append-only `dedup_log` (the writer keeps the index in memory).
+//! - 4: the `held` table (records set aside because they cannot be published; `held.rs`).
 //!
 //! Each step is detected from the file itself (a column or a table missing or present), not
-//! from the version number; the version is stamped last.
+//! from the version number, and is safe to run again (`IF NOT EXISTS`); the version is stamped
+//! last. A new step is one more `migrate_to_vN` called after the others, and a higher
+//! [`SCHEMA_VERSION`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +25,7 @@ use super::dedup::dedup_key;
 use super::{OutboxError, sqlite};
 
 /// The version this build writes; a file with a higher one is refused.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -159,6 +162,7 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
     conn.execute_batch(SCHEMA).map_err(&e)?;
     migrate_to_v2(conn).map_err(&e)?;
     migrate_to_v3(conn).map_err(&e)?;
+    migrate_to_v4(conn).map_err(&e)?;
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
     Ok(())
@@ -243,6 +247,20 @@ fn migrate_to_v3(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Version 4 added the `held` table: one row per message set aside because its record cannot
+/// be published (too large, refused for good, or unbuildable). `row_id` is `messages.id`;
+/// `detail` never holds message content. Idempotent: a file that has the table is unchanged.
+fn migrate_to_v4(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS held (
+            row_id   INTEGER PRIMARY KEY,
+            reason   TEXT    NOT NULL,
+            detail   TEXT    NOT NULL,
+            since_us INTEGER NOT NULL
+        );",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{keyed, msg, opts};
@@ -281,6 +299,43 @@ mod tests {
         assert_eq!((again.seq, &again.record_id), (1, &first.record_id));
         drop(ob);
         w.join();
+    }
+
+    #[tokio::test]
+    async fn a_version_3_file_gains_the_held_table_and_opening_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            ob.append(msg("a", "x")).await.unwrap();
+            drop(ob);
+            w.join();
+        }
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("DROP TABLE held; PRAGMA user_version = 3;")
+            .unwrap();
+        drop(c);
+        let version = |p: &Path| -> i64 {
+            Connection::open(p)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        for _ in 0..2 {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            assert!(ob.reader().unwrap().held(None, false).unwrap().is_empty());
+            assert_eq!(
+                ob.reader()
+                    .unwrap()
+                    .pending_after(0, 10, u64::MAX)
+                    .unwrap()
+                    .len(),
+                1
+            );
+            drop(ob);
+            w.join();
+            assert_eq!(version(&path), 4);
+        }
     }
 
     #[tokio::test]

@@ -34,6 +34,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error};
 
 use super::dedup::{self, DedupEntry, Seen, dedup_key};
+use super::held::{Hold, HoldOutcome, Unheld};
 use super::{
     AppendError, NewMessage, OutboxError, OutboxGauges, OutboxOptions, RejectedMessage, Stored,
     now_us, prune, sqlite,
@@ -67,6 +68,10 @@ pub(super) enum Cmd {
     Quarantine(RejectedMessage, Reply<i64>),
     /// Delete a quarantined message (it has been stored as a message again).
     ForgetRejected(i64, Reply<()>),
+    /// Set an undelivered row aside (its record cannot be published); answers what happened.
+    Hold(Hold, Reply<HoldOutcome>),
+    /// Release one held row (or every one, `None`); answers the rows released.
+    Unhold(Option<i64>, Reply<Unheld>),
 }
 
 /// The writer thread; join it after dropping every [`Outbox`](super::Outbox) handle to be sure
@@ -106,6 +111,10 @@ pub(super) struct WriterState {
     /// Duplicate-detection index: the latest message per key within `dedup_keep`, rebuilt from
     /// `dedup_log` at open. Changed only after the commit that logged the change.
     pub(super) dedup: HashMap<u64, DedupEntry>,
+    /// Held rows (row id -> size), mirroring the `held` table, so a delivered mark looks at the
+    /// table only for a row that is held.
+    held: HashMap<i64, u64>,
+    held_bytes: u64,
 }
 
 /// What a failed group puts back: everything its commands may have advanced.
@@ -115,6 +124,8 @@ struct Snapshot {
     pending_count: u64,
     pending_bytes: u64,
     total_bytes: u64,
+    held: HashMap<i64, u64>,
+    held_bytes: u64,
 }
 
 impl WriterState {
@@ -165,6 +176,24 @@ impl WriterState {
             })
             .map_err(&e)?;
         let dedup = dedup::load_index(conn, opts.dedup_keep).map_err(&e)?;
+        // A hold only ever names an undelivered row; drop any that outlived its row.
+        conn.execute(
+            "DELETE FROM held WHERE row_id NOT IN (SELECT id FROM messages WHERE state = 0)",
+            [],
+        )
+        .map_err(&e)?;
+        let mut held = HashMap::new();
+        let mut stmt = conn
+            .prepare("SELECT h.row_id, m.size FROM held h JOIN messages m ON m.id = h.row_id")
+            .map_err(&e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(&e)?;
+        for row in rows {
+            let (id, size) = row.map_err(&e)?;
+            held.insert(id, size as u64);
+        }
+        let held_bytes = held.values().sum();
         Ok(WriterState {
             opts,
             last_seq,
@@ -173,6 +202,8 @@ impl WriterState {
             pending_bytes: pending_bytes as u64,
             total_bytes: total_bytes as u64,
             dedup,
+            held,
+            held_bytes,
         })
     }
 
@@ -180,6 +211,9 @@ impl WriterState {
         g.pending_count.store(self.pending_count, Ordering::Relaxed);
         g.pending_bytes.store(self.pending_bytes, Ordering::Relaxed);
         g.total_bytes.store(self.total_bytes, Ordering::Relaxed);
+        g.held_count
+            .store(self.held.len() as u64, Ordering::Relaxed);
+        g.held_bytes.store(self.held_bytes, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -189,6 +223,8 @@ impl WriterState {
             pending_count: self.pending_count,
             pending_bytes: self.pending_bytes,
             total_bytes: self.total_bytes,
+            held: self.held.clone(),
+            held_bytes: self.held_bytes,
         }
     }
 
@@ -198,6 +234,8 @@ impl WriterState {
         self.pending_count = s.pending_count;
         self.pending_bytes = s.pending_bytes;
         self.total_bytes = s.total_bytes;
+        self.held = s.held;
+        self.held_bytes = s.held_bytes;
     }
 }
 
@@ -327,6 +365,8 @@ struct Held {
     increments: Vec<(Reply<i64>, i64)>,
     quarantined: Vec<(Reply<i64>, i64)>,
     forgotten: Vec<Reply<()>>,
+    hold_answers: Vec<(Reply<HoldOutcome>, HoldOutcome)>,
+    unhold_answers: Vec<(Reply<Unheld>, Unheld)>,
     prune: bool,
     flushes: Vec<oneshot::Sender<()>>,
 }
@@ -345,6 +385,12 @@ impl Held {
         }
         for reply in self.forgotten.drain(..) {
             let _ = reply.send(Ok(()));
+        }
+        for (reply, outcome) in self.hold_answers.drain(..) {
+            let _ = reply.send(Ok(outcome));
+        }
+        for (reply, unheld) in self.unhold_answers.drain(..) {
+            let _ = reply.send(Ok(unheld));
         }
     }
 
@@ -368,6 +414,12 @@ impl Held {
             let _ = reply.send(failed(e));
         }
         for reply in self.forgotten.drain(..) {
+            let _ = reply.send(failed(e));
+        }
+        for (reply, _) in self.hold_answers.drain(..) {
+            let _ = reply.send(failed(e));
+        }
+        for (reply, _) in self.unhold_answers.drain(..) {
             let _ = reply.send(failed(e));
         }
     }
@@ -445,6 +497,8 @@ impl<'t> Group<'t> {
             Cmd::PutMeta(key, value) => self.put_meta(key, value),
             Cmd::Quarantine(m, reply) => self.quarantine(m, reply),
             Cmd::ForgetRejected(id, reply) => self.forget_rejected(id, reply),
+            Cmd::Hold(h, reply) => self.hold(h, reply),
+            Cmd::Unhold(which, reply) => self.unhold(which, reply),
         }
     }
 
@@ -576,7 +630,8 @@ impl<'t> Group<'t> {
         Ok(())
     }
 
-    /// Mark rows delivered; a row already delivered (or gone) is left alone.
+    /// Mark rows delivered; a row already delivered (or gone) is left alone. A held row that was
+    /// delivered anyway (resent by a replay) is no longer held.
     fn mark_delivered(&mut self, ids: Vec<i64>) -> rusqlite::Result<()> {
         for id in ids {
             let size: Option<i64> = self
@@ -587,8 +642,70 @@ impl<'t> Group<'t> {
                 self.state.pending_count -= 1;
                 self.state.pending_bytes -= size as u64;
                 self.delivered += 1;
+                if let Some(held) = self.state.held.remove(&id) {
+                    self.db
+                        .prepare_cached("DELETE FROM held WHERE row_id = ?1")?
+                        .execute(params![id])?;
+                    self.state.held_bytes -= held;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Set an undelivered row aside: it stays stored and undelivered, and the sink's pending
+    /// reads no longer return it. Holding a held row again updates its reason and detail.
+    fn hold(&mut self, h: Hold, reply: Reply<HoldOutcome>) -> rusqlite::Result<()> {
+        let size: Option<i64> = self
+            .db
+            .prepare_cached("SELECT size FROM messages WHERE id = ?1 AND state = 0")?
+            .query_row(params![h.row_id], |r| r.get(0))
+            .optional()?;
+        let outcome = match size {
+            None => HoldOutcome::NotPending,
+            Some(_) if self.state.held.contains_key(&h.row_id) => {
+                self.db.execute(
+                    "UPDATE held SET reason = ?2, detail = ?3 WHERE row_id = ?1",
+                    params![h.row_id, h.reason.as_str(), h.detail],
+                )?;
+                HoldOutcome::AlreadyHeld
+            }
+            Some(size) => {
+                self.db.execute(
+                    "INSERT INTO held (row_id, reason, detail, since_us) VALUES (?1, ?2, ?3, ?4)",
+                    params![h.row_id, h.reason.as_str(), h.detail, self.now],
+                )?;
+                self.state.held.insert(h.row_id, size as u64);
+                self.state.held_bytes += size as u64;
+                HoldOutcome::Held
+            }
+        };
+        self.held.hold_answers.push((reply, outcome));
+        Ok(())
+    }
+
+    /// Release one held row, or all of them: they are ordinary undelivered rows again.
+    fn unhold(&mut self, which: Option<i64>, reply: Reply<Unheld>) -> rusqlite::Result<()> {
+        let mut row_ids: Vec<i64> = match which {
+            Some(id) => self
+                .state
+                .held
+                .contains_key(&id)
+                .then_some(id)
+                .into_iter()
+                .collect(),
+            None => self.state.held.keys().copied().collect(),
+        };
+        row_ids.sort_unstable();
+        for id in &row_ids {
+            self.db
+                .prepare_cached("DELETE FROM held WHERE row_id = ?1")?
+                .execute(params![id])?;
+            if let Some(size) = self.state.held.remove(id) {
+                self.state.held_bytes -= size;
+            }
+        }
+        self.held.unhold_answers.push((reply, Unheld { row_ids }));
         Ok(())
     }
 
