@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use std::collections::HashMap;
 
-use crate::health::{Health, HealthContext};
+use crate::health::{Health, HealthContext, StoreView};
 use crate::hl7::charset::Charset;
 use crate::hl7::intake::{self, Responder};
 use crate::intake::FeedIntake;
@@ -81,10 +81,10 @@ pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, shutdown: crate::shut
             let body = if read.is_err() || request.is_empty() || request == "status" {
                 let ctx2 = ctx.clone();
                 let report = tokio::task::spawn_blocking(move || {
-                    let oldest = Reader::open(&db)
-                        .ok()
-                        .and_then(|r| r.oldest_pending_us().ok().flatten());
-                    ctx2.health.report(oldest, 0)
+                    let store = Reader::open(&db)
+                        .and_then(|r| StoreView::read(&r))
+                        .unwrap_or_default();
+                    ctx2.health.report(&store, 0)
                 })
                 .await;
                 report.ok().and_then(|r| serde_json::to_vec(&r).ok())
