@@ -253,6 +253,25 @@ impl Reader {
         rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
     }
 
+    /// Where a row stands: `delivered`, `held`, `pending`, or `None` when it is not stored
+    /// (pruned, or never was).
+    pub fn row_state(&self, id: i64) -> Result<Option<&'static str>, OutboxError> {
+        self.conn
+            .query_row(
+                "SELECT state, id IN (SELECT row_id FROM held) FROM messages WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(match (r.get::<_, i64>(0)?, r.get::<_, bool>(1)?) {
+                        (1, _) => "delivered",
+                        (_, true) => "held",
+                        _ => "pending",
+                    })
+                },
+            )
+            .optional()
+            .map_err(sqlite(&self.path))
+    }
+
     /// How many rows each feed has held, by feed name.
     pub fn held_per_feed(&self) -> Result<Vec<(String, u64)>, OutboxError> {
         let mut stmt = self
