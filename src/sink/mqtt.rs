@@ -1122,74 +1122,104 @@ fn refusal(reason: rumqttc::v5::mqttbytes::v5::PubAckReason) -> Option<Refusal> 
     Some(Refusal { code })
 }
 
+/// Forward rumqttc's events to the session until the connection ends or the session is gone.
+/// When the connection ends, rumqttc may already have read packets that arrived with the end
+/// (a broker that answers a PUBLISH and closes at once, as Mosquitto 2.0 does after refusing
+/// one): those events are still in its queue and are forwarded before the failure, so no
+/// PUBACK is lost.
 async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{Event, Incoming};
     loop {
         // Stop polling (and drop the connection) as soon as the session has ended.
         let polled = tokio::select! {
             p = el.poll() => p,
             _ = tx.closed() => return,
         };
-        let ev = match polled {
-            Ok(Event::Incoming(Incoming::ConnAck(ack))) => SinkEvent::Connected {
-                max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
-            },
-            Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                SinkEvent::BrokerDisconnect(format!("{:?}", d.reason_code))
+        match polled {
+            Ok(ev) => {
+                if let Some(ev) = v5_event(ev)
+                    && tx.send(ev).await.is_err()
+                {
+                    return;
+                }
             }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => SinkEvent::Disconnected,
-            Ok(Event::Incoming(Packet::Publish(p))) => SinkEvent::Message {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload.to_vec(),
-            },
-            Ok(Event::Incoming(Packet::PubAck(ack))) => SinkEvent::Acked {
-                pkid: ack.pkid,
-                failure: refusal(ack.reason),
-            },
-            Ok(_) => continue,
             Err(e) => {
+                for ev in el.state.events.drain(..).filter_map(v5_event) {
+                    let _ = tx.send(ev).await;
+                }
                 let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
                 return;
             }
-        };
-        if tx.send(ev).await.is_err() {
-            return;
         }
     }
 }
 
+fn v5_event(ev: rumqttc::v5::Event) -> Option<SinkEvent> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{Event, Incoming};
+    Some(match ev {
+        Event::Incoming(Incoming::ConnAck(ack)) => SinkEvent::Connected {
+            max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
+        },
+        Event::Incoming(Packet::Disconnect(d)) => {
+            SinkEvent::BrokerDisconnect(format!("{:?}", d.reason_code))
+        }
+        Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => SinkEvent::Sent { pkid },
+        Event::Outgoing(rumqttc::Outgoing::Disconnect) => SinkEvent::Disconnected,
+        Event::Incoming(Packet::Publish(p)) => SinkEvent::Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+        },
+        Event::Incoming(Packet::PubAck(ack)) => SinkEvent::Acked {
+            pkid: ack.pkid,
+            failure: refusal(ack.reason),
+        },
+        _ => return None,
+    })
+}
+
+/// As [`pump_v5`], for MQTT 3.1.1.
 async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
-    use rumqttc::{Event, Incoming, Outgoing};
     loop {
         // Stop polling (and drop the connection) as soon as the session has ended.
         let polled = tokio::select! {
             p = el.poll() => p,
             _ = tx.closed() => return,
         };
-        let ev = match polled {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected { max_packet: None },
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => SinkEvent::Disconnected,
-            Ok(Event::Incoming(Incoming::Publish(p))) => SinkEvent::Message {
-                topic: p.topic.clone(),
-                payload: p.payload.to_vec(),
-            },
-            Ok(Event::Incoming(Incoming::PubAck(ack))) => SinkEvent::Acked {
-                pkid: ack.pkid,
-                failure: None,
-            },
-            Ok(_) => continue,
+        match polled {
+            Ok(ev) => {
+                if let Some(ev) = v311_event(ev)
+                    && tx.send(ev).await.is_err()
+                {
+                    return;
+                }
+            }
             Err(e) => {
+                for ev in el.state.events.drain(..).filter_map(v311_event) {
+                    let _ = tx.send(ev).await;
+                }
                 let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
                 return;
             }
-        };
-        if tx.send(ev).await.is_err() {
-            return;
         }
     }
+}
+
+fn v311_event(ev: rumqttc::Event) -> Option<SinkEvent> {
+    use rumqttc::{Event, Incoming, Outgoing};
+    Some(match ev {
+        Event::Incoming(Incoming::ConnAck(_)) => SinkEvent::Connected { max_packet: None },
+        Event::Outgoing(Outgoing::Publish(pkid)) => SinkEvent::Sent { pkid },
+        Event::Outgoing(Outgoing::Disconnect) => SinkEvent::Disconnected,
+        Event::Incoming(Incoming::Publish(p)) => SinkEvent::Message {
+            topic: p.topic.clone(),
+            payload: p.payload.to_vec(),
+        },
+        Event::Incoming(Incoming::PubAck(ack)) => SinkEvent::Acked {
+            pkid: ack.pkid,
+            failure: None,
+        },
+        _ => return None,
+    })
 }
 
 /// The error text plus, for the TLS failures an installer meets, what to check.

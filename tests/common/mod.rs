@@ -42,6 +42,10 @@ pub struct Broker {
     dir: PathBuf,
     /// Mosquitto ACL file contents, if any.
     pub acl: Option<String>,
+    /// Extra global Mosquitto configuration lines (e.g. `max_packet_size 200000`).
+    pub mosquitto_extra: String,
+    /// In-process broker: the Maximum Packet Size it announces and enforces.
+    pub max_packet_size: Option<u32>,
 }
 
 impl Broker {
@@ -59,6 +63,8 @@ impl Broker {
             inner: Inner::Down,
             dir: env.dir.path().join("broker"),
             acl: None,
+            mosquitto_extra: String::new(),
+            max_packet_size: None,
         }
     }
 
@@ -73,12 +79,19 @@ impl Broker {
             Kind::InProcess => {
                 let mut o = BrokerOptions::from_pki(&env.pki).with_port(self.port);
                 o.fault = fault;
+                o.max_packet_size = self.max_packet_size;
                 Inner::Test(TestBroker::start(o).await.expect("start in-process broker"))
             }
             Kind::Mosquitto => Inner::Mosq(
-                Mosquitto::start_on(&env.pki, &self.dir, self.acl.as_deref(), self.port)
-                    .await
-                    .expect("start mosquitto"),
+                Mosquitto::start_with(
+                    &env.pki,
+                    &self.dir,
+                    self.acl.as_deref(),
+                    self.port,
+                    &self.mosquitto_extra,
+                )
+                .await
+                .expect("start mosquitto"),
             ),
         };
     }
