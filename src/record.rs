@@ -162,10 +162,13 @@ impl RecordBuilder {
     /// as an error, so one message cannot stop the sink. The error never carries message
     /// content (a panic's own text might, so it is not kept).
     pub fn try_build(&self, row: &PendingRow, replay: bool) -> Result<Vec<u8>, String> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        quiet_builder_panics();
+        BUILDING.with(|b| b.set(true));
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.build_with(row, replay)
-        }))
-        .map_err(|_| "the record builder panicked on this message".to_string())
+        }));
+        BUILDING.with(|b| b.set(false));
+        built.map_err(|_| "the record builder panicked on this message".to_string())
     }
 
     /// Build a record, flagged `"replay": true` when it is resent by a replay command.
@@ -241,6 +244,32 @@ impl RecordBuilder {
         };
         serde_json::to_vec(&record).expect("records serialise")
     }
+}
+
+thread_local! {
+    /// Set while [`RecordBuilder::try_build`] runs on this thread.
+    static BUILDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once per process: a panic inside [`RecordBuilder::try_build`] is logged with its location
+/// only, never its message (which may quote the message being built: patient data); any other
+/// panic goes to the hook that was there before.
+fn quiet_builder_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if BUILDING.with(|b| b.get()) {
+                let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+                tracing::error!(
+                    location,
+                    "the record builder panicked (its message is not logged: it may quote patient data)"
+                );
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// Which line end separates the segments of an HL7 message: `cr`, `lf`, `crlf`, `mixed`, or

@@ -1290,6 +1290,145 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_packet_limit_covers_every_source_a_serial_only_box_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "appliance_id = \"box\"\norganisation = \"RXX\"\ndata_dir = \"{}\"\n\
+             [mqtt]\nhost = \"localhost\"\ninsecure_plaintext = true\n\
+             [[serial]]\nname = \"monitor\"\ndevice = \"/dev/ttyUSB0\"\nprotocol = \"lines\"\n\
+             max_message_bytes = \"1 MiB\"\n",
+            dir.path().display()
+        );
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        assert!(cfg.mllp.is_empty());
+        assert_eq!(cfg.max_message_bytes(), 1 << 20);
+        let limit = packet_limit(cfg.max_message_bytes());
+        // A 1 MiB line whose every byte JSON escapes six-fold, with the record around it.
+        assert!(limit >= 6 << 20, "{limit}");
+        // The largest of every feed and port counts.
+        let with_mllp = text
+            + "[[mllp]]\nname = \"adt\"\nlisten = \"127.0.0.1:0\"\nmax_message_bytes = \"64 KiB\"\n";
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &with_mllp).unwrap();
+        assert_eq!(cfg.max_message_bytes(), 1 << 20);
+        assert_eq!(packet_limit(64 << 20), 256 << 20, "MQTT's own maximum");
+    }
+
+    #[test]
+    fn a_publish_is_measured_as_rumqttc_measures_it() {
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+        for payload in [0usize, 100, 200, 20_000, 3_000_000] {
+            let mut p = Publish::new(
+                "siterelay/box/records/lab",
+                QoS::AtLeastOnce,
+                vec![b'x'; payload],
+                None,
+            );
+            p.pkid = 7;
+            let mut buf = bytes::BytesMut::new();
+            let written = Packet::Publish(p).write(&mut buf, None).unwrap();
+            assert_eq!(written, buf.len());
+            assert_eq!(
+                publish_packet_size("siterelay/box/records/lab", payload, true),
+                buf.len()
+            );
+        }
+        let mut p = rumqttc::Publish::new("t/a", rumqttc::QoS::AtLeastOnce, vec![b'x'; 300]);
+        p.pkid = 7;
+        assert_eq!(publish_packet_size("t/a", 300, false), p.size());
+    }
+
+    /// A bug in the record builder (a panic, injected by a test-build hook on a marker) holds that
+    /// one record as `unbuildable`; the sink keeps forwarding everything after it, on the same
+    /// feed and later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_building_a_record_holds_it_and_the_sink_keeps_forwarding() {
+        use crate::record::test_hook::PANIC_MARKER;
+        use siterelay_testkit::{BrokerOptions, Pki, Subscriber, TestBroker};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(dir.path(), "p").unwrap();
+        let broker = TestBroker::start(BrokerOptions::from_pki(&pki))
+            .await
+            .unwrap();
+        let mut sub = Subscriber::connect(broker.port(), &pki, None, "siterelay/box/records/#")
+            .await
+            .unwrap();
+        let text = format!(
+            "appliance_id = \"box\"\norganisation = \"RXX\"\ndata_dir = \"{data}\"\n\
+             [mqtt]\nhost = \"localhost\"\nport = {port}\nca_file = \"{ca}\"\n\
+             cert_file = \"{cert}\"\nkey_file = \"{key}\"\nreconnect_max = \"1s\"\n\
+             [[mllp]]\nname = \"adt\"\nlisten = \"127.0.0.1:0\"\n",
+            data = dir.path().join("data").display(),
+            port = broker.port(),
+            ca = pki.ca_file().display(),
+            cert = pki.client_cert_file().display(),
+            key = pki.client_key_file().display(),
+        );
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        let d = crate::app::Daemon::start(&cfg).await.unwrap();
+        let stream = tokio::net::TcpStream::connect(d.addr("adt").unwrap())
+            .await
+            .unwrap();
+        let mut c = crate::client::MllpClient::new(stream);
+        let msg = |id: &str, extra: &[u8]| {
+            let mut m = format!(
+                "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20261130093000||ADT^A01|{id}|P|2.4\rPID|1||123^^^RXX^MR\r"
+            )
+            .into_bytes();
+            m.extend_from_slice(extra);
+            m
+        };
+        let wait = Duration::from_secs(10);
+        let mut bad = b"NTE|1||".to_vec();
+        bad.extend_from_slice(PANIC_MARKER);
+        bad.push(b'\r');
+        assert_eq!(c.send(&msg("BAD", &bad), wait).await.unwrap().code, "AA");
+        for i in 0..5 {
+            assert_eq!(
+                c.send(&msg(&format!("OK{i}"), b""), wait)
+                    .await
+                    .unwrap()
+                    .code,
+                "AA"
+            );
+        }
+        let got = sub.collect(5, Duration::from_secs(20)).await;
+        let seqs: Vec<u64> = got
+            .iter()
+            .map(|(_, p, _)| {
+                serde_json::from_slice::<serde_json::Value>(p).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, [2, 3, 4, 5, 6]);
+        let held = d.outbox().reader().unwrap().held(None, false).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!((held[0].seq, held[0].reason.as_str()), (1, "unbuildable"));
+        assert!(
+            !held[0].detail.contains("PATIENT"),
+            "no content in the detail"
+        );
+        // Still forwarding, on the same connection.
+        assert_eq!(c.send(&msg("LATER", b""), wait).await.unwrap().code, "AA");
+        let (_, p, _) = sub
+            .recv(Duration::from_secs(10))
+            .await
+            .expect("a later record");
+        let r: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(
+            (r["seq"].as_u64(), r["hl7"]["control_id"].as_str()),
+            (Some(7), Some("LATER"))
+        );
+        assert_eq!(self::connects(&d), 1);
+        d.stop().await;
+    }
+
+    fn connects(d: &crate::app::Daemon) -> u64 {
+        d.telemetry().sink.connects.load(Ordering::Relaxed)
+    }
+
+    #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {
         let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(4));
         let waits: Vec<_> = (0..6).map(|_| b.next()).collect();
