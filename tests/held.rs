@@ -522,3 +522,104 @@ async fn a_transiently_refused_record_is_retried_with_backoff_before_later_recor
     );
     d.stop().await;
 }
+
+/// Mosquitto with an ACL that lets the appliance publish records of `adt` but not of `lab`: each
+/// lab record is refused (PUBACK 0x87) and held; adt's records are all delivered; the appliance
+/// ends up connected and stays so (no reconnect storm, whatever Mosquitto does with the
+/// connection after a refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_acl_refusals_hold_the_refused_feeds_records_and_the_other_feed_flows() {
+    if !mosquitto_or_skip() {
+        return;
+    }
+    let env = Env::new();
+    let mut broker = Broker::down(Kind::Mosquitto, &env);
+    broker.acl = Some(
+        "pattern write siterelay/%u/records/adt\n\
+         pattern write siterelay/%u/status\n\
+         pattern write siterelay/%u/health\n\
+         pattern write siterelay/%u/inventory\n\
+         pattern write siterelay/%u/cmd-reply\n\
+         pattern read siterelay/%u/cmd/#\n\n\
+         user central\ntopic read siterelay/#\n"
+            .into(),
+    );
+    broker.up(&env).await;
+    let central = env.pki.issue_client("central").unwrap();
+    let mut sub = siterelay_testkit::Subscriber::connect(
+        broker.port,
+        &env.pki,
+        Some(central),
+        "siterelay/test-box/records/#",
+    )
+    .await
+    .unwrap();
+    // The appliance's certificate names it (CN = appliance id), as the ACL expects.
+    let (cert, key) = env.pki.issue_client(APPLIANCE).unwrap();
+    let text = env
+        .config_text(
+            broker.port,
+            &[("adt", "127.0.0.1:0"), ("lab", "127.0.0.1:0")],
+            "",
+        )
+        .replace(
+            &env.pki.client_cert_file().display().to_string(),
+            &cert.display().to_string(),
+        )
+        .replace(
+            &env.pki.client_key_file().display().to_string(),
+            &key.display().to_string(),
+        )
+        .replace("reconnect_max_secs = 1", "reconnect_max_secs = 30");
+    let cfg = siterelay::config::parse(Path::new("t.toml"), &text).unwrap();
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut lab = connect(d.addr("lab").unwrap()).await;
+    let mut adt_feed = connect(d.addr("adt").unwrap()).await;
+    for i in 0..10 {
+        if i < 3 {
+            let ack = lab.send(&adt(&format!("L{i}")), ACK_WAIT).await.unwrap();
+            assert_eq!(ack.code, "AA");
+        }
+        let ack = adt_feed
+            .send(&adt(&format!("A{i}")), ACK_WAIT)
+            .await
+            .unwrap();
+        assert_eq!(ack.code, "AA");
+    }
+    let got = collect_unique(&mut sub, 10, Duration::from_secs(30)).await;
+    let seqs = seqs_by_feed(&got);
+    let mut adt_seqs = seqs["adt"].clone();
+    adt_seqs.sort_unstable();
+    assert_eq!(adt_seqs, (1..=10).collect::<Vec<u64>>());
+    assert!(!seqs.contains_key("lab"));
+    let reader = d.outbox().reader().unwrap();
+    let sink = &d.telemetry().sink;
+    let gauges = d.outbox().gauges();
+    assert!(
+        wait_until(Duration::from_secs(20), || reader
+            .held(None, false)
+            .unwrap()
+            .len()
+            == 3
+            && sink.connected.load(Ordering::Relaxed) == 1
+            && gauges.pending_count.load(Ordering::Relaxed) == 3)
+        .await,
+        "held {:?}",
+        reader.held(None, false).unwrap()
+    );
+    for h in reader.held(None, false).unwrap() {
+        assert_eq!((h.feed.as_str(), h.reason.as_str()), ("lab", "refused"));
+        assert!(h.detail.contains("0x87"), "{}", h.detail);
+    }
+    let connects = sink.connects.load(Ordering::Relaxed);
+    assert!(connects <= 4, "{connects} connections");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        sink.connects.load(Ordering::Relaxed),
+        connects,
+        "no reconnects"
+    );
+    eprintln!("mosquitto ACL refusals: {connects} connection(s) in all");
+    d.stop().await;
+    broker.stop().await;
+}
