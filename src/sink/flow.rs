@@ -164,6 +164,11 @@ impl Flow {
         self.gates.len()
     }
 
+    /// The names of the feeds set apart now (the main stream leaves their rows to them).
+    pub fn gated(&self) -> Vec<String> {
+        self.gates.keys().cloned().collect()
+    }
+
     /// Rows the main stream read, in row order, up to `last_row` (which may be later than the
     /// last of `rows`: rows held instead of published). Rows of a feed set apart are left to
     /// its gate.

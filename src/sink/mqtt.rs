@@ -688,7 +688,7 @@ impl MqttSink {
         let released = self.outbox.take_released();
         if !released.is_empty() {
             let p = self
-                .prepare(reader, limit, Origin::Released, move |r| {
+                .prepare(reader, limit, Origin::Released, Vec::new(), move |r| {
                     r.pending_rows(&released)
                 })
                 .await
@@ -699,7 +699,7 @@ impl MqttSink {
         if flow.ready_len() < FETCH_BATCH / 2 && !*caught_up {
             let (after, want) = (flow.cursor(), FETCH_BATCH - flow.ready_len());
             let p = self
-                .prepare(reader, limit, Origin::Stream, move |r| {
+                .prepare(reader, limit, Origin::Stream, flow.gated(), move |r| {
                     r.pending_after(after, want, FETCH_MAX_BYTES)
                 })
                 .await
@@ -712,7 +712,7 @@ impl MqttSink {
         while let Some((feed, after, upto)) = flow.gate_read() {
             let f = feed.clone();
             let p = self
-                .prepare(reader, limit, Origin::Stream, move |r| {
+                .prepare(reader, limit, Origin::Stream, Vec::new(), move |r| {
                     r.pending_of_feed(&f, after, upto, FETCH_BATCH, FETCH_MAX_BYTES)
                 })
                 .await
@@ -729,7 +729,7 @@ impl MqttSink {
                 job.remaining.min(FETCH_BATCH),
             );
             match self
-                .prepare(reader, limit, Origin::Replay, move |r| {
+                .prepare(reader, limit, Origin::Replay, Vec::new(), move |r| {
                     r.feed_rows_from(&feed, from, n)
                 })
                 .await
@@ -942,11 +942,13 @@ impl MqttSink {
 
     /// Read rows with `read` and turn each into a record, or into a hold: a record that cannot
     /// be built (the builder failed or panicked) or that is larger than `limit` as a PUBLISH.
+    /// Rows of the feeds in `skip` (set apart: their gate reads them) only count as read.
     async fn prepare(
         &self,
         reader: &mut Option<Reader>,
         limit: PacketLimit,
         origin: Origin,
+        skip: Vec<String>,
         read: impl FnOnce(&Reader) -> Result<Vec<PendingRow>, OutboxError> + Send + 'static,
     ) -> Result<Prepared, String> {
         let builder = self.settings.records.clone();
@@ -959,6 +961,9 @@ impl MqttSink {
                 for row in &rows {
                     p.last_row = Some(row.row_id);
                     p.last_seq = Some(row.seq);
+                    if skip.contains(&row.feed) {
+                        continue;
+                    }
                     let topic = RecordBuilder::topic(&prefix, &appliance, &row.feed);
                     let out = |topic: String, payload: Vec<u8>| Outgoing {
                         row_id: row.row_id,
