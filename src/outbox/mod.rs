@@ -52,9 +52,9 @@
 //! sequence and stores the inventory; a quarantine retry appends the message again, then forgets
 //! the quarantined copy. The writer drains everything queued, applies it in ONE transaction (one
 //! method per command) and commits once: many connections share one fsync (group commit).
-//! Readers (the sink, the status socket, `siterelay queue stats` and `queue rejected`) use their
-//! own read-only connections ([`Reader`], `reader.rs`); WAL lets them read while the writer
-//! writes.
+//! Readers (the sink, the status socket, `siterelay queue stats`, `queue rejected` and `queue
+//! held`) use their own read-only connections ([`Reader`], `reader.rs`); WAL lets them read
+//! while the writer writes.
 //!
 //! **States.** insert -> pending (0) -> delivered (1) -> deleted by pruning once
 //! `delivered_at_us` is older than `retain_delivered`, or earlier when the whole file would exceed
