@@ -289,6 +289,61 @@ async fn mosquitto_an_oversized_record_is_held_the_rest_flow_and_retry_delivers_
     broker.stop().await;
 }
 
+/// The in-process broker announces a Maximum Packet Size of 100,000 bytes: a record over it is
+/// held before it is sent (the connection stays up: the broker never sees it), and the records
+/// after it, on its feed and on another, are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_the_brokers_announced_maximum_is_held_before_sending_and_the_rest_flow() {
+    let env = Env::new();
+    let mut broker = Broker::down(Kind::InProcess, &env);
+    broker.max_packet_size = Some(100_000);
+    broker.up(&env).await;
+    let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
+    let cfg = env.config(
+        broker.port,
+        &[("adt", "127.0.0.1:0"), ("lab", "127.0.0.1:0")],
+        "",
+    );
+    let d = Daemon::start(&cfg).await.unwrap();
+    let mut lab = connect(d.addr("lab").unwrap()).await;
+    let mut adt_feed = connect(d.addr("adt").unwrap()).await;
+    assert_eq!(
+        lab.send(&oru_with_pdf("BIG", 150_000), ACK_WAIT)
+            .await
+            .unwrap()
+            .code,
+        "AA"
+    );
+    for i in 0..5 {
+        for c in [&mut lab, &mut adt_feed] {
+            let ack = c.send(&adt(&format!("N{i}")), ACK_WAIT).await.unwrap();
+            assert_eq!(ack.code, "AA");
+        }
+    }
+    let got = collect_unique(&mut sub, 10, Duration::from_secs(20)).await;
+    let seqs = seqs_by_feed(&got);
+    assert_eq!(
+        (seqs["lab"].as_slice(), seqs["adt"].as_slice()),
+        (&[2, 3, 4, 5, 6][..], &[1, 2, 3, 4, 5][..])
+    );
+    let held = d.outbox().reader().unwrap().held(None, false).unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].seq, held[0].reason.as_str()), (1, "too_large"));
+    assert!(
+        held[0]
+            .detail
+            .contains("the limit is 100000 bytes (the broker's Maximum Packet Size)"),
+        "{}",
+        held[0].detail
+    );
+    let tb = broker.test_broker();
+    assert_eq!(tb.too_large(), 0, "never sent");
+    let sink = &d.telemetry().sink;
+    assert_eq!(sink.connects.load(Ordering::Relaxed), 1);
+    assert_eq!(sink.packet_limit.load(Ordering::Relaxed), 100_000);
+    d.stop().await;
+}
+
 /// The in-process broker refuses three of ten lab records with 0x87 (not authorized) and, as
 /// Mosquitto 2.0 does, closes the connection after each refusal: the three are held, the other
 /// seventeen records (both feeds) are delivered, the appliance reconnects a few times only and
