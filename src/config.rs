@@ -605,6 +605,17 @@ impl Config {
         self.data_dir.join("outbox.sqlite")
     }
 
+    /// The largest message any source may store: the largest `max_message_bytes` of every
+    /// `[[mllp]]` feed and every `[[serial]]` port (0 with no source at all).
+    pub fn max_message_bytes(&self) -> u64 {
+        self.mllp
+            .iter()
+            .map(|f| f.max_message_bytes)
+            .chain(self.serial.iter().map(|s| s.max_message_bytes))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every semantic check start-up needs, beyond what serde already enforced.
     /// Returns problems keyed by their TOML path so the caller can add line numbers.
     pub fn check(&self) -> Vec<Problem> {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::outbox::OutboxGauges;
+use crate::outbox::{HeldRow, OutboxError, OutboxGauges, Reader};
 use crate::record::rfc3339_us;
 use crate::telemetry::Telemetry;
 
@@ -27,6 +27,33 @@ pub struct FeedInfo {
     pub endpoint: String,
     /// Whether the listener uses TLS.
     pub tls: bool,
+}
+
+/// Most held records listed one by one in a report (all are counted).
+pub const HELD_LISTED: usize = 100;
+
+/// What a report reads from the outbox file (the rest comes from counters).
+#[derive(Debug, Clone, Default)]
+pub struct StoreView {
+    /// Receive time of the oldest pending message that is not held.
+    pub oldest_pending_us: Option<i64>,
+    /// The first [`HELD_LISTED`] held records, oldest first (no content).
+    pub held: Vec<HeldRow>,
+    /// Held records per feed.
+    pub held_per_feed: Vec<(String, u64)>,
+}
+
+impl StoreView {
+    /// Read it (off the async threads: this is SQLite).
+    pub fn read(r: &Reader) -> Result<StoreView, OutboxError> {
+        let mut held = r.held(None, false)?;
+        held.truncate(HELD_LISTED);
+        Ok(StoreView {
+            oldest_pending_us: r.oldest_pending_us()?,
+            held,
+            held_per_feed: r.held_per_feed()?,
+        })
+    }
 }
 
 /// Static facts the health report needs.
@@ -73,6 +100,10 @@ pub struct Health {
     pub outbox: OutboxHealth,
     /// Per feed.
     pub feeds: Vec<FeedHealth>,
+    /// Held records (set aside because they cannot be published; `outbox.held_count` counts
+    /// them all), oldest first, at most 100. Empty when none is held.
+    #[serde(default)]
+    pub held: Vec<HeldHealth>,
     /// Broker connection.
     pub mqtt: MqttHealth,
     /// Free bytes on the data directory's file system.
@@ -124,6 +155,35 @@ pub struct OutboxHealth {
     /// When that last happened.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retention_cut_at: Option<String>,
+    /// Held records now (included in `pending_count`): the health flag for "a person must
+    /// look at this appliance's held records".
+    #[serde(default)]
+    pub held_count: u64,
+    /// Their bytes (included in `pending_bytes`).
+    #[serde(default)]
+    pub held_bytes: u64,
+}
+
+/// One held record in the health report: enough to tell "held on the box" from "not arrived
+/// yet", and no message content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldHealth {
+    /// Feed name.
+    pub feed: String,
+    /// The record's `seq` (the gap the central side sees).
+    pub seq: u64,
+    /// The record's `id`.
+    pub id: String,
+    /// The id `siterelay queue held` commands take (outbox row id).
+    pub row: i64,
+    /// `too_large`, `refused` or `unbuildable`.
+    pub reason: String,
+    /// What exactly (sizes and limits, the broker's reason code).
+    pub detail: String,
+    /// Held since (RFC 3339 UTC).
+    pub since: String,
+    /// Size of the stored message.
+    pub bytes: u64,
 }
 
 /// One feed in the health report.
@@ -158,6 +218,9 @@ pub struct FeedHealth {
     /// Time of the last stored message.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_message_at: Option<String>,
+    /// Records of this feed held now (set aside; listed in `held`).
+    #[serde(default)]
+    pub held: u64,
 }
 
 /// ACK counts by code.
@@ -192,6 +255,13 @@ pub struct MqttHealth {
     /// The last connection error, without any message content.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_error: Option<String>,
+    /// The MQTT packet limit records are held to: the smaller of siterelay's own limit and the
+    /// broker's CONNACK Maximum Packet Size (0 before the first connection).
+    #[serde(default)]
+    pub packet_limit_bytes: u64,
+    /// The broker's CONNACK Maximum Packet Size, when it gave one (MQTT 5).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub broker_max_packet_bytes: Option<u64>,
 }
 
 /// Certificate expiry.
@@ -354,9 +424,10 @@ pub fn host_facts() -> HostFacts {
 }
 
 impl HealthContext {
-    /// Build a report. `oldest_pending_us` comes from the outbox reader; `delivered_last_interval`
-    /// from the caller's bookkeeping.
-    pub fn report(&self, oldest_pending_us: Option<i64>, delivered_last_interval: u64) -> Health {
+    /// Build a report. `store` comes from the outbox reader; `delivered_last_interval` from the
+    /// caller's bookkeeping.
+    pub fn report(&self, store: &StoreView, delivered_last_interval: u64) -> Health {
+        let oldest_pending_us = store.oldest_pending_us;
         let now_us = crate::outbox::now_us();
         let g = &self.gauges;
         let t = &self.telemetry;
@@ -385,6 +456,11 @@ impl HealthContext {
                     quarantined: ld(&c.quarantined),
                     ignored: ld(&c.ignored),
                     last_message_at: (last > 0).then(|| rfc3339_us(last as i64)),
+                    held: store
+                        .held_per_feed
+                        .iter()
+                        .find(|(n, _)| n == &f.name)
+                        .map_or(0, |(_, n)| *n),
                 }
             })
             .collect();
@@ -411,8 +487,24 @@ impl HealthContext {
                     0 => None,
                     t => Some(rfc3339_us(t)),
                 },
+                held_count: ld(&g.held_count),
+                held_bytes: ld(&g.held_bytes),
             },
             feeds,
+            held: store
+                .held
+                .iter()
+                .map(|h| HeldHealth {
+                    feed: h.feed.clone(),
+                    seq: h.seq,
+                    id: h.record_id.clone(),
+                    row: h.row_id,
+                    reason: h.reason.clone(),
+                    detail: h.detail.clone(),
+                    since: rfc3339_us(h.since_us),
+                    bytes: h.size,
+                })
+                .collect(),
             mqtt: MqttHealth {
                 broker: self.broker.clone(),
                 connected: ld(&s.connected) == 1,
@@ -422,6 +514,8 @@ impl HealthContext {
                 acked: ld(&s.acked),
                 refused: ld(&s.refused),
                 last_error: s.last_error(),
+                packet_limit_bytes: ld(&s.packet_limit),
+                broker_max_packet_bytes: Some(ld(&s.broker_max_packet)).filter(|&b| b > 0),
             },
             disk_free_bytes: disk_free(&self.data_dir),
             rss_bytes: rss_bytes(),

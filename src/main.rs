@@ -95,7 +95,48 @@ enum RejectedCommand {
 }
 
 #[derive(Subcommand)]
+enum HeldCommand {
+    /// List held records (metadata only): feed, seq, why, since when.
+    List,
+    /// Show one held record's metadata and text (contains patient data).
+    Show {
+        /// Row id (the ROW column of `list`).
+        id: i64,
+    },
+    /// Write one held record's message bytes, exactly as received, to a file.
+    Export {
+        /// Row id.
+        id: i64,
+        /// Output file (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Release held records after the cause is fixed (the broker's limit raised, its ACL
+    /// corrected, siterelay upgraded): they are published at once with their original id and
+    /// seq; one that still cannot be published is held again. Needs the daemon running.
+    Retry {
+        /// Row id.
+        id: Option<i64>,
+        /// Every held record.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        /// Seconds to wait for each released record to be delivered or held again.
+        #[arg(long, default_value_t = 15)]
+        wait_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum QueueCommand {
+    /// Records set aside because they cannot be published as they are (too large for the MQTT
+    /// packet limit, refused by the broker for good, or unbuildable); kept until released.
+    Held {
+        /// JSON output.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: Option<HeldCommand>,
+    },
     /// Messages answered AE (unusable content), kept in quarantine instead of being forwarded.
     Rejected {
         /// JSON output.
@@ -129,6 +170,9 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::Rejected { json, command },
         } => rejected(&config, json, command.unwrap_or(RejectedCommand::List)),
+        Command::Queue {
+            command: QueueCommand::Held { json, command },
+        } => held(&config, json, command.unwrap_or(HeldCommand::List)),
         Command::Status { json } => status(&config, json),
         Command::Watch(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -524,6 +568,160 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
     }
 }
 
+fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::FAILURE;
+    };
+    let db = cfg.outbox_path();
+    if let HeldCommand::Retry { id, all, wait_secs } = cmd {
+        let line = match (id, all) {
+            (Some(id), false) => format!("held retry {id}"),
+            (None, true) => "held retry all".to_string(),
+            _ => {
+                eprintln!("give a row id or --all");
+                return ExitCode::FAILURE;
+            }
+        };
+        let sock = siterelay::status::socket_path(&cfg.data_dir);
+        let rt = small_runtime();
+        let mut v = match rt.block_on(siterelay::status::request(&sock, &line)) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!(
+                    "the daemon must be running to retry (it publishes the records): {} did not answer: {e}",
+                    sock.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        if v["ok"] != true {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            return ExitCode::FAILURE;
+        }
+        // Watch what becomes of each released record: delivered, or held again.
+        let rows: Vec<i64> = v["released"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["row"].as_i64()).collect())
+            .unwrap_or_default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(wait_secs);
+        let states = loop {
+            let states: Vec<&str> = match siterelay::outbox::Reader::open(&db) {
+                Ok(r) => rows
+                    .iter()
+                    .map(|&id| r.row_state(id).ok().flatten().unwrap_or("gone"))
+                    .collect(),
+                Err(_) => rows.iter().map(|_| "unknown").collect(),
+            };
+            if states.iter().all(|s| *s != "pending") || std::time::Instant::now() >= deadline {
+                break states;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if let Some(released) = v["released"].as_array_mut() {
+            for (r, state) in released.iter_mut().zip(&states) {
+                r["state"] = (*state).into();
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return if states.iter().all(|s| *s == "delivered") {
+            ExitCode::SUCCESS
+        } else {
+            eprintln!(
+                "not every released record was delivered (held again: see `siterelay queue held`; pending: the broker has not confirmed it yet)"
+            );
+            ExitCode::FAILURE
+        };
+    }
+    let which = match &cmd {
+        HeldCommand::Show { id } | HeldCommand::Export { id, .. } => Some(*id),
+        _ => None,
+    };
+    let with_raw = matches!(cmd, HeldCommand::Show { .. } | HeldCommand::Export { .. });
+    let rows = match siterelay::outbox::Reader::open(&db).and_then(|r| r.held(which, with_raw)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "{e}\n(run as the daemon's user, e.g. sudo -u siterelay siterelay queue held)"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let time = siterelay::record::rfc3339_us;
+    match cmd {
+        HeldCommand::List => {
+            if json {
+                println!("{}", serde_json::to_string(&rows).unwrap_or_default());
+            } else {
+                println!(
+                    "{:>8}  {:<16} {:>8}  {:<27} {:>9}  {:<11} DETAIL",
+                    "ROW", "FEED", "SEQ", "HELD SINCE", "BYTES", "REASON"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>8}  {:<16} {:>8}  {:<27} {:>9}  {:<11} {}",
+                        r.row_id,
+                        r.feed,
+                        r.seq,
+                        time(r.since_us),
+                        r.size,
+                        r.reason,
+                        r.detail
+                    );
+                }
+                if rows.is_empty() {
+                    println!("(no held records)");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        HeldCommand::Show { id } => match rows.first() {
+            Some(r) => {
+                if json {
+                    let mut v = serde_json::to_value(r).unwrap_or_default();
+                    v["raw"] = String::from_utf8_lossy(&r.raw).into_owned().into();
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+                    println!("--- message (patient data; segments on separate lines) ---");
+                    println!("{}", String::from_utf8_lossy(&r.raw).replace('\r', "\n"));
+                }
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("no held record {id}");
+                ExitCode::FAILURE
+            }
+        },
+        HeldCommand::Export { id, out } => match rows.first() {
+            Some(r) => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&out)
+                    .and_then(|mut f| f.write_all(&r.raw));
+                match written {
+                    Ok(()) => {
+                        println!("wrote {} bytes to {}", r.raw.len(), out.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("{}: {e}", out.display());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            None => {
+                eprintln!("no held record {id}");
+                ExitCode::FAILURE
+            }
+        },
+        HeldCommand::Retry { .. } => unreachable!("handled above"),
+    }
+}
+
 fn status(path: &Path, json: bool) -> ExitCode {
     let Some(cfg) = load_or_report(path) else {
         return ExitCode::FAILURE;
@@ -588,6 +786,7 @@ fn queue_stats(path: &Path, json: bool) -> ExitCode {
                     "delivered_bytes": s.delivered_bytes,
                     "oldest_pending_age_secs": s.oldest_pending_age.map(|d| d.as_secs_f64()),
                     "last_seq": s.last_seq,
+                    "held": s.held,
                 })
             })
             .collect();
@@ -595,14 +794,22 @@ fn queue_stats(path: &Path, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:<24} {:>10} {:>14} {:>12} {:>10} {:>14} {:>10}",
-        "FEED", "PENDING", "PENDING BYTES", "OLDEST", "DELIVERED", "DELIV. BYTES", "LAST SEQ"
+        "{:<24} {:>10} {:>6} {:>14} {:>12} {:>10} {:>14} {:>10}",
+        "FEED",
+        "PENDING",
+        "HELD",
+        "PENDING BYTES",
+        "OLDEST",
+        "DELIVERED",
+        "DELIV. BYTES",
+        "LAST SEQ"
     );
     for s in &stats {
         println!(
-            "{:<24} {:>10} {:>14} {:>12} {:>10} {:>14} {:>10}",
+            "{:<24} {:>10} {:>6} {:>14} {:>12} {:>10} {:>14} {:>10}",
             s.feed,
             s.pending,
+            s.held,
             s.pending_bytes,
             s.oldest_pending_age
                 .map(siterelay::units::human_duration)

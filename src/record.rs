@@ -157,8 +157,26 @@ impl RecordBuilder {
         self.build_with(row, false)
     }
 
+    /// Build a record, or say why it cannot be built, without ever unwinding into the caller: a
+    /// panic anywhere in the builder (a bug meeting an unusual message) is caught and reported
+    /// as an error, so one message cannot stop the sink. The error never carries message
+    /// content (a panic's own text might, so it is not kept).
+    pub fn try_build(&self, row: &PendingRow, replay: bool) -> Result<Vec<u8>, String> {
+        quiet_builder_panics();
+        BUILDING.with(|b| b.set(true));
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.build_with(row, replay)
+        }));
+        BUILDING.with(|b| b.set(false));
+        built.map_err(|_| "the record builder panicked on this message".to_string())
+    }
+
     /// Build a record, flagged `"replay": true` when it is resent by a replay command.
     pub fn build_with(&self, row: &PendingRow, replay: bool) -> Vec<u8> {
+        #[cfg(test)]
+        if memchr::memmem::find(&row.raw, test_hook::PANIC_MARKER).is_some() {
+            panic!("test hook: the record builder panics on this message");
+        }
         let settings = self.feeds.get(&row.feed).unwrap_or(&self.fallback);
         let header = match row.format {
             Format::Hl7v2 => parse_header(&row.raw).ok(),
@@ -228,6 +246,32 @@ impl RecordBuilder {
     }
 }
 
+thread_local! {
+    /// Set while [`RecordBuilder::try_build`] runs on this thread.
+    static BUILDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once per process: a panic inside [`RecordBuilder::try_build`] is logged with its location
+/// only, never its message (which may quote the message being built: patient data); any other
+/// panic goes to the hook that was there before.
+fn quiet_builder_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if BUILDING.with(|b| b.get()) {
+                let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+                tracing::error!(
+                    location,
+                    "the record builder panicked (its message is not logged: it may quote patient data)"
+                );
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Which line end separates the segments of an HL7 message: `cr`, `lf`, `crlf`, `mixed`, or
 /// None when there is only one segment and no line end.
 fn segment_separator(text: &str) -> Option<&'static str> {
@@ -283,4 +327,12 @@ fn hl7_section<'a>(h: &'a Header, tz: &TimeZone) -> Hl7Header<'a> {
             .as_deref()
             .and_then(|d| parse_dtm(d, tz, h.delimiters.component)),
     }
+}
+
+/// Test-only fault injection: a message containing [`test_hook::PANIC_MARKER`] makes the
+/// builder panic (the fault cannot be made for real: it stands for a bug in the builder).
+#[cfg(test)]
+pub(crate) mod test_hook {
+    /// Bytes that make `build_with` panic in test builds.
+    pub const PANIC_MARKER: &[u8] = b"SITERELAY-TEST-BUILDER-PANIC";
 }

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use std::collections::HashMap;
 
-use crate::health::{Health, HealthContext};
+use crate::health::{Health, HealthContext, StoreView};
 use crate::hl7::charset::Charset;
 use crate::hl7::intake::{self, Responder};
 use crate::intake::FeedIntake;
@@ -41,8 +41,9 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Serve requests until shutdown. A client writes one line: `status` (or nothing) for the
-/// health report, or `retry all` / `retry <id>` to pass quarantined messages through the intake
-/// again; it gets one JSON document back.
+/// health report, `retry all` / `retry <id>` to pass quarantined messages through the intake
+/// again, or `held retry all` / `held retry <row>` to release held records (the sink publishes
+/// them at once); it gets one JSON document back.
 pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, shutdown: crate::shutdown::Shutdown) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
@@ -81,13 +82,20 @@ pub async fn serve(path: PathBuf, ctx: Arc<StatusContext>, shutdown: crate::shut
             let body = if read.is_err() || request.is_empty() || request == "status" {
                 let ctx2 = ctx.clone();
                 let report = tokio::task::spawn_blocking(move || {
-                    let oldest = Reader::open(&db)
-                        .ok()
-                        .and_then(|r| r.oldest_pending_us().ok().flatten());
-                    ctx2.health.report(oldest, 0)
+                    let store = Reader::open(&db)
+                        .and_then(|r| StoreView::read(&r))
+                        .unwrap_or_default();
+                    ctx2.health.report(&store, 0)
                 })
                 .await;
                 report.ok().and_then(|r| serde_json::to_vec(&r).ok())
+            } else if let Some(which) = request.strip_prefix("held retry ") {
+                let which = if which == "all" {
+                    None
+                } else {
+                    which.parse().ok().map(Some).unwrap_or(Some(-1))
+                };
+                Some(serde_json::to_vec(&held_retry(&ctx, &db, which).await).unwrap_or_default())
             } else if let Some(which) = request.strip_prefix("retry ") {
                 let which = if which == "all" {
                     None
@@ -151,6 +159,40 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
         results.push(serde_json::to_value(outcome).unwrap_or_default());
     }
     serde_json::json!({"ok": true, "results": results})
+}
+
+/// Release held records (one row, or all): they become ordinary pending rows again and the sink
+/// publishes them at once; one that still cannot be published is held again.
+async fn held_retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json::Value {
+    let db = db.to_path_buf();
+    let rows = match tokio::task::spawn_blocking(move || {
+        Reader::open(&db).and_then(|r| r.held(which, false))
+    })
+    .await
+    {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => return serde_json::json!({"ok": false, "error": e.to_string()}),
+        Err(e) => return serde_json::json!({"ok": false, "error": e.to_string()}),
+    };
+    if rows.is_empty() {
+        let error = if which.is_some() {
+            "no such held record"
+        } else {
+            "no held records"
+        };
+        return serde_json::json!({"ok": false, "error": error});
+    }
+    match ctx.outbox.unhold(which).await {
+        Ok(unheld) => {
+            let released: Vec<serde_json::Value> = rows
+                .iter()
+                .filter(|r| unheld.row_ids.contains(&r.row_id))
+                .map(|r| serde_json::json!({"row": r.row_id, "feed": r.feed, "seq": r.seq}))
+                .collect();
+            serde_json::json!({"ok": true, "released": released})
+        }
+        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+    }
 }
 
 /// Send one request line to a running daemon and read its JSON answer.
@@ -261,6 +303,21 @@ pub fn render(h: &Health) -> String {
                 String::new()
             }
         );
+    }
+    if b.held_count > 0 {
+        let _ = writeln!(
+            o,
+            "HELD      {} record(s) ({}) cannot be published as they are: see `siterelay queue held`",
+            b.held_count,
+            human_bytes(b.held_bytes)
+        );
+        for hr in &h.held {
+            let _ = writeln!(
+                o,
+                "  row {:<8} {} seq {}: {} ({})",
+                hr.row, hr.feed, hr.seq, hr.reason, hr.detail
+            );
+        }
     }
     let _ = writeln!(o, "feeds");
     for f in &h.feeds {

@@ -112,6 +112,12 @@ pub struct SinkCounters {
     pub refused: AtomicU64,
     /// 1 while connected.
     pub connected: AtomicU64,
+    /// The MQTT packet limit records are held to on the current (or last) connection: the
+    /// smaller of our own limit and the broker's CONNACK Maximum Packet Size.
+    pub packet_limit: AtomicU64,
+    /// The broker's CONNACK Maximum Packet Size on the current (or last) connection; 0 when
+    /// it gave none.
+    pub broker_max_packet: AtomicU64,
     /// Last connection error (no message content).
     last_error: std::sync::Mutex<Option<String>>,
 }

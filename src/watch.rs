@@ -100,7 +100,10 @@ pub struct Row {
     /// Client certificate days left.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_days_left: Option<i64>,
-    /// Problems: `offline`, `stale`, `backlog-growing`, `cert-expiring`, `clock`,
+    /// Held records (set aside on the appliance; `siterelay queue held` there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<u64>,
+    /// Problems: `offline`, `stale`, `backlog-growing`, `held`, `cert-expiring`, `clock`,
     /// `duplicate-id` (births alternate between two machines: two boxes share this id).
     pub problems: Vec<String>,
 }
@@ -205,6 +208,10 @@ impl Fleet {
         if growing {
             problems.push("backlog-growing".into());
         }
+        let held = h.map(|h| h.outbox.held_count).filter(|&n| n > 0);
+        if held.is_some() {
+            problems.push("held".into());
+        }
         let cert = h.and_then(|h| h.certificates.client_days_left);
         if cert.is_some_and(|d| d < 30) {
             problems.push("cert-expiring".into());
@@ -237,6 +244,7 @@ impl Fleet {
             }),
             feeds_total: h.map(|h| h.feeds.len()),
             cert_days_left: cert,
+            held,
             problems,
         })
     }
@@ -448,6 +456,23 @@ mod tests {
         );
         let later = f.row("a", 200_000_000).unwrap();
         assert!(later.problems.contains(&"stale".to_string()));
+    }
+
+    #[test]
+    fn held_records_are_a_problem_and_old_reports_without_them_still_read() {
+        let mut f = Fleet::new("siterelay", 90);
+        f.apply("siterelay/a/status", &status("online", 1), 0);
+        f.apply("siterelay/a/health", &health(3, Some(1.0), 300), 0);
+        let r = f.row("a", 0).unwrap();
+        assert_eq!((r.held, r.problems.len()), (None, 0));
+        let mut v: serde_json::Value = serde_json::from_slice(&health(3, Some(1.0), 300)).unwrap();
+        v["outbox"]["held_count"] = 2.into();
+        f.apply("siterelay/a/health", &serde_json::to_vec(&v).unwrap(), 0);
+        let r = f.row("a", 0).unwrap();
+        assert_eq!(
+            (r.held, r.problems.as_slice()),
+            (Some(2), &["held".to_string()][..])
+        );
     }
 
     #[test]

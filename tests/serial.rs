@@ -476,3 +476,55 @@ fn permission_problems_name_the_dialout_group() {
         PortState::Waiting
     );
 }
+
+/// A serial-only appliance (no `[[mllp]]` feed) takes its MQTT packet limit from its ports'
+/// `max_message_bytes`: a 70 KB line (over the 64 KiB that a limit computed from MLLP feeds alone
+/// left such a box) is published. Over MQTT 3.1.1, where rumqttc itself refuses to send a packet
+/// over the limit, so a limit too small would stop the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_only_box_publishes_a_70_kb_line() {
+    let s = SerialEnv::new();
+    let broker = Broker::start(Kind::InProcess, &s.env).await;
+    let mut sub = broker
+        .subscribe(&s.env, "siterelay/test-box/records/#")
+        .await;
+    let mut pty = Pty::open().unwrap();
+    pty.link_at(&s.link).unwrap();
+    let text = s.env.config_text(broker.port, &[], "protocol = \"3.1.1\"")
+        + &format!(
+            "\n[[serial]]\nname = \"monitor\"\ndevice = \"{}\"\nprotocol = \"lines\"\nreopen_max_secs = 1\n",
+            s.link.display()
+        );
+    let cfg = siterelay::config::parse(Path::new("t.toml"), &text).expect("valid config");
+    assert!(cfg.mllp.is_empty());
+    let d = Daemon::start(&cfg).await.unwrap();
+    wait_state(&d, "monitor", PortState::Connected).await;
+    let line = "7".repeat(70_000);
+    let sent = line.clone();
+    let pty = tokio::task::spawn_blocking(move || {
+        pty.write(format!("{sent}\r\n").as_bytes()).unwrap();
+        pty
+    })
+    .await
+    .unwrap();
+    let (_, payload, _) = sub
+        .recv(Duration::from_secs(20))
+        .await
+        .expect("the 70 KB line arrives");
+    assert!(payload.len() > 70_000);
+    let r = json(&payload);
+    assert_eq!(
+        (r["feed"].as_str(), r["format"].as_str()),
+        (Some("monitor"), Some("lines"))
+    );
+    assert_eq!(r["raw"].as_str(), Some(line.as_str()));
+    assert_eq!(
+        d.telemetry()
+            .sink
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(pty);
+    d.stop().await;
+}

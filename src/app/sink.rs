@@ -95,14 +95,7 @@ pub(super) fn build(
     health: &HealthContext,
     shared: &Shared,
 ) -> MqttSink {
-    let max_message = cfg
-        .mllp
-        .iter()
-        .map(|f| f.max_message_bytes)
-        .max()
-        .unwrap_or(0);
-    // JSON escaping can grow control characters six-fold; leave room for the envelope.
-    let max_packet_bytes = (max_message * 6 + 64 * 1024).min(256 * 1024 * 1024) as usize;
+    let max_packet_bytes = crate::sink::mqtt::packet_limit(cfg.max_message_bytes());
     MqttSink::new(
         SinkSettings {
             mqtt: cfg.mqtt.clone(),

@@ -46,6 +46,14 @@
 //!   by the writer and never reused either (`meta.last_rejected_id`, written whenever
 //!   quarantine rows are deleted). A frame that is not HL7 at all keeps only its first 4 KiB
 //!   (`size` is what was received; `QuarantinedRow::truncated`).
+//! - `held(row_id INTEGER PRIMARY KEY, reason, detail, since_us)` (version 4): undelivered rows
+//!   the sink has set aside because their record cannot be published (too large for the MQTT
+//!   packet limit, refused by the broker with a permanent reason code, or unbuildable; see
+//!   `held.rs`). The message stays in `messages` and keeps its `pending` row (it is
+//!   undelivered, and counts as such); the sink's pending reads skip the ids in `held`; pruning
+//!   never deletes it (it takes ids only from the `delivered` log, and checks `pending` and
+//!   `held` besides). The writer mirrors the table in memory (row id -> size), so a delivered
+//!   mark touches `held` only for a row that is held.
 //! - `dedup_log(id, key, hash, row_id, seq, received_at_us)`: one row per stored message of a
 //!   feed with a `dedup_window`, in time order (appends write its last page only). `key` is a
 //!   64-bit hash of (feed, sender, control id), `hash` the content hash. The writer keeps an
@@ -61,13 +69,14 @@
 //! **Who changes a row.** Only the writer thread (one `rusqlite::Connection`, `writer.rs`)
 //! writes; [`Outbox`] handles send it commands. Sources append and wait for the commit (or
 //! quarantine an `AE`-answered message and wait for its id); the sink marks rows delivered when
-//! their PUBACK arrives; a timer asks for pruning; the control plane increments the birth
+//! their PUBACK arrives, and holds a row whose record cannot be published; `siterelay queue held
+//! retry` releases held rows; a timer asks for pruning; the control plane increments the birth
 //! sequence and stores the inventory; a quarantine retry appends the message again, then forgets
 //! the quarantined copy. The writer drains everything queued, applies it in ONE transaction (one
 //! method per command) and commits once: many connections share one fsync (group commit).
-//! Readers (the sink, the status socket, `siterelay queue stats` and `queue rejected`) use their
-//! own read-only connections ([`Reader`], `reader.rs`); WAL lets them read while the writer
-//! writes.
+//! Readers (the sink, the status socket, `siterelay queue stats`, `queue rejected` and `queue
+//! held`) use their own read-only connections ([`Reader`], `reader.rs`); WAL lets them read
+//! while the writer writes.
 //!
 //! **Every waiter gets its own true answer** (`writer.rs`). Each command's answer is decided
 //! while its group is applied and sent only once the commit's outcome is known. When one
@@ -120,12 +129,21 @@
 //! [`Outbox::append`] answers [`AppendError::Full`] and the source refuses the message (`AR`),
 //! so the sender keeps it and retries.
 //!
+//! A pending row may also be *held* (a row in `held`): pending -> held ([`Outbox::hold`], by the
+//! sink) -> pending again ([`Outbox::unhold`], by `siterelay queue held retry`), or -> delivered
+//! when a `replay` resent it and the broker confirmed it (the mark removes the hold in the same
+//! transaction). Held rows count against `max_bytes` like any undelivered row (pruning cannot
+//! free them), are never pruned, and are counted apart in the gauges (`held_count`,
+//! `held_bytes`, both included in the pending counts).
+//!
 //! **When rows are deleted** (all by the writer; `prune.rs` holds the retention rules):
 //! `messages` only by pruning, delivered rows only (with their `delivered` rows, in the same
 //! transaction); `pending` rows when their delivery is recorded; `rejected` by pruning after
 //! `retain_rejected`, or when a retried message has been stored again
 //! ([`Outbox::forget_rejected`]); `dedup_log` by pruning after `dedup_keep`. `feed_seq` and
-//! `meta` rows are never deleted.
+//! `meta` rows are never deleted. `held` rows are deleted when their row is released or
+//! delivered (and, at open, any whose row is no longer pending), never by pruning (and pruning
+//! never deletes a held message).
 //!
 //! **Crash at each step.**
 //! - Before the commit of an append: the row is not there and no ACK was sent; the sender resends.
@@ -139,12 +157,16 @@
 //! - Retrying a quarantined message: it is appended first and forgotten after that commit, so a
 //!   crash in between leaves it in both places, never in neither.
 //! - During pruning: a transaction either deletes a batch (messages, their `delivered` rows, and
-//!   the raised floors and high-water mark) or not; nothing pending is touched. During a vacuum
-//!   chunk: SQLite's own transaction.
+//!   the raised floors and high-water mark) or not; nothing pending or held is touched. During
+//!   a vacuum chunk: SQLite's own transaction.
 //! - With the reserve released (short of space): nothing on disk says so; at the next open the
 //!   reserve is made again if there is room, otherwise the store starts short.
+//! - Holding or releasing a row: one statement in the group's transaction; a crash before the
+//!   commit leaves the row as it was (held or not), and the sink decides again.
 //! - During a migration at open: the version-3 key move and the version-5 state move are one
-//!   transaction each (the latter leaves a marker in `meta`); the version stamp is written last.
+//!   transaction each (the latter leaves a marker in `meta`); the version-4 `held` table is
+//!   created with `IF NOT EXISTS` at every open (so a version-5 file made without it gains it);
+//!   the version stamp is written last.
 //!
 //! # Files
 //!
@@ -156,17 +178,19 @@
 //! - `prune.rs`: retention (what pruning deletes, and when).
 //! - `space.rs`: bytes counted against the cap, the space reserve, vacuuming.
 //! - `dedup.rs`: duplicate detection (keys, content hashes, the in-memory index).
+//! - `held.rs`: held rows (what held means, why a row is held, the hold and unhold answers).
 //! - `reader.rs`: read-only queries ([`Reader`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
 mod dedup;
+mod held;
 mod message;
 mod prune;
 mod reader;
@@ -177,8 +201,9 @@ mod test_support;
 mod writer;
 
 pub use dedup::{DedupKey, content_hash, hl7_content_hash};
+pub use held::{Hold, HoldOutcome, HoldReason, Unheld};
 pub use message::{Format, NewMessage, QUARANTINE_JUNK_KEEP, RejectedMessage, SourceKind, Stored};
-pub use reader::{FeedStats, PendingRow, QuarantinedRow, Reader};
+pub use reader::{FeedStats, HeldRow, PendingRow, QuarantinedRow, Reader};
 pub use writer::WriterThread;
 
 use writer::{Cmd, Reply, WriterState};
@@ -311,6 +336,10 @@ pub struct OutboxGauges {
     pub refused_full: AtomicU64,
     /// Resends recognised as duplicates (answered, not stored again).
     pub duplicates: AtomicU64,
+    /// Held rows (undelivered rows set aside; included in `pending_count`).
+    pub held_count: AtomicU64,
+    /// Their bytes (included in `pending_bytes`).
+    pub held_bytes: AtomicU64,
 }
 
 /// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
@@ -320,6 +349,8 @@ pub struct Outbox {
     path: PathBuf,
     appended: Arc<Notify>,
     gauges: Arc<OutboxGauges>,
+    /// Rows released from hold and not yet taken by the sink (see [`Outbox::take_released`]).
+    released: Arc<Mutex<Vec<i64>>>,
 }
 
 /// Current time in microseconds since the Unix epoch.
@@ -362,6 +393,7 @@ impl Outbox {
                 path: path.to_path_buf(),
                 appended,
                 gauges,
+                released: Arc::default(),
             },
             thread,
         ))
@@ -438,6 +470,31 @@ impl Outbox {
     /// it in both places, never in neither).
     pub async fn forget_rejected(&self, id: i64) -> Result<(), AppendError> {
         self.request(|reply| Cmd::ForgetRejected(id, reply)).await
+    }
+
+    /// Set an undelivered row aside (its record cannot be published). Answers once committed.
+    pub async fn hold(&self, h: Hold) -> Result<HoldOutcome, AppendError> {
+        self.request(|reply| Cmd::Hold(h, reply)).await
+    }
+
+    /// Release one held row (or all, `None`). Once committed, the rows are handed to the sink
+    /// ([`Outbox::take_released`]) and it is woken to publish them.
+    pub async fn unhold(&self, which: Option<i64>) -> Result<Unheld, AppendError> {
+        let unheld = self.request(|reply| Cmd::Unhold(which, reply)).await?;
+        if !unheld.row_ids.is_empty() {
+            self.released
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(&unheld.row_ids);
+            self.appended.notify_one();
+        }
+        Ok(unheld)
+    }
+
+    /// Rows released from hold since the last call (for the sink; a new connection reads every
+    /// pending row anyway and clears this).
+    pub fn take_released(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.released.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Store `value` under `key` (committed with the next group).

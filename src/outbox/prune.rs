@@ -1,6 +1,7 @@
 //! Retention: what is deleted, and when. Run by the writer thread after a group holding a
 //! `Prune` command has committed (a timer in the daemon sends one every 5 minutes), and at once
-//! when space is short or the store is over its cap; never touches a pending row.
+//! when space is short or the store is over its cap; never touches a pending row, nor a held
+//! one (held rows are pending; the delete also checks both, whatever the delivery log says).
 //!
 //! - Delivered messages, oldest delivery first (the `delivered` log's order), once delivered
 //!   longer than `retain_delivered` ago; and, **under pressure**, regardless of age: while the
@@ -92,19 +93,29 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
         }
         record_high_water(&tx, LAST_ROW_ID_KEY, state.next_id - 1)?;
         let mut freed = 0u64;
+        let mut gone_early = 0u64;
         {
-            let mut delete =
-                tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING size")?;
-            for (_, id, _) in &due {
+            // Delivered rows only, and never a held or pending one: a held row is undelivered
+            // (it keeps its `pending` row), and these conditions keep that true whatever put an
+            // id into the delivery log. Such an id's log entry goes; its message stays.
+            let mut delete = tx.prepare_cached(
+                "DELETE FROM messages WHERE id = ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM pending WHERE id = ?1) \
+                 AND NOT EXISTS (SELECT 1 FROM held WHERE row_id = ?1) RETURNING size",
+            )?;
+            for &(_, id, at) in &due {
                 let size: Option<i64> = delete.query_row(params![id], |r| r.get(0)).optional()?;
-                freed += size.unwrap_or(0) as u64;
+                if let Some(size) = size {
+                    freed += size as u64;
+                    gone_early += u64::from(at >= cutoff);
+                }
             }
         }
         tx.execute("DELETE FROM delivered WHERE n <= ?1", params![last_n])?;
         tx.commit()?;
         state.total_bytes = state.total_bytes.saturating_sub(freed);
         removed += due.len() as u64;
-        early += due.iter().filter(|r| r.2 >= cutoff).count() as u64;
+        early += gone_early;
         if due.len() < chunk && !pressure {
             break;
         }
@@ -308,6 +319,50 @@ mod tests {
         let next = ob.append(msg("a", "x")).await.unwrap();
         assert_eq!((next.row_id, next.seq), (4, 4));
         assert_eq!(ob.quarantine(rejected_msg()).await.unwrap(), 3);
+        drop(ob);
+        w.join();
+    }
+
+    /// Pruning deletes only ids it takes from the delivery log, and even then never a held or
+    /// pending message: here the log is made to name a held row (and a pending one), and
+    /// pruning under pressure (a cap the rows exceed, no retention) deletes the delivered row
+    /// only; the held row stays stored and held, the pending one pending.
+    #[tokio::test]
+    async fn pruning_under_pressure_never_deletes_a_held_or_pending_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        {
+            let (ob, w) = Outbox::open(&path, no_retention(1 << 30)).unwrap();
+            for body in ["one", "two", "three"] {
+                ob.append(msg("a", body)).await.unwrap();
+            }
+            ob.hold(super::super::Hold {
+                row_id: 2,
+                reason: super::super::HoldReason::TooLarge,
+                detail: "record 3 bytes, limit 2".into(),
+            })
+            .await
+            .unwrap();
+            ob.mark_delivered(vec![1]).await;
+            ob.flush().await;
+            drop(ob);
+            w.join();
+        }
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("INSERT INTO delivered (id, delivered_at_us) VALUES (2, 1), (3, 1);")
+            .unwrap();
+        // Reopened with a cap the rows exceed: pruning is under pressure.
+        let (ob, w) = Outbox::open(&path, no_retention(8)).unwrap();
+        ob.prune().await;
+        ob.flush().await;
+        let r = ob.reader().unwrap();
+        assert_eq!(r.row_state(1).unwrap(), None, "the delivered row is pruned");
+        assert_eq!(r.row_state(2).unwrap(), Some("held"));
+        assert_eq!(r.row_state(3).unwrap(), Some("pending"));
+        assert_eq!(r.held(None, true).unwrap()[0].raw, b"two");
+        let stats = r.stats().unwrap();
+        assert_eq!((stats[0].pending, stats[0].held), (2, 1));
         drop(ob);
         w.join();
     }

@@ -1,6 +1,7 @@
-//! Read-only queries: pending rows for the sink, rows of a feed for a replay, quarantine
-//! listings, per-feed statistics, `meta` values. Each [`Reader`] has its own read-only
-//! connection; WAL lets it read while the writer writes.
+//! Read-only queries: pending rows for the sink (never held ones: a held row keeps its `pending`
+//! row, and every pending read skips the ids in `held`), rows of a feed for a replay, held and
+//! quarantine listings, per-feed statistics, `meta` values. Each [`Reader`] has its own
+//! read-only connection; WAL lets it read while the writer writes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -66,6 +67,42 @@ pub struct QuarantinedRow {
     #[serde(skip)]
     pub raw: Vec<u8>,
 }
+
+/// A held row: the message set aside and why (see `held.rs`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeldRow {
+    /// Row id (`messages.id`): the id `siterelay queue held` commands take.
+    pub row_id: i64,
+    /// Feed name.
+    pub feed: String,
+    /// The record's `seq` in its feed.
+    pub seq: u64,
+    /// The record's `id`.
+    pub record_id: String,
+    /// Receive time (µs since epoch).
+    pub received_at_us: i64,
+    /// `too_large`, `refused` or `unbuildable`.
+    pub reason: String,
+    /// What exactly (sizes, limits, reason codes; no message content).
+    pub detail: String,
+    /// Held since (µs since epoch).
+    pub since_us: i64,
+    /// MSH-10 or equivalent, when known.
+    pub control_id: Option<String>,
+    /// Size of the stored message in bytes.
+    pub size: u64,
+    /// The bytes as received (patient data: never logged); empty unless asked for.
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+}
+
+/// Columns of a [`PendingRow`] (from `messages m`), in [`row_to_pending`] order.
+const PENDING_COLUMNS: &str = "m.id, m.record_id, m.feed, m.seq, m.received_at_us, \
+     m.source_kind, m.peer, m.format, m.raw, m.reprocessed, m.control_id_reused";
+
+/// A `pending p` row that is not held (held rows keep their `pending` row: they are undelivered,
+/// but the sink does not read them).
+const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM held h WHERE h.row_id = p.id)";
 
 fn row_to_quarantined(r: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantinedRow> {
     let size = r.get::<_, i64>(9)? as u64;
@@ -134,27 +171,135 @@ impl Reader {
     ) -> Result<Vec<PendingRow>, OutboxError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT m.id, m.record_id, m.feed, m.seq, m.received_at_us, m.source_kind, m.peer, \
-                 m.format, m.raw, m.reprocessed, m.control_id_reused \
-                 FROM pending p CROSS JOIN messages m ON m.id = p.id \
-                 WHERE p.id > ?1 ORDER BY p.id LIMIT ?2",
-            )
+            .prepare_cached(&format!(
+                "SELECT {PENDING_COLUMNS} FROM pending p CROSS JOIN messages m ON m.id = p.id \
+                 WHERE p.id > ?1 AND {NOT_HELD} ORDER BY p.id LIMIT ?2"
+            ))
             .map_err(sqlite(&self.path))?;
         let rows = stmt
             .query_map(params![after, limit as i64], row_to_pending)
             .map_err(sqlite(&self.path))?;
+        take_within(rows, max_bytes).map_err(sqlite(&self.path))
+    }
+
+    /// Pending rows of one feed with `after < id <= upto`, oldest first, never held ones; the
+    /// same limits as [`Reader::pending_after`]. For the sink while that feed is set apart from
+    /// the others (a refused record of it waiting to be sent again).
+    pub fn pending_of_feed(
+        &self,
+        feed: &str,
+        after: i64,
+        upto: i64,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<PendingRow>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {PENDING_COLUMNS} FROM pending p CROSS JOIN messages m ON m.id = p.id \
+                 WHERE p.id > ?2 AND p.id <= ?3 AND m.feed = ?1 AND {NOT_HELD} \
+                 ORDER BY p.id LIMIT ?4"
+            ))
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map(params![feed, after, upto, limit as i64], row_to_pending)
+            .map_err(sqlite(&self.path))?;
+        take_within(rows, max_bytes).map_err(sqlite(&self.path))
+    }
+
+    /// These rows, oldest first, if they are still pending and not held (rows released from
+    /// hold, for the sink).
+    pub fn pending_rows(&self, ids: &[i64]) -> Result<Vec<PendingRow>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {PENDING_COLUMNS} FROM pending p CROSS JOIN messages m ON m.id = p.id \
+                 WHERE p.id = ?1 AND {NOT_HELD}"
+            ))
+            .map_err(sqlite(&self.path))?;
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
         let mut out = Vec::new();
-        let mut bytes = 0u64;
-        for row in rows {
-            let row = row.map_err(sqlite(&self.path))?;
-            bytes += row.raw.len() as u64;
-            out.push(row);
-            if bytes >= max_bytes {
-                break;
+        for id in ids {
+            if let Some(row) = stmt
+                .query_row(params![id], row_to_pending)
+                .optional()
+                .map_err(sqlite(&self.path))?
+            {
+                out.push(row);
             }
         }
         Ok(out)
+    }
+
+    /// Held rows, oldest first: one row id, or all (`None`); with the stored bytes only when
+    /// `with_raw`.
+    pub fn held(&self, which: Option<i64>, with_raw: bool) -> Result<Vec<HeldRow>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT h.row_id, m.feed, m.seq, m.record_id, m.received_at_us, h.reason, \
+                 h.detail, h.since_us, m.control_id, m.size, CASE WHEN ?2 THEN m.raw END \
+                 FROM held h JOIN messages m ON m.id = h.row_id \
+                 WHERE ?1 IS NULL OR h.row_id = ?1 ORDER BY h.row_id",
+            )
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map(params![which, with_raw], |r| {
+                Ok(HeldRow {
+                    row_id: r.get(0)?,
+                    feed: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as u64,
+                    record_id: r.get(3)?,
+                    received_at_us: r.get(4)?,
+                    reason: r.get(5)?,
+                    detail: r.get(6)?,
+                    since_us: r.get(7)?,
+                    control_id: r.get(8)?,
+                    size: r.get::<_, i64>(9)? as u64,
+                    raw: r.get::<_, Option<Vec<u8>>>(10)?.unwrap_or_default(),
+                })
+            })
+            .map_err(sqlite(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
+    }
+
+    /// Where a row stands: `delivered`, `held`, `pending`, or `None` when it is not stored
+    /// (pruned, or never was). A held row is still in `pending`; a stored row that is not in
+    /// `pending` has been delivered (its id is in the `delivered` log until both are pruned
+    /// together), which this reads without scanning that log.
+    pub fn row_state(&self, id: i64) -> Result<Option<&'static str>, OutboxError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending WHERE id = ?1), \
+                 EXISTS (SELECT 1 FROM held WHERE row_id = ?1) FROM messages WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(match (r.get::<_, bool>(0)?, r.get::<_, bool>(1)?) {
+                        (_, true) => "held",
+                        (true, false) => "pending",
+                        (false, false) => "delivered",
+                    })
+                },
+            )
+            .optional()
+            .map_err(sqlite(&self.path))
+    }
+
+    /// How many rows each feed has held, by feed name.
+    pub fn held_per_feed(&self) -> Result<Vec<(String, u64)>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT m.feed, COUNT(*) FROM held h JOIN messages m ON m.id = h.row_id \
+                 GROUP BY m.feed ORDER BY m.feed",
+            )
+            .map_err(sqlite(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(sqlite(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sqlite(&self.path))
     }
 
     /// A value from `meta`.
@@ -165,12 +310,15 @@ impl Reader {
             .map_err(sqlite(&self.path))
     }
 
-    /// Receive time (µs) of the oldest pending message.
+    /// Receive time (µs) of the oldest pending message that is not held (a held message waits
+    /// for a person, not for the broker; health lists it apart).
     pub fn oldest_pending_us(&self) -> Result<Option<i64>, OutboxError> {
         self.conn
             .query_row(
-                "SELECT m.received_at_us FROM pending p CROSS JOIN messages m ON m.id = p.id \
-                 ORDER BY p.id LIMIT 1",
+                &format!(
+                    "SELECT m.received_at_us FROM pending p CROSS JOIN messages m ON m.id = p.id \
+                     WHERE {NOT_HELD} ORDER BY p.id LIMIT 1"
+                ),
                 [],
                 |r| r.get(0),
             )
@@ -188,10 +336,10 @@ impl Reader {
     ) -> Result<Vec<PendingRow>, OutboxError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT id, record_id, feed, seq, received_at_us, source_kind, peer, format, raw, \
-                 reprocessed, control_id_reused FROM messages WHERE feed = ?1 AND seq >= ?2 ORDER BY id LIMIT ?3",
-            )
+            .prepare_cached(&format!(
+                "SELECT {PENDING_COLUMNS} FROM messages m WHERE m.feed = ?1 AND m.seq >= ?2 \
+                 ORDER BY m.id LIMIT ?3"
+            ))
             .map_err(sqlite(&self.path))?;
         let rows = stmt
             .query_map(params![feed, from_seq as i64, limit as i64], row_to_pending)
@@ -245,8 +393,10 @@ impl Reader {
                 "SELECT m.feed, \
                    COUNT(p.id), COALESCE(SUM(p.size), 0), \
                    COUNT(*) - COUNT(p.id), SUM(m.size) - COALESCE(SUM(p.size), 0), \
-                   MIN(CASE WHEN p.id IS NOT NULL THEN m.received_at_us END), MAX(m.seq) \
+                   MIN(CASE WHEN p.id IS NOT NULL THEN m.received_at_us END), MAX(m.seq), \
+                   COUNT(h.row_id) \
                  FROM messages m LEFT JOIN pending p ON p.id = m.id \
+                 LEFT JOIN held h ON h.row_id = m.id \
                  GROUP BY m.feed ORDER BY m.feed",
             )
             .map_err(sqlite(&self.path))?;
@@ -262,6 +412,7 @@ impl Reader {
                     oldest_pending_age: oldest
                         .map(|t| Duration::from_micros((now - t).max(0) as u64)),
                     last_seq: r.get::<_, i64>(6)? as u64,
+                    held: r.get::<_, i64>(7)? as u64,
                 })
             })
             .map_err(sqlite(&self.path))?;
@@ -303,6 +454,26 @@ pub struct FeedStats {
     pub oldest_pending_age: Option<Duration>,
     /// Highest sequence number stored for the feed.
     pub last_seq: u64,
+    /// Held messages (included in `pending`).
+    pub held: u64,
+}
+
+/// Rows in order until their raw bytes reach `max_bytes` (at least one row if there is any).
+fn take_within(
+    rows: impl Iterator<Item = rusqlite::Result<PendingRow>>,
+    max_bytes: u64,
+) -> rusqlite::Result<Vec<PendingRow>> {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for row in rows {
+        let row = row?;
+        bytes += row.raw.len() as u64;
+        out.push(row);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

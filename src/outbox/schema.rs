@@ -7,13 +7,19 @@
 //! - 2: the `rejected` table and `messages.reprocessed`; later, still as version 2,
 //!   `messages.control_id_reused` and a keyed `dedup` table.
 //! - 3: `dedup` replaced by the append-only `dedup_log` (the writer keeps the index in memory).
-//! - 4: (another change; nothing here depends on it).
+//! - 4: the `held` table (records set aside because they cannot be published; `held.rs`).
 //! - 5: delivery state moved out of `messages` into `pending` and `delivered`; the row-id
 //!   high-water mark in `meta`.
 //!
-//! Each step is detected from the file itself (a column, a table or a `meta` marker missing or
-//! present), not from the version number, and can run again harmlessly; the version is stamped
-//! last.
+//! Versions 4 and 5 were written in parallel: a file may have been stamped 5 without ever
+//! having had the `held` table (made by a build without it), and a version-4 file has held
+//! rows whose delivery state is still in `messages`. So each step is detected from the file
+//! itself (a column, a table or a `meta` marker missing or present), never from the version
+//! number, and can run again harmlessly: every open runs every step, in order (v2, v3, v4,
+//! v5), and the version is stamped last. The version-4 step creates `held` whenever it is
+//! missing, on a file already at 5 too; the version-5 step moves a version-4 file's held rows
+//! into `pending` like any undelivered row (they stay held: `held` names them by id). A new
+//! step is one more `migrate_to_vN` called after the others, and a higher [`SCHEMA_VERSION`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -170,6 +176,7 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
     conn.execute_batch(SCHEMA).map_err(&e)?;
     migrate_to_v2(conn).map_err(&e)?;
     migrate_to_v3(conn).map_err(&e)?;
+    migrate_to_v4(conn).map_err(&e)?;
     migrate_to_v5(conn).map_err(&e)?;
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
@@ -269,6 +276,22 @@ fn migrate_to_v3(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Version 4 added the `held` table: one row per message set aside because its record cannot
+/// be published (too large, refused for good, or unbuildable). `row_id` is `messages.id`;
+/// `detail` never holds message content. Idempotent: a file that has the table is unchanged.
+/// Runs at every open, so a file already at version 5 that was made without the table (by a
+/// build that had version 5 but not version 4) gains it too.
+fn migrate_to_v4(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS held (
+            row_id   INTEGER PRIMARY KEY,
+            reason   TEXT    NOT NULL,
+            detail   TEXT    NOT NULL,
+            since_us INTEGER NOT NULL
+        );",
+    )
+}
+
 /// `meta` key set by the version-5 step once the delivery state has been moved.
 const STATE_MOVED_KEY: &str = "delivery_state_moved";
 
@@ -282,7 +305,8 @@ const STATE_MOVED_KEY: &str = "delivery_state_moved";
 /// i.e. the whole store, at start (impossible on the full disk this change is for).
 ///
 /// Independent of version 4: it reads and writes only `messages`, `pending`, `delivered` and
-/// `meta`.
+/// `meta`. A version-4 file's held rows are undelivered (`state = 0`), so they get their
+/// `pending` row like any other and stay held (`held` names them by id).
 fn migrate_to_v5(conn: &Connection) -> rusqlite::Result<()> {
     if !has_column(conn, "messages", "state")? {
         return Ok(());
@@ -378,6 +402,192 @@ mod tests {
         assert_eq!((again.seq, &again.record_id), (1, &first.record_id));
         drop(ob);
         w.join();
+    }
+
+    #[tokio::test]
+    async fn a_version_3_file_gains_the_held_table_and_opening_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            ob.append(msg("a", "x")).await.unwrap();
+            drop(ob);
+            w.join();
+        }
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("DROP TABLE held; PRAGMA user_version = 3;")
+            .unwrap();
+        drop(c);
+        let version = |p: &Path| -> i64 {
+            Connection::open(p)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        for _ in 0..2 {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            assert!(ob.reader().unwrap().held(None, false).unwrap().is_empty());
+            assert_eq!(
+                ob.reader()
+                    .unwrap()
+                    .pending_after(0, 10, u64::MAX)
+                    .unwrap()
+                    .len(),
+                1
+            );
+            drop(ob);
+            w.join();
+            assert_eq!(version(&path), SCHEMA_VERSION);
+        }
+    }
+
+    fn user_version(p: &Path) -> i64 {
+        Connection::open(p)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn hold(row_id: i64) -> super::super::Hold {
+        super::super::Hold {
+            row_id,
+            reason: super::super::HoldReason::Refused,
+            detail: "reason code 0x87".into(),
+        }
+    }
+
+    /// A file made by a build that had version 5 but not version 4 (the two were written in
+    /// parallel): stamped 5, no `held` table. Opening it creates the table (the version-4 step
+    /// runs at every open, whatever the stamp), and holding, listing, skipping and releasing
+    /// work, across a reopen too.
+    #[tokio::test]
+    async fn a_version_5_file_made_without_the_held_table_gets_a_working_one() {
+        use super::super::HoldOutcome;
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            for body in ["one", "two", "three"] {
+                ob.append(msg("a", body)).await.unwrap();
+            }
+            ob.mark_delivered(vec![1]).await;
+            ob.flush().await;
+            drop(ob);
+            w.join();
+        }
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("DROP TABLE held;").unwrap();
+        drop(c);
+        assert_eq!(user_version(&path), 5);
+        {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            let r = ob.reader().unwrap();
+            assert!(r.held(None, false).unwrap().is_empty());
+            assert_eq!(ob.hold(hold(2)).await.unwrap(), HoldOutcome::Held);
+            assert_eq!(ob.hold(hold(1)).await.unwrap(), HoldOutcome::NotPending);
+            let pending: Vec<i64> = r
+                .pending_after(0, 10, u64::MAX)
+                .unwrap()
+                .iter()
+                .map(|p| p.row_id)
+                .collect();
+            assert_eq!(pending, [3]);
+            assert_eq!(r.row_state(2).unwrap(), Some("held"));
+            drop(ob);
+            w.join();
+        }
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+        let g = ob.gauges();
+        assert_eq!(g.held_count.load(Ordering::Relaxed), 1);
+        assert_eq!(g.held_bytes.load(Ordering::Relaxed), 3);
+        assert_eq!(g.pending_count.load(Ordering::Relaxed), 2);
+        let r = ob.reader().unwrap();
+        let held = r.held(None, true).unwrap();
+        assert_eq!(
+            (
+                held[0].row_id,
+                held[0].reason.as_str(),
+                held[0].raw.as_slice()
+            ),
+            (2, "refused", &b"two"[..])
+        );
+        assert_eq!(ob.unhold(None).await.unwrap().row_ids, [2]);
+        assert_eq!(r.pending_after(0, 10, u64::MAX).unwrap().len(), 2);
+        assert_eq!(r.row_state(2).unwrap(), Some("pending"));
+        drop(ob);
+        w.join();
+    }
+
+    /// A file from the `held` build (version 4): delivery state still in `messages.state`, a
+    /// held row, and a stale hold on a delivered row. Opening it moves the state (the held row
+    /// gets its `pending` row like any undelivered row and stays held), drops the stale hold,
+    /// and the held row is never read as pending nor pruned.
+    #[tokio::test]
+    async fn a_version_4_file_keeps_its_held_rows_held_when_its_state_moves() {
+        use std::sync::atomic::Ordering;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
+             CREATE TABLE messages (id INTEGER PRIMARY KEY, record_id TEXT NOT NULL,
+               feed TEXT NOT NULL, seq INTEGER NOT NULL, received_at_us INTEGER NOT NULL,
+               source_kind TEXT NOT NULL, peer TEXT, format TEXT NOT NULL, control_id TEXT,
+               size INTEGER NOT NULL, raw BLOB NOT NULL, state INTEGER NOT NULL DEFAULT 0,
+               delivered_at_us INTEGER, reprocessed INTEGER NOT NULL DEFAULT 0,
+               control_id_reused INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX messages_pending ON messages(id) WHERE state = 0;
+             CREATE INDEX messages_delivered ON messages(delivered_at_us) WHERE state = 1;
+             CREATE TABLE feed_seq (feed TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE held (row_id INTEGER PRIMARY KEY, reason TEXT NOT NULL,
+               detail TEXT NOT NULL, since_us INTEGER NOT NULL);
+             INSERT INTO messages (id, record_id, feed, seq, received_at_us, source_kind,
+               format, size, raw, state, delivered_at_us)
+               VALUES (1, 'r1', 'a', 1, 1, 'mllp', 'hl7v2', 3, X'616263', 1, 5),
+                      (2, 'r2', 'a', 2, 2, 'mllp', 'hl7v2', 3, X'646566', 0, NULL),
+                      (3, 'r3', 'a', 3, 3, 'mllp', 'hl7v2', 3, X'676869', 0, NULL);
+             INSERT INTO held VALUES (2, 'too_large', 'record 3 bytes, limit 2', 7),
+                                     (1, 'refused', 'stale', 6);
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+        drop(c);
+        let prune_all = super::super::OutboxOptions {
+            retain_delivered: Duration::ZERO,
+            ..opts(1 << 20)
+        };
+        for _ in 0..2 {
+            let (ob, w) = Outbox::open(&path, prune_all.clone()).unwrap();
+            let g = ob.gauges();
+            assert_eq!(g.held_count.load(Ordering::Relaxed), 1);
+            assert_eq!(g.pending_count.load(Ordering::Relaxed), 2);
+            ob.prune().await;
+            ob.flush().await;
+            let r = ob.reader().unwrap();
+            let pending: Vec<i64> = r
+                .pending_after(0, 10, u64::MAX)
+                .unwrap()
+                .iter()
+                .map(|p| p.row_id)
+                .collect();
+            assert_eq!(pending, [3]);
+            let held = r.held(None, false).unwrap();
+            assert_eq!(held.len(), 1);
+            assert_eq!(
+                (held[0].row_id, held[0].reason.as_str(), held[0].since_us),
+                (2, "too_large", 7)
+            );
+            assert_eq!(r.row_state(1).unwrap(), None, "delivered row 1 pruned");
+            assert_eq!(r.row_state(2).unwrap(), Some("held"));
+            assert_eq!(r.row_state(3).unwrap(), Some("pending"));
+            drop(ob);
+            w.join();
+            assert_eq!(user_version(&path), SCHEMA_VERSION);
+        }
     }
 
     #[tokio::test]

@@ -333,6 +333,65 @@ mod tests {
         w.join();
     }
 
+    /// Recovering from a full disk prunes delivered rows regardless of age, but never a held
+    /// one: the held rows are still stored and held once appends are taken again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovering_from_a_full_disk_never_prunes_a_held_row() {
+        use super::super::{Hold, HoldOutcome, HoldReason};
+        let Some(fs) = Tmpfs::mount(24 << 20) else {
+            return;
+        };
+        let path = fs.path().join("outbox.sqlite");
+        let (ob, w) = Outbox::open(&path, opts(1 << 40)).unwrap();
+        let body = "x".repeat(64 * 1024);
+        let mut ids = Vec::new();
+        loop {
+            match ob.append(msg("a", &body)).await {
+                Ok(s) => ids.push(s.row_id),
+                Err(_) => break,
+            }
+            assert!(ids.len() < 1000);
+        }
+        let g = ob.gauges();
+        assert!(g.space_short.load(Ordering::Relaxed));
+        // The two oldest rows are held (on the full disk: a hold is a few bytes, like a mark),
+        // every other row is delivered.
+        let held = [ids[0], ids[1]];
+        for &id in &held {
+            let outcome = ob
+                .hold(Hold {
+                    row_id: id,
+                    reason: HoldReason::Refused,
+                    detail: "reason code 0x87".into(),
+                })
+                .await
+                .unwrap();
+            assert_eq!(outcome, HoldOutcome::Held);
+        }
+        ob.mark_delivered(ids[2..].to_vec()).await;
+        ob.flush().await;
+        let start = std::time::Instant::now();
+        while ob.append(msg("a", "again")).await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "still refused");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(g.pruned_early.load(Ordering::Relaxed) > 0);
+        let r = ob.reader().unwrap();
+        let still: Vec<i64> = r
+            .held(None, false)
+            .unwrap()
+            .iter()
+            .map(|h| h.row_id)
+            .collect();
+        assert_eq!(still, held);
+        for id in held {
+            assert_eq!(r.row_state(id).unwrap(), Some("held"));
+        }
+        assert_eq!(g.held_count.load(Ordering::Relaxed), 2);
+        drop(ob);
+        w.join();
+    }
+
     /// The disk filled by someone else: the outbox refuses new messages and recovers by itself
     /// once the other file is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,12 +23,12 @@
 //! the rest of the group is applied again without it, in a new transaction; so one bad message
 //! costs its neighbours a second attempt, never their answer. `SQLITE_FULL` is different: the
 //! first one releases the space reserve ([`super::space`]), every append and quarantine entry
-//! still in the group is refused `Full` (disk), and the rest (delivery marks, meta, forgetting)
-//! is applied again in the room the reserve left. A commit that fails for another reason
-//! answers every command in it `Failed` with that error. Nothing is ever answered `Closed`
-//! while the writer runs. If the transaction could not even begin (the write lock held
-//! elsewhere), the group is kept and tried again, with whatever is queued by then, once
-//! another command arrives.
+//! still in the group is refused `Full` (disk), and the rest (delivery marks, holds and
+//! releases, meta, forgetting) is applied again in the room the reserve left. A commit that
+//! fails for another reason answers every command in it `Failed` with that error. Nothing is
+//! ever answered `Closed` while the writer runs. If the transaction could not even begin (the
+//! write lock held elsewhere), the group is kept and tried again, with whatever is queued by
+//! then, once another command arrives.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::dedup::{self, DedupEntry, Seen, dedup_key};
+use super::held::{Hold, HoldOutcome, Unheld};
 use super::space::{self, Space};
 use super::{
     AppendError, Full, NewMessage, OutboxError, OutboxGauges, OutboxOptions, RejectedMessage,
@@ -89,6 +90,10 @@ pub(super) enum Cmd {
     Quarantine(RejectedMessage, Reply<i64>),
     /// Delete a quarantined message (it has been stored as a message again).
     ForgetRejected(i64, Reply<()>),
+    /// Set an undelivered row aside (its record cannot be published); answers what happened.
+    Hold(Hold, Reply<HoldOutcome>),
+    /// Release one held row (or every one, `None`); answers the rows released.
+    Unhold(Option<i64>, Reply<Unheld>),
 }
 
 impl Cmd {
@@ -103,6 +108,8 @@ impl Cmd {
             Cmd::Append(..) => Answer::Stored(Err(err)),
             Cmd::Increment(..) | Cmd::Quarantine(..) => Answer::Value(Err(err)),
             Cmd::ForgetRejected(..) => Answer::Done(Err(err)),
+            Cmd::Hold(..) => Answer::Hold(Err(err)),
+            Cmd::Unhold(..) => Answer::Unhold(Err(err)),
             Cmd::MarkDelivered(ids) => {
                 error!(
                     rows = ids.len(),
@@ -129,6 +136,8 @@ pub(super) enum Answer {
     Stored(Result<Stored, AppendError>),
     Value(Result<i64, AppendError>),
     Done(Result<(), AppendError>),
+    Hold(Result<HoldOutcome, AppendError>),
+    Unhold(Result<Unheld, AppendError>),
 }
 
 /// The writer thread; join it after dropping every [`Outbox`](super::Outbox) handle to be sure
@@ -188,6 +197,10 @@ pub(super) struct WriterState {
     /// Duplicate-detection index: the latest message per key within `dedup_keep`, rebuilt from
     /// `dedup_log` at open. Changed only after the commit that logged the change.
     pub(super) dedup: HashMap<u64, DedupEntry>,
+    /// Held rows (row id -> size), mirroring the `held` table, so a delivered mark looks at the
+    /// table only for a row that is held.
+    held: HashMap<i64, u64>,
+    held_bytes: u64,
 }
 
 /// What a failed group puts back: everything its commands may have advanced.
@@ -199,6 +212,8 @@ struct Snapshot {
     pending_bytes: u64,
     total_bytes: u64,
     quarantine_bytes: u64,
+    held: HashMap<i64, u64>,
+    held_bytes: u64,
 }
 
 fn meta_i64(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
@@ -278,6 +293,24 @@ impl WriterState {
         let dedup = dedup::load_index(conn, opts.dedup_keep).map_err(&e)?;
         let wal = wal_path(path);
         let used_bytes = space::used_bytes(conn, &wal).map_err(&e)?;
+        // A hold only ever names an undelivered row; drop any that outlived its row.
+        conn.execute(
+            "DELETE FROM held WHERE row_id NOT IN (SELECT id FROM pending)",
+            [],
+        )
+        .map_err(&e)?;
+        let mut held = HashMap::new();
+        let mut stmt = conn
+            .prepare("SELECT h.row_id, p.size FROM held h JOIN pending p ON p.id = h.row_id")
+            .map_err(&e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(&e)?;
+        for row in rows {
+            let (id, size) = row.map_err(&e)?;
+            held.insert(id, size as u64);
+        }
+        let held_bytes = held.values().sum();
         Ok(WriterState {
             opts,
             last_seq,
@@ -295,6 +328,8 @@ impl WriterState {
             last_cap_prune: None,
             refused_at: None,
             dedup,
+            held,
+            held_bytes,
         })
     }
 
@@ -324,6 +359,9 @@ impl WriterState {
         g.pruned_early.store(self.pruned_early, Ordering::Relaxed);
         g.retention_cut_at_us
             .store(self.retention_cut_at_us, Ordering::Relaxed);
+        g.held_count
+            .store(self.held.len() as u64, Ordering::Relaxed);
+        g.held_bytes.store(self.held_bytes, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -335,6 +373,8 @@ impl WriterState {
             pending_bytes: self.pending_bytes,
             total_bytes: self.total_bytes,
             quarantine_bytes: self.quarantine_bytes,
+            held: self.held.clone(),
+            held_bytes: self.held_bytes,
         }
     }
 
@@ -346,6 +386,8 @@ impl WriterState {
         self.pending_bytes = s.pending_bytes;
         self.total_bytes = s.total_bytes;
         self.quarantine_bytes = s.quarantine_bytes;
+        self.held = s.held;
+        self.held_bytes = s.held_bytes;
     }
 
     /// Measure the bytes on disk again (after a commit or a prune).
@@ -644,6 +686,20 @@ fn send_answer(cmd: Cmd, a: Answer, gauges: &OutboxGauges) {
         (Cmd::Flush(done), _) => {
             let _ = done.send(());
         }
+        (Cmd::Hold(_, reply), a) => {
+            let r = match a {
+                Answer::Hold(r) => r,
+                _ => missing(),
+            };
+            let _ = reply.send(r);
+        }
+        (Cmd::Unhold(_, reply), a) => {
+            let r = match a {
+                Answer::Unhold(r) => r,
+                _ => missing(),
+            };
+            let _ = reply.send(r);
+        }
         (Cmd::MarkDelivered(_) | Cmd::PutMeta(..) | Cmd::Prune, _) => {}
     }
 }
@@ -761,6 +817,8 @@ impl<'t> Group<'t> {
             Cmd::PutMeta(key, value) => self.put_meta(key, value).map(|()| Answer::Nothing),
             Cmd::Quarantine(m, _) => self.quarantine(m).map(Answer::Value),
             Cmd::ForgetRejected(id, _) => self.forget_rejected(*id).map(|()| Answer::Done(Ok(()))),
+            Cmd::Hold(h, _) => self.hold(h).map(|o| Answer::Hold(Ok(o))),
+            Cmd::Unhold(which, _) => self.unhold(*which).map(|u| Answer::Unhold(Ok(u))),
         }
     }
 
@@ -897,7 +955,8 @@ impl<'t> Group<'t> {
 
     /// Mark rows delivered: a few bytes each (the row leaves `pending`, its id and time join
     /// the `delivered` log); the message itself is not touched. A row already delivered (or
-    /// gone) is left alone.
+    /// gone) is left alone. A held row that was delivered anyway (resent by a replay) is no
+    /// longer held.
     fn mark_delivered(&mut self, ids: &[i64]) -> rusqlite::Result<()> {
         let (mut count, mut bytes) = (0u64, 0u64);
         for &id in ids {
@@ -909,12 +968,73 @@ impl<'t> Group<'t> {
                 self.log_delivered.execute(params![id, self.now])?;
                 count += 1;
                 bytes += size as u64;
+                if let Some(held) = self.state.held.remove(&id) {
+                    self.db
+                        .prepare_cached("DELETE FROM held WHERE row_id = ?1")?
+                        .execute(params![id])?;
+                    self.state.held_bytes -= held;
+                }
             }
         }
         self.state.pending_count -= count;
         self.state.pending_bytes -= bytes;
         self.delivered += count;
         Ok(())
+    }
+
+    /// Set an undelivered row aside: it stays stored and undelivered (its `pending` row
+    /// stays), and the sink's pending reads no longer return it. Holding a held row again
+    /// updates its reason and detail.
+    fn hold(&mut self, h: &Hold) -> rusqlite::Result<HoldOutcome> {
+        let size: Option<i64> = self
+            .db
+            .prepare_cached("SELECT size FROM pending WHERE id = ?1")?
+            .query_row(params![h.row_id], |r| r.get(0))
+            .optional()?;
+        Ok(match size {
+            None => HoldOutcome::NotPending,
+            Some(_) if self.state.held.contains_key(&h.row_id) => {
+                self.db
+                    .prepare_cached("UPDATE held SET reason = ?2, detail = ?3 WHERE row_id = ?1")?
+                    .execute(params![h.row_id, h.reason.as_str(), h.detail])?;
+                HoldOutcome::AlreadyHeld
+            }
+            Some(size) => {
+                self.db
+                    .prepare_cached(
+                        "INSERT INTO held (row_id, reason, detail, since_us) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![h.row_id, h.reason.as_str(), h.detail, self.now])?;
+                self.state.held.insert(h.row_id, size as u64);
+                self.state.held_bytes += size as u64;
+                HoldOutcome::Held
+            }
+        })
+    }
+
+    /// Release one held row, or all of them: they are ordinary undelivered rows again.
+    fn unhold(&mut self, which: Option<i64>) -> rusqlite::Result<Unheld> {
+        let mut row_ids: Vec<i64> = match which {
+            Some(id) => self
+                .state
+                .held
+                .contains_key(&id)
+                .then_some(id)
+                .into_iter()
+                .collect(),
+            None => self.state.held.keys().copied().collect(),
+        };
+        row_ids.sort_unstable();
+        for id in &row_ids {
+            self.db
+                .prepare_cached("DELETE FROM held WHERE row_id = ?1")?
+                .execute(params![id])?;
+            if let Some(size) = self.state.held.remove(id) {
+                self.state.held_bytes -= size;
+            }
+        }
+        Ok(Unheld { row_ids })
     }
 
     fn increment(&mut self, key: &str) -> rusqlite::Result<i64> {

@@ -1,4 +1,5 @@
 //! Sinks: where records leave the appliance.
 
 pub mod control;
+pub mod flow;
 pub mod mqtt;

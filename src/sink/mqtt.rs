@@ -13,7 +13,15 @@
 //!
 //! One task owns the event loop (it only polls and forwards events); the session task owns the
 //! window of records in flight. With MQTT 5, a PUBACK whose reason code is a failure is not a
-//! delivery: the record stays pending, is counted, and is published again after a delay.
+//! delivery. **No record blocks another**: a record that cannot be published is *held* (set
+//! aside in the outbox, listed in health and by `siterelay queue held`) and the rest flow: one
+//! larger than the packet limit of the connection (the smaller of [`packet_limit`] and the
+//! broker's CONNACK Maximum Packet Size; checked before publishing, since rumqttc would end the
+//! connection over it), one refused with a permanent reason code ([`Refusal::permanent`]), one
+//! whose record cannot be built (a panic in the builder included: caught per record). A
+//! transient refusal is retried with backoff before any later record of its feed, while other
+//! feeds flow ([`super::flow`]).
+//!
 //! Control messages (status, health, inventory, replies) go through the same FIFO but outside the
 //! record window and never through the outbox: they are current state, not data.
 
@@ -28,11 +36,12 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{MqttConfig, MqttProtocol};
-use crate::health::{HealthContext, HostFacts};
+use crate::health::{HealthContext, HostFacts, StoreView};
 use crate::inventory::{FeedInventory, FeedInventoryData};
-use crate::outbox::{Outbox, Reader};
+use crate::outbox::{Hold, HoldOutcome, HoldReason, Outbox, OutboxError, PendingRow, Reader};
 use crate::record::{RecordBuilder, rfc3339_us};
 use crate::sink::control::{self, Command, Topics};
+use crate::sink::flow::{Flow, Origin, Outgoing, Refusal};
 use crate::telemetry::Telemetry;
 
 /// Rows read from the outbox per query (also the most records held prefetched).
@@ -41,8 +50,6 @@ const FETCH_BATCH: usize = 512;
 const FETCH_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Delivered marks handed to the outbox writer at once.
 const MARK_BATCH: usize = 256;
-/// Delay before a record refused by the broker (MQTT 5 reason code) is published again.
-const REFUSED_RETRY: Duration = Duration::from_secs(5);
 /// Longest wait for outstanding PUBACKs during a clean shutdown.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 /// Backoff starts here and doubles up to `reconnect_max`.
@@ -96,14 +103,19 @@ pub struct SinkSettings {
 /// Events from either protocol version, reduced to what the sink needs.
 #[derive(Debug)]
 enum SinkEvent {
-    Connected,
+    /// CONNACK, with the broker's Maximum Packet Size when it gave one (MQTT 5).
+    Connected {
+        max_packet: Option<u32>,
+    },
     Sent {
         pkid: u16,
     },
     Acked {
         pkid: u16,
-        failure: Option<String>,
+        failure: Option<Refusal>,
     },
+    /// The broker sent DISCONNECT (MQTT 5), with its reason; the connection ends next.
+    BrokerDisconnect(String),
     Message {
         topic: String,
         payload: Vec<u8>,
@@ -152,13 +164,6 @@ impl Client {
     }
 }
 
-/// One record waiting in the window.
-struct Outgoing {
-    row_id: i64,
-    topic: String,
-    payload: Vec<u8>,
-}
-
 /// A publish queued with rumqttc, as the FIFO knows it.
 enum Queued {
     Record(Outgoing),
@@ -166,7 +171,7 @@ enum Queued {
     Control,
 }
 
-/// A replay command being carried out, a chunk at a time.
+/// A replay command being carried out, a chunk at a time (records flagged `"replay": true`).
 struct ReplayJob {
     feed: String,
     next_seq: u64,
@@ -328,9 +333,11 @@ impl MqttSink {
         rejects: &mut Option<mpsc::Receiver<crate::intake::RejectNotice>>,
         shutdown: &crate::shutdown::Shutdown,
     ) -> SessionEnd {
-        // Delivered marks from the previous session must be committed before we read pending
-        // rows again, or we would resend records the broker already confirmed.
+        // Delivered marks and holds from the previous session must be committed before we read
+        // pending rows again, or we would resend records the broker already confirmed.
         self.outbox.flush().await;
+        // Rows released from hold until now are pending rows like any other: read below.
+        self.outbox.take_released();
         let bdseq = match self.outbox.increment(BDSEQ_KEY).await {
             Ok(v) => v,
             Err(e) => {
@@ -345,21 +352,23 @@ impl MqttSink {
         let appliance = &self.settings.appliance_id;
         let fleet = &self.settings.fleet;
         let window = self.settings.mqtt.max_inflight as usize;
+        let v5 = self.settings.mqtt.protocol == MqttProtocol::V5;
         let appended = self.outbox.appended();
         let mut connected_at: Option<Instant> = None;
+        // The packet limit of this connection (the broker's CONNACK may lower ours).
+        let mut limit = PacketLimit::new(self.settings.max_packet_bytes, None);
+        // What the broker said when it sent DISCONNECT (MQTT 5), for the error that follows.
+        let mut broker_disconnect: Option<String> = None;
         // Queued with rumqttc, waiting for their packet id.
         let mut queued: VecDeque<Queued> = VecDeque::new();
         // Records sent, waiting for PUBACK, by packet id.
         let mut inflight: HashMap<u16, Outgoing> = HashMap::new();
         // Control messages sent and not yet acknowledged.
         let mut control_inflight: usize = 0;
-        // Refused by the broker, to be sent again after a delay.
-        let mut retry: VecDeque<(Instant, Outgoing)> = VecDeque::new();
-        // Highest row id read in this session.
-        let mut cursor: i64 = 0;
+        // Records read and built, waiting for room in the window, and the feeds set apart by
+        // a transient refusal (see `flow.rs`).
+        let mut flow = Flow::default();
         let mut caught_up = false;
-        // Records read from the outbox and built, waiting for room in the window.
-        let mut ready: VecDeque<Outgoing> = VecDeque::new();
         let mut replay: Option<ReplayJob> = None;
         let mut delivered: Vec<i64> = Vec::new();
         let mut draining_since: Option<Instant> = None;
@@ -376,13 +385,24 @@ impl MqttSink {
         let mut last_inventory: Option<Instant> = None;
         let mut inventory_dirty = false;
 
-        // Queue a control publish (outside the record window).
+        // Queue a control publish (outside the record window). One the broker would not take
+        // (larger than the packet limit) is dropped, never sent: it would end the connection.
         macro_rules! control {
             ($topic:expr, $payload:expr, $retain:expr) => {{
-                if client.try_publish($topic, $payload, $retain) {
+                let topic: &str = $topic;
+                let payload: Vec<u8> = $payload;
+                let size = publish_packet_size(topic, payload.len(), v5);
+                if size > limit.bytes {
+                    warn!(
+                        topic,
+                        size,
+                        limit = limit.bytes,
+                        "control message dropped: larger than the MQTT packet limit"
+                    );
+                } else if client.try_publish(topic, payload, $retain) {
                     queued.push_back(Queued::Control);
                 } else {
-                    warn!(topic = %$topic, "control message dropped: MQTT request queue full");
+                    warn!(topic, "control message dropped: MQTT request queue full");
                 }
             }};
         }
@@ -392,70 +412,26 @@ impl MqttSink {
                 .iter()
                 .filter(|q| matches!(q, Queued::Record(_)))
                 .count()
-                + inflight.len()
-                + retry.len();
+                + inflight.len();
             // Fill the window while connected.
             if connected_at.is_some() && draining_since.is_none() {
-                // Records refused earlier whose delay has passed (they already count in the window).
-                let now = Instant::now();
-                while retry.front().is_some_and(|(t, _)| *t <= now) {
-                    let (_, o) = retry.pop_front().expect("checked");
-                    if !client.try_publish(&o.topic, o.payload.clone(), false) {
-                        retry.push_front((now, o));
-                        break;
-                    }
-                    counters.published.fetch_add(1, Ordering::Relaxed);
-                    queued.push_back(Queued::Record(o));
-                }
-                // Keep a prefetched buffer so publishing never waits on a database read.
-                if ready.len() < FETCH_BATCH / 2 && !caught_up {
-                    let want = FETCH_BATCH - ready.len();
-                    match self.fetch(reader, cursor, want).await {
-                        Ok(rows) => {
-                            // Empty means caught up (a short read may only mean the byte budget).
-                            caught_up = rows.is_empty();
-                            if let Some(last) = rows.last() {
-                                cursor = last.row_id;
-                            }
-                            ready.extend(rows);
-                        }
-                        Err(e) => {
-                            break SessionEnd::Failed {
-                                error: format!("reading the outbox: {e}"),
-                                connected_for: connected_at.map(|t| t.elapsed()),
-                            };
-                        }
-                    }
-                }
-                if ready.is_empty()
-                    && let Some(job) = &mut replay
+                if let Err(error) = self
+                    .refill(reader, &mut flow, &mut caught_up, &mut replay, limit)
+                    .await
                 {
-                    match self.fetch_replay(reader, job).await {
-                        Ok(rows) => {
-                            if rows.is_empty() || job.remaining == 0 {
-                                info!(feed = %job.feed, "replay finished");
-                                replay = None;
-                            }
-                            ready.extend(rows);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "replay stopped: cannot read the outbox");
-                            replay = None;
-                        }
-                    }
+                    break SessionEnd::Failed {
+                        error,
+                        connected_for: connected_at.map(|t| t.elapsed()),
+                    };
                 }
-                let mut in_window = queued
-                    .iter()
-                    .filter(|q| matches!(q, Queued::Record(_)))
-                    .count()
-                    + inflight.len()
-                    + retry.len();
+                let now = Instant::now();
+                let mut in_window = records_in_window;
                 while in_window < window {
-                    let Some(o) = ready.pop_front() else { break };
+                    let Some(o) = flow.next(now) else { break };
                     if !client.try_publish(&o.topic, o.payload.clone(), false) {
                         // The request channel is sized to the window, so this does not happen;
                         // if it did, the record simply waits for the next turn.
-                        ready.push_front(o);
+                        flow.put_back(o);
                         break;
                     }
                     counters.published.fetch_add(1, Ordering::Relaxed);
@@ -499,16 +475,25 @@ impl MqttSink {
                 sent_order.pop_front();
             }
             let ack_deadline = sent_order.front().map(|(_, _, t)| *t + ack_timeout);
-            let next_retry = retry.front().map(|(t, _)| *t);
+            let next_retry = flow.next_retry();
             let room = records_in_window < window;
             let connected = connected_at.is_some();
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(SinkEvent::Connected) => {
+                    Some(SinkEvent::Connected { max_packet }) => {
                         counters.connects.fetch_add(1, Ordering::Relaxed);
                         counters.connected.store(1, Ordering::Relaxed);
                         connected_at = Some(Instant::now());
-                        info!(broker = %format!("{}:{}", self.settings.mqtt.host, self.settings.mqtt.port), bdseq, "connected to MQTT broker");
+                        limit = PacketLimit::new(self.settings.max_packet_bytes, max_packet);
+                        counters.packet_limit.store(limit.bytes as u64, Ordering::Relaxed);
+                        counters.broker_max_packet.store(u64::from(max_packet.unwrap_or(0)), Ordering::Relaxed);
+                        info!(
+                            broker = %format!("{}:{}", self.settings.mqtt.host, self.settings.mqtt.port),
+                            bdseq,
+                            packet_limit = limit.bytes,
+                            broker_max_packet = ?max_packet,
+                            "connected to MQTT broker"
+                        );
                         control!(&self.topics.status, self.birth_payload(bdseq), true);
                         if !client.try_subscribe(&self.topics.commands) {
                             warn!("could not subscribe to commands");
@@ -533,16 +518,26 @@ impl MqttSink {
                                 None => {
                                     counters.acked.fetch_add(1, Ordering::Relaxed);
                                     delivered.push(o.row_id);
+                                    flow.settled(&o.feed, o.row_id, Instant::now());
                                 }
-                                Some(reason) => {
+                                Some(r) if r.permanent() => {
                                     counters.refused.fetch_add(1, Ordering::Relaxed);
-                                    warn!(row = o.row_id, reason = %reason, "broker refused a record; it stays pending");
-                                    retry.push_back((Instant::now() + REFUSED_RETRY, o));
+                                    self.hold_row(&o, HoldReason::Refused, format!("the broker refused it: {}", r.describe())).await;
+                                    flow.settled(&o.feed, o.row_id, Instant::now());
+                                }
+                                Some(r) => {
+                                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                                    if o.origin == Origin::Replay {
+                                        warn!(feed = %o.feed, seq = o.seq, reason = %r.describe(), "broker refused a replayed record; it is not replayed again");
+                                    } else {
+                                        warn!(feed = %o.feed, seq = o.seq, row = o.row_id, reason = %r.describe(), "broker refused a record for now; it is published again after a backoff, before any later record of its feed");
+                                    }
+                                    flow.refused(o, Instant::now());
                                 }
                             }
                         } else {
-                            if let Some(reason) = failure {
-                                warn!(reason = %reason, "broker refused a control message");
+                            if let Some(r) = failure {
+                                warn!(reason = %r.describe(), "broker refused a control message");
                             }
                             control_inflight = control_inflight.saturating_sub(1);
                         }
@@ -599,9 +594,13 @@ impl MqttSink {
                             control!(&self.topics.replies, control::reply(appliance, &req, result, &now), false);
                         }
                     }
+                    Some(SinkEvent::BrokerDisconnect(reason)) => broker_disconnect = Some(reason),
                     Some(SinkEvent::Disconnected) => {}
                     Some(SinkEvent::Failed(error)) => break SessionEnd::Failed {
-                        error,
+                        error: match broker_disconnect.take() {
+                            Some(reason) => format!("{error} (the broker sent DISCONNECT: {reason})"),
+                            None => error,
+                        },
                         connected_for: connected_at.map(|t| t.elapsed()),
                     },
                     None => break SessionEnd::Failed {
@@ -619,7 +618,7 @@ impl MqttSink {
                         control!(&topic, serde_json::to_vec(&v).unwrap_or_default(), false);
                     }
                 }
-                _ = sleep_until_opt(next_retry), if next_retry.is_some() => {}
+                _ = sleep_until_opt(next_retry), if next_retry.is_some() && connected => {}
                 _ = sleep_until_opt(ack_deadline), if ack_deadline.is_some() => {
                     break SessionEnd::Failed {
                         error: format!("no PUBACK within {}s: dropping the connection to resend", ack_timeout.as_secs()),
@@ -664,8 +663,7 @@ impl MqttSink {
                     // Save what the inventory learned.
                     self.inventory_payload().await;
                     draining_since = Some(Instant::now());
-                    retry.clear();
-                    ready.clear();
+                    flow.clear();
                     replay = None;
                 }
             }
@@ -674,6 +672,148 @@ impl MqttSink {
             self.outbox.mark_delivered(delivered).await;
         }
         end
+    }
+
+    /// Read what the window will need next: rows released from hold, the main stream (a
+    /// prefetched buffer, so publishing never waits on a database read), the rows of feeds set
+    /// apart, and a replay's next chunk. Rows that cannot be published are held here.
+    async fn refill(
+        &self,
+        reader: &mut Option<Reader>,
+        flow: &mut Flow,
+        caught_up: &mut bool,
+        replay: &mut Option<ReplayJob>,
+        limit: PacketLimit,
+    ) -> Result<(), String> {
+        let released = self.outbox.take_released();
+        if !released.is_empty() {
+            let p = self
+                .prepare(reader, limit, Origin::Released, Vec::new(), move |r| {
+                    r.pending_rows(&released)
+                })
+                .await
+                .map_err(|e| format!("reading the outbox: {e}"))?;
+            self.hold_all(p.holds).await;
+            flow.add_released(p.rows);
+        }
+        if flow.ready_len() < FETCH_BATCH / 2 && !*caught_up {
+            let (after, want) = (flow.cursor(), FETCH_BATCH - flow.ready_len());
+            let p = self
+                .prepare(reader, limit, Origin::Stream, flow.gated(), move |r| {
+                    r.pending_after(after, want, FETCH_MAX_BYTES)
+                })
+                .await
+                .map_err(|e| format!("reading the outbox: {e}"))?;
+            // Nothing read means caught up (a short read may only mean the byte budget).
+            *caught_up = p.last_row.is_none();
+            self.hold_all(p.holds).await;
+            flow.add_stream(p.rows, p.last_row);
+        }
+        while let Some((feed, after, upto)) = flow.gate_read() {
+            let f = feed.clone();
+            let p = self
+                .prepare(reader, limit, Origin::Stream, Vec::new(), move |r| {
+                    r.pending_of_feed(&f, after, upto, FETCH_BATCH, FETCH_MAX_BYTES)
+                })
+                .await
+                .map_err(|e| format!("reading the outbox: {e}"))?;
+            self.hold_all(p.holds).await;
+            flow.add_gate_rows(&feed, p.rows, p.last_row, upto);
+        }
+        if flow.wants_replay()
+            && let Some(job) = replay
+        {
+            let (feed, from, n) = (
+                job.feed.clone(),
+                job.next_seq,
+                job.remaining.min(FETCH_BATCH),
+            );
+            match self
+                .prepare(reader, limit, Origin::Replay, Vec::new(), move |r| {
+                    r.feed_rows_from(&feed, from, n)
+                })
+                .await
+            {
+                Ok(p) => {
+                    let read = p.rows.len() + p.holds.len();
+                    if let Some(seq) = p.last_seq {
+                        job.next_seq = seq + 1;
+                    }
+                    job.remaining = job.remaining.saturating_sub(read);
+                    if read == 0 || job.remaining == 0 {
+                        info!(feed = %job.feed, "replay finished");
+                        *replay = None;
+                    }
+                    self.hold_all(p.holds).await;
+                    flow.add_replay(p.rows);
+                }
+                Err(e) => {
+                    warn!(error = %e, "replay stopped: cannot read the outbox");
+                    *replay = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hold rows that cannot be published.
+    async fn hold_all(&self, holds: Vec<(Outgoing, HoldReason, String)>) {
+        for (o, reason, detail) in holds {
+            self.hold_row(&o, reason, detail).await;
+        }
+    }
+
+    /// Set one row aside (committed before this returns, so no later read returns it) and say
+    /// so. Its feed goes on.
+    async fn hold_row(&self, o: &Outgoing, reason: HoldReason, detail: String) {
+        let (feed, seq, row) = (o.feed.as_str(), o.seq, o.row_id);
+        let what = reason.as_str();
+        match self
+            .outbox
+            .hold(Hold {
+                row_id: o.row_id,
+                reason,
+                detail: detail.clone(),
+            })
+            .await
+        {
+            Ok(HoldOutcome::Held) => warn!(
+                feed,
+                seq,
+                row,
+                reason = what,
+                detail,
+                "record held: it cannot be published as it is; later records go on (see siterelay queue held)"
+            ),
+            Ok(HoldOutcome::AlreadyHeld) => {
+                warn!(
+                    feed,
+                    seq,
+                    row,
+                    reason = what,
+                    detail,
+                    "held record still cannot be published; it stays held"
+                )
+            }
+            Ok(HoldOutcome::NotPending) => {
+                warn!(
+                    feed,
+                    seq,
+                    row,
+                    reason = what,
+                    detail,
+                    "record cannot be published (already delivered: not held)"
+                )
+            }
+            Err(e) => error!(
+                feed,
+                seq,
+                row,
+                reason = what,
+                error = %e,
+                "could not record the hold; the record stays pending and is tried again on the next connection"
+            ),
+        }
     }
 
     /// The birth certificate of the connection numbered `bdseq`.
@@ -690,7 +830,8 @@ impl MqttSink {
     }
 
     /// What counts as a significant change: peers per feed, backlog empty or not, broker errors,
-    /// store-full refusals, the disk running short, delivered records pruned early.
+    /// store-full refusals, the disk running short, delivered records pruned early, records held
+    /// or released.
     fn signature(&self) -> Vec<u64> {
         let t = &self.telemetry;
         let mut sig: Vec<u64> = self
@@ -706,25 +847,26 @@ impl MqttSink {
         sig.push(g.refused_full.load(Ordering::Relaxed));
         sig.push(u64::from(g.space_short.load(Ordering::Relaxed)));
         sig.push(g.pruned_early.load(Ordering::Relaxed));
+        sig.push(g.held_count.load(Ordering::Relaxed));
         sig.push(t.sink.refused.load(Ordering::Relaxed));
         sig
     }
 
-    /// Build a health report (reads the oldest pending time off the async threads).
+    /// Build a health report (reads the oldest pending time and the held records off the async
+    /// threads).
     async fn health_payload(
         &self,
         reader: &mut Option<Reader>,
         delivered_base: &mut u64,
     ) -> Vec<u8> {
-        let oldest = self
-            .with_reader(reader, |r| r.oldest_pending_us())
+        let store = self
+            .with_reader(reader, StoreView::read)
             .await
-            .ok()
-            .flatten();
+            .unwrap_or_default();
         let delivered = self.outbox.gauges().delivered.load(Ordering::Relaxed);
         let interval = delivered.saturating_sub(*delivered_base);
         *delivered_base = delivered;
-        let report = self.settings.fleet.health.report(oldest, interval);
+        let report = self.settings.fleet.health.report(&store, interval);
         serde_json::to_vec(&report).expect("health serialises")
     }
 
@@ -769,13 +911,17 @@ impl MqttSink {
         .expect("inventory serialises")
     }
 
-    /// Run `f` on the reader off the async threads.
+    /// Run `f` on the reader off the async threads. A reader lost to a failed task is opened
+    /// again on the next use, so one failure never leaves the sink without one.
     async fn with_reader<T: Send + 'static>(
         &self,
         reader: &mut Option<Reader>,
-        f: impl FnOnce(&Reader) -> Result<T, crate::outbox::OutboxError> + Send + 'static,
+        f: impl FnOnce(&Reader) -> Result<T, OutboxError> + Send + 'static,
     ) -> Result<T, String> {
-        let r = reader.take().expect("reader is returned after every use");
+        let r = match reader.take() {
+            Some(r) => r,
+            None => self.outbox.reader().map_err(|e| e.to_string())?,
+        };
         let (r, result) = tokio::task::spawn_blocking(move || {
             let out = f(&r);
             (r, out)
@@ -784,30 +930,6 @@ impl MqttSink {
         .map_err(|e| format!("reader task failed: {e}"))?;
         *reader = Some(r);
         result.map_err(|e| e.to_string())
-    }
-
-    /// Read up to `limit` pending rows after `cursor` and build their records.
-    async fn fetch(
-        &self,
-        reader: &mut Option<Reader>,
-        cursor: i64,
-        limit: usize,
-    ) -> Result<Vec<Outgoing>, String> {
-        let builder = self.settings.records.clone();
-        let prefix = self.settings.mqtt.topic_prefix.clone();
-        let appliance = self.settings.appliance_id.clone();
-        self.with_reader(reader, move |r| {
-            r.pending_after(cursor, limit, FETCH_MAX_BYTES).map(|rows| {
-                rows.iter()
-                    .map(|row| Outgoing {
-                        row_id: row.row_id,
-                        topic: RecordBuilder::topic(&prefix, &appliance, &row.feed),
-                        payload: builder.build(row),
-                    })
-                    .collect()
-            })
-        })
-        .await
     }
 
     async fn replay_range(
@@ -821,44 +943,131 @@ impl MqttSink {
             .await
     }
 
-    /// The next chunk of a replay, records flagged `"replay": true`.
-    async fn fetch_replay(
+    /// Read rows with `read` and turn each into a record, or into a hold: a record that cannot
+    /// be built (the builder failed or panicked) or that is larger than `limit` as a PUBLISH.
+    /// Rows of the feeds in `skip` (set apart: their gate reads them) only count as read.
+    async fn prepare(
         &self,
         reader: &mut Option<Reader>,
-        job: &mut ReplayJob,
-    ) -> Result<Vec<Outgoing>, String> {
+        limit: PacketLimit,
+        origin: Origin,
+        skip: Vec<String>,
+        read: impl FnOnce(&Reader) -> Result<Vec<PendingRow>, OutboxError> + Send + 'static,
+    ) -> Result<Prepared, String> {
         let builder = self.settings.records.clone();
         let prefix = self.settings.mqtt.topic_prefix.clone();
         let appliance = self.settings.appliance_id.clone();
-        let (feed, from, limit) = (
-            job.feed.clone(),
-            job.next_seq,
-            job.remaining.min(FETCH_BATCH),
-        );
-        let rows = self
-            .with_reader(reader, move |r| {
-                r.feed_rows_from(&feed, from, limit).map(|rows| {
-                    rows.iter()
-                        .map(|row| {
-                            (
-                                row.seq,
-                                Outgoing {
-                                    row_id: row.row_id,
-                                    topic: RecordBuilder::topic(&prefix, &appliance, &row.feed),
-                                    payload: builder.build_with(row, true),
-                                },
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
+        let v5 = self.settings.mqtt.protocol == MqttProtocol::V5;
+        self.with_reader(reader, move |r| {
+            read(r).map(|rows| {
+                let mut p = Prepared::default();
+                for row in &rows {
+                    p.last_row = Some(row.row_id);
+                    p.last_seq = Some(row.seq);
+                    if skip.contains(&row.feed) {
+                        continue;
+                    }
+                    let topic = RecordBuilder::topic(&prefix, &appliance, &row.feed);
+                    let out = |topic: String, payload: Vec<u8>| Outgoing {
+                        row_id: row.row_id,
+                        feed: row.feed.clone(),
+                        seq: row.seq,
+                        topic,
+                        payload,
+                        origin,
+                    };
+                    match builder.try_build(row, origin == Origin::Replay) {
+                        Err(e) => {
+                            p.holds
+                                .push((out(topic, Vec::new()), HoldReason::Unbuildable, e));
+                        }
+                        Ok(payload) => {
+                            let size = publish_packet_size(&topic, payload.len(), v5);
+                            if size > limit.bytes {
+                                let detail = format!(
+                                    "the record is {size} bytes as an MQTT packet; the limit is {} bytes ({})",
+                                    limit.bytes,
+                                    limit.source()
+                                );
+                                p.holds
+                                    .push((out(topic, Vec::new()), HoldReason::TooLarge, detail));
+                            } else {
+                                p.rows.push(out(topic, payload));
+                            }
+                        }
+                    }
+                }
+                p
             })
-            .await?;
-        if let Some((seq, _)) = rows.last() {
-            job.next_seq = seq + 1;
-        }
-        job.remaining = job.remaining.saturating_sub(rows.len());
-        Ok(rows.into_iter().map(|(_, o)| o).collect())
+        })
+        .await
     }
+}
+
+/// Rows read and turned into records (or into holds), and how far the read went.
+#[derive(Default)]
+struct Prepared {
+    rows: Vec<Outgoing>,
+    /// Rows to hold instead (the record's payload left empty), why, and what exactly.
+    holds: Vec<(Outgoing, HoldReason, String)>,
+    /// Row id and seq of the last row read (published or held).
+    last_row: Option<i64>,
+    last_seq: Option<u64>,
+}
+
+/// The MQTT packet limit of one connection: the smaller of our own and the broker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PacketLimit {
+    bytes: usize,
+    /// The broker's CONNACK Maximum Packet Size is the smaller.
+    broker: bool,
+}
+
+impl PacketLimit {
+    fn new(own: usize, broker: Option<u32>) -> PacketLimit {
+        match broker {
+            Some(b) if (b as usize) < own => PacketLimit {
+                bytes: b as usize,
+                broker: true,
+            },
+            _ => PacketLimit {
+                bytes: own,
+                broker: false,
+            },
+        }
+    }
+
+    fn source(self) -> &'static str {
+        if self.broker {
+            "the broker's Maximum Packet Size"
+        } else {
+            "siterelay's own limit, from the largest max_message_bytes"
+        }
+    }
+}
+
+/// Our own MQTT packet limit, for messages of up to `max_message_bytes` (the largest any feed or
+/// port accepts): JSON escaping can grow control characters six-fold, plus room for the
+/// envelope; at most 256 MiB (MQTT's own maximum). Applied to what we send and what we accept.
+pub fn packet_limit(max_message_bytes: u64) -> usize {
+    max_message_bytes
+        .saturating_mul(6)
+        .saturating_add(64 * 1024)
+        .min(256 * 1024 * 1024) as usize
+}
+
+/// Size on the wire of a QoS 1 PUBLISH of `payload` bytes on `topic`, counted as rumqttc counts
+/// it against a maximum packet size: fixed header, topic, packet id, and for MQTT 5 an empty
+/// property length.
+fn publish_packet_size(topic: &str, payload: usize, v5: bool) -> usize {
+    let remaining = 2 + topic.len() + 2 + usize::from(v5) + payload;
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + remaining
 }
 
 /// The published form of one feed's inventory.
@@ -905,72 +1114,120 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
+/// An MQTT 5 PUBACK reason as a refusal (`None`: delivered).
+fn refusal(reason: rumqttc::v5::mqttbytes::v5::PubAckReason) -> Option<Refusal> {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+    let code = match reason {
+        R::Success | R::NoMatchingSubscribers => return None,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    };
+    Some(Refusal { code })
+}
+
+/// Forward rumqttc's events to the session until the connection ends or the session is gone.
+/// When the connection ends, rumqttc may already have read packets that arrived with the end
+/// (a broker that answers a PUBLISH and closes at once, as Mosquitto 2.0 does after refusing
+/// one): those events are still in its queue and are forwarded before the failure, so no
+/// PUBACK is lost.
 async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-    use rumqttc::v5::{Event, Incoming};
     loop {
         // Stop polling (and drop the connection) as soon as the session has ended.
         let polled = tokio::select! {
             p = el.poll() => p,
             _ = tx.closed() => return,
         };
-        let ev = match polled {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
-            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => SinkEvent::Disconnected,
-            Ok(Event::Incoming(Packet::Publish(p))) => SinkEvent::Message {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload.to_vec(),
-            },
-            Ok(Event::Incoming(Packet::PubAck(ack))) => SinkEvent::Acked {
-                pkid: ack.pkid,
-                failure: match ack.reason {
-                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
-                    other => Some(format!("{other:?}")),
-                },
-            },
-            Ok(_) => continue,
+        match polled {
+            Ok(ev) => {
+                if let Some(ev) = v5_event(ev)
+                    && tx.send(ev).await.is_err()
+                {
+                    return;
+                }
+            }
             Err(e) => {
+                for ev in el.state.events.drain(..).filter_map(v5_event) {
+                    let _ = tx.send(ev).await;
+                }
                 let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
                 return;
             }
-        };
-        if tx.send(ev).await.is_err() {
-            return;
         }
     }
 }
 
+fn v5_event(ev: rumqttc::v5::Event) -> Option<SinkEvent> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{Event, Incoming};
+    Some(match ev {
+        Event::Incoming(Incoming::ConnAck(ack)) => SinkEvent::Connected {
+            max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
+        },
+        Event::Incoming(Packet::Disconnect(d)) => {
+            SinkEvent::BrokerDisconnect(format!("{:?}", d.reason_code))
+        }
+        Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => SinkEvent::Sent { pkid },
+        Event::Outgoing(rumqttc::Outgoing::Disconnect) => SinkEvent::Disconnected,
+        Event::Incoming(Packet::Publish(p)) => SinkEvent::Message {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload.to_vec(),
+        },
+        Event::Incoming(Packet::PubAck(ack)) => SinkEvent::Acked {
+            pkid: ack.pkid,
+            failure: refusal(ack.reason),
+        },
+        _ => return None,
+    })
+}
+
+/// As [`pump_v5`], for MQTT 3.1.1.
 async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
-    use rumqttc::{Event, Incoming, Outgoing};
     loop {
         // Stop polling (and drop the connection) as soon as the session has ended.
         let polled = tokio::select! {
             p = el.poll() => p,
             _ = tx.closed() => return,
         };
-        let ev = match polled {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => SinkEvent::Connected,
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => SinkEvent::Sent { pkid },
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => SinkEvent::Disconnected,
-            Ok(Event::Incoming(Incoming::Publish(p))) => SinkEvent::Message {
-                topic: p.topic.clone(),
-                payload: p.payload.to_vec(),
-            },
-            Ok(Event::Incoming(Incoming::PubAck(ack))) => SinkEvent::Acked {
-                pkid: ack.pkid,
-                failure: None,
-            },
-            Ok(_) => continue,
+        match polled {
+            Ok(ev) => {
+                if let Some(ev) = v311_event(ev)
+                    && tx.send(ev).await.is_err()
+                {
+                    return;
+                }
+            }
             Err(e) => {
+                for ev in el.state.events.drain(..).filter_map(v311_event) {
+                    let _ = tx.send(ev).await;
+                }
                 let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
                 return;
             }
-        };
-        if tx.send(ev).await.is_err() {
-            return;
         }
     }
+}
+
+fn v311_event(ev: rumqttc::Event) -> Option<SinkEvent> {
+    use rumqttc::{Event, Incoming, Outgoing};
+    Some(match ev {
+        Event::Incoming(Incoming::ConnAck(_)) => SinkEvent::Connected { max_packet: None },
+        Event::Outgoing(Outgoing::Publish(pkid)) => SinkEvent::Sent { pkid },
+        Event::Outgoing(Outgoing::Disconnect) => SinkEvent::Disconnected,
+        Event::Incoming(Incoming::Publish(p)) => SinkEvent::Message {
+            topic: p.topic.clone(),
+            payload: p.payload.to_vec(),
+        },
+        Event::Incoming(Incoming::PubAck(ack)) => SinkEvent::Acked {
+            pkid: ack.pkid,
+            failure: None,
+        },
+        _ => return None,
+    })
 }
 
 /// The error text plus, for the TLS failures an installer meets, what to check.
@@ -1039,6 +1296,145 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_packet_limit_covers_every_source_a_serial_only_box_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "appliance_id = \"box\"\norganisation = \"RXX\"\ndata_dir = \"{}\"\n\
+             [mqtt]\nhost = \"localhost\"\ninsecure_plaintext = true\n\
+             [[serial]]\nname = \"monitor\"\ndevice = \"/dev/ttyUSB0\"\nprotocol = \"lines\"\n\
+             max_message_bytes = \"1 MiB\"\n",
+            dir.path().display()
+        );
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        assert!(cfg.mllp.is_empty());
+        assert_eq!(cfg.max_message_bytes(), 1 << 20);
+        let limit = packet_limit(cfg.max_message_bytes());
+        // A 1 MiB line whose every byte JSON escapes six-fold, with the record around it.
+        assert!(limit >= 6 << 20, "{limit}");
+        // The largest of every feed and port counts.
+        let with_mllp = text
+            + "[[mllp]]\nname = \"adt\"\nlisten = \"127.0.0.1:0\"\nmax_message_bytes = \"64 KiB\"\n";
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &with_mllp).unwrap();
+        assert_eq!(cfg.max_message_bytes(), 1 << 20);
+        assert_eq!(packet_limit(64 << 20), 256 << 20, "MQTT's own maximum");
+    }
+
+    #[test]
+    fn a_publish_is_measured_as_rumqttc_measures_it() {
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+        for payload in [0usize, 100, 200, 20_000, 3_000_000] {
+            let mut p = Publish::new(
+                "siterelay/box/records/lab",
+                QoS::AtLeastOnce,
+                vec![b'x'; payload],
+                None,
+            );
+            p.pkid = 7;
+            let mut buf = bytes::BytesMut::new();
+            let written = Packet::Publish(p).write(&mut buf, None).unwrap();
+            assert_eq!(written, buf.len());
+            assert_eq!(
+                publish_packet_size("siterelay/box/records/lab", payload, true),
+                buf.len()
+            );
+        }
+        let mut p = rumqttc::Publish::new("t/a", rumqttc::QoS::AtLeastOnce, vec![b'x'; 300]);
+        p.pkid = 7;
+        assert_eq!(publish_packet_size("t/a", 300, false), p.size());
+    }
+
+    /// A bug in the record builder (a panic, injected by a test-build hook on a marker) holds that
+    /// one record as `unbuildable`; the sink keeps forwarding everything after it, on the same
+    /// feed and later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_building_a_record_holds_it_and_the_sink_keeps_forwarding() {
+        use crate::record::test_hook::PANIC_MARKER;
+        use siterelay_testkit::{BrokerOptions, Pki, Subscriber, TestBroker};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(dir.path(), "p").unwrap();
+        let broker = TestBroker::start(BrokerOptions::from_pki(&pki))
+            .await
+            .unwrap();
+        let mut sub = Subscriber::connect(broker.port(), &pki, None, "siterelay/box/records/#")
+            .await
+            .unwrap();
+        let text = format!(
+            "appliance_id = \"box\"\norganisation = \"RXX\"\ndata_dir = \"{data}\"\n\
+             [mqtt]\nhost = \"localhost\"\nport = {port}\nca_file = \"{ca}\"\n\
+             cert_file = \"{cert}\"\nkey_file = \"{key}\"\nreconnect_max = \"1s\"\n\
+             [[mllp]]\nname = \"adt\"\nlisten = \"127.0.0.1:0\"\n",
+            data = dir.path().join("data").display(),
+            port = broker.port(),
+            ca = pki.ca_file().display(),
+            cert = pki.client_cert_file().display(),
+            key = pki.client_key_file().display(),
+        );
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        let d = crate::app::Daemon::start(&cfg).await.unwrap();
+        let stream = tokio::net::TcpStream::connect(d.addr("adt").unwrap())
+            .await
+            .unwrap();
+        let mut c = crate::client::MllpClient::new(stream);
+        let msg = |id: &str, extra: &[u8]| {
+            let mut m = format!(
+                "MSH|^~\\&|PAS|RXX|SITERELAY|HUB|20261130093000||ADT^A01|{id}|P|2.4\rPID|1||123^^^RXX^MR\r"
+            )
+            .into_bytes();
+            m.extend_from_slice(extra);
+            m
+        };
+        let wait = Duration::from_secs(10);
+        let mut bad = b"NTE|1||".to_vec();
+        bad.extend_from_slice(PANIC_MARKER);
+        bad.push(b'\r');
+        assert_eq!(c.send(&msg("BAD", &bad), wait).await.unwrap().code, "AA");
+        for i in 0..5 {
+            assert_eq!(
+                c.send(&msg(&format!("OK{i}"), b""), wait)
+                    .await
+                    .unwrap()
+                    .code,
+                "AA"
+            );
+        }
+        let got = sub.collect(5, Duration::from_secs(20)).await;
+        let seqs: Vec<u64> = got
+            .iter()
+            .map(|(_, p, _)| {
+                serde_json::from_slice::<serde_json::Value>(p).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, [2, 3, 4, 5, 6]);
+        let held = d.outbox().reader().unwrap().held(None, false).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!((held[0].seq, held[0].reason.as_str()), (1, "unbuildable"));
+        assert!(
+            !held[0].detail.contains("PATIENT"),
+            "no content in the detail"
+        );
+        // Still forwarding, on the same connection.
+        assert_eq!(c.send(&msg("LATER", b""), wait).await.unwrap().code, "AA");
+        let (_, p, _) = sub
+            .recv(Duration::from_secs(10))
+            .await
+            .expect("a later record");
+        let r: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(
+            (r["seq"].as_u64(), r["hl7"]["control_id"].as_str()),
+            (Some(7), Some("LATER"))
+        );
+        assert_eq!(self::connects(&d), 1);
+        d.stop().await;
+    }
+
+    fn connects(d: &crate::app::Daemon) -> u64 {
+        d.telemetry().sink.connects.load(Ordering::Relaxed)
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {

@@ -33,7 +33,7 @@ pub mod subscriber;
 pub mod tls;
 pub mod tmpfs;
 
-pub use broker::{BrokerOptions, Fault, TestBroker};
+pub use broker::{BrokerOptions, Fault, Refusal, TestBroker};
 pub use mosquitto::{Mosquitto, mosquitto_available, mosquitto_or_skip};
 pub use pki::{Pki, PkiOptions};
 pub use subscriber::{Received, Subscriber};

@@ -98,6 +98,18 @@ impl Mosquitto {
         acl: Option<&str>,
         port: u16,
     ) -> Result<Mosquitto> {
+        Self::start_with(pki, dir, acl, port, "").await
+    }
+
+    /// Like [`Mosquitto::start_on`], with `extra` lines added to the configuration's global
+    /// section (e.g. `max_packet_size 200000`).
+    pub async fn start_with(
+        pki: &Pki,
+        dir: &Path,
+        acl: Option<&str>,
+        port: u16,
+        extra: &str,
+    ) -> Result<Mosquitto> {
         let bin = find_mosquitto()
             .ok_or_else(|| anyhow!("mosquitto not found (apt-get install mosquitto)"))?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -130,6 +142,7 @@ impl Mosquitto {
              connection_messages true\n\
              allow_anonymous false\n\
              {acl_line}\
+             {extra}\n\
              listener {port} 127.0.0.1\n\
              cafile {ca}\n\
              certfile {cert}\n\
@@ -188,6 +201,17 @@ impl Mosquitto {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
         }
+    }
+
+    /// Rewrites the global `extra` lines of the configuration (the next [`Mosquitto::restart`]
+    /// uses them), e.g. to raise `max_packet_size`.
+    pub fn set_extra_config(&mut self, old: &str, new: &str) -> Result<()> {
+        let text = fs::read_to_string(&self.config_file)?;
+        if !text.contains(old) {
+            bail!("{} does not contain {old:?}", self.config_file.display());
+        }
+        fs::write(&self.config_file, text.replacen(old, new, 1))?;
+        Ok(())
     }
 
     /// Stops Mosquitto if running, then starts it again on the same port with the same config

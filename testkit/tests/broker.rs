@@ -450,3 +450,86 @@ async fn fault_refuse_connect_spares_testkit_subscribers() {
     poll5(&mut el, T, is_puback5).await.unwrap();
     assert_eq!(sub.recv(T).await.unwrap().1, b"in".to_vec());
 }
+
+/// Content-based refusals (a reason code, a number of times, optionally closing the connection
+/// afterwards), and a Maximum Packet Size announced in the v5 CONNACK and enforced on what a
+/// client that does not know it (v3.1.1) sends.
+#[tokio::test]
+async fn refusals_by_content_and_an_announced_enforced_maximum_packet_size() {
+    let (_dir, pki) = Pki::generate_in_tempdir("limits").unwrap();
+    let mut o = BrokerOptions::from_pki(&pki);
+    o.max_packet_size = Some(1000);
+    let broker = TestBroker::start(o).await.unwrap();
+    let opts = client::v5_options("lim5", broker.port(), pki.client_tls_config().unwrap());
+    let (c, mut el) = rumqttc::v5::AsyncClient::new(opts, 100);
+    match poll5(&mut el, T, is_connack5).await.unwrap() {
+        rumqttc::v5::Event::Incoming(P5::ConnAck(ack)) => {
+            assert_eq!(ack.properties.and_then(|p| p.max_packet_size), Some(1000))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let reason = |ev| match ev {
+        rumqttc::v5::Event::Incoming(P5::PubAck(ack)) => ack.reason,
+        other => panic!("unexpected {other:?}"),
+    };
+    broker.set_refusal(Some(siterelay_testkit::Refusal {
+        marker: b"bad".to_vec(),
+        reason: 0x87,
+        then_close: false,
+        times: Some(1),
+    }));
+    for expected in [
+        PubAckReason::NotAuthorized,
+        PubAckReason::NoMatchingSubscribers,
+    ] {
+        c.publish("t/a", QoS5::AtLeastOnce, false, b"a bad one".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            reason(poll5(&mut el, T, is_puback5).await.unwrap()),
+            expected
+        );
+    }
+    c.publish("t/a", QoS5::AtLeastOnce, false, b"fine".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(poll5(&mut el, T, is_puback5).await.unwrap()),
+        PubAckReason::NoMatchingSubscribers
+    );
+    assert_eq!(broker.refused(), 1);
+    // Refuse and close, as Mosquitto 2.0 does after 0x87: the PUBACK still arrives first.
+    broker.set_refusal(Some(siterelay_testkit::Refusal {
+        marker: Vec::new(),
+        reason: 0x97,
+        then_close: true,
+        times: None,
+    }));
+    c.publish("t/a", QoS5::AtLeastOnce, false, b"any".to_vec())
+        .await
+        .unwrap();
+    // rumqttc may read the PUBACK and the close together: it then reports the close and
+    // leaves the PUBACK event in its queue.
+    let ack = match poll5(&mut el, T, is_puback5).await {
+        Ok(ev) => {
+            assert!(poll5(&mut el, T, |_| false).await.is_err(), "closed");
+            ev
+        }
+        Err(_) => el
+            .state
+            .events
+            .drain(..)
+            .find(is_puback5)
+            .expect("the PUBACK came before the close"),
+    };
+    assert_eq!(reason(ack), PubAckReason::QuotaExceeded);
+    broker.set_refusal(None);
+
+    // A v3.1.1 client cannot learn the limit: a larger PUBLISH ends its connection.
+    let (c4, mut el4) = v4_client(broker.port(), &pki, "lim4").await;
+    c4.publish("t/a", rumqttc::QoS::AtLeastOnce, false, vec![b'x'; 2000])
+        .await
+        .unwrap();
+    assert!(poll4(&mut el4, T, is_puback4).await.is_err());
+    assert_eq!(broker.too_large(), 1);
+}

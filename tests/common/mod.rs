@@ -53,6 +53,10 @@ pub struct Broker {
     real_port: u16,
     /// In front of Mosquitto: closed while the broker is down or the appliance is kept out.
     gate: Option<Proxy>,
+    /// Extra global Mosquitto configuration lines (e.g. `max_packet_size 200000`).
+    pub mosquitto_extra: String,
+    /// In-process broker: the Maximum Packet Size it announces and enforces.
+    pub max_packet_size: Option<u32>,
 }
 
 impl Broker {
@@ -76,6 +80,8 @@ impl Broker {
                 Kind::Mosquitto => siterelay_testkit::free_port(),
             },
             gate: None,
+            mosquitto_extra: String::new(),
+            max_packet_size: None,
         }
     }
 
@@ -96,12 +102,19 @@ impl Broker {
             Kind::InProcess => {
                 let mut o = BrokerOptions::from_pki(&env.pki).with_port(self.port);
                 o.fault = fault;
+                o.max_packet_size = self.max_packet_size;
                 Inner::Test(TestBroker::start(o).await.expect("start in-process broker"))
             }
             Kind::Mosquitto => Inner::Mosq(
-                Mosquitto::start_on(&env.pki, &self.dir, self.acl.as_deref(), self.real_port)
-                    .await
-                    .expect("start mosquitto"),
+                Mosquitto::start_with(
+                    &env.pki,
+                    &self.dir,
+                    self.acl.as_deref(),
+                    self.real_port,
+                    &self.mosquitto_extra,
+                )
+                .await
+                .expect("start mosquitto"),
             ),
         };
         if self.kind == Kind::Mosquitto {

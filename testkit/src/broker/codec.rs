@@ -79,6 +79,8 @@ pub enum In {
 pub enum Out {
     ConnAck {
         assigned_client_id: Option<String>,
+        /// v5: the Maximum Packet Size property (what this broker accepts).
+        max_packet_size: Option<u32>,
     },
     /// CONNACK refusing the connection: "server unavailable" (v3.1.1 code 3, v5 0x88).
     ConnRefused,
@@ -197,6 +199,21 @@ pub fn read_connect(buf: &mut BytesMut, v5: bool) -> Result<Option<ConnectInfo>,
             Err(e) => Err(format!("bad CONNECT: {e}")),
         }
     }
+}
+
+/// The whole size of the packet starting `buf` (fixed header included), once its fixed header
+/// is buffered; and whether it is a PUBLISH.
+pub fn peek_packet_size(buf: &[u8]) -> Option<(usize, bool)> {
+    let first = *buf.first()?;
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((1 + i + 1 + len, first >> 4 == 3));
+        }
+    }
+    None
 }
 
 /// Decodes the next packet at the start of `buf`; `Ok(None)` means more bytes are needed.
@@ -438,27 +455,32 @@ fn write_v5(
     buf: &mut BytesMut,
 ) -> Result<bool, String> {
     let packet = match out {
-        Out::ConnAck { assigned_client_id } => v5::Packet::ConnAck(v5::ConnAck {
+        Out::ConnAck {
+            assigned_client_id,
+            max_packet_size,
+        } => v5::Packet::ConnAck(v5::ConnAck {
             session_present: false,
             code: v5::ConnectReturnCode::Success,
-            properties: assigned_client_id.as_ref().map(|id| v5::ConnAckProperties {
-                session_expiry_interval: None,
-                receive_max: None,
-                max_qos: None,
-                retain_available: None,
-                max_packet_size: None,
-                assigned_client_identifier: Some(id.clone()),
-                topic_alias_max: None,
-                reason_string: None,
-                user_properties: Vec::new(),
-                wildcard_subscription_available: None,
-                subscription_identifiers_available: None,
-                shared_subscription_available: None,
-                server_keep_alive: None,
-                response_information: None,
-                server_reference: None,
-                authentication_method: None,
-                authentication_data: None,
+            properties: (assigned_client_id.is_some() || max_packet_size.is_some()).then(|| {
+                v5::ConnAckProperties {
+                    session_expiry_interval: None,
+                    receive_max: None,
+                    max_qos: None,
+                    retain_available: None,
+                    max_packet_size: *max_packet_size,
+                    assigned_client_identifier: assigned_client_id.clone(),
+                    topic_alias_max: None,
+                    reason_string: None,
+                    user_properties: Vec::new(),
+                    wildcard_subscription_available: None,
+                    subscription_identifiers_available: None,
+                    shared_subscription_available: None,
+                    server_keep_alive: None,
+                    response_information: None,
+                    server_reference: None,
+                    authentication_method: None,
+                    authentication_data: None,
+                }
             }),
         }),
         Out::ConnRefused => v5::Packet::ConnAck(v5::ConnAck {

@@ -59,6 +59,24 @@ pub enum Fault {
     RefuseConnect,
 }
 
+/// A content-based refusal (MQTT 5): a QoS 1 PUBLISH whose payload contains `marker` (every
+/// PUBLISH when it is empty) is answered with a PUBACK carrying `reason` and not routed, at most
+/// `times` times (`None`: always). With `then_close` the broker closes the connection right
+/// after that PUBACK, as Mosquitto 2.0 does after refusing an MQTT 5 client's PUBLISH (0x87).
+/// Like [`Fault`], it never applies to the testkit's own subscribers, and for v3.1.1 clients the
+/// PUBLISH is swallowed without a PUBACK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Bytes the payload must contain (empty: any payload).
+    pub marker: Vec<u8>,
+    /// PUBACK reason code, e.g. 0x87 not authorized, 0x97 quota exceeded.
+    pub reason: u8,
+    /// Close the connection after the PUBACK.
+    pub then_close: bool,
+    /// Refuse at most this many publishes (then route them normally).
+    pub times: Option<u32>,
+}
+
 /// Configuration of a [`TestBroker`].
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -78,6 +96,10 @@ pub struct BrokerOptions {
     /// The fault applies only to clients whose client id starts with this prefix
     /// (`None` = every client).
     pub fault_client_prefix: Option<String>,
+    /// Maximum Packet Size announced in the v5 CONNACK and enforced on every PUBLISH received
+    /// (a larger one gets DISCONNECT 0x95 Packet too large for v5, and the connection is closed),
+    /// as a broker with `max_packet_size` configured does. `None`: no limit announced.
+    pub max_packet_size: Option<u32>,
 }
 
 impl BrokerOptions {
@@ -91,6 +113,7 @@ impl BrokerOptions {
             port: 0,
             fault: Fault::None,
             fault_client_prefix: None,
+            max_packet_size: None,
         }
     }
 
@@ -129,6 +152,10 @@ struct FaultConfig {
 struct Shared {
     state: Mutex<State>,
     fault: Mutex<FaultConfig>,
+    refusal: Mutex<Option<Refusal>>,
+    refused: AtomicU64,
+    too_large: AtomicU64,
+    max_packet_size: Option<u32>,
     publishes_received: AtomicU64,
     connections_accepted: AtomicU64,
     handshake_failures: AtomicU64,
@@ -194,6 +221,10 @@ impl TestBroker {
                 fault: opts.fault,
                 prefix: opts.fault_client_prefix,
             }),
+            refusal: Mutex::new(None),
+            refused: AtomicU64::new(0),
+            too_large: AtomicU64::new(0),
+            max_packet_size: opts.max_packet_size,
             publishes_received: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
@@ -241,6 +272,27 @@ impl TestBroker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .prefix = prefix;
+    }
+
+    /// Sets (or clears) the content-based refusal; applies to PUBLISH packets received from now
+    /// on.
+    pub fn set_refusal(&self, refusal: Option<Refusal>) {
+        *self
+            .shared
+            .refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = refusal;
+    }
+
+    /// Number of PUBLISH packets refused by [`TestBroker::set_refusal`].
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
+    }
+
+    /// Number of PUBLISH packets larger than [`BrokerOptions::max_packet_size`] (each one ended
+    /// its connection).
+    pub fn too_large(&self) -> u64 {
+        self.shared.too_large.load(Ordering::SeqCst)
     }
 
     /// The fault currently injected.
@@ -449,6 +501,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, acceptor: TlsAcce
         // CONNACK is queued before the session becomes visible to routing.
         let _ = tx.send(Out::ConnAck {
             assigned_client_id: assigned,
+            max_packet_size: shared.max_packet_size,
         });
         if let Some(old) = st.by_client_id.insert(client_id.clone(), conn_id)
             && let Some(old) = st.sessions.get(&old)
@@ -543,6 +596,16 @@ impl Conn<'_> {
         let mut aliases: HashMap<u16, String> = HashMap::new();
         loop {
             loop {
+                if let (Some(max), Some((size, true))) =
+                    (self.shared.max_packet_size, codec::peek_packet_size(&buf))
+                    && size > max as usize
+                {
+                    self.shared.too_large.fetch_add(1, Ordering::SeqCst);
+                    self.send(Out::Disconnect { reason: 0x95 });
+                    self.send(Out::Close);
+                    // Let the writer send the DISCONNECT; read nothing more.
+                    std::future::pending::<()>().await;
+                }
                 match codec::read_packet(&mut buf, self.v5) {
                     Ok(Some(packet)) => {
                         if let Some(end) = self.handle(packet, &mut aliases) {
@@ -600,6 +663,9 @@ impl Conn<'_> {
                 };
                 if !codec::valid_topic(&topic) {
                     return Some(End::Abrupt);
+                }
+                if self.refuse(&payload, qos, pkid) {
+                    return None;
                 }
                 match self.shared.fault_for(self.client_id) {
                     // Only matters at CONNECT time.
@@ -667,6 +733,42 @@ impl Conn<'_> {
             }),
             In::Connect | In::Unexpected => Some(End::Abrupt),
         }
+    }
+
+    /// Applies the content-based refusal, if it matches this PUBLISH; true when refused.
+    fn refuse(&self, payload: &[u8], qos: u8, pkid: u16) -> bool {
+        if self
+            .client_id
+            .starts_with(crate::subscriber::SUBSCRIBER_CLIENT_ID_PREFIX)
+        {
+            return false;
+        }
+        let mut guard = self
+            .shared
+            .refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(r) = guard.as_mut() else {
+            return false;
+        };
+        let matches = r.marker.is_empty() || payload.windows(r.marker.len()).any(|w| w == r.marker);
+        if !matches || r.times == Some(0) {
+            return false;
+        }
+        if let Some(n) = r.times.as_mut() {
+            *n -= 1;
+        }
+        self.shared.refused.fetch_add(1, Ordering::SeqCst);
+        if self.v5 && qos == 1 {
+            self.send(Out::PubAck {
+                pkid,
+                reason: r.reason,
+            });
+        }
+        if r.then_close {
+            self.send(Out::Close);
+        }
+        true
     }
 
     fn subscribe(&self, pkid: u16, filters: Vec<SubReq>) {
