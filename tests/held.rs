@@ -439,9 +439,13 @@ async fn permanently_refused_records_are_held_others_flow_no_reconnect_storm_and
         .await
     );
     let (connects, refused) = (sink.connects.load(Ordering::Relaxed), tb.refused());
+    // One connection, plus one per refusal that closed it; a refusal whose PUBACK is lost with
+    // the close (the connection died before it was read) leaves that record unconfirmed, so it
+    // is published once more on the next connection, like any unconfirmed record, and refused
+    // again: at most two closes per held record. The storm test is the flat window below.
     assert!(
-        (2..=4).contains(&connects),
-        "one connection, plus at most one per held record: {connects}"
+        (2..=7).contains(&connects),
+        "one connection, plus at most two per held record: {connects}"
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(sink.connects.load(Ordering::Relaxed), connects);
