@@ -521,44 +521,14 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         RejectedCommand::Show { id } => match rows.first() {
-            Some(r) => {
-                if json {
-                    let mut v = serde_json::to_value(r).unwrap_or_default();
-                    v["raw"] = String::from_utf8_lossy(&r.raw).into_owned().into();
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                } else {
-                    println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
-                    println!("--- message (patient data; segments on separate lines) ---");
-                    println!("{}", String::from_utf8_lossy(&r.raw).replace('\r', "\n"));
-                }
-                ExitCode::SUCCESS
-            }
+            Some(r) => show_stored(r, &r.raw, json),
             None => {
                 eprintln!("no quarantined message {id}");
                 ExitCode::FAILURE
             }
         },
         RejectedCommand::Export { id, out } => match rows.first() {
-            Some(r) => {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let written = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&out)
-                    .and_then(|mut f| f.write_all(&r.raw));
-                match written {
-                    Ok(()) => {
-                        println!("wrote {} bytes to {}", r.raw.len(), out.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("{}: {e}", out.display());
-                        ExitCode::FAILURE
-                    }
-                }
-            }
+            Some(r) => export_bytes(&r.raw, &out),
             None => {
                 eprintln!("no quarantined message {id}");
                 ExitCode::FAILURE
@@ -675,50 +645,58 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         HeldCommand::Show { id } => match rows.first() {
-            Some(r) => {
-                if json {
-                    let mut v = serde_json::to_value(r).unwrap_or_default();
-                    v["raw"] = String::from_utf8_lossy(&r.raw).into_owned().into();
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                } else {
-                    println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
-                    println!("--- message (patient data; segments on separate lines) ---");
-                    println!("{}", String::from_utf8_lossy(&r.raw).replace('\r', "\n"));
-                }
-                ExitCode::SUCCESS
-            }
+            Some(r) => show_stored(r, &r.raw, json),
             None => {
                 eprintln!("no held record {id}");
                 ExitCode::FAILURE
             }
         },
         HeldCommand::Export { id, out } => match rows.first() {
-            Some(r) => {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let written = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&out)
-                    .and_then(|mut f| f.write_all(&r.raw));
-                match written {
-                    Ok(()) => {
-                        println!("wrote {} bytes to {}", r.raw.len(), out.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("{}: {e}", out.display());
-                        ExitCode::FAILURE
-                    }
-                }
-            }
+            Some(r) => export_bytes(&r.raw, &out),
             None => {
                 eprintln!("no held record {id}");
                 ExitCode::FAILURE
             }
         },
         HeldCommand::Retry { .. } => unreachable!("handled above"),
+    }
+}
+
+/// `queue rejected show` / `queue held show`: the stored message's metadata and (patient data,
+/// for the person at the box) its text, segments on separate lines; with `--json`, one document.
+fn show_stored<T: serde::Serialize>(row: &T, raw: &[u8], json: bool) -> ExitCode {
+    if json {
+        let mut v = serde_json::to_value(row).unwrap_or_default();
+        v["raw"] = String::from_utf8_lossy(raw).into_owned().into();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("{}", serde_json::to_string_pretty(row).unwrap_or_default());
+        println!("--- message (patient data; segments on separate lines) ---");
+        println!("{}", String::from_utf8_lossy(raw).replace('\r', "\n"));
+    }
+    ExitCode::SUCCESS
+}
+
+/// `queue rejected export` / `queue held export`: the bytes exactly as received, to a new file
+/// readable by its owner only (never over an existing file).
+fn export_bytes(raw: &[u8], out: &Path) -> ExitCode {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .and_then(|mut f| f.write_all(raw));
+    match written {
+        Ok(()) => {
+            println!("wrote {} bytes to {}", raw.len(), out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", out.display());
+            ExitCode::FAILURE
+        }
     }
 }
 
