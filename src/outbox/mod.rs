@@ -57,9 +57,12 @@
 //! - `dedup_log(id, key, hash, row_id, seq, received_at_us)`: one row per stored message of a
 //!   feed with a `dedup_window`, in time order (appends write its last page only). `key` is a
 //!   64-bit hash of (feed, sender, control id), `hash` the content hash. The writer keeps an
-//!   in-memory index (key -> latest row) rebuilt from this log at open; duplicate lookups never
-//!   read the database (`dedup.rs`). Pruning deletes log rows older than the longest window
-//!   (`dedup_keep`). Version 2 kept the keys in a keyed `dedup` table; opening such a file moves
+//!   index rebuilt from this log at open (`dedup.rs`): the newest 1,024 rows whole in memory,
+//!   and for every older key only a 32-bit fingerprint and which 1,024-row segment of the log
+//!   holds it (6 bytes a key); a possible match is read exactly from that segment by the
+//!   primary key, so an ordinary new message reads nothing and no secondary index is written.
+//!   Pruning deletes log rows older than the longest window (`dedup_keep`) and the index forgets
+//!   their segments. Version 2 kept the keys in a keyed `dedup` table; opening such a file moves
 //!   them here.
 //! - Deliberately no secondary index: uniqueness of `id`, `record_id` and `(feed, seq)` is
 //!   guaranteed by the single writer, and every index page is another 4 KiB written into the
@@ -177,7 +180,7 @@
 //! - `writer.rs`: the writer thread, group commit, one method per command.
 //! - `prune.rs`: retention (what pruning deletes, and when).
 //! - `space.rs`: bytes counted against the cap, the space reserve, vacuuming.
-//! - `dedup.rs`: duplicate detection (keys, content hashes, the in-memory index).
+//! - `dedup.rs`: duplicate detection (keys, content hashes, the index of where keys are).
 //! - `held.rs`: held rows (what held means, why a row is held, the hold and unhold answers).
 //! - `reader.rs`: read-only queries ([`Reader`]).
 

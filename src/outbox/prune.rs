@@ -138,7 +138,7 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
         Some(id) => conn.execute("DELETE FROM dedup_log WHERE id < ?1", params![id])?,
         None => conn.execute("DELETE FROM dedup_log", [])?,
     } as u64;
-    state.dedup.retain(|_, e| e.at_us >= dedup_cutoff);
+    state.dedup.expire_before(first_kept);
     let rejected_cutoff = now_us() - state.opts.retain_rejected.as_micros() as i64;
     {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

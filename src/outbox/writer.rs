@@ -40,7 +40,7 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension, TransactionBehavi
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::dedup::{self, DedupEntry, Seen, dedup_key};
+use super::dedup::{self, DedupEntry, DedupIndex, Seen, dedup_key};
 use super::held::{Hold, HoldOutcome, Unheld};
 use super::space::{self, Space};
 use super::{
@@ -194,9 +194,9 @@ pub(super) struct WriterState {
     /// What pruning could not free when the cap last refused an append (cleared by the next
     /// append stored): new messages are refused until it goes down.
     refused_at: Option<u64>,
-    /// Duplicate-detection index: the latest message per key within `dedup_keep`, rebuilt from
-    /// `dedup_log` at open. Changed only after the commit that logged the change.
-    pub(super) dedup: HashMap<u64, DedupEntry>,
+    /// Duplicate-detection index (where in `dedup_log` each key is), rebuilt from the log at
+    /// open. Changed only after the commit that logged the change.
+    pub(super) dedup: DedupIndex,
     /// Held rows (row id -> size), mirroring the `held` table, so a delivered mark looks at the
     /// table only for a row that is held.
     held: HashMap<i64, u64>,
@@ -290,7 +290,7 @@ impl WriterState {
             )
             .map_err(&e)?;
         let max_rejected = max_rejected.max(meta_i64(conn, LAST_REJECTED_ID_KEY).map_err(&e)?);
-        let dedup = dedup::load_index(conn, opts.dedup_keep).map_err(&e)?;
+        let dedup = dedup::load_index(conn).map_err(&e)?;
         let wal = wal_path(path);
         let used_bytes = space::used_bytes(conn, &wal).map_err(&e)?;
         // A hold only ever names an undelivered row; drop any that outlived its row.
@@ -587,7 +587,9 @@ fn commit_group(
     };
     let added = match committed {
         Some((applied, answers)) => {
-            state.dedup.extend(applied.dedup);
+            for (log_id, key, entry) in applied.logged {
+                state.dedup.logged(log_id, key, entry);
+            }
             gauges.commits.fetch_add(1, Ordering::Relaxed);
             gauges
                 .appended
@@ -754,8 +756,8 @@ fn apply_group(
 
 /// What a committed group changed that the writer's state and gauges take on after the commit.
 struct Applied {
-    /// Index entries of the messages it logged.
-    dedup: HashMap<u64, DedupEntry>,
+    /// The `dedup_log` rows it wrote (log id, key, entry), in id order.
+    logged: Vec<(i64, u64, DedupEntry)>,
     appended: u64,
     delivered: u64,
 }
@@ -786,7 +788,10 @@ struct Group<'t> {
     now: i64,
     /// Bytes this group has added (counted against the cap with `state.used_bytes`).
     added: u64,
-    dedup: HashMap<u64, DedupEntry>,
+    /// The `dedup_log` rows this group wrote, for the index after the commit, and the latest
+    /// entry per key among them (looked up before the index).
+    logged: Vec<(i64, u64, DedupEntry)>,
+    logged_latest: HashMap<u64, DedupEntry>,
     appended: u64,
     delivered: u64,
 }
@@ -802,7 +807,8 @@ impl<'t> Group<'t> {
             state,
             now: now_us(),
             added: 0,
-            dedup: HashMap::new(),
+            logged: Vec::new(),
+            logged_latest: HashMap::new(),
             appended: 0,
             delivered: 0,
         })
@@ -824,7 +830,7 @@ impl<'t> Group<'t> {
 
     fn finish(self) -> Applied {
         Applied {
-            dedup: self.dedup,
+            logged: self.logged,
             appended: self.appended,
             delivered: self.delivered,
         }
@@ -861,11 +867,10 @@ impl<'t> Group<'t> {
             .map(|k| (k, dedup_key(&msg.feed, &k.sender, &k.control_id)));
         let seen = match keyed {
             Some((k, key)) => {
-                let prior = self
-                    .dedup
-                    .get(&key)
-                    .or_else(|| self.state.dedup.get(&key))
-                    .copied();
+                let prior = match self.logged_latest.get(&key) {
+                    Some(e) => Some(*e),
+                    None => self.state.dedup.latest(self.db, key)?,
+                };
                 k.check(prior, msg.received_at_us)
             }
             None => Seen::New,
@@ -911,15 +916,14 @@ impl<'t> Group<'t> {
                     seq as i64,
                     msg.received_at_us
                 ])?;
-            self.dedup.insert(
-                key,
-                DedupEntry {
-                    hash: k.hash,
-                    row_id,
-                    seq,
-                    at_us: msg.received_at_us,
-                },
-            );
+            let entry = DedupEntry {
+                hash: k.hash,
+                row_id,
+                seq,
+                at_us: msg.received_at_us,
+            };
+            self.logged.push((self.db.last_insert_rowid(), key, entry));
+            self.logged_latest.insert(key, entry);
         }
         self.state.next_id += 1;
         self.state.last_seq.insert(msg.feed.clone(), seq);
