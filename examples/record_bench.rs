@@ -54,6 +54,7 @@ fn row(raw: &[u8]) -> PendingRow {
         raw: raw.to_vec(),
         reprocessed: false,
         control_id_reused: false,
+        truncated_bytes: 0,
     }
 }
 

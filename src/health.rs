@@ -209,6 +209,9 @@ pub struct FeedHealth {
     pub oversized: u64,
     /// Frames never finished.
     pub incomplete: u64,
+    /// Device lines stored cut at `max_message_bytes` (`complete: false`), since start.
+    #[serde(default)]
+    pub truncated: u64,
     /// Messages answered `AE` and kept in quarantine, since start.
     #[serde(default)]
     pub quarantined: u64,
@@ -453,6 +456,7 @@ impl HealthContext {
                     discarded_bytes: ld(&c.discarded_bytes),
                     oversized: ld(&c.oversized),
                     incomplete: ld(&c.incomplete),
+                    truncated: ld(&c.truncated),
                     quarantined: ld(&c.quarantined),
                     ignored: ld(&c.ignored),
                     last_message_at: (last > 0).then(|| rfc3339_us(last as i64)),

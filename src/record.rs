@@ -80,9 +80,13 @@ struct Record<'a> {
     device: Option<&'a DeviceInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     hl7: Option<Hl7Header<'a>>,
-    /// ASTM: whether the message ended with its L (terminator) record.
+    /// ASTM: whether the message ended with its L (terminator) record. Lines: whether every
+    /// line arrived whole (false: one ran past `max_message_bytes` and was cut).
     #[serde(skip_serializing_if = "Option::is_none")]
     complete: Option<bool>,
+    /// Lines: how many bytes were dropped from a line cut at `max_message_bytes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    truncated_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     astm: Option<crate::astm::records::AstmMessage>,
     /// Lines: how many lines the message holds.
@@ -215,8 +219,10 @@ impl RecordBuilder {
             hl7: header.as_ref().map(|h| hl7_section(h, &settings.timezone)),
             complete: match row.format {
                 Format::Astm => Some(astm.as_ref().is_some_and(|a| a.complete)),
+                Format::Lines => Some(row.truncated_bytes == 0),
                 _ => None,
             },
+            truncated_bytes: (row.truncated_bytes > 0).then_some(row.truncated_bytes),
             astm,
             lines,
             clinical: match (&header, &settings.normalise) {

@@ -27,6 +27,8 @@ pub struct FeedCounters {
     pub discarded_bytes: AtomicU64,
     /// Frames over `max_message_bytes`.
     pub oversized: AtomicU64,
+    /// Device lines cut at `max_message_bytes`, stored flagged `complete: false`.
+    pub truncated: AtomicU64,
     /// Messages answered `AE` and kept in quarantine, since start.
     pub quarantined: AtomicU64,
     /// Resends recognised as duplicates (acknowledged again, not forwarded twice).
@@ -198,6 +200,18 @@ pub mod mllp {
         warn!(
             feed,
             peer, seen, limit, "frame exceeds max_message_bytes: refusing and closing"
+        );
+    }
+
+    /// A device line ran past `max_message_bytes`: stored cut, flagged `complete: false`.
+    pub fn truncated(c: &FeedCounters, feed: &str, seq: u64, size: usize, dropped: u64) {
+        inc(&c.truncated);
+        warn!(
+            feed,
+            seq,
+            size,
+            dropped,
+            "line longer than max_message_bytes: stored cut, flagged complete: false"
         );
     }
 

@@ -95,6 +95,7 @@ fn record(f: &Fixture) -> Value {
         raw: f.bytes.clone(),
         reprocessed: false,
         control_id_reused: false,
+        truncated_bytes: 0,
     };
     serde_json::from_slice(&builder.build(&row)).expect("record is JSON")
 }

@@ -66,6 +66,7 @@ fn record(text: &str, demographics: bool) -> Value {
         raw: text.as_bytes().to_vec(),
         reprocessed: false,
         control_id_reused: false,
+        truncated_bytes: 0,
     };
     let v: Value = serde_json::from_slice(&builder.build(&row)).expect("record is JSON");
     // The sections are exactly `Normalised` flattened.
@@ -586,6 +587,7 @@ fn fixture_records() -> Vec<(String, Value)> {
             raw,
             reprocessed: flags,
             control_id_reused: flags,
+            truncated_bytes: 0,
         };
         let v: Value = serde_json::from_slice(&builder.build_with(&row, flags)).unwrap();
         v

@@ -460,6 +460,42 @@ async fn lines_close_together_are_grouped_into_one_message() {
     .await;
 }
 
+/// A line longer than `max_message_bytes` is stored as far as the limit and flagged: the record
+/// says `complete: false` and how many bytes were dropped, and health counts it. The next line
+/// is whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_cut_at_max_message_bytes_is_stored_flagged_incomplete_and_counted() {
+    let (_s, _broker, mut sub, mut pty, d) =
+        connected("lines", "max_message_bytes = \"1 KiB\"").await;
+    let long: String = ('A'..='Z').cycle().take(1024 + 300).collect();
+    let sent = long.clone();
+    let pty = tokio::task::spawn_blocking(move || {
+        pty.write(format!("{sent}\r\nHR 72\r\n").as_bytes())
+            .unwrap();
+        pty
+    })
+    .await
+    .unwrap();
+    let got = sub.collect(2, Duration::from_secs(10)).await;
+    let cut = json(&got[0].1);
+    assert_eq!(cut["raw"].as_str(), Some(&long[..1024]));
+    assert_eq!(cut["complete"], false);
+    assert_eq!(cut["truncated_bytes"], 300);
+    let whole = json(&got[1].1);
+    assert_eq!(whole["raw"], "HR 72");
+    assert_eq!(whole["complete"], true);
+    assert!(whole.get("truncated_bytes").is_none());
+    let counters = d.telemetry().feed("chem1");
+    assert_eq!(
+        counters
+            .truncated
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(pty);
+    d.stop().await;
+}
+
 #[test]
 fn permission_problems_name_the_dialout_group() {
     let e = tokio_serial::Error::new(

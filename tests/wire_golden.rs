@@ -238,6 +238,7 @@ fn astm_records_for_every_fixture_match_the_golden_file() {
             raw: std::fs::read(&p).unwrap(),
             reprocessed: false,
             control_id_reused: false,
+            truncated_bytes: 0,
         };
         let v: Value = serde_json::from_slice(&builder.build(&row)).unwrap();
         out.insert(p.file_name().unwrap().to_string_lossy().into_owned(), v);

@@ -9,12 +9,14 @@ use crate::telemetry::mllp as event;
 
 impl FeedIntake {
     /// Store one device message (`Format::Astm` or `Format::Lines`) from `peer` (the device
-    /// path); returns its `seq`.
+    /// path); returns its `seq`. `truncated_bytes`: what the source dropped from a line that ran
+    /// past `max_message_bytes` (0: whole); such a message is stored, flagged and counted.
     pub async fn receive_device(
         &self,
         raw: Vec<u8>,
         format: Format,
         peer: &str,
+        truncated_bytes: u64,
     ) -> Result<u64, AppendError> {
         let size = raw.len();
         // What the inventory learns from an ASTM message: the instrument and its test codes.
@@ -33,11 +35,15 @@ impl FeedIntake {
             received_at_us: now_us(),
             reprocessed: false,
             dedup: None,
+            truncated_bytes,
         };
         let c = &*self.counters;
         match self.outbox.append(msg).await {
             Ok(s) => {
                 event::stored(c, &self.name, "-", s.seq, size);
+                if truncated_bytes > 0 {
+                    event::truncated(c, &self.name, s.seq, size, truncated_bytes);
+                }
                 let (instrument, codes) = match facts.flatten() {
                     Some(m) => (
                         m.instrument.name.clone(),

@@ -241,6 +241,7 @@ impl FeedIntake {
             received_at_us,
             reprocessed: false,
             dedup,
+            truncated_bytes: 0,
         };
         Decision::Store(
             Box::new(ToStore {

@@ -81,6 +81,9 @@ pub struct NewMessage {
     /// Duplicate detection (HL7): a resend of a message already stored within the window is
     /// answered again but not stored twice.
     pub dedup: Option<DedupKey>,
+    /// Device lines: bytes the source dropped because the line ran past `max_message_bytes`
+    /// (0: the message is whole). The record says `complete: false`.
+    pub truncated_bytes: u64,
 }
 
 /// A message answered `AE`, kept in quarantine instead of being forwarded.

@@ -35,6 +35,8 @@ pub struct PendingRow {
     pub reprocessed: bool,
     /// Same sender and control id as an earlier message, different content.
     pub control_id_reused: bool,
+    /// Device lines: bytes dropped past `max_message_bytes` (0: whole).
+    pub truncated_bytes: u64,
 }
 
 /// A quarantined message as stored.
@@ -98,7 +100,7 @@ pub struct HeldRow {
 
 /// Columns of a [`PendingRow`] (from `messages m`), in [`row_to_pending`] order.
 const PENDING_COLUMNS: &str = "m.id, m.record_id, m.feed, m.seq, m.received_at_us, \
-     m.source_kind, m.peer, m.format, m.raw, m.reprocessed, m.control_id_reused";
+     m.source_kind, m.peer, m.format, m.raw, m.reprocessed, m.control_id_reused, m.truncated_bytes";
 
 /// A `pending p` row that is not held (held rows keep their `pending` row: they are undelivered,
 /// but the sink does not read them).
@@ -136,6 +138,7 @@ fn row_to_pending(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingRow> {
         raw: r.get(8)?,
         reprocessed: r.get::<_, i64>(9)? != 0,
         control_id_reused: r.get::<_, i64>(10)? != 0,
+        truncated_bytes: r.get::<_, i64>(11)? as u64,
     })
 }
 

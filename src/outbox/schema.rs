@@ -9,7 +9,8 @@
 //! - 3: `dedup` replaced by the append-only `dedup_log` (the writer keeps the index in memory).
 //! - 4: the `held` table (records set aside because they cannot be published; `held.rs`).
 //! - 5: delivery state moved out of `messages` into `pending` and `delivered`; the row-id
-//!   high-water mark in `meta`.
+//!   high-water mark in `meta`. Later, still as version 5, `messages.truncated_bytes` (added
+//!   when missing, like version 2's columns).
 //!
 //! Versions 4 and 5 were written in parallel: a file may have been stamped 5 without ever
 //! having had the `held` table (made by a build without it), and a version-4 file has held
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS messages (
     size            INTEGER NOT NULL,
     raw             BLOB    NOT NULL,
     reprocessed     INTEGER NOT NULL DEFAULT 0,
-    control_id_reused INTEGER NOT NULL DEFAULT 0
+    control_id_reused INTEGER NOT NULL DEFAULT 0,
+    truncated_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pending (
     id   INTEGER PRIMARY KEY,
@@ -178,6 +180,7 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
     migrate_to_v3(conn).map_err(&e)?;
     migrate_to_v4(conn).map_err(&e)?;
     migrate_to_v5(conn).map_err(&e)?;
+    add_truncated_bytes(conn).map_err(&e)?;
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
     Ok(())
@@ -203,6 +206,22 @@ fn migrate_to_v2(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch(add)?;
             info!(column, "outbox: column added to messages");
         }
+    }
+    Ok(())
+}
+
+/// `messages.truncated_bytes` (bytes of a device line cut at `max_message_bytes`), added
+/// within version 5: older builds write rows without it (the default, 0, is right for them)
+/// and ignore it when reading.
+fn add_truncated_bytes(conn: &Connection) -> rusqlite::Result<()> {
+    if !has_column(conn, "messages", "truncated_bytes")? {
+        conn.execute_batch(
+            "ALTER TABLE messages ADD COLUMN truncated_bytes INTEGER NOT NULL DEFAULT 0",
+        )?;
+        info!(
+            column = "truncated_bytes",
+            "outbox: column added to messages"
+        );
     }
     Ok(())
 }

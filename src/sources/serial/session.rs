@@ -88,7 +88,7 @@ where
                         let size = message.len();
                         let ok = ctx
                             .intake
-                            .receive_device(message, Format::Astm, &peer(ctx))
+                            .receive_device(message, Format::Astm, &peer(ctx), 0)
                             .await
                             .is_ok();
                         if complete {
@@ -189,6 +189,9 @@ where
     let mut buf = vec![0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
     let mut group: Vec<u8> = Vec::new();
+    // Bytes dropped from the current line (past `max`), and from the lines of the group.
+    let mut line_dropped: u64 = 0;
+    let mut group_dropped: u64 = 0;
     let mut flush_at: Option<Instant> = None;
     loop {
         let r = tokio::select! {
@@ -196,7 +199,8 @@ where
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => None,
             _ = shutdown.requested() => {
                 if !group.is_empty() {
-                    store_retrying(ctx, std::mem::take(&mut group), shutdown).await;
+                    let dropped = std::mem::take(&mut group_dropped);
+                    store_retrying(ctx, std::mem::take(&mut group), dropped, shutdown).await;
                 }
                 return "shutting down".into();
             }
@@ -204,7 +208,8 @@ where
         let Some(r) = r else {
             // Idle gap passed: the group is complete.
             flush_at = None;
-            store_retrying(ctx, std::mem::take(&mut group), shutdown).await;
+            let dropped = std::mem::take(&mut group_dropped);
+            store_retrying(ctx, std::mem::take(&mut group), dropped, shutdown).await;
             continue;
         };
         let n = match r {
@@ -223,15 +228,20 @@ where
                     continue;
                 }
                 let done = std::mem::take(&mut line);
+                let dropped = std::mem::take(&mut line_dropped);
                 match gap {
-                    None => store_retrying(ctx, done, shutdown).await,
+                    None => store_retrying(ctx, done, dropped, shutdown).await,
                     Some(_) => {
                         group.extend_from_slice(&done);
                         group.push(b'\n');
+                        group_dropped += dropped;
                     }
                 }
             } else if line.len() < max {
                 line.push(b);
+            } else {
+                // Kept as far as the limit; the rest is counted, and the record says so.
+                line_dropped += 1;
             }
         }
         if let Some(g) = gap
@@ -241,12 +251,13 @@ where
         }
         if group.len() >= max {
             flush_at = None;
-            store_retrying(ctx, std::mem::take(&mut group), shutdown).await;
+            let dropped = std::mem::take(&mut group_dropped);
+            store_retrying(ctx, std::mem::take(&mut group), dropped, shutdown).await;
         }
     }
 }
 
-async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, shutdown: &Shutdown) {
+async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, truncated: u64, shutdown: &Shutdown) {
     if msg.is_empty() {
         return;
     }
@@ -254,7 +265,7 @@ async fn store_retrying(ctx: &SerialContext, msg: Vec<u8>, shutdown: &Shutdown) 
     loop {
         match ctx
             .intake
-            .receive_device(msg.clone(), Format::Lines, &peer(ctx))
+            .receive_device(msg.clone(), Format::Lines, &peer(ctx), truncated)
             .await
         {
             Ok(_) => return,
