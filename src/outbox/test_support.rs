@@ -17,6 +17,7 @@ pub(super) fn msg(feed: &str, body: &str) -> NewMessage {
         received_at_us: now_us(),
         reprocessed: false,
         dedup: None,
+        truncated_bytes: 0,
     }
 }
 
