@@ -194,7 +194,7 @@ listen = "127.0.0.1:{port}"
     let distinct_ids: HashSet<&String> = received.values().collect();
     let total = *total.lock().unwrap();
     println!(
-        "| SIGKILL at random moments, {cycles} cycles, {SENDERS} senders, sink draining | {} | {} | {} | {} | {} | {} |",
+        "FAULT-ROW | SIGKILL at random moments, {cycles} cycles, {SENDERS} senders, sink draining | {} | {} | {} | {} | {} | {} |",
         *sent.lock().unwrap(),
         acked.len(),
         delivered,

@@ -33,19 +33,16 @@ impl Row {
     /// Prints the row and checks it; `cuts_the_link`: the fault must have forced a reconnect
     /// (so the test shows the fault really acted).
     fn print_and_check(&self, cuts_the_link: bool) {
-        println!(
-            "| {} | {SENT} | {} | {} | {} | {} | {} |",
-            self.fault,
-            self.acked,
-            self.delivered,
-            self.duplicated,
-            self.lost,
-            if self.lost == 0 && self.delivered == self.acked {
-                "yes"
-            } else {
-                "no"
-            }
-        );
+        FaultRow {
+            fault: self.fault,
+            sent: SENT,
+            acked: self.acked,
+            delivered: self.delivered,
+            duplicated: self.duplicated,
+            lost: self.lost,
+            recovered: self.lost == 0 && self.delivered == self.acked,
+        }
+        .print();
         assert_eq!(
             self.acked, SENT,
             "{}: every message acknowledged",

@@ -62,6 +62,16 @@ async fn every_acked_message_survives_sigkill_and_is_delivered_after_restart() {
         .map(|(_, pl, _)| json(pl)["hl7"]["control_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(seen, ids);
+    FaultRow {
+        fault: "SIGKILL after 100 ACKs (broker down), then restart",
+        sent: 100,
+        acked: 100,
+        delivered: seen.len(),
+        duplicated: got.len() - seen.len(),
+        lost: ids.difference(&seen).count(),
+        recovered: seen == ids,
+    }
+    .print();
     assert!(wait_until(Duration::from_secs(10), || pending(&env) == 0).await);
     let status = p.sigterm().expect("exits within 10 s of SIGTERM");
     assert!(

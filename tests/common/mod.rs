@@ -416,3 +416,33 @@ pub async fn wait_listening(port: u16) {
     }
     panic!("siterelay did not listen on {port}");
 }
+
+/// One row of the fault table in docs/reliability.md, printed by a fault test (shown with
+/// `--nocapture`) and gathered by `scripts/fault-table`. `recovered`: forwarding resumed and
+/// everything acknowledged was delivered without anyone touching the box.
+pub struct FaultRow<'a> {
+    pub fault: &'a str,
+    pub sent: usize,
+    pub acked: usize,
+    /// Distinct records (`id`) at the central side.
+    pub delivered: usize,
+    /// Records received again with an `id` already seen.
+    pub duplicated: usize,
+    pub lost: usize,
+    pub recovered: bool,
+}
+
+impl FaultRow<'_> {
+    pub fn print(&self) {
+        println!(
+            "FAULT-ROW | {} | {} | {} | {} | {} | {} | {} |",
+            self.fault,
+            self.sent,
+            self.acked,
+            self.delivered,
+            self.duplicated,
+            self.lost,
+            if self.recovered { "yes" } else { "no" }
+        );
+    }
+}
