@@ -94,6 +94,18 @@ impl FeedIntake {
         peer: &str,
         shutting_down: bool,
     ) -> Option<Vec<u8>> {
+        self.receive_hl7_from(msg, peer, None, shutting_down).await
+    }
+
+    /// [`FeedIntake::receive_hl7`] for a sender that presented a client certificate.
+    /// (`certificate`: its subject; not stored yet, see docs/security.md.)
+    pub async fn receive_hl7_from(
+        &self,
+        msg: Vec<u8>,
+        peer: &str,
+        _certificate: Option<&str>,
+        shutting_down: bool,
+    ) -> Option<Vec<u8>> {
         if crate::hl7::batch::is_batch(&msg) {
             return Some(self.receive_batch(msg, peer, shutting_down).await);
         }
@@ -112,6 +124,29 @@ impl FeedIntake {
         }
     }
 
+    /// Answer `AR` to a message that is not looked at (its sender is over its rate): the
+    /// answer names the reason; nothing is stored. None when its MSH-15 asks for no answer.
+    pub fn refuse_unread(&self, msg: &[u8], peer: &str, text: &str) -> Option<Vec<u8>> {
+        event::rate_limited(&self.counters, &self.name, peer, msg.len(), text);
+        match crate::hl7::header::parse_header(msg) {
+            Ok(h) => intake::answer_refused(&h, text),
+            Err(_) => Some(crate::hl7::ack::minimal_nak(
+                crate::hl7::ack::AckCode::AR,
+                text,
+                Some(&AckError {
+                    sequence: 1,
+                    code: 207,
+                    location: None,
+                    text: text.to_string(),
+                }),
+                &intake::next_ack_control_id(),
+                jiff::ZonedDateTime::now(),
+                &self.responder.application,
+                &self.responder.facility,
+            )),
+        }
+    }
+
     /// Carries out a decision that stores nothing: quarantine (committed before the answer),
     /// or count the refusal or the ignored message.
     async fn settle(&self, d: Decision, msg: Vec<u8>, peer: &str, received_at_us: i64) -> Answer {
@@ -123,15 +158,7 @@ impl FeedIntake {
                 header,
             } => {
                 let ack = self
-                    .quarantine(
-                        msg,
-                        peer,
-                        received_at_us,
-                        &reason,
-                        &error,
-                        header.as_deref(),
-                        ack,
-                    )
+                    .quarantine(msg, peer, received_at_us, &reason, &error, header, ack)
                     .await;
                 Answer {
                     ack,
@@ -332,16 +359,27 @@ impl FeedIntake {
                     .unwrap_or_default();
             }
         };
+        let count: usize = batch.groups.iter().map(|g| g.messages.len()).sum();
+        if count > self.max_batch_messages {
+            return self.refuse_large_batch(size, peer, count);
+        }
         for note in &batch.notes {
             warn!(
                 feed,
                 peer, note, "batch irregularity (messages still handled)"
             );
         }
-        // Check every message first, then append them all at once so they share commits; the
-        // appends are queued in order, so seq follows the batch order.
-        let mut slots: Vec<(usize, Result<Box<ToStore>, Answer>)> = Vec::new();
+        // Check every message first, then write them all at once: the rejected ones to
+        // quarantine in one transaction, the accepted ones appended (queued in order, so seq
+        // follows the batch order) into the same or the next commit.
+        enum Slot {
+            Store(Box<ToStore>),
+            Quarantine(Box<super::quarantine::ToQuarantine>),
+            Done(Answer),
+        }
+        let mut slots: Vec<(usize, Slot)> = Vec::new();
         let mut to_store = Vec::new();
+        let mut to_quarantine = Vec::new();
         for (g, group) in batch.groups.iter().enumerate() {
             for range in &group.messages {
                 let msg = frame[range.clone()].to_vec();
@@ -353,22 +391,50 @@ impl FeedIntake {
                             raw: msg,
                             ..new
                         });
-                        slots.push((g, Ok(p)));
+                        slots.push((g, Slot::Store(p)));
+                    }
+                    Decision::Reject {
+                        ack,
+                        reason,
+                        error,
+                        header,
+                    } => {
+                        let (entry, q) = self.to_quarantine(
+                            msg,
+                            peer,
+                            received_at_us,
+                            &reason,
+                            &error,
+                            header,
+                            ack,
+                        );
+                        to_quarantine.push(entry);
+                        slots.push((g, Slot::Quarantine(Box::new(q))));
                     }
                     other => {
                         let answer = self.settle(other, msg, peer, received_at_us).await;
-                        slots.push((g, Err(answer)));
+                        slots.push((g, Slot::Done(answer)));
                     }
                 }
             }
         }
-        let mut results = self.outbox.append_all(to_store).await.into_iter();
+        let (kept, stored) = self
+            .outbox
+            .quarantine_and_append(to_quarantine, to_store)
+            .await;
+        let (mut kept, mut stored) = (kept.into_iter(), stored.into_iter());
         let mut acks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); batch.groups.len()];
         let (mut accepted, mut not_accepted) = (0usize, 0usize);
         for (g, slot) in slots {
             let a = match slot {
-                Err(done) => done,
-                Ok(p) => self.finish(&p, results.next().unwrap_or(Err(AppendError::Closed))),
+                Slot::Done(done) => done,
+                Slot::Store(p) => {
+                    self.finish(&p, stored.next().unwrap_or(Err(AppendError::Closed)))
+                }
+                Slot::Quarantine(q) => Answer {
+                    ack: self.quarantined(*q, kept.next().unwrap_or(Err(AppendError::Closed))),
+                    accepted: false,
+                },
             };
             if a.accepted {
                 accepted += 1;
@@ -391,6 +457,32 @@ impl FeedIntake {
             &acks,
             jiff::ZonedDateTime::now(),
             intake::next_ack_control_id,
+        )
+    }
+
+    /// A batch of more than `max_batch_messages` messages: `AE`, nothing of it stored or
+    /// quarantined (its bytes would multiply into records and quarantine entries).
+    fn refuse_large_batch(&self, size: usize, peer: &str, count: usize) -> Vec<u8> {
+        let text = format!(
+            "batch of {count} messages exceeds this feed's limit of {}: nothing of it was stored; send smaller batches",
+            self.max_batch_messages
+        );
+        self.counters.batches_too_large.fetch_add(1, Relaxed);
+        event::rejected(&self.counters, &self.name, peer, size, &text);
+        let error = AckError {
+            sequence: 1,
+            code: 207,
+            location: None,
+            text: text.clone(),
+        };
+        crate::hl7::ack::minimal_nak(
+            crate::hl7::ack::AckCode::AE,
+            &text,
+            Some(&error),
+            &intake::next_ack_control_id(),
+            jiff::ZonedDateTime::now(),
+            &self.responder.application,
+            &self.responder.facility,
         )
     }
 

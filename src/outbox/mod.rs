@@ -466,6 +466,37 @@ impl Outbox {
         self.request(|reply| Cmd::Quarantine(m, reply)).await
     }
 
+    /// One batch's outcome, written together: its rejected messages kept in quarantine in one
+    /// transaction, queued just before its accepted messages so that they normally share that
+    /// commit (a batch of refused messages costs one commit, not one per message). Answers
+    /// both in order, once every one is committed or refused.
+    pub async fn quarantine_and_append(
+        &self,
+        rejected: Vec<RejectedMessage>,
+        msgs: Vec<NewMessage>,
+    ) -> (
+        Vec<Result<i64, AppendError>>,
+        Vec<Result<Stored, AppendError>>,
+    ) {
+        let n = rejected.len();
+        let q = if n == 0 {
+            None
+        } else {
+            self.queue(|reply| Cmd::QuarantineAll(rejected, reply))
+                .await
+        };
+        let stored = self.append_all(msgs).await;
+        let kept = match q {
+            None if n == 0 => Vec::new(),
+            None => (0..n).map(|_| Err(AppendError::Closed)).collect(),
+            Some(rx) => match answer(rx).await {
+                Ok(each) => each,
+                Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+            },
+        };
+        (kept, stored)
+    }
+
     /// Delete a quarantined message once it has been stored again (a crash in between leaves
     /// it in both places, never in neither).
     pub async fn forget_rejected(&self, id: i64) -> Result<(), AppendError> {
