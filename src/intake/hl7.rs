@@ -97,23 +97,27 @@ impl FeedIntake {
         self.receive_hl7_from(msg, peer, None, shutting_down).await
     }
 
-    /// [`FeedIntake::receive_hl7`] for a sender that presented a client certificate.
-    /// (`certificate`: its subject; not stored yet, see docs/security.md.)
+    /// [`FeedIntake::receive_hl7`] for a sender that presented a client certificate: its
+    /// subject is stored with the message (the record's `source.certificate`).
     pub async fn receive_hl7_from(
         &self,
         msg: Vec<u8>,
         peer: &str,
-        _certificate: Option<&str>,
+        certificate: Option<&str>,
         shutting_down: bool,
     ) -> Option<Vec<u8>> {
         if crate::hl7::batch::is_batch(&msg) {
-            return Some(self.receive_batch(msg, peer, shutting_down).await);
+            return Some(
+                self.receive_batch(msg, peer, certificate, shutting_down)
+                    .await,
+            );
         }
         let received_at_us = now_us();
         match self.decide(&msg, received_at_us, shutting_down) {
             Decision::Store(p, new) => {
                 let new = NewMessage {
                     peer: Some(peer.to_string()),
+                    peer_certificate: certificate.map(str::to_string),
                     raw: msg,
                     ..new
                 };
@@ -262,6 +266,7 @@ impl FeedIntake {
             feed: self.name.clone(),
             source_kind: self.source_kind,
             peer: None,
+            peer_certificate: None,
             format: Format::Hl7v2,
             control_id: Some(header.control_id.clone()),
             raw: Vec::new(),
@@ -336,7 +341,13 @@ impl FeedIntake {
     /// A batch frame: every message is checked and stored on its own (its own `seq`, its own
     /// quarantine entry when rejected); all appends are committed before the one batch
     /// acknowledgement goes out, which lists the messages that were not accepted.
-    async fn receive_batch(&self, frame: Vec<u8>, peer: &str, shutting_down: bool) -> Vec<u8> {
+    async fn receive_batch(
+        &self,
+        frame: Vec<u8>,
+        peer: &str,
+        certificate: Option<&str>,
+        shutting_down: bool,
+    ) -> Vec<u8> {
         let feed = &*self.name;
         let size = frame.len();
         let batch = match crate::hl7::batch::split(&frame) {
@@ -388,6 +399,7 @@ impl FeedIntake {
                     Decision::Store(p, new) => {
                         to_store.push(NewMessage {
                             peer: Some(peer.to_string()),
+                            peer_certificate: certificate.map(str::to_string),
                             raw: msg,
                             ..new
                         });

@@ -9,11 +9,12 @@
 //! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system. Next to it,
 //! `outbox.reserve`: the space reserve (below).
 //!
-//! **Schema** (`PRAGMA user_version = 5`; created and migrated in `schema.rs`). Message content
+//! **Schema** (`PRAGMA user_version = 6`; created and migrated in `schema.rs`). Message content
 //! and delivery state live in different tables, so recording a PUBACK writes a few bytes and
 //! never a copy of the message:
 //! - `messages(id INTEGER PRIMARY KEY, record_id, feed, seq, received_at_us, source_kind, peer,
-//!   format, control_id, size, raw BLOB, reprocessed, control_id_reused)`: content, written
+//!   format, control_id, size, raw BLOB, reprocessed, control_id_reused, peer_certificate)`
+//!   (`peer_certificate`: the subject of an MLLP sender's TLS client certificate): content, written
 //!   once at append and never updated; deleted only by pruning. `id` is the global arrival
 //!   order, assigned by the writer; it never goes backwards and is never reused, across
 //!   restarts too (the sink's cursor and the duplicate log rely on that): pruning records the

@@ -787,8 +787,8 @@ struct Applied {
 }
 
 const INSERT_MESSAGE: &str = "INSERT INTO messages (id, record_id, feed, seq, received_at_us, \
-     source_kind, peer, format, control_id, size, raw, reprocessed, control_id_reused) \
-     VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?13)";
+     source_kind, peer, format, control_id, size, raw, reprocessed, control_id_reused, \
+     peer_certificate) VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?13, ?14)";
 
 const INSERT_PENDING: &str = "INSERT INTO pending (id, size) VALUES (?1, ?2)";
 
@@ -926,6 +926,7 @@ impl<'t> Group<'t> {
             row_id,
             msg.reprocessed,
             reused,
+            msg.peer_certificate,
         ])?;
         self.insert_pending.execute(params![row_id, size as i64])?;
         if let Some((k, key)) = keyed {

@@ -214,11 +214,22 @@ impl MllpListener {
                     let stream = match hs {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
-                            warn!(feed, %peer, error = %e, "TLS handshake failed");
+                            // Unknown, revoked or expired certificate, or not TLS at all.
+                            event::connection_refused(
+                                &ctx.intake.counters,
+                                feed,
+                                ip,
+                                &format!("TLS handshake failed: {e}"),
+                            );
                             return;
                         }
                         Err(_) => {
-                            warn!(feed, %peer, "TLS handshake not finished within handshake_timeout: closed");
+                            event::connection_refused(
+                                &ctx.intake.counters,
+                                feed,
+                                ip,
+                                "TLS handshake not finished within handshake_timeout",
+                            );
                             return;
                         }
                     };
