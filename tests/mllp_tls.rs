@@ -282,3 +282,55 @@ async fn the_record_names_the_certificate_its_sender_presented() {
     assert!(subject.contains("CN=pas.trust.nhs.uk"), "{subject}");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_to_the_real_daemon_reloads_the_mllp_certificate_and_keeps_an_open_connection() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let renewed = Pki::generate_with(
+        &dir.join("renewed"),
+        "renewed",
+        PkiOptions {
+            server_valid_days: 30,
+            ..PkiOptions::default()
+        },
+    )
+    .unwrap();
+    let (cert, key) = (dir.join("mllp.pem"), dir.join("mllp.key"));
+    install(&env.pki, &cert, &key);
+    let broker = Broker::down(Kind::InProcess, &env);
+    let port = siterelay_testkit::free_port();
+    let text = env.config_text(broker.port, &[], "")
+        + &format!(
+            "\n[[mllp]]\nname = \"adt\"\nlisten = \"127.0.0.1:{port}\"\n[mllp.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+    let config = env.write_config("s.toml", &text);
+    let p = Proc::start(&config, dir.join("log"));
+    wait_listening(port).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut open = tls_from(GENUINE, addr, &env.pki.ca_file(), None)
+        .await
+        .unwrap();
+    assert_eq!(open.send(&adt("S1"), ACK_WAIT).await.unwrap().code, "AA");
+    // The file check (every 2 s) may see the new files first; the signal's own log line shows
+    // that SIGHUP was handled, and the renewal's CA shows which certificate is in use.
+    install(&renewed, &cert, &key);
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(ACK_WAIT, || p
+            .log()
+            .contains("SIGHUP: MLLP certificates reloaded"))
+        .await,
+        "{}",
+        p.log()
+    );
+    assert!(answered(GENUINE, addr, &renewed.ca_file(), None, "S2").await);
+    assert_eq!(open.send(&adt("S3"), ACK_WAIT).await.unwrap().code, "AA");
+    assert!(p.log().contains("MLLP server certificate loaded"));
+}
