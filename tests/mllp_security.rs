@@ -263,7 +263,7 @@ async fn a_flood_beyond_the_address_byte_rate_is_answered_ar() {
     let addr = d.addr("adt").unwrap();
     let mut flood = from(HOSTILE, addr).await;
     let mut ar = None;
-    for i in 0..8 {
+    for i in 0..20 {
         let ack = flood.send(&adt(&format!("B{i}")), ACK_WAIT).await.unwrap();
         if ack.code == "AR" {
             ar = Some(ack.text);

@@ -251,7 +251,8 @@ async fn the_record_names_the_certificate_its_sender_presented() {
     let (pas_cert, pas_key) = env.pki.issue_client("pas.trust.nhs.uk").unwrap();
     let broker = Broker::start(Kind::InProcess, &env).await;
     let mut sub = broker.subscribe(&env, "siterelay/test-box/records/#").await;
-    let text = env.config_text(broker.port, &[], "")
+    let mut health = broker.subscribe(&env, "siterelay/test-box/health").await;
+    let text = env.config_text(broker.port, &[], "health_interval = \"5s\"")
         + &format!(
             "\n[[mllp]]\nname = \"adt\"\nlisten = \"127.0.0.1:0\"\n[mllp.tls]\n{}\n",
             mutual(&env, "allow_names = [\"pas.trust.nhs.uk\"]")
@@ -280,6 +281,37 @@ async fn the_record_names_the_certificate_its_sender_presented() {
     );
     let subject = source["certificate"].as_str().expect("certificate subject");
     assert!(subject.contains("CN=pas.trust.nhs.uk"), "{subject}");
+
+    // Health, as the central side sees it: the certificate the feed presents, and a refused
+    // sender counted.
+    let (other_cert, other_key) = env.pki.issue_client("lab.trust.nhs.uk").unwrap();
+    assert!(
+        !answered(
+            HOSTILE,
+            addr,
+            &env.pki.ca_file(),
+            Some((&other_cert, &other_key)),
+            "X"
+        )
+        .await
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (_, payload, _) = health
+            .recv(deadline - tokio::time::Instant::now())
+            .await
+            .expect("a health report counting the refused sender");
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        if v["feeds"][0]["refused_connections"] == 1 {
+            break v;
+        }
+    };
+    check_schema("health", &report);
+    let feed = &report["feeds"][0];
+    let tls = &feed["tls_certificate"];
+    assert!(tls["days_left"].as_i64().unwrap() > 800, "{tls}");
+    assert!(tls["subject"].as_str().is_some(), "{tls}");
+    assert!(tls.get("reload_error").is_none(), "{tls}");
     d.stop().await;
 }
 
