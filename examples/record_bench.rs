@@ -50,6 +50,7 @@ fn row(raw: &[u8]) -> PendingRow {
         received_at_us: 1_780_000_000_000_000,
         source_kind: SourceKind::Mllp,
         peer: Some("127.0.0.1:5000".into()),
+        peer_certificate: None,
         format: Format::Hl7v2,
         raw: raw.to_vec(),
         reprocessed: false,

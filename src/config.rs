@@ -390,9 +390,44 @@ pub struct MllpFeedConfig {
         deserialize_with = "de_duration"
     )]
     pub idle_timeout: Duration,
-    /// Concurrent connections accepted on this feed; further connections wait in the backlog.
+    /// Connections served at once on this feed (each takes a slot after its TLS handshake).
+    /// When every slot is taken, the connection that has gone longest without completing a
+    /// message is closed to admit a new one.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Addresses that may connect, as CIDR blocks or single addresses (IPv4 and IPv6), e.g.
+    /// `["10.20.0.0/16", "fd00:1::/64"]`. Any other connection is closed at once, logged
+    /// (address only, at most a few lines a minute) and counted (`refused_connections`).
+    /// Empty (the default): every address.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Connections one address may hold open at once (handshakes included); beyond it a new
+    /// connection from that address is closed at once.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Once a frame's first byte has arrived, the whole frame must arrive within this time, or
+    /// the connection is closed (nothing stored, nothing acknowledged: the sender resends).
+    #[serde(default = "default_frame_timeout", deserialize_with = "de_duration")]
+    pub frame_timeout: Duration,
+    /// A TLS handshake must finish within this time; a connection holds no slot until it has.
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Messages a second one address may send (a second's worth may come at once); beyond it a
+    /// message is answered `AR` ("rate limit ... resend later") without being read. 0 (the
+    /// default): no limit.
+    #[serde(default)]
+    pub peer_messages_per_sec: u32,
+    /// Bytes a second one address may send, e.g. `"2 MiB"`; beyond it, `AR` as above. 0 (the
+    /// default): no limit.
+    #[serde(default, deserialize_with = "de_bytes")]
+    pub peer_bytes_per_sec: u64,
+    /// Messages one batch frame (`FHS`/`BHS`) may hold; a larger batch is answered `AE` and
+    /// nothing of it is stored.
+    #[serde(default = "default_max_batch_messages")]
+    pub max_batch_messages: usize,
     /// Time zone for HL7 timestamps that carry no offset (IANA name).
     #[serde(default = "default_timezone")]
     pub timezone: String,
@@ -459,6 +494,17 @@ pub struct ListenerTls {
     /// When set, senders must present a client certificate that chains to this CA.
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: the sender certificates allowed on this feed, by subject common
+    /// name or DNS subject alternative name (case-insensitive), e.g. `["pas.trust.nhs.uk"]`.
+    /// Any other certificate, even from the same CA, is refused. Empty (the default): any
+    /// certificate that chains to `client_ca_file`.
+    #[serde(default)]
+    pub allow_names: Vec<String>,
+    /// With `client_ca_file`: a PEM file of CRLs (`-----BEGIN X509 CRL-----`) from that CA; a
+    /// sender whose certificate is revoked is refused at the handshake. Reloaded with the
+    /// certificate (SIGHUP, or when the file changes).
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
 }
 
 fn default_dedup_window() -> Duration {
@@ -543,6 +589,24 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     64
+}
+fn default_max_connections_per_peer() -> usize {
+    // A sender that needs more than a few parallel connections is rare; a quarter of the
+    // default slots leaves room for three others even if one misbehaves.
+    16
+}
+fn default_frame_timeout() -> Duration {
+    // A 4 MiB message on a slow (1 Mbit/s) link takes about 35 s; typical messages take
+    // milliseconds. 30 s covers everything short of that and stops a one-byte trickle early.
+    Duration::from_secs(30)
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+/// Messages one batch frame may hold unless a feed says otherwise (serial ports always).
+pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 10_000;
+fn default_max_batch_messages() -> usize {
+    DEFAULT_MAX_BATCH_MESSAGES
 }
 fn default_timezone() -> String {
     "Europe/London".into()
@@ -719,6 +783,26 @@ impl Config {
             if f.max_connections == 0 {
                 p.push(Problem::at(at("max_connections"), "must be at least 1"));
             }
+            if f.max_connections_per_peer == 0 {
+                p.push(Problem::at(
+                    at("max_connections_per_peer"),
+                    "must be at least 1",
+                ));
+            }
+            if let Err((j, why)) = crate::sources::mllp::allow::AllowList::parse(&f.allow) {
+                p.push(Problem::at(at(&format!("allow[{j}]")), why));
+            }
+            for (k, d) in [
+                ("frame_timeout", f.frame_timeout),
+                ("handshake_timeout", f.handshake_timeout),
+            ] {
+                if d.is_zero() {
+                    p.push(Problem::at(at(k), "must be more than 0 (e.g. \"30s\")"));
+                }
+            }
+            if f.max_batch_messages == 0 {
+                p.push(Problem::at(at("max_batch_messages"), "must be at least 1"));
+            }
             if let Some(t) = &f.tls {
                 check_pem(
                     &t.cert_file,
@@ -739,6 +823,28 @@ impl Config {
                         &format!("mllp[{i}].tls.client_ca_file"),
                         &mut p,
                     );
+                }
+                if t.client_ca_file.is_none() {
+                    for k in [
+                        (!t.allow_names.is_empty()).then_some("allow_names"),
+                        t.crl_file.is_some().then_some("crl_file"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    {
+                        p.push(Problem::at(
+                            format!("mllp[{i}].tls.{k}"),
+                            "needs tls.client_ca_file (senders present certificates only when it is set)",
+                        ));
+                    }
+                }
+                if let Some(crl) = &t.crl_file
+                    && let Err(e) = crate::tls::load_crls(crl)
+                {
+                    p.push(Problem::at(
+                        format!("mllp[{i}].tls.crl_file"),
+                        e.to_string(),
+                    ));
                 }
             }
         }
@@ -1053,6 +1159,18 @@ pub fn warnings(path: &Path, cfg: &Config) -> Vec<String> {
             "{} is world-readable: the appliance's private key should be mode 0600 or 0640",
             k.display()
         ));
+    }
+    for (i, f) in cfg.mllp.iter().enumerate() {
+        let open = f
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback());
+        if open && f.allow.is_empty() && f.tls.as_ref().is_none_or(|t| t.client_ca_file.is_none()) {
+            w.push(format!(
+                "mllp[{i}] ({}) listens on {} with no allow list and no client certificates: anyone who can reach the port can inject clinical messages (set allow = [\"<the senders' addresses>/32\", ...])",
+                f.name, f.listen
+            ));
+        }
     }
     if cfg.mqtt.insecure_plaintext {
         w.push("mqtt.insecure_plaintext = true: records leave this box unencrypted and the broker is not authenticated".into());
@@ -1372,6 +1490,47 @@ insecure_plaintext = true
 name = "adt"
 listen = "127.0.0.1:2575"
 "#;
+
+    #[test]
+    fn a_bad_allow_entry_is_reported_with_file_line_and_the_entry() {
+        let text = format!("{MINIMAL}allow = [\"10.20.0.0/16\",\n  \"10.30.1.0/16\"]\n");
+        let e = parse(Path::new("t.toml"), &text).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("t.toml:"), "{shown}");
+        assert!(shown.contains("mllp[0].allow[1]"), "{shown}");
+        assert!(
+            shown.contains("'10.30.1.0/16' has host bits set"),
+            "{shown}"
+        );
+        assert!(e.problems[0].line.is_some(), "{:?}", e.problems);
+        let ok = format!("{MINIMAL}allow = [\"10.20.0.0/16\", \"::1/128\", \"192.0.2.7\"]\n");
+        assert!(parse(Path::new("t.toml"), &ok).is_ok());
+    }
+
+    #[test]
+    fn certificate_checks_without_client_certificates_are_refused() {
+        let text = format!(
+            "{MINIMAL}[mllp.tls]\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\nallow_names = [\"pas.trust.nhs.uk\"]\n"
+        );
+        let p = problems(&text);
+        assert!(
+            p.iter().any(|p| p.key == "mllp[0].tls.allow_names"
+                && p.message.contains("needs tls.client_ca_file")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn an_open_plaintext_listener_without_an_allow_list_is_warned_about() {
+        let open = MINIMAL.replace("127.0.0.1:2575", "0.0.0.0:2575");
+        let cfg = parse(Path::new("t.toml"), &open).unwrap();
+        let w = warnings(Path::new("/nonexistent.toml"), &cfg);
+        assert!(w.iter().any(|w| w.contains("no allow list")), "{w:?}");
+        let listed = format!("{open}allow = [\"10.20.0.0/16\"]\n");
+        let cfg = parse(Path::new("t.toml"), &listed).unwrap();
+        let w = warnings(Path::new("/nonexistent.toml"), &cfg);
+        assert!(!w.iter().any(|w| w.contains("no allow list")), "{w:?}");
+    }
 
     #[test]
     fn minimal_plaintext_config_is_accepted_with_defaults() {

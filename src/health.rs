@@ -224,6 +224,33 @@ pub struct FeedHealth {
     /// Records of this feed held now (set aside; listed in `held`).
     #[serde(default)]
     pub held: u64,
+    /// MLLP: connections closed at once (outside `allow`, over the per-address cap, too many
+    /// handshakes, a client certificate not allowed), since start.
+    #[serde(default)]
+    pub refused_connections: u64,
+    /// MLLP: messages answered `AR` because their address was over its rate, since start.
+    #[serde(default)]
+    pub rate_limited: u64,
+    /// Batches answered `AE` for holding more than `max_batch_messages`, since start.
+    #[serde(default)]
+    pub batches_too_large: u64,
+    /// MLLP over TLS: the server certificate presented now.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tls_certificate: Option<FeedCertificate>,
+}
+
+/// The server certificate an MLLP feed presents now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeedCertificate {
+    /// Its subject.
+    pub subject: String,
+    /// End of validity (RFC 3339 UTC).
+    pub not_after: String,
+    /// Days until then (negative: expired).
+    pub days_left: i64,
+    /// The last reload refused (the certificate above stayed in use).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reload_error: Option<String>,
 }
 
 /// ACK counts by code.
@@ -465,6 +492,15 @@ impl HealthContext {
                         .iter()
                         .find(|(n, _)| n == &f.name)
                         .map_or(0, |(_, n)| *n),
+                    refused_connections: ld(&c.refused_connections),
+                    rate_limited: ld(&c.rate_limited),
+                    batches_too_large: ld(&c.batches_too_large),
+                    tls_certificate: c.tls_certificate().map(|t| FeedCertificate {
+                        not_after: rfc3339_us(t.not_after.saturating_mul(1_000_000)),
+                        days_left: (t.not_after - now_us / 1_000_000).div_euclid(86_400),
+                        subject: t.subject,
+                        reload_error: t.reload_error,
+                    }),
                 }
             })
             .collect();

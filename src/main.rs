@@ -310,12 +310,28 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
+/// SIGHUP: every MLLP feed reads its certificate, key, client CA and CRL again; a feed whose new
+/// files cannot be used keeps the ones in use (and says so). Open connections are untouched.
+fn reload_mllp_certificates_on_sighup(d: &siterelay::app::Daemon) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let certs = d.mllp_certificates();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let refused = certs.reload();
+            info!(refused, "SIGHUP: MLLP certificates reloaded");
+        }
+    });
+    Ok(())
+}
+
 async fn daemon(cfg: config::Config) -> anyhow::Result<()> {
     use sd_notify::NotifyState;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut d = siterelay::app::Daemon::start(&cfg).await?;
+    reload_mllp_certificates_on_sighup(&d)?;
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("running")]);
     // WATCHDOG=1 only while the outbox writer answers: a wedged writer stops the pings and
     // systemd restarts the daemon. A part that dies outright is caught below, at once.

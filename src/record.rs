@@ -118,6 +118,9 @@ struct Source<'a> {
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     peer: Option<&'a str>,
+    /// MLLP over TLS: the subject of the client certificate the sender presented.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -212,6 +215,7 @@ impl RecordBuilder {
             source: Source {
                 kind: row.source_kind.as_str(),
                 peer: row.peer.as_deref(),
+                certificate: row.peer_certificate.as_deref(),
             },
             format: row.format.as_str(),
             charset: Some(cs.charset_name()),

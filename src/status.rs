@@ -153,6 +153,7 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
                 rejects: None,
                 policy: intake::Policy::default(),
                 dedup_window: None,
+                max_batch_messages: crate::config::DEFAULT_MAX_BATCH_MESSAGES,
             }),
         };
         let outcome = intake.retry(&row).await;

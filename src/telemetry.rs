@@ -43,6 +43,17 @@ pub struct FeedCounters {
     pub connections_total: AtomicU64,
     /// Receive time of the last stored message (µs since epoch), 0 if none.
     pub last_message_us: AtomicU64,
+    /// Connections closed at once: outside the allow list, over the per-address cap, too many
+    /// handshakes, or a client certificate not allowed on this feed.
+    pub refused_connections: AtomicU64,
+    /// Messages answered `AR` because their address was over its message or byte rate.
+    pub rate_limited: AtomicU64,
+    /// Batches answered `AE` because they held more than `max_batch_messages`.
+    pub batches_too_large: AtomicU64,
+    /// MLLP over TLS: the server certificate in use.
+    tls_certificate: std::sync::Mutex<Option<CertInUse>>,
+    /// Refused connections logged in the current window, and those not logged.
+    refused_log: std::sync::Mutex<LogWindow>,
     /// Serial ports: [`PortState`] as a number (0 for listeners).
     port_state: AtomicU64,
     /// Serial ports: the last problem opening or reading the port.
@@ -96,6 +107,69 @@ impl FeedCounters {
     /// The last port problem.
     pub fn port_problem(&self) -> Option<String> {
         self.port_problem.lock().expect("lock").clone()
+    }
+
+    /// Record the server certificate an MLLP feed now presents (or a reload it refused).
+    pub fn set_tls_certificate(&self, c: CertInUse) {
+        *self
+            .tls_certificate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(c);
+    }
+
+    /// The server certificate an MLLP feed presents (None: no TLS).
+    pub fn tls_certificate(&self) -> Option<CertInUse> {
+        self.tls_certificate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The certificate a TLS listener presents now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInUse {
+    /// Its subject, e.g. `CN=siterelay.trust.nhs.uk`.
+    pub subject: String,
+    /// End of validity, seconds since the epoch.
+    pub not_after: i64,
+    /// The last reload that was refused (the certificate above stayed in use), and why.
+    pub reload_error: Option<String>,
+}
+
+/// At most [`REFUSALS_LOGGED`] refused connections are logged per feed in each
+/// [`REFUSAL_LOG_WINDOW`]; the rest are counted and summed up in one line.
+#[derive(Debug, Default)]
+struct LogWindow {
+    started: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+/// Refused connections logged per window and feed (a scanner cannot flood the journal).
+pub const REFUSALS_LOGGED: u32 = 5;
+/// The window of [`REFUSALS_LOGGED`].
+pub const REFUSAL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl LogWindow {
+    /// Whether to log this one; when a new window starts, how many went unlogged in the last.
+    fn admit(&mut self, now: std::time::Instant) -> (bool, u64) {
+        let mut unlogged = 0;
+        if self
+            .started
+            .is_none_or(|t| now.saturating_duration_since(t) >= REFUSAL_LOG_WINDOW)
+        {
+            unlogged = std::mem::take(&mut self.suppressed);
+            self.started = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < REFUSALS_LOGGED {
+            self.logged += 1;
+            (true, unlogged)
+        } else {
+            self.suppressed += 1;
+            (false, unlogged)
+        }
     }
 }
 
@@ -182,6 +256,37 @@ pub mod mllp {
         info!(feed, peer, "connection opened");
     }
 
+    /// A connection was closed at once (address only: nothing was read from it). Logged at
+    /// most [`REFUSALS_LOGGED`] times a [`REFUSAL_LOG_WINDOW`] per feed; always counted.
+    pub fn connection_refused(c: &FeedCounters, feed: &str, peer: std::net::IpAddr, why: &str) {
+        inc(&c.refused_connections);
+        let (log, unlogged) = c
+            .refused_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(std::time::Instant::now());
+        if unlogged > 0 {
+            warn!(
+                feed,
+                unlogged, "further refused connections in the last minute were counted, not logged"
+            );
+        }
+        if log {
+            warn!(feed, %peer, why, "connection refused and closed");
+        }
+    }
+
+    /// A message answered `AR` because its address is over its rate (not read, not stored).
+    pub fn rate_limited(c: &FeedCounters, feed: &str, peer: &str, size: usize, why: &str) {
+        inc(&c.frames);
+        inc(&c.ack_ar);
+        inc(&c.rate_limited);
+        debug!(
+            feed,
+            peer, size, why, "message refused (AR): over the address's rate"
+        );
+    }
+
     /// A connection ended, with how many messages it carried.
     pub fn connection_closed(c: &FeedCounters, feed: &str, peer: &str, messages: u64, why: &str) {
         c.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -246,5 +351,22 @@ pub mod mllp {
         inc(&c.frames);
         inc(&c.ack_ar);
         warn!(feed, control_id, size, reason, "message refused (AR)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scanner_gets_a_few_log_lines_a_minute_and_one_summary() {
+        let t0 = std::time::Instant::now();
+        let mut w = LogWindow::default();
+        let logged = (0..1000).filter(|_| w.admit(t0).0).count();
+        assert_eq!(logged, REFUSALS_LOGGED as usize);
+        assert_eq!(
+            w.admit(t0 + REFUSAL_LOG_WINDOW),
+            (true, 1000 - u64::from(REFUSALS_LOGGED))
+        );
     }
 }

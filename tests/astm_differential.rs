@@ -91,6 +91,7 @@ fn record(f: &Fixture) -> Value {
         received_at_us: 1_780_000_000_000_000,
         source_kind: SourceKind::Serial,
         peer: Some("/dev/serial/by-id/usb-SIM-if00".into()),
+        peer_certificate: None,
         format: Format::Astm,
         raw: f.bytes.clone(),
         reprocessed: false,

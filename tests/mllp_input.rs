@@ -211,24 +211,21 @@ async fn invalid_utf8_under_a_utf8_charset_gets_ae() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_cap_wait_until_a_slot_frees() {
+async fn a_full_feed_serves_a_new_connection_by_closing_the_one_idle_longest() {
     let env = Env::new();
     let d = daemon(&env, "max_connections = 1").await;
     let addr = d.addr("adt").unwrap();
     let mut first = connect(addr).await;
     assert_eq!(first.send(&adt("CAP1"), ACK_WAIT).await.unwrap().code, "AA");
-    let mut second = connect(addr).await; // completes in the kernel backlog
-    second
-        .write_raw(&siterelay::sources::mllp::framing::encode(&adt("CAP2")))
-        .await
-        .unwrap();
-    assert!(
-        second.read_frame(Duration::from_millis(700)).await.is_err(),
-        "not served while the only slot is taken"
-    );
-    drop(first);
-    let ack = parse_ack(&second.read_frame(ACK_WAIT).await.unwrap()).unwrap();
+    // The only slot is taken and idle: a newcomer is served at once, not left in the backlog.
+    let mut second = connect(addr).await;
+    let ack = second.send(&adt("CAP2"), ACK_WAIT).await.unwrap();
     assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AA", "CAP2"));
+    assert!(
+        first.closed_within(ACK_WAIT).await,
+        "the idle connection gave up its slot"
+    );
+    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 2);
     d.stop().await;
 }
 

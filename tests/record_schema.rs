@@ -62,6 +62,7 @@ fn record(text: &str, demographics: bool) -> Value {
         received_at_us: 1_780_000_000_000_000,
         source_kind: SourceKind::Mllp,
         peer: Some("127.0.0.1:5000".into()),
+        peer_certificate: None,
         format: Format::Hl7v2,
         raw: text.as_bytes().to_vec(),
         reprocessed: false,
@@ -583,6 +584,9 @@ fn fixture_records() -> Vec<(String, Value)> {
                 SourceKind::Mllp
             },
             peer: Some("127.0.0.1:5000".into()),
+            // A TLS sender's certificate, on the records that carry every optional flag.
+            peer_certificate: (flags && !serial)
+                .then(|| "CN=pas.trust.nhs.uk, O=Example NHS Trust".into()),
             format,
             raw,
             reprocessed: flags,

@@ -234,6 +234,7 @@ fn astm_records_for_every_fixture_match_the_golden_file() {
             received_at_us: 1_780_000_000_000_000,
             source_kind: SourceKind::Serial,
             peer: Some("/dev/ttyUSB0".into()),
+            peer_certificate: None,
             format: Format::Astm,
             raw: std::fs::read(&p).unwrap(),
             reprocessed: false,

@@ -73,6 +73,8 @@ pub struct Daemon {
     outbox: Outbox,
     writer: WriterThread,
     telemetry: Arc<Telemetry>,
+    /// The TLS of every MLLP feed that has it (reloaded on SIGHUP).
+    mllp_tls: crate::sources::mllp::certs::Reloader,
 }
 
 /// What every feed's receive stage is built from, besides the feed's own settings.
@@ -154,6 +156,9 @@ impl Daemon {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let feeds: Vec<(String, SocketAddr)> =
             mllp.iter().map(|f| (f.name.clone(), f.addr)).collect();
+        let mllp_tls = crate::sources::mllp::certs::Reloader(
+            mllp.iter().filter_map(|f| f.tls.clone()).collect(),
+        );
         let (intakes, records) = by_name(&mllp, &ports);
         let health = status::health(cfg, &feeds, &shared);
         let sink = sink::build(cfg, mqtt_tls, records, rejects_rx, &health, &shared);
@@ -205,6 +210,7 @@ impl Daemon {
             outbox,
             writer,
             telemetry,
+            mllp_tls,
         })
     }
 
@@ -216,6 +222,12 @@ impl Daemon {
     /// Bound address of one feed.
     pub fn addr(&self, feed: &str) -> Option<SocketAddr> {
         self.feeds.iter().find(|(n, _)| n == feed).map(|(_, a)| *a)
+    }
+
+    /// What reloads every MLLP feed's certificate, key, client CA and CRL (for SIGHUP; each
+    /// feed also reloads by itself when its files change).
+    pub fn mllp_certificates(&self) -> crate::sources::mllp::certs::Reloader {
+        self.mllp_tls.clone()
     }
 
     /// Live counters.

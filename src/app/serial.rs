@@ -47,6 +47,7 @@ pub(super) fn prepare(sc: &SerialConfig, cfg: &Config, shared: &Shared) -> anyho
         rejects: shared.rejects.clone(),
         policy: Policy::default(),
         dedup_window: None,
+        max_batch_messages: crate::config::DEFAULT_MAX_BATCH_MESSAGES,
     });
     Ok(Port {
         name: sc.name.clone(),

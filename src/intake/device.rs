@@ -29,6 +29,7 @@ impl FeedIntake {
             feed: self.name.clone(),
             source_kind: self.source_kind,
             peer: Some(peer.to_owned()),
+            peer_certificate: None,
             format,
             control_id: None,
             raw,

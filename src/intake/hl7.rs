@@ -94,14 +94,30 @@ impl FeedIntake {
         peer: &str,
         shutting_down: bool,
     ) -> Option<Vec<u8>> {
+        self.receive_hl7_from(msg, peer, None, shutting_down).await
+    }
+
+    /// [`FeedIntake::receive_hl7`] for a sender that presented a client certificate: its
+    /// subject is stored with the message (the record's `source.certificate`).
+    pub async fn receive_hl7_from(
+        &self,
+        msg: Vec<u8>,
+        peer: &str,
+        certificate: Option<&str>,
+        shutting_down: bool,
+    ) -> Option<Vec<u8>> {
         if crate::hl7::batch::is_batch(&msg) {
-            return Some(self.receive_batch(msg, peer, shutting_down).await);
+            return Some(
+                self.receive_batch(msg, peer, certificate, shutting_down)
+                    .await,
+            );
         }
         let received_at_us = now_us();
         match self.decide(&msg, received_at_us, shutting_down) {
             Decision::Store(p, new) => {
                 let new = NewMessage {
                     peer: Some(peer.to_string()),
+                    peer_certificate: certificate.map(str::to_string),
                     raw: msg,
                     ..new
                 };
@@ -109,6 +125,29 @@ impl FeedIntake {
                 self.finish(&p, result).ack
             }
             other => self.settle(other, msg, peer, received_at_us).await.ack,
+        }
+    }
+
+    /// Answer `AR` to a message that is not looked at (its sender is over its rate): the
+    /// answer names the reason; nothing is stored. None when its MSH-15 asks for no answer.
+    pub fn refuse_unread(&self, msg: &[u8], peer: &str, text: &str) -> Option<Vec<u8>> {
+        event::rate_limited(&self.counters, &self.name, peer, msg.len(), text);
+        match crate::hl7::header::parse_header(msg) {
+            Ok(h) => intake::answer_refused(&h, text),
+            Err(_) => Some(crate::hl7::ack::minimal_nak(
+                crate::hl7::ack::AckCode::AR,
+                text,
+                Some(&AckError {
+                    sequence: 1,
+                    code: 207,
+                    location: None,
+                    text: text.to_string(),
+                }),
+                &intake::next_ack_control_id(),
+                jiff::ZonedDateTime::now(),
+                &self.responder.application,
+                &self.responder.facility,
+            )),
         }
     }
 
@@ -123,15 +162,7 @@ impl FeedIntake {
                 header,
             } => {
                 let ack = self
-                    .quarantine(
-                        msg,
-                        peer,
-                        received_at_us,
-                        &reason,
-                        &error,
-                        header.as_deref(),
-                        ack,
-                    )
+                    .quarantine(msg, peer, received_at_us, &reason, &error, header, ack)
                     .await;
                 Answer {
                     ack,
@@ -235,6 +266,7 @@ impl FeedIntake {
             feed: self.name.clone(),
             source_kind: self.source_kind,
             peer: None,
+            peer_certificate: None,
             format: Format::Hl7v2,
             control_id: Some(header.control_id.clone()),
             raw: Vec::new(),
@@ -310,7 +342,13 @@ impl FeedIntake {
     /// A batch frame: every message is checked and stored on its own (its own `seq`, its own
     /// quarantine entry when rejected); all appends are committed before the one batch
     /// acknowledgement goes out, which lists the messages that were not accepted.
-    async fn receive_batch(&self, frame: Vec<u8>, peer: &str, shutting_down: bool) -> Vec<u8> {
+    async fn receive_batch(
+        &self,
+        frame: Vec<u8>,
+        peer: &str,
+        certificate: Option<&str>,
+        shutting_down: bool,
+    ) -> Vec<u8> {
         let feed = &*self.name;
         let size = frame.len();
         let batch = match crate::hl7::batch::split(&frame) {
@@ -333,16 +371,27 @@ impl FeedIntake {
                     .unwrap_or_default();
             }
         };
+        let count: usize = batch.groups.iter().map(|g| g.messages.len()).sum();
+        if count > self.max_batch_messages {
+            return self.refuse_large_batch(size, peer, count);
+        }
         for note in &batch.notes {
             warn!(
                 feed,
                 peer, note, "batch irregularity (messages still handled)"
             );
         }
-        // Check every message first, then append them all at once so they share commits; the
-        // appends are queued in order, so seq follows the batch order.
-        let mut slots: Vec<(usize, Result<Box<ToStore>, Answer>)> = Vec::new();
+        // Check every message first, then write them all at once: the rejected ones to
+        // quarantine in one transaction, the accepted ones appended (queued in order, so seq
+        // follows the batch order) into the same or the next commit.
+        enum Slot {
+            Store(Box<ToStore>),
+            Quarantine(Box<super::quarantine::ToQuarantine>),
+            Done(Answer),
+        }
+        let mut slots: Vec<(usize, Slot)> = Vec::new();
         let mut to_store = Vec::new();
+        let mut to_quarantine = Vec::new();
         for (g, group) in batch.groups.iter().enumerate() {
             for range in &group.messages {
                 let msg = frame[range.clone()].to_vec();
@@ -351,25 +400,54 @@ impl FeedIntake {
                     Decision::Store(p, new) => {
                         to_store.push(NewMessage {
                             peer: Some(peer.to_string()),
+                            peer_certificate: certificate.map(str::to_string),
                             raw: msg,
                             ..new
                         });
-                        slots.push((g, Ok(p)));
+                        slots.push((g, Slot::Store(p)));
+                    }
+                    Decision::Reject {
+                        ack,
+                        reason,
+                        error,
+                        header,
+                    } => {
+                        let (entry, q) = self.to_quarantine(
+                            msg,
+                            peer,
+                            received_at_us,
+                            &reason,
+                            &error,
+                            header,
+                            ack,
+                        );
+                        to_quarantine.push(entry);
+                        slots.push((g, Slot::Quarantine(Box::new(q))));
                     }
                     other => {
                         let answer = self.settle(other, msg, peer, received_at_us).await;
-                        slots.push((g, Err(answer)));
+                        slots.push((g, Slot::Done(answer)));
                     }
                 }
             }
         }
-        let mut results = self.outbox.append_all(to_store).await.into_iter();
+        let (kept, stored) = self
+            .outbox
+            .quarantine_and_append(to_quarantine, to_store)
+            .await;
+        let (mut kept, mut stored) = (kept.into_iter(), stored.into_iter());
         let mut acks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); batch.groups.len()];
         let (mut accepted, mut not_accepted) = (0usize, 0usize);
         for (g, slot) in slots {
             let a = match slot {
-                Err(done) => done,
-                Ok(p) => self.finish(&p, results.next().unwrap_or(Err(AppendError::Closed))),
+                Slot::Done(done) => done,
+                Slot::Store(p) => {
+                    self.finish(&p, stored.next().unwrap_or(Err(AppendError::Closed)))
+                }
+                Slot::Quarantine(q) => Answer {
+                    ack: self.quarantined(*q, kept.next().unwrap_or(Err(AppendError::Closed))),
+                    accepted: false,
+                },
             };
             if a.accepted {
                 accepted += 1;
@@ -392,6 +470,32 @@ impl FeedIntake {
             &acks,
             jiff::ZonedDateTime::now(),
             intake::next_ack_control_id,
+        )
+    }
+
+    /// A batch of more than `max_batch_messages` messages: `AE`, nothing of it stored or
+    /// quarantined (its bytes would multiply into records and quarantine entries).
+    fn refuse_large_batch(&self, size: usize, peer: &str, count: usize) -> Vec<u8> {
+        let text = format!(
+            "batch of {count} messages exceeds this feed's limit of {}: nothing of it was stored; send smaller batches",
+            self.max_batch_messages
+        );
+        self.counters.batches_too_large.fetch_add(1, Relaxed);
+        event::rejected(&self.counters, &self.name, peer, size, &text);
+        let error = AckError {
+            sequence: 1,
+            code: 207,
+            location: None,
+            text: text.clone(),
+        };
+        crate::hl7::ack::minimal_nak(
+            crate::hl7::ack::AckCode::AE,
+            &text,
+            Some(&error),
+            &intake::next_ack_control_id(),
+            jiff::ZonedDateTime::now(),
+            &self.responder.application,
+            &self.responder.facility,
         )
     }
 

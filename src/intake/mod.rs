@@ -60,4 +60,6 @@ pub struct FeedIntake {
     pub policy: Policy,
     /// Resends within this window are acknowledged again but stored once (None: off).
     pub dedup_window: Option<Duration>,
+    /// Messages one batch frame may hold; a larger batch is answered `AE`, nothing of it stored.
+    pub max_batch_messages: usize,
 }

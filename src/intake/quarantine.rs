@@ -36,6 +36,18 @@ pub struct RejectNotice {
     pub error_location: Option<String>,
 }
 
+/// A rejected message on its way to quarantine, with what answering it needs.
+pub(super) struct ToQuarantine {
+    peer: String,
+    reason: String,
+    notice: RejectNotice,
+    size: usize,
+    /// The `AE` to send once the entry is committed.
+    ack: Option<Vec<u8>>,
+    /// The header, when readable (for an `AR` if quarantine fails).
+    header: Option<Box<Header>>,
+}
+
 impl FeedIntake {
     /// Keep a rejected message in quarantine and answer: `ack` (the `AE`) once the entry is
     /// committed, counted and, if configured, announced to the central side without content;
@@ -48,15 +60,33 @@ impl FeedIntake {
         received_at_us: i64,
         reason: &str,
         error: &AckError,
-        header: Option<&Header>,
+        header: Option<Box<Header>>,
         ack: Option<Vec<u8>>,
     ) -> Option<Vec<u8>> {
+        let (entry, q) = self.to_quarantine(raw, peer, received_at_us, reason, error, header, ack);
+        let result = self.outbox.quarantine(entry).await;
+        self.quarantined(q, result)
+    }
+
+    /// The quarantine entry for a rejected message (nothing written yet).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn to_quarantine(
+        &self,
+        raw: Vec<u8>,
+        peer: &str,
+        received_at_us: i64,
+        reason: &str,
+        error: &AckError,
+        header: Option<Box<Header>>,
+        ack: Option<Vec<u8>>,
+    ) -> (RejectedMessage, ToQuarantine) {
         let size = raw.len();
-        let message_type = header.map(|h| match &h.trigger_event {
+        let h = header.as_deref();
+        let message_type = h.map(|h| match &h.trigger_event {
             Some(t) => format!("{}^{}", h.message_type, t),
             None => h.message_type.clone(),
         });
-        let m = RejectedMessage {
+        let entry = RejectedMessage {
             feed: self.name.clone(),
             source_kind: self.source_kind,
             peer: Some(peer.to_string()),
@@ -64,9 +94,9 @@ impl FeedIntake {
             error_code: error.code,
             error_location: error.location_text(),
             reason: reason.to_string(),
-            control_id: header.map(|h| h.control_id.clone()),
-            sending_application: header.and_then(|h| h.sending_application.clone()),
-            sending_facility: header.and_then(|h| h.sending_facility.clone()),
+            control_id: h.map(|h| h.control_id.clone()),
+            sending_application: h.and_then(|h| h.sending_application.clone()),
+            sending_facility: h.and_then(|h| h.sending_facility.clone()),
             message_type,
             raw,
         };
@@ -74,15 +104,34 @@ impl FeedIntake {
             feed: self.name.to_string(),
             at: crate::record::rfc3339_us(received_at_us),
             quarantine_id: 0,
-            sending_application: m.sending_application.clone(),
-            sending_facility: m.sending_facility.clone(),
-            message_type: m.message_type.clone(),
-            error_code: m.error_code,
-            error_location: m.error_location.clone(),
+            sending_application: entry.sending_application.clone(),
+            sending_facility: entry.sending_facility.clone(),
+            message_type: entry.message_type.clone(),
+            error_code: entry.error_code,
+            error_location: entry.error_location.clone(),
         };
-        match self.outbox.quarantine(m).await {
+        let q = ToQuarantine {
+            peer: peer.to_string(),
+            reason: reason.to_string(),
+            notice,
+            size,
+            ack,
+            header,
+        };
+        (entry, q)
+    }
+
+    /// The answer once quarantine has (or has not) kept the entry: counted, announced, `AE`;
+    /// or `AR` when it could not be kept.
+    pub(super) fn quarantined(
+        &self,
+        q: ToQuarantine,
+        result: Result<i64, crate::outbox::AppendError>,
+    ) -> Option<Vec<u8>> {
+        let (peer, reason) = (q.peer.as_str(), q.reason.as_str());
+        match result {
             Ok(id) => {
-                event::rejected(&self.counters, &self.name, peer, size, reason);
+                event::rejected(&self.counters, &self.name, peer, q.size, reason);
                 self.counters
                     .quarantined
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -90,17 +139,23 @@ impl FeedIntake {
                     // Best effort: the quarantine itself is the record of truth.
                     let _ = tx.try_send(RejectNotice {
                         quarantine_id: id,
-                        ..notice
+                        ..q.notice
                     });
                 }
-                ack
+                q.ack
             }
             Err(e) => {
-                warn!(feed = %self.name, peer, size, reason, error = %e, "could not quarantine a rejected message: refused (AR) instead of AE, so the sender keeps it");
-                let control_id = header.map_or("-", |h| h.control_id.as_str());
-                event::refused(&self.counters, &self.name, control_id, size, &e.to_string());
+                warn!(feed = %self.name, peer, size = q.size, reason, error = %e, "could not quarantine a rejected message: refused (AR) instead of AE, so the sender keeps it");
+                let control_id = q.header.as_ref().map_or("-", |h| h.control_id.as_str());
+                event::refused(
+                    &self.counters,
+                    &self.name,
+                    control_id,
+                    q.size,
+                    &e.to_string(),
+                );
                 let text = super::hl7::refusal_text(&e);
-                match header {
+                match q.header.as_deref() {
                     Some(h) => intake::answer_refused(h, text),
                     None => Some(refused_without_header(self, text)),
                 }

@@ -68,6 +68,8 @@ pub struct NewMessage {
     pub source_kind: SourceKind,
     /// Peer address or device path.
     pub peer: Option<String>,
+    /// MLLP over TLS: the subject of the sender's client certificate.
+    pub peer_certificate: Option<String>,
     /// Payload format.
     pub format: Format,
     /// MSH-10 or equivalent, for logs and stats.

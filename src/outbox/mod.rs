@@ -9,11 +9,12 @@
 //! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system. Next to it,
 //! `outbox.reserve`: the space reserve (below).
 //!
-//! **Schema** (`PRAGMA user_version = 5`; created and migrated in `schema.rs`). Message content
+//! **Schema** (`PRAGMA user_version = 6`; created and migrated in `schema.rs`). Message content
 //! and delivery state live in different tables, so recording a PUBACK writes a few bytes and
 //! never a copy of the message:
 //! - `messages(id INTEGER PRIMARY KEY, record_id, feed, seq, received_at_us, source_kind, peer,
-//!   format, control_id, size, raw BLOB, reprocessed, control_id_reused)`: content, written
+//!   format, control_id, size, raw BLOB, reprocessed, control_id_reused, peer_certificate)`
+//!   (`peer_certificate`: the subject of an MLLP sender's TLS client certificate): content, written
 //!   once at append and never updated; deleted only by pruning. `id` is the global arrival
 //!   order, assigned by the writer; it never goes backwards and is never reused, across
 //!   restarts too (the sink's cursor and the duplicate log rely on that): pruning records the
@@ -467,6 +468,37 @@ impl Outbox {
     /// Keep an `AE`-answered message in quarantine; returns its quarantine id once committed.
     pub async fn quarantine(&self, m: RejectedMessage) -> Result<i64, AppendError> {
         self.request(|reply| Cmd::Quarantine(m, reply)).await
+    }
+
+    /// One batch's outcome, written together: its rejected messages kept in quarantine in one
+    /// transaction, queued just before its accepted messages so that they normally share that
+    /// commit (a batch of refused messages costs one commit, not one per message). Answers
+    /// both in order, once every one is committed or refused.
+    pub async fn quarantine_and_append(
+        &self,
+        rejected: Vec<RejectedMessage>,
+        msgs: Vec<NewMessage>,
+    ) -> (
+        Vec<Result<i64, AppendError>>,
+        Vec<Result<Stored, AppendError>>,
+    ) {
+        let n = rejected.len();
+        let q = if n == 0 {
+            None
+        } else {
+            self.queue(|reply| Cmd::QuarantineAll(rejected, reply))
+                .await
+        };
+        let stored = self.append_all(msgs).await;
+        let kept = match q {
+            None if n == 0 => Vec::new(),
+            None => (0..n).map(|_| Err(AppendError::Closed)).collect(),
+            Some(rx) => match answer(rx).await {
+                Ok(each) => each,
+                Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+            },
+        };
+        (kept, stored)
     }
 
     /// Delete a quarantined message once it has been stored again (a crash in between leaves

@@ -27,6 +27,8 @@ pub struct PendingRow {
     pub source_kind: SourceKind,
     /// Peer.
     pub peer: Option<String>,
+    /// MLLP over TLS: the subject of the sender's client certificate.
+    pub peer_certificate: Option<String>,
     /// Format.
     pub format: Format,
     /// Raw bytes.
@@ -100,7 +102,8 @@ pub struct HeldRow {
 
 /// Columns of a [`PendingRow`] (from `messages m`), in [`row_to_pending`] order.
 const PENDING_COLUMNS: &str = "m.id, m.record_id, m.feed, m.seq, m.received_at_us, \
-     m.source_kind, m.peer, m.format, m.raw, m.reprocessed, m.control_id_reused, m.truncated_bytes";
+     m.source_kind, m.peer, m.format, m.raw, m.reprocessed, m.control_id_reused, \
+     m.truncated_bytes, m.peer_certificate";
 
 /// A `pending p` row that is not held (held rows keep their `pending` row: they are undelivered,
 /// but the sink does not read them).
@@ -139,6 +142,7 @@ fn row_to_pending(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingRow> {
         reprocessed: r.get::<_, i64>(9)? != 0,
         control_id_reused: r.get::<_, i64>(10)? != 0,
         truncated_bytes: r.get::<_, i64>(11)? as u64,
+        peer_certificate: r.get(12)?,
     })
 }
 

@@ -11,6 +11,7 @@
 //! - 5: delivery state moved out of `messages` into `pending` and `delivered`; the row-id
 //!   high-water mark in `meta`. Later, still as version 5, `messages.truncated_bytes` (added
 //!   when missing, like version 2's columns).
+//! - 6: `messages.peer_certificate` (the subject of the sender's TLS client certificate).
 //!
 //! Versions 4 and 5 were written in parallel: a file may have been stamped 5 without ever
 //! having had the `held` table (made by a build without it), and a version-4 file has held
@@ -33,7 +34,7 @@ use super::dedup::dedup_key;
 use super::{OutboxError, sqlite};
 
 /// The version this build writes; a file with a higher one is refused.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS messages (
     raw             BLOB    NOT NULL,
     reprocessed     INTEGER NOT NULL DEFAULT 0,
     control_id_reused INTEGER NOT NULL DEFAULT 0,
-    truncated_bytes INTEGER NOT NULL DEFAULT 0
+    truncated_bytes INTEGER NOT NULL DEFAULT 0,
+    peer_certificate TEXT
 );
 CREATE TABLE IF NOT EXISTS pending (
     id   INTEGER PRIMARY KEY,
@@ -181,8 +183,19 @@ fn init_schema(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
     migrate_to_v4(conn).map_err(&e)?;
     migrate_to_v5(conn).map_err(&e)?;
     add_truncated_bytes(conn).map_err(&e)?;
+    migrate_to_v6(conn).map_err(&e)?;
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
         .map_err(&e)?;
+    Ok(())
+}
+
+/// Version 6 added `messages.peer_certificate`: the subject of the client certificate an MLLP
+/// sender presented (NULL for plain TCP, serial ports and rows stored before). Detected from the
+/// file (the column), so it runs harmlessly on any version.
+fn migrate_to_v6(conn: &Connection) -> rusqlite::Result<()> {
+    if !has_column(conn, "messages", "peer_certificate")? {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN peer_certificate TEXT")?;
+    }
     Ok(())
 }
 
@@ -386,7 +399,7 @@ fn migrate_to_v5(conn: &Connection) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{keyed, msg, opts};
-    use super::super::{Outbox, content_hash, now_us};
+    use super::super::{NewMessage, Outbox, content_hash, now_us};
     use super::*;
 
     #[tokio::test]
@@ -475,6 +488,40 @@ mod tests {
         }
     }
 
+    /// A version-5 file (no `messages.peer_certificate`) gets the column; its rows read as
+    /// having no certificate, and new rows keep theirs.
+    #[tokio::test]
+    async fn a_version_5_file_gets_the_peer_certificate_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        {
+            let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+            ob.append(msg("a", "old")).await.unwrap();
+            drop(ob);
+            w.join();
+        }
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "ALTER TABLE messages DROP COLUMN peer_certificate; PRAGMA user_version = 5;",
+        )
+        .unwrap();
+        assert!(!has_column(&c, "messages", "peer_certificate").unwrap());
+        drop(c);
+        let (ob, w) = Outbox::open(&path, opts(1 << 20)).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        ob.append(NewMessage {
+            peer_certificate: Some("CN=pas".into()),
+            ..msg("a", "new")
+        })
+        .await
+        .unwrap();
+        let rows = ob.reader().unwrap().pending_after(0, 10, u64::MAX).unwrap();
+        let certs: Vec<_> = rows.iter().map(|r| r.peer_certificate.as_deref()).collect();
+        assert_eq!(certs, [None, Some("CN=pas")]);
+        drop(ob);
+        w.join();
+    }
+
     /// A file made by a build that had version 5 but not version 4 (the two were written in
     /// parallel): stamped 5, no `held` table. Opening it creates the table (the version-4 step
     /// runs at every open, whatever the stamp), and holding, listing, skipping and releasing
@@ -496,7 +543,8 @@ mod tests {
             w.join();
         }
         let c = Connection::open(&path).unwrap();
-        c.execute_batch("DROP TABLE held;").unwrap();
+        c.execute_batch("DROP TABLE held; PRAGMA user_version = 5;")
+            .unwrap();
         drop(c);
         assert_eq!(user_version(&path), 5);
         {

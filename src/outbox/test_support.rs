@@ -11,6 +11,7 @@ pub(super) fn msg(feed: &str, body: &str) -> NewMessage {
         feed: Arc::from(feed),
         source_kind: SourceKind::Mllp,
         peer: Some("127.0.0.1:1".into()),
+        peer_certificate: None,
         format: Format::Hl7v2,
         control_id: Some("C1".into()),
         raw: body.as_bytes().to_vec(),

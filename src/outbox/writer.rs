@@ -88,6 +88,9 @@ pub(super) enum Cmd {
     PutMeta(&'static str, String),
     /// Keep an `AE`-answered message in quarantine; answers its quarantine id.
     Quarantine(RejectedMessage, Reply<i64>),
+    /// Keep several rejected messages (one batch's) in quarantine in one transaction; answers
+    /// each one's quarantine id or why it was not kept, in order.
+    QuarantineAll(Vec<RejectedMessage>, Reply<Vec<Result<i64, AppendError>>>),
     /// Delete a quarantined message (it has been stored as a message again).
     ForgetRejected(i64, Reply<()>),
     /// Set an undelivered row aside (its record cannot be published); answers what happened.
@@ -99,7 +102,10 @@ pub(super) enum Cmd {
 impl Cmd {
     /// Commands that add data (refused while the disk is full).
     fn adds_data(&self) -> bool {
-        matches!(self, Cmd::Append(..) | Cmd::Quarantine(..))
+        matches!(
+            self,
+            Cmd::Append(..) | Cmd::Quarantine(..) | Cmd::QuarantineAll(..)
+        )
     }
 
     /// This command's answer when it is taken out of its group with `err`.
@@ -107,6 +113,7 @@ impl Cmd {
         match self {
             Cmd::Append(..) => Answer::Stored(Err(err)),
             Cmd::Increment(..) | Cmd::Quarantine(..) => Answer::Value(Err(err)),
+            Cmd::QuarantineAll(..) => Answer::Values(Err(err)),
             Cmd::ForgetRejected(..) => Answer::Done(Err(err)),
             Cmd::Hold(..) => Answer::Hold(Err(err)),
             Cmd::Unhold(..) => Answer::Unhold(Err(err)),
@@ -135,6 +142,7 @@ pub(super) enum Answer {
     Nothing,
     Stored(Result<Stored, AppendError>),
     Value(Result<i64, AppendError>),
+    Values(Result<Vec<Result<i64, AppendError>>, AppendError>),
     Done(Result<(), AppendError>),
     Hold(Result<HoldOutcome, AppendError>),
     Unhold(Result<Unheld, AppendError>),
@@ -678,6 +686,24 @@ fn send_answer(cmd: Cmd, a: Answer, gauges: &OutboxGauges) {
             }
             let _ = reply.send(r);
         }
+        (Cmd::QuarantineAll(_, reply), a) => {
+            let r = match a {
+                Answer::Values(r) => r,
+                _ => missing(),
+            };
+            let full = match &r {
+                Ok(each) => each
+                    .iter()
+                    .filter(|e| matches!(e, Err(AppendError::Full { .. })))
+                    .count(),
+                Err(AppendError::Full { .. }) => 1,
+                Err(_) => 0,
+            };
+            gauges
+                .refused_full
+                .fetch_add(full as u64, Ordering::Relaxed);
+            let _ = reply.send(r);
+        }
         (Cmd::ForgetRejected(_, reply), a) => {
             let r = match a {
                 Answer::Done(r) => r,
@@ -764,7 +790,7 @@ struct Applied {
 
 const INSERT_MESSAGE: &str = "INSERT INTO messages (id, record_id, feed, seq, received_at_us, \
      source_kind, peer, format, control_id, size, raw, reprocessed, control_id_reused, \
-     truncated_bytes) VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?13, ?14)";
+     truncated_bytes, peer_certificate) VALUES (?11, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?13, ?14, ?15)";
 
 const INSERT_PENDING: &str = "INSERT INTO pending (id, size) VALUES (?1, ?2)";
 
@@ -822,6 +848,11 @@ impl<'t> Group<'t> {
             Cmd::Increment(key, _) => self.increment(key).map(|v| Answer::Value(Ok(v))),
             Cmd::PutMeta(key, value) => self.put_meta(key, value).map(|()| Answer::Nothing),
             Cmd::Quarantine(m, _) => self.quarantine(m).map(Answer::Value),
+            Cmd::QuarantineAll(ms, _) => ms
+                .iter()
+                .map(|m| self.quarantine(m))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map(|each| Answer::Values(Ok(each))),
             Cmd::ForgetRejected(id, _) => self.forget_rejected(*id).map(|()| Answer::Done(Ok(()))),
             Cmd::Hold(h, _) => self.hold(h).map(|o| Answer::Hold(Ok(o))),
             Cmd::Unhold(which, _) => self.unhold(*which).map(|u| Answer::Unhold(Ok(u))),
@@ -901,6 +932,7 @@ impl<'t> Group<'t> {
             msg.reprocessed,
             reused,
             msg.truncated_bytes as i64,
+            msg.peer_certificate,
         ])?;
         self.insert_pending.execute(params![row_id, size as i64])?;
         if let Some((k, key)) = keyed {
@@ -1277,6 +1309,28 @@ mod tests {
             message_type: None,
             raw: b"MSH|".to_vec(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_rejected_messages_is_quarantined_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, w) = Outbox::open(&dir.path().join("o.sqlite"), opts(64 << 20)).unwrap();
+        let g = ob.gauges();
+        let before = g.commits.load(Ordering::Relaxed);
+        let batch: Vec<_> = (0..2600).map(|i| rejected(&format!("r{i}"))).collect();
+        let (kept, stored) = ob.quarantine_and_append(batch, Vec::new()).await;
+        assert_eq!(g.commits.load(Ordering::Relaxed) - before, 1);
+        assert!(stored.is_empty());
+        let ids: Vec<i64> = kept.into_iter().map(Result::unwrap).collect();
+        assert_eq!(ids.len(), 2600);
+        assert!(
+            ids.windows(2).all(|w| w[1] == w[0] + 1),
+            "ids in batch order"
+        );
+        let r = ob.reader().unwrap();
+        assert_eq!(r.quarantined(None).unwrap().len(), 2600);
+        drop(ob);
+        w.join();
     }
 
     #[tokio::test]

@@ -194,6 +194,36 @@ impl Pki {
         Ok((cert_file, key_file))
     }
 
+    /// Writes a CRL signed by this CA revoking the certificates with these serial numbers (big
+    /// endian bytes, as read from the certificates), valid from yesterday for 30 days; returns
+    /// its path (`<name>-crl.pem`, replaced on each call).
+    pub fn write_crl(&self, revoked_serials: &[Vec<u8>]) -> Result<PathBuf> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem).context("loading the CA key")?;
+        let issuer = Issuer::from_params(&self.ca_params, &ca_key);
+        let now = OffsetDateTime::now_utc();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::days(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: rcgen::SerialNumber::from(vec![1u8]),
+            issuing_distribution_point: None,
+            revoked_certs: revoked_serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now - time::Duration::hours(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .context("signing the CRL")?;
+        let path = self.dir.join(format!("{}-crl.pem", sanitize(&self.name)));
+        write_public(&path, &crl.pem().context("encoding the CRL")?)?;
+        Ok(path)
+    }
+
     /// The directory holding the PEM files.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -2,22 +2,31 @@
 //! hands each complete message to the feed's receive stage (`crate::intake`) and writes the
 //! answer it returns. Owns the sockets; owns no protocol logic.
 //!
+//! Who may use the feed, and how much ([`Guard`]): a connection from outside the feed's allow
+//! list, or one more than its address may hold, is closed at once; a TLS handshake must finish
+//! within its own deadline before the connection takes a slot; a frame must be complete within
+//! `frame_timeout` of its first byte; when every slot is taken, the connection that has gone
+//! longest without completing a message gives its slot up to the newcomer; beyond its address's
+//! message or byte rate a message is answered `AR` (resend later) without being looked at.
+//!
 //! Per connection, messages are handled strictly in order: frame -> intake (decide, commit to
 //! the outbox) -> ACK. The ACK for a message is written only after the transaction holding it has
 //! committed. On shutdown the listener stops accepting at once; a connection finishes the message
 //! it is committing, answers `AR` to any further frame it already holds, and closes.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
+use super::allow::AllowList;
+use super::certs::MllpTls;
+use super::limits::{PeerRates, Slots};
 use crate::hl7::intake;
 use crate::intake::FeedIntake;
 use crate::shutdown::Shutdown;
@@ -26,8 +35,8 @@ use crate::telemetry::mllp as event;
 
 /// Read buffer per connection.
 const READ_CHUNK: usize = 64 * 1024;
-/// Time allowed for a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the certificate files of a TLS feed are looked at for a change.
+pub const CERT_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Everything a connection of one feed needs.
 pub struct FeedContext {
@@ -37,29 +46,60 @@ pub struct FeedContext {
     pub max_message_bytes: u64,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
-    /// TLS, when configured.
-    pub tls: Option<TlsAcceptor>,
+    /// TLS, when configured (reloadable: each handshake uses the certificate loaded last).
+    pub tls: Option<Arc<MllpTls>>,
+    /// Who may connect, and how much of the feed one sender may use.
+    pub guard: Guard,
+}
+
+/// A feed's protections against its own LAN: the allow list, fair connection slots, deadlines
+/// and per-address rates.
+pub struct Guard {
+    /// Addresses that may connect (empty: all).
+    pub allow: AllowList,
+    /// Connection slots (taken after the TLS handshake) and the per-address cap.
+    pub slots: Mutex<Slots>,
+    /// Per-address message and byte rates.
+    pub rates: Mutex<PeerRates>,
+    /// Once a frame's first byte has arrived, it must be complete within this time.
+    pub frame_timeout: Duration,
+    /// A TLS handshake must finish within this time (before it holds no slot).
+    pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once (beyond: the connection is closed at once).
+    pub handshakes: Arc<Semaphore>,
+}
+
+impl Guard {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A bound listener, ready to serve.
 pub struct MllpListener {
     listener: TcpListener,
-    limit: Arc<Semaphore>,
     ctx: Arc<FeedContext>,
+}
+
+/// An open TCP connection counted against its address's cap; uncounted when dropped.
+struct Open {
+    ctx: Arc<FeedContext>,
+    ip: IpAddr,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.ctx.guard.slots().close(self.ip);
+    }
 }
 
 impl MllpListener {
     /// Bind the feed's address (done before READY=1 so a bad address fails start-up).
-    pub async fn bind(
-        addr: SocketAddr,
-        max_connections: usize,
-        ctx: FeedContext,
-    ) -> std::io::Result<MllpListener> {
+    pub async fn bind(addr: SocketAddr, ctx: FeedContext) -> std::io::Result<MllpListener> {
         let listener = TcpListener::bind(addr).await?;
-        info!(feed = %ctx.intake.name, addr = %listener.local_addr()?, tls = ctx.tls.is_some(), "listening");
+        info!(feed = %ctx.intake.name, addr = %listener.local_addr()?, tls = ctx.tls.is_some(), allow_list = !ctx.guard.allow.is_open(), "listening");
         Ok(MllpListener {
             listener,
-            limit: Arc::new(Semaphore::new(max_connections)),
             ctx: Arc::new(ctx),
         })
     }
@@ -69,45 +109,32 @@ impl MllpListener {
         self.listener.local_addr()
     }
 
-    /// Accept until shutdown is requested, then wait for every connection to finish.
+    /// Accept until shutdown is requested, then wait for every connection to finish. Every
+    /// connection is accepted at once (so a full feed never leaves a sender waiting in the
+    /// backlog): one from outside the allow list, or over its address's cap, is closed at once;
+    /// the others get a slot after their TLS handshake.
     pub async fn serve(self, shutdown: Shutdown) {
         let mut conns = JoinSet::new();
+        let mut cert_check = tokio::time::interval(CERT_CHECK_EVERY);
+        cert_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Take a connection slot before accepting: beyond the cap, peers wait in the backlog.
-            let permit = tokio::select! {
-                p = self.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-                _ = shutdown.requested() => break,
-            };
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
                 _ = shutdown.requested() => break,
+                _ = cert_check.tick(), if self.ctx.tls.is_some() => {
+                    if let Some(t) = &self.ctx.tls {
+                        t.reload_if_changed();
+                    }
+                    continue;
+                }
             };
             // Reap finished connection tasks so the set does not grow.
             while conns.try_join_next().is_some() {}
             match accepted {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let ctx = self.ctx.clone();
-                    let shutdown = shutdown.clone();
-                    conns.spawn(async move {
-                        let _permit = permit;
-                        match &ctx.tls {
-                            None => connection(stream, peer, &ctx, shutdown).await,
-                            Some(acc) => {
-                                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(stream))
-                                    .await
-                                {
-                                    Ok(Ok(tls)) => connection(tls, peer, &ctx, shutdown).await,
-                                    Ok(Err(e)) => {
-                                        warn!(feed = %ctx.intake.name, %peer, error = %e, "TLS handshake failed")
-                                    }
-                                    Err(_) => {
-                                        warn!(feed = %ctx.intake.name, %peer, "TLS handshake timed out")
-                                    }
-                                }
-                            }
-                        }
-                    });
+                    if let Some(task) = self.admit(stream, peer, &shutdown) {
+                        conns.spawn(task);
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly rather than spin.
@@ -120,27 +147,170 @@ impl MllpListener {
         while conns.join_next().await.is_some() {}
         info!(feed = %self.ctx.intake.name, "listener stopped");
     }
+
+    /// Decide about a new connection: refused now (None, the stream dropped, i.e. closed), or
+    /// the task that serves it.
+    fn admit(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: &Shutdown,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let ctx = &self.ctx;
+        let c = &*ctx.intake.counters;
+        let ip = peer.ip().to_canonical();
+        if !ctx.guard.allow.permits(ip) {
+            event::connection_refused(
+                c,
+                &ctx.intake.name,
+                ip,
+                "address not in the feed's allow list",
+            );
+            return None;
+        }
+        if !ctx.guard.slots().open(ip) {
+            event::connection_refused(
+                c,
+                &ctx.intake.name,
+                ip,
+                "over max_connections_per_peer for this address",
+            );
+            return None;
+        }
+        let open = Open {
+            ctx: ctx.clone(),
+            ip,
+        };
+        let handshake = match &ctx.tls {
+            None => None,
+            Some(_) => match ctx.guard.handshakes.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    event::connection_refused(
+                        c,
+                        &ctx.intake.name,
+                        ip,
+                        "too many TLS handshakes in progress",
+                    );
+                    return None;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        Some(async move {
+            let _open = open;
+            match &ctx.tls {
+                None => served(stream, peer, None, &ctx, shutdown).await,
+                Some(tls) => {
+                    let feed = &*ctx.intake.name;
+                    let acceptor = tls.acceptor();
+                    let hs = tokio::select! {
+                        r = tokio::time::timeout(ctx.guard.handshake_timeout, acceptor.accept(stream)) => r,
+                        _ = shutdown.requested() => return,
+                    };
+                    drop(handshake);
+                    let stream = match hs {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            // Unknown, revoked or expired certificate, or not TLS at all.
+                            event::connection_refused(
+                                &ctx.intake.counters,
+                                feed,
+                                ip,
+                                &format!("TLS handshake failed: {e}"),
+                            );
+                            return;
+                        }
+                        Err(_) => {
+                            event::connection_refused(
+                                &ctx.intake.counters,
+                                feed,
+                                ip,
+                                "TLS handshake not finished within handshake_timeout",
+                            );
+                            return;
+                        }
+                    };
+                    let certificate = match tls.check_sender(stream.get_ref().1.peer_certificates())
+                    {
+                        Ok(subject) => subject,
+                        Err(why) => {
+                            event::connection_refused(&ctx.intake.counters, feed, ip, &why);
+                            return;
+                        }
+                    };
+                    served(stream, peer, certificate, &ctx, shutdown).await
+                }
+            }
+        })
+    }
 }
 
-/// Serve one connection until EOF, idle timeout, an error, or shutdown.
-async fn connection<S>(mut stream: S, peer: SocketAddr, ctx: &FeedContext, shutdown: Shutdown)
-where
+/// A connection past its handshake: give it a slot (evicting the connection idle longest when
+/// the feed is full), serve it, give the slot back.
+async fn served<S>(
+    stream: S,
+    peer: SocketAddr,
+    certificate: Option<String>,
+    ctx: &FeedContext,
+    shutdown: Shutdown,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let admitted = ctx.guard.slots().admit(Instant::now());
+    if admitted.evicted_other {
+        info!(feed = %ctx.intake.name, %peer, "feed full: the connection without a message for longest gives up its slot to this one");
+    }
+    let id = admitted.id;
+    connection(stream, peer, certificate, admitted, ctx, shutdown).await;
+    ctx.guard.slots().release(id);
+}
+
+/// Serve one connection until EOF, idle timeout, frame timeout, eviction, an error, or shutdown.
+async fn connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    certificate: Option<String>,
+    slot: super::limits::Admitted,
+    ctx: &FeedContext,
+    shutdown: Shutdown,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let feed = &*ctx.intake.name;
     let peer_s = peer.to_string();
+    let ip = peer.ip().to_canonical();
     let c = &*ctx.intake.counters;
     event::connection_opened(c, feed, &peer_s);
     let mut framer = Framer::new(ctx.max_message_bytes as usize);
     let mut buf = vec![0u8; READ_CHUNK];
     let mut handled = 0u64;
+    // When the frame being received began (its first byte), if one is.
+    let mut frame_started: Option<Instant> = None;
     let why: &str = 'conn: loop {
         while let Some(ev) = framer.next_event() {
             match ev {
                 FrameEvent::Message(msg) => {
+                    frame_started = None;
                     let stopping = shutdown.is_requested();
-                    let ack = ctx.intake.receive_hl7(msg, &peer_s, stopping).await;
+                    let over = ctx
+                        .guard
+                        .rates
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(ip, msg.len(), Instant::now());
+                    let ack = match over {
+                        Ok(()) => {
+                            ctx.intake
+                                .receive_hl7_from(msg, &peer_s, certificate.as_deref(), stopping)
+                                .await
+                        }
+                        Err(over) => ctx.intake.refuse_unread(&msg, &peer_s, &over.text()),
+                    };
                     handled += 1;
+                    ctx.guard.slots().progress(slot.id, Instant::now());
                     let Some(ack) = ack else { continue };
                     if let Err(e) =
                         write_with_timeout(&mut stream, &encode(&ack), ctx.idle_timeout).await
@@ -151,6 +321,7 @@ where
                 }
                 FrameEvent::Discarded { bytes } => event::discarded(c, feed, &peer_s, bytes),
                 FrameEvent::Abandoned { bytes } => {
+                    frame_started = None;
                     event::incomplete(c, feed, &peer_s, bytes, "new start block inside a frame")
                 }
                 FrameEvent::TooLarge { head, seen } => {
@@ -167,13 +338,32 @@ where
                 }
             }
         }
+        if framer.in_frame() {
+            frame_started.get_or_insert_with(Instant::now);
+        } else {
+            frame_started = None;
+        }
         let stopping = shutdown.is_requested();
         if stopping {
             break "shutting down";
         }
+        // Silent for idle_timeout, or a frame begun but not finished within frame_timeout.
+        let (limit, frame_deadline) = match frame_started {
+            Some(t) => {
+                let left = ctx.guard.frame_timeout.saturating_sub(t.elapsed());
+                (left.min(ctx.idle_timeout), left <= ctx.idle_timeout)
+            }
+            None => (ctx.idle_timeout, false),
+        };
         let read = tokio::select! {
-            r = tokio::time::timeout(ctx.idle_timeout, stream.read(&mut buf)) => r,
+            r = tokio::time::timeout(limit, stream.read(&mut buf)) => r,
             _ = shutdown.requested() => break "shutting down",
+            _ = slot.evict.notified() => {
+                if framer.in_frame() {
+                    event::incomplete(c, feed, &peer_s, framer.buffered_bytes(), "slot given to a new connection (feed full)");
+                }
+                break "slot given to a new connection (feed full)";
+            }
         };
         match read {
             Ok(Ok(0)) => {
@@ -196,6 +386,16 @@ where
             Ok(Err(e)) => {
                 warn!(feed, peer = %peer_s, error = %e, "read failed");
                 break "read error";
+            }
+            Err(_) if frame_deadline => {
+                event::incomplete(
+                    c,
+                    feed,
+                    &peer_s,
+                    framer.buffered_bytes(),
+                    "frame not complete within frame_timeout of its first byte",
+                );
+                break "frame timeout";
             }
             Err(_) => {
                 if framer.in_frame() {
