@@ -106,6 +106,28 @@ pub(super) fn open(path: &Path) -> Result<Connection, OutboxError> {
     Ok(conn)
 }
 
+/// `PRAGMA secure_delete` on the writer's connection (the only one that deletes): on, deleted
+/// content is overwritten with zeros in the page, so a pruned message's bytes are gone from the
+/// database file (and, after the prune's `TRUNCATE` checkpoint, from the WAL).
+pub(super) fn set_secure_delete(
+    conn: &Connection,
+    path: &Path,
+    on: bool,
+) -> Result<(), OutboxError> {
+    let now: i64 = conn
+        .query_row(&format!("PRAGMA secure_delete = {}", on as i32), [], |r| {
+            r.get(0)
+        })
+        .map_err(sqlite(path))?;
+    if (now != 0) != on {
+        warn!(
+            requested = on,
+            now, "outbox: SQLite refused the secure_delete setting"
+        );
+    }
+    Ok(())
+}
+
 fn create_private_dir(dir: &Path) -> Result<(), OutboxError> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.as_os_str().is_empty() || dir.exists() {
