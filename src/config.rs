@@ -352,6 +352,10 @@ pub struct MqttConfig {
     /// Records published and not yet acknowledged at any moment (QoS 1 window).
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
+    /// Most `replay` commands started in any hour (one runs at a time); beyond it a replay is
+    /// refused with the reason in its reply. 0 turns replay off.
+    #[serde(default = "default_replays_per_hour")]
+    pub replays_per_hour: u32,
     /// Allow a connection without TLS. For lab use only: a warning is logged at every start.
     #[serde(default)]
     pub insecure_plaintext: bool,
@@ -538,6 +542,9 @@ fn default_health_interval() -> Duration {
 }
 fn default_max_inflight() -> u16 {
     100
+}
+fn default_replays_per_hour() -> u32 {
+    6
 }
 fn default_true() -> bool {
     true

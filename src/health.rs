@@ -499,8 +499,8 @@ impl HealthContext {
                     seq: h.seq,
                     id: h.record_id.clone(),
                     row: h.row_id,
-                    reason: h.reason.clone(),
-                    detail: h.detail.clone(),
+                    reason: crate::text::bounded(&h.reason).into_owned(),
+                    detail: crate::text::bounded(&h.detail).into_owned(),
                     since: rfc3339_us(h.since_us),
                     bytes: h.size,
                 })

@@ -35,6 +35,7 @@ pub mod sink;
 pub mod sources;
 pub mod status;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod units;
 pub mod watch;

@@ -193,13 +193,18 @@ pub struct MqttSink {
     outbox: Outbox,
     telemetry: Arc<Telemetry>,
     topics: Topics,
+    /// Replays started recently (one at a time, `mqtt.replays_per_hour`), across reconnects.
+    replays: std::sync::Mutex<control::ReplayLimit>,
 }
 
 impl MqttSink {
     /// A sink over `outbox`.
     pub fn new(settings: SinkSettings, outbox: Outbox, telemetry: Arc<Telemetry>) -> MqttSink {
         let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.appliance_id);
+        let replays =
+            std::sync::Mutex::new(control::ReplayLimit::new(settings.mqtt.replays_per_hour));
         MqttSink {
+            replays,
             settings,
             outbox,
             telemetry,
@@ -288,7 +293,8 @@ impl MqttSink {
                 o.set_keep_alive(m.keep_alive)
                     .set_clean_start(true)
                     .set_connection_timeout(m.connect_timeout.as_secs())
-                    .set_max_packet_size(Some(s.max_packet_bytes as u32))
+                    // What we accept (the broker's limit for what we send comes in its CONNACK).
+                    .set_max_packet_size(Some(control::MAX_INCOMING_PACKET_BYTES as u32))
                     .set_outgoing_inflight_upper_limit(m.max_inflight)
                     .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
                         &self.topics.status,
@@ -306,7 +312,7 @@ impl MqttSink {
                 let mut o = rumqttc::MqttOptions::new(client_id, m.host.clone(), m.port);
                 o.set_keep_alive(m.keep_alive)
                     .set_clean_session(true)
-                    .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes)
+                    .set_max_packet_size(control::MAX_INCOMING_PACKET_BYTES, s.max_packet_bytes)
                     .set_inflight(m.max_inflight)
                     .set_last_will(rumqttc::LastWill::new(
                         &self.topics.status,
@@ -568,6 +574,16 @@ impl MqttSink {
                                     Ok(serde_json::json!({}))
                                 }
                                 Ok(Command::Replay { feed, from_seq, limit }) => {
+                                    let running = replay.as_ref().map(|j| (j.feed.as_str(), j.remaining));
+                                    let admitted = self
+                                        .replays
+                                        .lock()
+                                        .map_err(|_| "replay limiter poisoned".to_string())
+                                        .and_then(|mut l| l.admit(std::time::Instant::now(), running));
+                                    if let Err(why) = admitted {
+                                        warn!(feed = %feed, reason = %why, "replay command refused");
+                                        Err(why)
+                                    } else {
                                     match self.replay_range(reader, feed, *from_seq).await {
                                         Ok((count, first, last)) => {
                                             let n = count.min(*limit as u64);
@@ -587,6 +603,7 @@ impl MqttSink {
                                             }))
                                         }
                                         Err(e) => Err(format!("cannot read the outbox: {e}")),
+                                    }
                                     }
                                 }
                             };
