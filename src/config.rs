@@ -241,8 +241,9 @@ pub struct StoreConfig {
     /// How long messages answered `AE` are kept in quarantine (`siterelay queue rejected`).
     #[serde(default = "default_retain_rejected", deserialize_with = "de_duration")]
     pub retain_rejected: Duration,
-    /// Overwrite deleted rows with zeros (SQLite's `secure_delete`) and truncate the WAL after a
-    /// prune, so delivered and expired patient data does not stay in the file. On by default;
+    /// Overwrite deleted rows with zeros (SQLite's `secure_delete = FAST`; the pages they free
+    /// leave the file by pruning's vacuum) and truncate the WAL after a prune, so delivered and
+    /// expired patient data does not stay in the file. On by default;
     /// `false` only to measure what it costs (docs/performance.md). It does not replace an
     /// encrypted data partition: the file system and the disk may keep old blocks.
     #[serde(default = "default_true")]

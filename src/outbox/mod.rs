@@ -6,10 +6,12 @@
 //! **File.** One SQLite database, `<data_dir>/outbox.sqlite`, created with mode 0600 (SQLite gives
 //! its `-wal` and `-shm` files the same mode). `journal_mode=WAL`, `synchronous=FULL`: a commit
 //! returns only after the WAL has been fsynced, so a committed row survives a power cut.
-//! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system. `secure_delete=ON`
+//! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system. `secure_delete=FAST`
 //! on the writer's connection (`store.secure_delete`, default on): a deleted row's bytes are
-//! overwritten with zeros, and a prune that deleted anything ends with a `TRUNCATE` checkpoint,
-//! so pruned patient data is gone from the file and its WAL (the file system and the disk may
+//! overwritten with zeros in its b-tree page, the pages it frees leave the file by the prune's
+//! incremental vacuum, and a prune that deleted anything ends with a `TRUNCATE` checkpoint, so
+//! pruned patient data is gone from the file and its WAL (`ON` would also rewrite every freed
+//! page, into the WAL: on a full disk pruning then failed and the store never recovered) (the file system and the disk may
 //! still keep old blocks: the data partition must be encrypted, docs/security.md). Next to it,
 //! `outbox.reserve`: the space reserve (below).
 //!

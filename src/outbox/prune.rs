@@ -220,8 +220,11 @@ mod tests {
         .unwrap();
         let mut ids = Vec::new();
         for i in 0..200 {
+            // Every fourth one large enough for overflow pages, the name near its end.
+            let pad = if i % 4 == 0 { "x".repeat(20_000) } else { String::new() };
             let body = format!(
                 "MSH|^~\\&|PAS|RXX|HUB|RXX|20261130093000||ADT^A01|C{i}|P|2.4\r\
+                 NTE|1||{pad}\r\
                  PID|1||9990000018^^^NHS^NH||QUILLFEATHERSTONE^ADA||19800615|F\r"
             );
             ids.push(ob.append(msg("a", &body)).await.unwrap().row_id);
