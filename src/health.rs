@@ -322,28 +322,13 @@ fn cert_not_before(path: &Path) -> Option<i64> {
 
 /// The kernel's view of clock synchronisation (adjtimex), when available.
 pub fn clock_state(client_cert: Option<&Path>) -> ClockHealth {
-    // SAFETY: adjtimex with modes = 0 only reads the kernel's timex state into our struct.
-    let (synchronized, max_error_us, est_error_us, offset_us) = unsafe {
-        let mut tx: libc::timex = std::mem::zeroed();
-        let state = libc::adjtimex(&mut tx);
-        if state < 0 {
-            (None, None, None, None)
-        } else {
-            let unsync = tx.status & libc::STA_UNSYNC != 0 || state == libc::TIME_ERROR;
-            // With STA_NANO the offset is in nanoseconds.
-            let offset = if tx.status & libc::STA_NANO != 0 {
-                tx.offset / 1000
-            } else {
-                tx.offset
-            };
-            (
-                Some(!unsync),
-                Some(tx.maxerror),
-                Some(tx.esterror),
-                Some(offset),
-            )
-        }
-    };
+    let r = crate::sys::clock_reading();
+    let (synchronized, max_error_us, est_error_us, offset_us) = (
+        r.map(|r| r.synchronized),
+        r.map(|r| r.max_error_us),
+        r.map(|r| r.est_error_us),
+        r.map(|r| r.offset_us),
+    );
     let now = jiff::Timestamp::now().as_second();
     // Built on or after this date: a clock reading earlier is certainly wrong.
     const NOT_BEFORE_2026: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
@@ -359,25 +344,14 @@ pub fn clock_state(client_cert: Option<&Path>) -> ClockHealth {
 
 /// Free bytes on the file system holding `path`.
 pub fn disk_free(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-            return None;
-        }
-        Some(s.f_bavail as u64 * s.f_frsize as u64)
-    }
+    crate::sys::fs_free(path)
 }
 
 /// Resident set size of this process.
 pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * page.max(1) as u64)
+    Some(pages * crate::sys::page_size())
 }
 
 /// Host facts for the birth message.

@@ -1,5 +1,8 @@
 //! `siterelay` command line.
 
+// The command line needs no unsafe code (libc calls are in the library's `sys` module).
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;

@@ -28,7 +28,7 @@ pub fn bounded_to(s: &str, max_chars: usize) -> Cow<'_, str> {
 
 /// A character a terminal may act on rather than show: C0 and C1 controls (ESC, CSI, BEL,
 /// backspace...), DEL, and the Unicode bidirectional overrides that reorder what is shown.
-fn is_unsafe(c: char) -> bool {
+fn is_hazard(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
@@ -36,12 +36,12 @@ fn is_unsafe(c: char) -> bool {
 /// `s` made safe to print to a terminal: every control character except newline and tab, and
 /// every bidirectional override, is written as a visible escape (`\x1b`, `\u{202e}`).
 pub fn for_terminal(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(|c| is_unsafe(c) && c != '\n' && c != '\t') {
+    if !s.chars().any(|c| is_hazard(c) && c != '\n' && c != '\t') {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 16);
     for c in s.chars() {
-        if c == '\n' || c == '\t' || !is_unsafe(c) {
+        if c == '\n' || c == '\t' || !is_hazard(c) {
             out.push(c);
         } else if (c as u32) < 0x100 {
             let _ = write!(out, "\\x{:02x}", c as u32);
@@ -56,12 +56,12 @@ pub fn for_terminal(s: &str) -> Cow<'_, str> {
 /// escapes C0 controls inside strings; this escapes DEL, the C1 controls and the bidirectional
 /// overrides as `\uXXXX` too (they can only occur inside strings).
 pub fn json_for_terminal(json: &str) -> Cow<'_, str> {
-    if !json.chars().any(is_unsafe_in_json) {
+    if !json.chars().any(is_hazard_in_json) {
         return Cow::Borrowed(json);
     }
     let mut out = String::with_capacity(json.len() + 16);
     for c in json.chars() {
-        if is_unsafe_in_json(c) {
+        if is_hazard_in_json(c) {
             let _ = write!(out, "\\u{:04x}", c as u32);
         } else {
             out.push(c);
@@ -70,8 +70,8 @@ pub fn json_for_terminal(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn is_unsafe_in_json(c: char) -> bool {
-    is_unsafe(c) && !matches!(c, '\n' | '\t')
+fn is_hazard_in_json(c: char) -> bool {
+    is_hazard(c) && !matches!(c, '\n' | '\t')
 }
 
 #[cfg(test)]
@@ -90,7 +90,7 @@ mod tests {
         assert!(
             !shown
                 .chars()
-                .any(|c| is_unsafe(c) && c != '\n' && c != '\t')
+                .any(|c| is_hazard(c) && c != '\n' && c != '\t')
         );
     }
 
@@ -107,7 +107,7 @@ mod tests {
         let text = serde_json::to_string_pretty(&v).unwrap();
         assert!(text.contains('\u{9b}'), "serde_json leaves C1 as it is");
         let safe = json_for_terminal(&text);
-        assert!(!safe.chars().any(|c| is_unsafe(c) && c != '\n'));
+        assert!(!safe.chars().any(|c| is_hazard(c) && c != '\n'));
         let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
         assert_eq!(back, v);
     }

@@ -221,7 +221,11 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..200 {
             // Every fourth one large enough for overflow pages, the name near its end.
-            let pad = if i % 4 == 0 { "x".repeat(20_000) } else { String::new() };
+            let pad = if i % 4 == 0 {
+                "x".repeat(20_000)
+            } else {
+                String::new()
+            };
             let body = format!(
                 "MSH|^~\\&|PAS|RXX|HUB|RXX|20261130093000||ADT^A01|C{i}|P|2.4\r\
                  NTE|1||{pad}\r\
