@@ -1061,13 +1061,10 @@ pub fn warnings(path: &Path, cfg: &Config) -> Vec<String> {
         ));
     }
     if let Some(k) = &cfg.mqtt.key_file
-        && let Ok(m) = std::fs::metadata(k)
-        && m.permissions().mode() & 0o004 != 0
+        && std::fs::metadata(k).is_ok()
+        && let Err(e) = crate::sink::identity::check_key_mode(k)
     {
-        w.push(format!(
-            "{} is world-readable: the appliance's private key should be mode 0600 or 0640",
-            k.display()
-        ));
+        w.push(format!("start-up will refuse this: {e}"));
     }
     if cfg.mqtt.insecure_plaintext {
         w.push("mqtt.insecure_plaintext = true: records leave this box unencrypted and the broker is not authenticated".into());

@@ -88,8 +88,9 @@ pub struct SinkSettings {
     pub mqtt: MqttConfig,
     /// This appliance's id (topic level).
     pub appliance_id: String,
-    /// TLS client configuration; None only with `insecure_plaintext`.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS client identity in use (reloaded on SIGHUP and file change; the sink reconnects
+    /// when it changes); None only with `insecure_plaintext`.
+    pub identity: Option<Arc<super::identity::ClientIdentity>>,
     /// Largest MQTT packet we send or accept.
     pub max_packet_bytes: usize,
     /// Turns rows into records.
@@ -181,6 +182,8 @@ struct ReplayJob {
 /// Why a session ended.
 enum SessionEnd {
     Shutdown,
+    /// A new client identity (certificate reload): connect again at once with it.
+    Reconnect,
     Failed {
         error: String,
         connected_for: Option<Duration>,
@@ -234,6 +237,11 @@ impl MqttSink {
             }
             match self.session(&mut reader, &mut rejects, &shutdown).await {
                 SessionEnd::Shutdown => break,
+                SessionEnd::Reconnect => {
+                    self.telemetry.sink.connected.store(0, Ordering::Relaxed);
+                    backoff.reset();
+                    continue;
+                }
                 SessionEnd::Failed {
                     error,
                     connected_for,
@@ -280,8 +288,10 @@ impl MqttSink {
         let s = &self.settings;
         let m = &s.mqtt;
         let client_id = m.client_id(&s.appliance_id);
-        let transport = match &s.tls {
-            Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())),
+        let transport = match &s.identity {
+            Some(id) => {
+                Transport::tls_with_config(TlsConfiguration::Rustls(id.current().config.clone()))
+            }
             None => Transport::Tcp,
         };
         let will = control::death(&s.appliance_id, bdseq, "lost", None);
@@ -376,6 +386,13 @@ impl MqttSink {
         let mut flow = Flow::default();
         let mut caught_up = false;
         let mut replay: Option<ReplayJob> = None;
+        // A certificate reload ends this session cleanly and starts one with the new identity.
+        let mut identity_changed = self.settings.identity.as_ref().map(|i| {
+            let mut rx = i.subscribe();
+            rx.mark_unchanged();
+            rx
+        });
+        let mut reconnecting = false;
         let mut delivered: Vec<i64> = Vec::new();
         let mut draining_since: Option<Instant> = None;
         // Send order of in-flight records, for the PUBACK timeout (stale entries skipped lazily).
@@ -471,7 +488,11 @@ impl MqttSink {
                             "DISCONNECT not confirmed in time; the broker may announce this appliance as lost"
                         );
                     }
-                    break SessionEnd::Shutdown;
+                    break if reconnecting {
+                        SessionEnd::Reconnect
+                    } else {
+                        SessionEnd::Shutdown
+                    };
                 }
             }
             while sent_order
@@ -669,6 +690,19 @@ impl MqttSink {
                         control!(&self.topics.inventory, self.inventory_payload().await, true);
                         last_inventory = Some(Instant::now());
                     }
+                }
+                Ok(()) = async { match identity_changed.as_mut() { Some(rx) => rx.changed().await, None => std::future::pending().await } }, if draining_since.is_none() => {
+                    if connected_at.is_none() {
+                        break SessionEnd::Reconnect;
+                    }
+                    // Let the PUBACKs outstanding now arrive (at most SHUTDOWN_DRAIN), then a
+                    // clean DISCONNECT; whatever is unconfirmed stays pending and goes again on
+                    // the new connection.
+                    info!("reconnecting with the reloaded client certificate");
+                    reconnecting = true;
+                    draining_since = Some(Instant::now());
+                    flow.clear();
+                    replay = None;
                 }
                 _ = shutdown.requested(), if draining_since.is_none() => {
                     if connected_at.is_none() {
