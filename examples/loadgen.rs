@@ -33,6 +33,8 @@ struct Args {
     normalise: bool,
     dedup_window: Option<String>,
     dedup_prefill: usize,
+    /// `store.secure_delete` for each run, in order (`ab`: off, on, off, on).
+    secure_delete: Vec<bool>,
 }
 
 fn args() -> Args {
@@ -44,6 +46,7 @@ fn args() -> Args {
         normalise: true,
         dedup_window: None,
         dedup_prefill: 0,
+        secure_delete: vec![true],
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -56,9 +59,17 @@ fn args() -> Args {
             "--no-normalise" => a.normalise = false,
             "--dedup-window" => a.dedup_window = Some(v()),
             "--dedup-prefill" => a.dedup_prefill = v().parse().expect("number"),
+            "--secure-delete" => {
+                a.secure_delete = match v().as_str() {
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    "ab" => vec![false, true, false, true],
+                    other => panic!("--secure-delete on|off|ab, not {other}"),
+                }
+            }
             "-h" | "--help" => {
                 println!(
-                    "loadgen [--connections N] [--messages N] [--pad-bytes N] [--broker inprocess|mosquitto|none] [--no-normalise] [--dedup-window 7d [--dedup-prefill KEYS]]"
+                    "loadgen [--connections N] [--messages N] [--pad-bytes N] [--broker inprocess|mosquitto|none] [--no-normalise] [--dedup-window 7d [--dedup-prefill KEYS]] [--secure-delete on|off|ab]"
                 );
                 std::process::exit(0);
             }
@@ -87,7 +98,11 @@ OBX|2|NM|K^Potassium^L||4.1|mmol/L|3.5-5.3||||F\r"
 
 /// A week of duplicate-detection keys as a busy appliance would have logged them: the outbox is
 /// created by siterelay itself, then its `dedup_log` is filled in one transaction.
-fn prefill_dedup_log(path: &std::path::Path, keys: usize) -> anyhow::Result<()> {
+fn prefill_dedup_log(
+    path: &std::path::Path,
+    keys: usize,
+    secure_delete: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(path.parent().unwrap())?;
     let (ob, w) = siterelay::outbox::Outbox::open(
         path,
@@ -97,6 +112,7 @@ fn prefill_dedup_log(path: &std::path::Path, keys: usize) -> anyhow::Result<()> 
             retain_delivered: Duration::from_secs(3600),
             retain_rejected: Duration::from_secs(3600),
             dedup_keep: Duration::ZERO,
+            secure_delete,
         },
     )?;
     drop(ob);
@@ -191,6 +207,14 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
     let a = args();
+    for &secure_delete in &a.secure_delete {
+        println!("=== store.secure_delete = {secure_delete}");
+        run(&a, secure_delete).await?;
+    }
+    Ok(())
+}
+
+async fn run(a: &Args, secure_delete: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::generate(dir.path(), "loadgen")?;
     let port = siterelay_testkit::free_port();
@@ -200,6 +224,8 @@ organisation = "RXX"
 data_dir = "{data}"
 [log]
 level = "warn"
+[store]
+secure_delete = {secure_delete}
 [mqtt]
 host = "localhost"
 port = {port}
@@ -214,6 +240,7 @@ normalise = {normalise}
 {dedup}
 "#,
         normalise = a.normalise,
+        secure_delete = secure_delete,
         dedup = a
             .dedup_window
             .as_ref()
@@ -228,7 +255,7 @@ normalise = {normalise}
     std::fs::write(&path, cfg_text)?;
     let cfg = siterelay::config::load(&path)?;
     if a.dedup_prefill > 0 {
-        prefill_dedup_log(&cfg.outbox_path(), a.dedup_prefill)?;
+        prefill_dedup_log(&cfg.outbox_path(), a.dedup_prefill, secure_delete)?;
     }
     let rss_before = rss_kib();
     let started = Instant::now();
@@ -257,7 +284,7 @@ normalise = {normalise}
     );
 
     let commits0 = gauges.commits.load(Ordering::Relaxed);
-    let (el, lat) = load(addr, &a, 1).await;
+    let (el, lat) = load(addr, a, 1).await;
     let commits = gauges.commits.load(Ordering::Relaxed) - commits0;
     report("phase 1 (broker down)", el, lat);
     println!(
@@ -297,7 +324,7 @@ normalise = {normalise}
     );
 
     let phase3_start = siterelay::outbox::now_us();
-    let (el, lat) = load(addr, &a, 2).await;
+    let (el, lat) = load(addr, a, 2).await;
     report("phase 3 (broker up, records flowing)", el, lat);
     while gauges.pending_count.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -317,5 +344,34 @@ normalise = {normalise}
         pct(&e2e, 0.99).as_secs_f64() * 1e3
     );
     d.stop().await;
+
+    // Phase 4: prune every delivered row (as retention does once they are old enough), with
+    // the same secure_delete setting.
+    let (ob, w) = siterelay::outbox::Outbox::open(
+        &cfg.outbox_path(),
+        siterelay::outbox::OutboxOptions {
+            max_bytes: u64::MAX,
+            quarantine_max_bytes: u64::MAX / 10,
+            retain_delivered: Duration::ZERO,
+            retain_rejected: Duration::from_secs(3600),
+            dedup_keep: Duration::ZERO,
+            secure_delete,
+        },
+    )?;
+    let rows = ob
+        .reader()?
+        .stats()?
+        .iter()
+        .map(|f| f.delivered)
+        .sum::<u64>();
+    let t = Instant::now();
+    ob.prune().await;
+    ob.flush().await;
+    println!(
+        "phase 4 (prune): {rows} delivered rows pruned in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    drop(ob);
+    w.join();
     Ok(())
 }

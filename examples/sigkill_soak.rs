@@ -180,10 +180,7 @@ listen = "127.0.0.1:{port}"
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             // SIGTERM for a clean end.
-            // SAFETY: kill(2) on our own child's pid; no memory is touched.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
+            let _ = siterelay_testkit::sys::sigterm(child.id());
             let _ = child.wait();
         }
     }

@@ -97,6 +97,7 @@ fn open(path: &Path, new: bool) -> Connection {
                 retain_delivered: std::time::Duration::from_secs(3600),
                 retain_rejected: std::time::Duration::from_secs(3600),
                 dedup_keep: std::time::Duration::ZERO,
+                secure_delete: true,
             },
         )
         .unwrap();

@@ -241,6 +241,13 @@ pub struct StoreConfig {
     /// How long messages answered `AE` are kept in quarantine (`siterelay queue rejected`).
     #[serde(default = "default_retain_rejected", deserialize_with = "de_duration")]
     pub retain_rejected: Duration,
+    /// Overwrite deleted rows with zeros (SQLite's `secure_delete = FAST`; the pages they free
+    /// leave the file by pruning's vacuum) and truncate the WAL after a prune, so delivered and
+    /// expired patient data does not stay in the file. On by default;
+    /// `false` only to measure what it costs (docs/performance.md). It does not replace an
+    /// encrypted data partition: the file system and the disk may keep old blocks.
+    #[serde(default = "default_true")]
+    pub secure_delete: bool,
 }
 
 impl StoreConfig {
@@ -257,6 +264,7 @@ impl Default for StoreConfig {
             quarantine_max_bytes: None,
             retain_delivered: default_retain_delivered(),
             retain_rejected: default_retain_rejected(),
+            secure_delete: true,
         }
     }
 }
@@ -345,6 +353,10 @@ pub struct MqttConfig {
     /// Records published and not yet acknowledged at any moment (QoS 1 window).
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
+    /// Most `replay` commands started in any hour (one runs at a time); beyond it a replay is
+    /// refused with the reason in its reply. 0 turns replay off.
+    #[serde(default = "default_replays_per_hour")]
+    pub replays_per_hour: u32,
     /// Allow a connection without TLS. For lab use only: a warning is logged at every start.
     #[serde(default)]
     pub insecure_plaintext: bool,
@@ -577,6 +589,9 @@ fn default_health_interval() -> Duration {
 }
 fn default_max_inflight() -> u16 {
     100
+}
+fn default_replays_per_hour() -> u32 {
+    6
 }
 fn default_true() -> bool {
     true
@@ -1152,13 +1167,10 @@ pub fn warnings(path: &Path, cfg: &Config) -> Vec<String> {
         ));
     }
     if let Some(k) = &cfg.mqtt.key_file
-        && let Ok(m) = std::fs::metadata(k)
-        && m.permissions().mode() & 0o004 != 0
+        && std::fs::metadata(k).is_ok()
+        && let Err(e) = crate::sink::identity::check_key_mode(k)
     {
-        w.push(format!(
-            "{} is world-readable: the appliance's private key should be mode 0600 or 0640",
-            k.display()
-        ));
+        w.push(format!("start-up will refuse this: {e}"));
     }
     for (i, f) in cfg.mllp.iter().enumerate() {
         let open = f

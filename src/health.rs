@@ -75,10 +75,9 @@ pub struct HealthContext {
     pub quarantine_max_bytes: u64,
     /// Data directory (disk free).
     pub data_dir: PathBuf,
-    /// Client certificate file (expiry).
-    pub client_cert: Option<PathBuf>,
-    /// CA file (expiry).
-    pub ca_file: Option<PathBuf>,
+    /// The MQTT client identity in use (its certificate's and CA's expiry), not the files on
+    /// disk: after a renewal that was refused, health still shows the certificate in use.
+    pub identity: Option<Arc<crate::sink::identity::ClientIdentity>>,
     /// Configured feeds.
     pub feeds: Vec<FeedInfo>,
     /// `host:port` of the broker.
@@ -342,42 +341,19 @@ pub fn cert_days_left(path: &Path) -> Option<i64> {
         .map(|not_after| (not_after - now).div_euclid(86_400))
 }
 
-fn cert_not_before(path: &Path) -> Option<i64> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let der = CertificateDer::pem_file_iter(path).ok()?.next()?.ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    Some(cert.validity().not_before.timestamp())
-}
-
 /// The kernel's view of clock synchronisation (adjtimex), when available.
-pub fn clock_state(client_cert: Option<&Path>) -> ClockHealth {
-    // SAFETY: adjtimex with modes = 0 only reads the kernel's timex state into our struct.
-    let (synchronized, max_error_us, est_error_us, offset_us) = unsafe {
-        let mut tx: libc::timex = std::mem::zeroed();
-        let state = libc::adjtimex(&mut tx);
-        if state < 0 {
-            (None, None, None, None)
-        } else {
-            let unsync = tx.status & libc::STA_UNSYNC != 0 || state == libc::TIME_ERROR;
-            // With STA_NANO the offset is in nanoseconds.
-            let offset = if tx.status & libc::STA_NANO != 0 {
-                tx.offset / 1000
-            } else {
-                tx.offset
-            };
-            (
-                Some(!unsync),
-                Some(tx.maxerror),
-                Some(tx.esterror),
-                Some(offset),
-            )
-        }
-    };
+pub fn clock_state(client_cert_not_before: Option<i64>) -> ClockHealth {
+    let r = crate::sys::clock_reading();
+    let (synchronized, max_error_us, est_error_us, offset_us) = (
+        r.map(|r| r.synchronized),
+        r.map(|r| r.max_error_us),
+        r.map(|r| r.est_error_us),
+        r.map(|r| r.offset_us),
+    );
     let now = jiff::Timestamp::now().as_second();
     // Built on or after this date: a clock reading earlier is certainly wrong.
     const NOT_BEFORE_2026: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
-    let cert_start = client_cert.and_then(cert_not_before).unwrap_or(0);
+    let cert_start = client_cert_not_before.unwrap_or(0);
     ClockHealth {
         synchronized,
         max_error_us,
@@ -389,25 +365,14 @@ pub fn clock_state(client_cert: Option<&Path>) -> ClockHealth {
 
 /// Free bytes on the file system holding `path`.
 pub fn disk_free(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-            return None;
-        }
-        Some(s.f_bavail as u64 * s.f_frsize as u64)
-    }
+    crate::sys::fs_free(path)
 }
 
 /// Resident set size of this process.
 pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * page.max(1) as u64)
+    Some(pages * crate::sys::page_size())
 }
 
 /// Host facts for the birth message.
@@ -459,6 +424,8 @@ impl HealthContext {
     pub fn report(&self, store: &StoreView, delivered_last_interval: u64) -> Health {
         let oldest_pending_us = store.oldest_pending_us;
         let now_us = crate::outbox::now_us();
+        let now_secs = now_us.div_euclid(1_000_000);
+        let in_use = self.identity.as_ref().map(|i| i.current());
         let g = &self.gauges;
         let t = &self.telemetry;
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -539,8 +506,8 @@ impl HealthContext {
                     seq: h.seq,
                     id: h.record_id.clone(),
                     row: h.row_id,
-                    reason: h.reason.clone(),
-                    detail: h.detail.clone(),
+                    reason: crate::text::bounded(&h.reason).into_owned(),
+                    detail: crate::text::bounded(&h.detail).into_owned(),
                     since: rfc3339_us(h.since_us),
                     bytes: h.size,
                 })
@@ -560,10 +527,10 @@ impl HealthContext {
             disk_free_bytes: disk_free(&self.data_dir),
             rss_bytes: rss_bytes(),
             certificates: CertHealth {
-                client_days_left: self.client_cert.as_deref().and_then(cert_days_left),
-                ca_days_left: self.ca_file.as_deref().and_then(cert_days_left),
+                client_days_left: in_use.as_ref().map(|i| i.days_left(now_secs)),
+                ca_days_left: in_use.as_ref().and_then(|i| i.ca_days_left(now_secs)),
             },
-            clock: clock_state(self.client_cert.as_deref()),
+            clock: clock_state(in_use.as_ref().map(|i| i.not_before)),
         }
     }
 }

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 
 /// Most distinct keys kept per map (types, senders, segments...), so a misbehaving sender that
-/// invents a new value per message cannot grow memory without bound.
+/// invents a new value per message cannot grow memory without bound. Each key is at most
+/// [`crate::text::REPORT_MAX_CHARS`] characters (longer ones are cut, with a marker).
 const MAX_KEYS: usize = 500;
 
 /// What one feed has carried.
@@ -90,6 +91,11 @@ pub struct FeedInventory {
 }
 
 fn bump(map: &mut BTreeMap<String, u64>, key: &str, changed: &mut bool) {
+    // A sender chooses these strings: each one is cut to a bounded length, so a 1 MB MSH-3
+    // cannot make a 1 MB inventory (issue 13: five made one of 30 MB, larger than the MQTT
+    // packet limit, and every reconnect failed).
+    let key = crate::text::bounded(key);
+    let key = key.as_ref();
     if let Some(n) = map.get_mut(key) {
         *n += 1;
     } else if map.len() < MAX_KEYS {

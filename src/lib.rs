@@ -22,6 +22,9 @@
 //! [`astm`], MLLP framing, time) is the `siterelay-proto` crate in `proto/`, which owns no I/O
 //! and cannot: it does not depend on tokio, tracing or rusqlite. See `docs/architecture.md`.
 
+// libc calls and their `unsafe` blocks live in `sys.rs` alone (it allows them).
+#![deny(unsafe_code)]
+
 pub mod app;
 pub mod client;
 pub mod config;
@@ -34,7 +37,9 @@ pub mod shutdown;
 pub mod sink;
 pub mod sources;
 pub mod status;
+pub mod sys;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod units;
 pub mod watch;

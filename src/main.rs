@@ -1,5 +1,8 @@
 //! `siterelay` command line.
 
+// The command line needs no unsafe code (libc calls are in the library's `sys` module).
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -74,6 +77,10 @@ enum RejectedCommand {
     Show {
         /// Quarantine id.
         id: i64,
+        /// Print the sender's bytes as they are, escape sequences included (by default control
+        /// characters are shown escaped, e.g. `\x1b`, so a message cannot drive the terminal).
+        #[arg(long)]
+        raw: bool,
     },
     /// Write one quarantined message's bytes, exactly as received, to a file.
     Export {
@@ -102,6 +109,10 @@ enum HeldCommand {
     Show {
         /// Row id (the ROW column of `list`).
         id: i64,
+        /// Print the sender's bytes as they are, escape sequences included (by default control
+        /// characters are shown escaped, e.g. `\x1b`, so a message cannot drive the terminal).
+        #[arg(long)]
+        raw: bool,
     },
     /// Write one held record's message bytes, exactly as received, to a file.
     Export {
@@ -497,7 +508,7 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
         };
     }
     let which = match &cmd {
-        RejectedCommand::Show { id } | RejectedCommand::Export { id, .. } => Some(*id),
+        RejectedCommand::Show { id, .. } | RejectedCommand::Export { id, .. } => Some(*id),
         _ => None,
     };
     let rows = match siterelay::outbox::Reader::open(&cfg.outbox_path())
@@ -527,7 +538,7 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
                         r.error_code,
                         r.error_location.as_deref().unwrap_or("-"),
                         r.size,
-                        r.reason
+                        siterelay::text::for_terminal(&r.reason)
                     );
                 }
                 if rows.is_empty() {
@@ -536,8 +547,8 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        RejectedCommand::Show { id } => match rows.first() {
-            Some(r) => show_stored(r, &r.raw, json),
+        RejectedCommand::Show { id, raw } => match rows.first() {
+            Some(r) => show_stored(r, &r.raw, json, raw),
             None => {
                 eprintln!("no quarantined message {id}");
                 ExitCode::FAILURE
@@ -619,7 +630,7 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
         };
     }
     let which = match &cmd {
-        HeldCommand::Show { id } | HeldCommand::Export { id, .. } => Some(*id),
+        HeldCommand::Show { id, .. } | HeldCommand::Export { id, .. } => Some(*id),
         _ => None,
     };
     let with_raw = matches!(cmd, HeldCommand::Show { .. } | HeldCommand::Export { .. });
@@ -651,7 +662,7 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
                         time(r.since_us),
                         r.size,
                         r.reason,
-                        r.detail
+                        siterelay::text::for_terminal(&r.detail)
                     );
                 }
                 if rows.is_empty() {
@@ -660,8 +671,8 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        HeldCommand::Show { id } => match rows.first() {
-            Some(r) => show_stored(r, &r.raw, json),
+        HeldCommand::Show { id, raw } => match rows.first() {
+            Some(r) => show_stored(r, &r.raw, json, raw),
             None => {
                 eprintln!("no held record {id}");
                 ExitCode::FAILURE
@@ -680,15 +691,36 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
 
 /// `queue rejected show` / `queue held show`: the stored message's metadata and (patient data,
 /// for the person at the box) its text, segments on separate lines; with `--json`, one document.
-fn show_stored<T: serde::Serialize>(row: &T, raw: &[u8], json: bool) -> ExitCode {
+/// The bytes are a sender's: control characters and escape sequences are shown escaped (`\x1b`)
+/// so they cannot move the cursor, retitle the window or hide text, unless `--raw`.
+fn show_stored<T: serde::Serialize>(row: &T, raw: &[u8], json: bool, as_is: bool) -> ExitCode {
+    use siterelay::text::{for_terminal, json_for_terminal};
+    let safe_json = |s: String| {
+        if as_is {
+            s
+        } else {
+            json_for_terminal(&s).into_owned()
+        }
+    };
     if json {
         let mut v = serde_json::to_value(row).unwrap_or_default();
         v["raw"] = String::from_utf8_lossy(raw).into_owned().into();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        println!(
+            "{}",
+            safe_json(serde_json::to_string_pretty(&v).unwrap_or_default())
+        );
     } else {
-        println!("{}", serde_json::to_string_pretty(row).unwrap_or_default());
+        println!(
+            "{}",
+            safe_json(serde_json::to_string_pretty(row).unwrap_or_default())
+        );
         println!("--- message (patient data; segments on separate lines) ---");
-        println!("{}", String::from_utf8_lossy(raw).replace('\r', "\n"));
+        let text = String::from_utf8_lossy(raw).replace('\r', "\n");
+        if as_is {
+            println!("{text}");
+        } else {
+            println!("{}", for_terminal(&text));
+        }
     }
     ExitCode::SUCCESS
 }

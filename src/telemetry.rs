@@ -201,7 +201,8 @@ pub struct SinkCounters {
 impl SinkCounters {
     /// Remember the last connection error.
     pub fn set_last_error(&self, e: &str) {
-        *self.last_error.lock().expect("lock") = Some(e.to_string());
+        // Health carries it: bounded, whatever a broker or a file put in it.
+        *self.last_error.lock().expect("lock") = Some(crate::text::bounded(e).into_owned());
     }
 
     /// The last connection error.

@@ -600,3 +600,143 @@ async fn watch_shows_fifty_appliances_with_their_states() {
     assert_eq!(rows["sim-13"]["feeds_up"], 1);
     assert_eq!(rows["sim-13"]["problems"], serde_json::json!([]));
 }
+
+/// Issue 13: five stored messages with a 1 MB MSH-3 made a 30 MB inventory, larger than the
+/// MQTT packet limit, and every reconnect failed, across restarts. Every string that reaches
+/// the inventory or health is now cut to 256 characters (with a marker): both stay small and
+/// the connection keeps working, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_msh3_keeps_inventory_and_health_small_and_the_broker_connection_working() {
+    let f = FleetEnv::new();
+    let broker = Broker::start(Kind::InProcess, &f.env).await;
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = f
+        .env
+        .write_config("s.toml", &f.config_text(broker.port, &listen, ""));
+    let mut p = Proc::start(&cfg, f.env.dir.path().join("run1.log"));
+    wait_listening(port).await;
+    let mut central = f.central(broker.port, "siterelay/test-box/#").await;
+    let mut c = connect(listen.parse().unwrap()).await;
+    for i in 0..5 {
+        let app = format!("{i}{}", "A".repeat(1024 * 1024));
+        let m = format!(
+            "MSH|^~\\&|{app}|RXX|SR|HUB|20261130093000||ADT^A01^ADT_A01|BIG{i}|P|2.4\rPID|1||9990000018^^^NHS^NH||TEST^PATIENT\r"
+        );
+        assert_eq!(c.send(m.as_bytes(), ACK_WAIT).await.unwrap().code, "AA");
+    }
+    f.publish(
+        broker.port,
+        "siterelay/test-box/cmd/rebirth",
+        r#"{"id":"rb"}"#,
+    )
+    .await;
+    let inv = loop {
+        let v = next_json(&mut central, "/inventory", Duration::from_secs(15)).await;
+        if v["feeds"]["adt"]["messages"] == 5 {
+            break v;
+        }
+    };
+    let text = inv.to_string();
+    assert!(text.len() < 16 * 1024, "inventory is {} bytes", text.len());
+    let senders = inv["feeds"]["adt"]["senders"].as_array().unwrap();
+    assert_eq!(senders.len(), 5, "{text}");
+    let app = senders[0]["application"].as_str().unwrap();
+    assert!(app.ends_with("…[truncated]"), "{app}");
+    assert!(app.chars().count() <= 256 + 12, "{app}");
+    let h = next_json(&mut central, "/health", Duration::from_secs(40)).await;
+    assert!(h.to_string().len() < 16 * 1024);
+
+    // The connection still works (a record and a command reply), and after a restart too.
+    assert_eq!(c.send(&adt("AFTER1"), ACK_WAIT).await.unwrap().code, "AA");
+    drop(c);
+    let mut seen = false;
+    while let Some((topic, payload, _)) = central.recv(Duration::from_secs(15)).await {
+        if topic.contains("/records/") && json(&payload)["hl7"]["control_id"] == "AFTER1" {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "a record after the big ones is delivered");
+    assert!(p.sigterm().unwrap().success());
+    let _p = Proc::start(&cfg, f.env.dir.path().join("run2.log"));
+    while next_json(&mut central, "/status", Duration::from_secs(15)).await["state"] != "online" {}
+    f.publish(broker.port, "siterelay/test-box/cmd/ping", r#"{"id":"p2"}"#)
+        .await;
+    assert_eq!(reply_for(&mut central, "p2").await["ok"], true);
+}
+
+/// A replay resends patient data: at most `mqtt.replays_per_hour` start in an hour (one at a
+/// time); beyond that the reply says why, and nothing is resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_beyond_the_hourly_cap_are_refused_with_the_reason() {
+    let f = FleetEnv::new();
+    let broker = Broker::start(Kind::InProcess, &f.env).await;
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = f.env.write_config(
+        "s.toml",
+        &f.config_text(broker.port, &listen, "replays_per_hour = 1"),
+    );
+    let _p = Proc::start(&cfg, f.env.dir.path().join("run.log"));
+    wait_listening(port).await;
+    let mut central = f.central(broker.port, "siterelay/test-box/cmd-reply").await;
+    let mut c = connect(listen.parse().unwrap()).await;
+    assert_eq!(c.send(&adt("R1"), ACK_WAIT).await.unwrap().code, "AA");
+    drop(c);
+    let replay = r#"{"id":"ID","feed":"adt","from_seq":1}"#;
+    f.publish(
+        broker.port,
+        "siterelay/test-box/cmd/replay",
+        &replay.replace("ID", "first"),
+    )
+    .await;
+    let r = reply_for(&mut central, "first").await;
+    assert_eq!(
+        (r["ok"].as_bool(), &r["result"]["records"]),
+        (Some(true), &Value::from(1)),
+        "{r}"
+    );
+    f.publish(
+        broker.port,
+        "siterelay/test-box/cmd/replay",
+        &replay.replace("ID", "second"),
+    )
+    .await;
+    let r = reply_for(&mut central, "second").await;
+    assert_eq!(r["ok"], false, "{r}");
+    let why = r["error"].as_str().unwrap();
+    assert!(why.contains("mqtt.replays_per_hour = 1"), "{why}");
+}
+
+/// The appliance only receives small commands: a packet larger than 64 KiB is not taken (MQTT 5
+/// announces the limit at CONNECT, so the broker drops it), and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_larger_than_the_incoming_packet_limit_is_not_taken() {
+    let f = FleetEnv::new();
+    let broker = Broker::start(Kind::InProcess, &f.env).await;
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = f
+        .env
+        .write_config("s.toml", &f.config_text(broker.port, &listen, ""));
+    let _p = Proc::start(&cfg, f.env.dir.path().join("run.log"));
+    wait_listening(port).await;
+    let mut central = f.central(broker.port, "siterelay/test-box/cmd-reply").await;
+    // Wait until the appliance has subscribed: a small ping is answered.
+    f.publish(broker.port, "siterelay/test-box/cmd/ping", r#"{"id":"p0"}"#)
+        .await;
+    reply_for(&mut central, "p0").await;
+    let big = format!(r#"{{"id":"big"{}}}"#, " ".repeat(1024 * 1024));
+    f.publish(broker.port, "siterelay/test-box/cmd/ping", &big)
+        .await;
+    f.publish(broker.port, "siterelay/test-box/cmd/ping", r#"{"id":"p1"}"#)
+        .await;
+    loop {
+        let r = next_json(&mut central, "/cmd-reply", Duration::from_secs(10)).await;
+        assert_ne!(r["id"], "big", "a 1 MB command was taken");
+        if r["id"] == "p1" {
+            break;
+        }
+    }
+}

@@ -270,3 +270,56 @@ async fn junk_and_quarantine_floods_stay_within_the_quarantine_budget_and_the_ca
     assert!(dir_bytes <= 8 << 20, "{dir_bytes}");
     d.stop().await;
 }
+
+/// A sender's bytes are shown, not obeyed: `queue rejected show` prints escape sequences as
+/// `\x1b...` (the terminal is not retitled, cleared or recoloured); `--raw` prints them as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_rejected_show_escapes_a_senders_escape_sequences_unless_raw() {
+    let env = Env::new();
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let text = env.config_text(siterelay_testkit::free_port(), &[], "")
+        + &format!("\n[[mllp]]\nname = \"adt\"\nlisten = \"{listen}\"\n");
+    let cfg = env.write_config("s.toml", &text);
+    let _p = Proc::start(&cfg, env.dir.path().join("run.log"));
+    wait_listening(port).await;
+    let hostile = b"\x1b]0;owned\x07\x1b[2J\xc2\x9b31mnot HL7\x1b[8m";
+    let mut c = connect(listen.parse().unwrap()).await;
+    assert_eq!(c.send(hostile, ACK_WAIT).await.unwrap().code, "AE");
+    drop(c);
+    let (_, out) = rejected(&cfg, &["--json"]);
+    let id = serde_json::from_str::<Vec<Value>>(&out).unwrap()[0]["id"].to_string();
+
+    for json in [false, true] {
+        let mut args = vec!["show", id.as_str()];
+        if json {
+            args.insert(0, "--json");
+        }
+        let (ok, shown) = rejected(&cfg, &args);
+        assert!(ok, "{shown}");
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}') && !shown.contains('\u{9b}'),
+            "no control character reaches the terminal: {shown:?}"
+        );
+        assert!(shown.contains("not HL7"), "{shown}");
+        if json {
+            let v: Value = serde_json::from_str(&shown).unwrap();
+            assert_eq!(
+                v["raw"].as_str(),
+                Some(&*String::from_utf8_lossy(hostile)),
+                "still the same JSON"
+            );
+        } else {
+            assert!(
+                shown.contains("\\x1b]0;owned\\x07\\x1b[2J\\x9b31m"),
+                "{shown}"
+            );
+        }
+    }
+    let (ok, shown) = rejected(&cfg, &["show", &id, "--raw"]);
+    assert!(ok);
+    assert!(
+        shown.contains("\u{1b}]0;owned\u{7}\u{1b}[2J"),
+        "--raw prints the bytes as sent"
+    );
+}

@@ -10,6 +10,9 @@
 //!   / LIS2-A2 record parser;
 //! - [`time`]: HL7 and ASTM timestamps with their precision and zone, and dates of birth.
 
+// Pure protocol code: no unsafe code at all.
+#![forbid(unsafe_code)]
+
 pub mod astm;
 pub mod hl7;
 pub mod mllp;

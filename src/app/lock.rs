@@ -7,7 +7,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -37,12 +36,9 @@ impl DataDirLock {
             .mode(0o600)
             .open(&path)
             .map_err(|e| anyhow::anyhow!("cannot open the lock file {}: {e}", path.display()))?;
-        // SAFETY: flock on a file descriptor this function owns for the call's duration; it
-        // reads no memory.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        match crate::sys::try_lock_exclusive(&file) {
+            Ok(true) => {}
+            Ok(false) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
@@ -57,7 +53,7 @@ impl DataDirLock {
                     data_dir.display()
                 );
             }
-            bail!("cannot lock {}: {err}", path.display());
+            Err(err) => bail!("cannot lock {}: {err}", path.display()),
         }
         file.set_len(0)?;
         file.rewind()?;

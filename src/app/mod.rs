@@ -87,6 +87,8 @@ struct Shared {
     inventories: Vec<(String, Arc<FeedInventory>)>,
     /// Reject notices for the sink, when `records.publish_rejects` is on.
     rejects: Option<mpsc::Sender<RejectNotice>>,
+    /// The MQTT client identity in use (None with `insecure_plaintext`).
+    identity: Option<Arc<crate::sink::identity::ClientIdentity>>,
 }
 
 impl Shared {
@@ -131,7 +133,7 @@ impl Daemon {
     /// Start everything described by `cfg` (already checked by [`crate::config::load`]).
     pub async fn start(cfg: &Config) -> anyhow::Result<Daemon> {
         let lock = lock::DataDirLock::acquire(&cfg.data_dir)?;
-        let mqtt_tls = sink::client_tls(cfg)?;
+        let identity = sink::client_identity(cfg)?;
         let (outbox, writer) = store::open(cfg)?;
         let names = store::feed_names(cfg);
         let telemetry = Arc::new(Telemetry::new(names.iter().copied()));
@@ -143,6 +145,7 @@ impl Daemon {
             telemetry: telemetry.clone(),
             inventories,
             rejects,
+            identity: identity.clone(),
         };
 
         let mut mllp = Vec::new();
@@ -161,7 +164,7 @@ impl Daemon {
         );
         let (intakes, records) = by_name(&mllp, &ports);
         let health = status::health(cfg, &feeds, &shared);
-        let sink = sink::build(cfg, mqtt_tls, records, rejects_rx, &health, &shared);
+        let sink = sink::build(cfg, identity.clone(), records, rejects_rx, &health, &shared);
 
         let (shutdown, shutdown_rx) = crate::shutdown::channel();
         let mut listeners = JoinSet::new();
@@ -181,6 +184,9 @@ impl Daemon {
             shutdown_rx.clone(),
         ));
         others.spawn(sink.run(shutdown_rx.clone()));
+        if let Some(id) = identity {
+            aux.spawn(id.watch(shutdown_rx.clone()));
+        }
         others.spawn(store::prune_every(outbox.clone(), shutdown_rx));
         // Test builds only: a vital task that dies after the given time, so a test can show the
         // daemon noticing a dead part (a fault that cannot be made from outside the process).

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+
+use crate::sink::identity::{ClientIdentity, IdentityFiles};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, MllpFeedConfig, SerialConfig, SerialProtocol};
@@ -17,8 +19,8 @@ use crate::sink::mqtt::{FleetSettings, MqttSink, SinkSettings};
 
 use super::Shared;
 
-/// The MQTT client's mutual-TLS configuration (None only with `insecure_plaintext`).
-pub(super) fn client_tls(cfg: &Config) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+/// The MQTT client's mutual-TLS identity, reloadable (None only with `insecure_plaintext`).
+pub(super) fn client_identity(cfg: &Config) -> anyhow::Result<Option<Arc<ClientIdentity>>> {
     if cfg.mqtt.insecure_plaintext {
         return Ok(None);
     }
@@ -27,9 +29,14 @@ pub(super) fn client_tls(cfg: &Config) -> anyhow::Result<Option<Arc<rustls::Clie
     else {
         bail!("mqtt.ca_file, cert_file and key_file are required for mutual TLS");
     };
-    Ok(Some(
-        crate::tls::mqtt_client_config(ca, cert, key).context("MQTT TLS set-up")?,
-    ))
+    let id = ClientIdentity::load(IdentityFiles {
+        ca: ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    })
+    .map_err(anyhow::Error::msg)
+    .context("MQTT TLS set-up")?;
+    Ok(Some(Arc::new(id)))
 }
 
 /// Metadata-only notices of rejected messages, from the feeds' receive stages to the sink to
@@ -89,7 +96,7 @@ pub(super) fn serial_records(
 /// The sink, not yet running: `records` holds each configured feed's record settings.
 pub(super) fn build(
     cfg: &Config,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    identity: Option<Arc<ClientIdentity>>,
     records: HashMap<String, FeedRecordSettings>,
     rejects: Option<mpsc::Receiver<RejectNotice>>,
     health: &HealthContext,
@@ -100,7 +107,7 @@ pub(super) fn build(
         SinkSettings {
             mqtt: cfg.mqtt.clone(),
             appliance_id: cfg.appliance_id.clone(),
-            tls,
+            identity,
             max_packet_bytes,
             records: RecordBuilder {
                 appliance: cfg.appliance_id.clone(),

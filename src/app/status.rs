@@ -28,8 +28,7 @@ pub(super) fn health(
         store_max_bytes: cfg.store.max_bytes,
         quarantine_max_bytes: cfg.store.quarantine_budget(),
         data_dir: cfg.data_dir.clone(),
-        client_cert: cfg.mqtt.cert_file.clone(),
-        ca_file: cfg.mqtt.ca_file.clone(),
+        identity: shared.identity.clone(),
         broker: format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
         feeds: cfg
             .mllp

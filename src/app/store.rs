@@ -31,6 +31,7 @@ pub(super) fn open(cfg: &Config) -> anyhow::Result<(Outbox, WriterThread)> {
                 .map(|f| f.dedup_window)
                 .max()
                 .unwrap_or_default(),
+            secure_delete: cfg.store.secure_delete,
         },
     )
     .context("opening the outbox")

@@ -6,7 +6,13 @@
 //! **File.** One SQLite database, `<data_dir>/outbox.sqlite`, created with mode 0600 (SQLite gives
 //! its `-wal` and `-shm` files the same mode). `journal_mode=WAL`, `synchronous=FULL`: a commit
 //! returns only after the WAL has been fsynced, so a committed row survives a power cut.
-//! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system. Next to it,
+//! `auto_vacuum=INCREMENTAL` lets pruning give space back to the file system. `secure_delete=FAST`
+//! on the writer's connection (`store.secure_delete`, default on): a deleted row's bytes are
+//! overwritten with zeros in its b-tree page, the pages it frees leave the file by the prune's
+//! incremental vacuum, and a prune that deleted anything ends with a `TRUNCATE` checkpoint, so
+//! pruned patient data is gone from the file and its WAL (`ON` would also rewrite every freed
+//! page, into the WAL: on a full disk pruning then failed and the store never recovered) (the file system and the disk may
+//! still keep old blocks: the data partition must be encrypted, docs/security.md). Next to it,
 //! `outbox.reserve`: the space reserve (below).
 //!
 //! **Schema** (`PRAGMA user_version = 6`; created and migrated in `schema.rs`). Message content
@@ -303,6 +309,10 @@ pub struct OutboxOptions {
     pub retain_rejected: Duration,
     /// Keep duplicate-detection keys this long: the longest feed `dedup_window` (zero: none).
     pub dedup_keep: Duration,
+    /// `PRAGMA secure_delete`: deleted rows are overwritten with zeros, and a prune that
+    /// deleted anything ends with a `TRUNCATE` checkpoint, so pruned patient data does not stay
+    /// in the file or its WAL (`store.secure_delete`; on by default).
+    pub secure_delete: bool,
 }
 
 /// Counters shared with telemetry; updated by the writer after each commit.
@@ -374,6 +384,7 @@ impl Outbox {
     /// Open (creating if needed) the outbox at `path` and start its writer thread.
     pub fn open(path: &Path, opts: OutboxOptions) -> Result<(Outbox, WriterThread), OutboxError> {
         let conn = schema::open(path)?;
+        schema::set_secure_delete(&conn, path, opts.secure_delete)?;
         let state = WriterState::load(&conn, path, opts)?;
         let gauges = Arc::new(OutboxGauges::default());
         state.publish_gauges(&gauges);

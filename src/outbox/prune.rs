@@ -164,7 +164,11 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
         }
     }
     if removed > 0 || pressed {
-        let pages = space::vacuum(conn, pressed || state.space.is_short())?;
+        // With secure_delete, the WAL still holds the frames that wrote the deleted rows until
+        // they are overwritten: truncate it.
+        let truncate =
+            pressed || state.space.is_short() || (removed > 0 && state.opts.secure_delete);
+        let pages = space::vacuum(conn, truncate)?;
         info!(removed, pages_returned = pages, "pruned");
     }
     if early > 0 {
@@ -190,6 +194,72 @@ mod tests {
     use super::super::{Outbox, OutboxOptions};
     use super::*;
 
+    /// How many times `needle` occurs in the database file and its WAL, read as raw bytes.
+    fn occurrences_on_disk(db: &std::path::Path, needle: &[u8]) -> usize {
+        let mut n = 0;
+        for p in [db.to_path_buf(), db.with_extension("sqlite-wal")] {
+            if let Ok(bytes) = std::fs::read(&p) {
+                n += memchr::memmem::find_iter(&bytes, needle).count();
+            }
+        }
+        n
+    }
+
+    /// Store 200 messages naming a (synthetic) patient, deliver them, prune them: returns how
+    /// often the surname is still in the file and its WAL, with the writer still running.
+    async fn surname_left_after_prune(secure_delete: bool) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        let (ob, w) = Outbox::open(
+            &path,
+            OutboxOptions {
+                secure_delete,
+                ..no_retention(1 << 30)
+            },
+        )
+        .unwrap();
+        let mut ids = Vec::new();
+        for i in 0..200 {
+            // Every fourth one large enough for overflow pages, the name near its end.
+            let pad = if i % 4 == 0 {
+                "x".repeat(20_000)
+            } else {
+                String::new()
+            };
+            let body = format!(
+                "MSH|^~\\&|PAS|RXX|HUB|RXX|20261130093000||ADT^A01|C{i}|P|2.4\r\
+                 NTE|1||{pad}\r\
+                 PID|1||9990000018^^^NHS^NH||QUILLFEATHERSTONE^ADA||19800615|F\r"
+            );
+            ids.push(ob.append(msg("a", &body)).await.unwrap().row_id);
+        }
+        let before = occurrences_on_disk(&path, b"QUILLFEATHERSTONE");
+        assert!(before >= 200, "the messages were stored ({before} copies)");
+        ob.mark_delivered(ids).await;
+        ob.flush().await;
+        ob.prune().await;
+        ob.flush().await;
+        assert!(ob.reader().unwrap().stats().unwrap().is_empty());
+        let left = occurrences_on_disk(&path, b"QUILLFEATHERSTONE");
+        drop(ob);
+        w.join();
+        left
+    }
+
+    /// Issue 13: after 200 delivered messages were pruned, a test surname was still in the file
+    /// 207 times. With `secure_delete` (the default) not once, in the file or its WAL.
+    #[tokio::test]
+    async fn pruned_patient_data_is_gone_from_the_file_and_its_wal() {
+        assert_eq!(surname_left_after_prune(true).await, 0);
+    }
+
+    /// The same with `store.secure_delete = false`: the bytes stay (what the test above guards
+    /// against).
+    #[tokio::test]
+    async fn without_secure_delete_pruned_patient_data_stays_on_disk() {
+        assert!(surname_left_after_prune(false).await > 0);
+    }
+
     #[tokio::test]
     async fn seq_is_gap_free_per_feed_and_survives_reopen_and_pruning() {
         let dir = tempfile::tempdir().unwrap();
@@ -214,6 +284,7 @@ mod tests {
                 retain_delivered: Duration::ZERO,
                 retain_rejected: Duration::from_secs(3600),
                 dedup_keep: Duration::ZERO,
+                secure_delete: true,
             },
         )
         .unwrap();
@@ -265,6 +336,7 @@ mod tests {
             retain_delivered: Duration::ZERO,
             retain_rejected: Duration::ZERO,
             dedup_keep: Duration::ZERO,
+            secure_delete: true,
         }
     }
 

@@ -110,6 +110,33 @@ pub(super) fn open(path: &Path) -> Result<Connection, OutboxError> {
     Ok(conn)
 }
 
+/// `PRAGMA secure_delete = FAST` on the writer's connection (the only one that deletes): deleted
+/// content is overwritten with zeros in the b-tree pages it leaves. Pages that become free
+/// (a large message's overflow pages) are not rewritten (`ON` would zero them too, writing every
+/// freed page into the WAL: on a full disk that made pruning fail with `SQLITE_FULL`, so the store
+/// never recovered); pruning's incremental vacuum then empties the freelist, so those pages leave
+/// the file, and its `TRUNCATE` checkpoint drops the WAL frames that held the rows.
+pub(super) fn set_secure_delete(
+    conn: &Connection,
+    path: &Path,
+    on: bool,
+) -> Result<(), OutboxError> {
+    let now: i64 = conn
+        .query_row(
+            &format!("PRAGMA secure_delete = {}", if on { "FAST" } else { "OFF" }),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sqlite(path))?;
+    if (now != 0) != on {
+        warn!(
+            requested = on,
+            now, "outbox: SQLite refused the secure_delete setting"
+        );
+    }
+    Ok(())
+}
+
 fn create_private_dir(dir: &Path) -> Result<(), OutboxError> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.as_os_str().is_empty() || dir.exists() {

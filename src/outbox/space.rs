@@ -58,16 +58,7 @@ pub(super) fn page_counts(conn: &Connection) -> rusqlite::Result<(u64, u64, u64)
 
 /// Free bytes on the file system holding `dir`, as an unprivileged process may use them.
 pub(super) fn fs_free(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-            return None;
-        }
-        Some(s.f_bavail as u64 * s.f_frsize as u64)
-    }
+    crate::sys::fs_free(dir)
 }
 
 /// Give free pages back to the file system: `incremental_vacuum` in chunks of
@@ -205,7 +196,6 @@ impl Space {
     fn make_reserve(&self) -> bool {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        use std::os::unix::io::AsRawFd;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -216,17 +206,15 @@ impl Space {
             Ok(f) => f,
             Err(_) => return false,
         };
-        // SAFETY: a plain syscall on a file descriptor we own.
-        let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, RESERVE_BYTES as libc::off_t) };
-        let ok = match rc {
-            0 => true,
-            libc::EOPNOTSUPP | libc::EINVAL => {
+        let ok = match crate::sys::allocate(&f, RESERVE_BYTES) {
+            crate::sys::Allocated::Yes => true,
+            crate::sys::Allocated::Unsupported => {
                 // No fallocate on this file system: write zeros.
                 let zeros = vec![0u8; 64 * 1024];
                 (0..RESERVE_BYTES / zeros.len() as u64).all(|_| f.write_all(&zeros).is_ok())
                     && f.sync_all().is_ok()
             }
-            _ => false,
+            crate::sys::Allocated::Failed(_) => false,
         };
         if !ok {
             drop(f);

@@ -45,5 +45,6 @@ pub(super) fn opts(max_bytes: u64) -> OutboxOptions {
         retain_delivered: Duration::from_secs(3600),
         retain_rejected: Duration::from_secs(3600),
         dedup_keep: Duration::from_secs(7 * 86_400),
+        secure_delete: true,
     }
 }

@@ -21,6 +21,71 @@ pub const INVENTORY_SCHEMA: &str = "siterelay.inventory.v1";
 pub const REPLY_SCHEMA: &str = "siterelay.cmd-reply.v1";
 /// Most records one replay command may resend.
 pub const MAX_REPLAY: usize = 100_000;
+/// Largest MQTT packet the appliance accepts from the broker. It only receives commands (a
+/// few hundred bytes of JSON) and acknowledgements; anything larger is refused by the client
+/// (MQTT 5: announced at CONNECT, so the broker does not send it; 3.1.1: the connection is
+/// dropped and made again).
+pub const MAX_INCOMING_PACKET_BYTES: usize = 64 * 1024;
+
+/// Replays started in the last hour, against `mqtt.replays_per_hour`; and only one at a time.
+/// A replay resends up to [`MAX_REPLAY`] records of patient data: a compromised broker account
+/// or a careless operator must not be able to loop it.
+#[derive(Debug)]
+pub struct ReplayLimit {
+    per_hour: u32,
+    started: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl ReplayLimit {
+    /// At most `per_hour` replays started in any hour.
+    pub fn new(per_hour: u32) -> ReplayLimit {
+        ReplayLimit {
+            per_hour,
+            started: Default::default(),
+        }
+    }
+
+    /// May a replay start at `now`? `running` is the replay in progress, if any (its feed and
+    /// the records it still has to send). `Ok` counts it as started; `Err` says why not.
+    pub fn admit(
+        &mut self,
+        now: std::time::Instant,
+        running: Option<(&str, usize)>,
+    ) -> Result<(), String> {
+        if let Some((feed, left)) = running {
+            return Err(format!(
+                "refused: a replay of feed '{feed}' is still running ({left} records to send);                  one replay at a time, send this again when it has finished"
+            ));
+        }
+        let hour = std::time::Duration::from_secs(3600);
+        while self
+            .started
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= hour)
+        {
+            self.started.pop_front();
+        }
+        if self.started.len() >= self.per_hour as usize {
+            let wait = self
+                .started
+                .front()
+                .map(|&t| {
+                    hour.saturating_sub(now.saturating_duration_since(t))
+                        .as_secs()
+                        .div_ceil(60)
+                })
+                .unwrap_or(60);
+            return Err(format!(
+                "refused: {} replays started in the last hour (mqtt.replays_per_hour = {}); \
+                 the next one is possible in {wait} min",
+                self.started.len(),
+                self.per_hour
+            ));
+        }
+        self.started.push_back(now);
+        Ok(())
+    }
+}
 
 /// Topics of one appliance.
 #[derive(Debug, Clone)]
@@ -310,6 +375,32 @@ mod tests {
         let r = parse_command("ping", b"not json", &feeds());
         assert!(r.command.is_err());
         assert_eq!(r.id, None);
+    }
+
+    #[test]
+    fn replays_run_one_at_a_time_and_at_most_n_an_hour() {
+        let t0 = std::time::Instant::now();
+        let min = std::time::Duration::from_secs(60);
+        let mut l = ReplayLimit::new(2);
+        assert_eq!(l.admit(t0, None), Ok(()));
+        let busy = l.admit(t0 + min, Some(("adt", 40))).unwrap_err();
+        assert!(
+            busy.contains("still running") && busy.contains("40 records"),
+            "{busy}"
+        );
+        assert_eq!(l.admit(t0 + 10 * min, None), Ok(()));
+        let capped = l.admit(t0 + 20 * min, None).unwrap_err();
+        assert!(
+            capped.contains("mqtt.replays_per_hour = 2") && capped.contains("in 40 min"),
+            "{capped}"
+        );
+        // An hour after the first, one more is allowed; then the cap again.
+        assert_eq!(l.admit(t0 + 60 * min, None), Ok(()));
+        assert!(l.admit(t0 + 61 * min, None).is_err());
+        assert!(
+            ReplayLimit::new(0).admit(t0, None).is_err(),
+            "0 turns replay off"
+        );
     }
 
     #[test]

@@ -2,4 +2,5 @@
 
 pub mod control;
 pub mod flow;
+pub mod identity;
 pub mod mqtt;

@@ -88,8 +88,9 @@ pub struct SinkSettings {
     pub mqtt: MqttConfig,
     /// This appliance's id (topic level).
     pub appliance_id: String,
-    /// TLS client configuration; None only with `insecure_plaintext`.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS client identity in use (reloaded on SIGHUP and file change; the sink reconnects
+    /// when it changes); None only with `insecure_plaintext`.
+    pub identity: Option<Arc<super::identity::ClientIdentity>>,
     /// Largest MQTT packet we send or accept.
     pub max_packet_bytes: usize,
     /// Turns rows into records.
@@ -181,6 +182,8 @@ struct ReplayJob {
 /// Why a session ended.
 enum SessionEnd {
     Shutdown,
+    /// A new client identity (certificate reload): connect again at once with it.
+    Reconnect,
     Failed {
         error: String,
         connected_for: Option<Duration>,
@@ -193,13 +196,18 @@ pub struct MqttSink {
     outbox: Outbox,
     telemetry: Arc<Telemetry>,
     topics: Topics,
+    /// Replays started recently (one at a time, `mqtt.replays_per_hour`), across reconnects.
+    replays: std::sync::Mutex<control::ReplayLimit>,
 }
 
 impl MqttSink {
     /// A sink over `outbox`.
     pub fn new(settings: SinkSettings, outbox: Outbox, telemetry: Arc<Telemetry>) -> MqttSink {
         let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.appliance_id);
+        let replays =
+            std::sync::Mutex::new(control::ReplayLimit::new(settings.mqtt.replays_per_hour));
         MqttSink {
+            replays,
             settings,
             outbox,
             telemetry,
@@ -229,6 +237,11 @@ impl MqttSink {
             }
             match self.session(&mut reader, &mut rejects, &shutdown).await {
                 SessionEnd::Shutdown => break,
+                SessionEnd::Reconnect => {
+                    self.telemetry.sink.connected.store(0, Ordering::Relaxed);
+                    backoff.reset();
+                    continue;
+                }
                 SessionEnd::Failed {
                     error,
                     connected_for,
@@ -275,8 +288,10 @@ impl MqttSink {
         let s = &self.settings;
         let m = &s.mqtt;
         let client_id = m.client_id(&s.appliance_id);
-        let transport = match &s.tls {
-            Some(cfg) => Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())),
+        let transport = match &s.identity {
+            Some(id) => {
+                Transport::tls_with_config(TlsConfiguration::Rustls(id.current().config.clone()))
+            }
             None => Transport::Tcp,
         };
         let will = control::death(&s.appliance_id, bdseq, "lost", None);
@@ -288,7 +303,8 @@ impl MqttSink {
                 o.set_keep_alive(m.keep_alive)
                     .set_clean_start(true)
                     .set_connection_timeout(m.connect_timeout.as_secs())
-                    .set_max_packet_size(Some(s.max_packet_bytes as u32))
+                    // What we accept (the broker's limit for what we send comes in its CONNACK).
+                    .set_max_packet_size(Some(control::MAX_INCOMING_PACKET_BYTES as u32))
                     .set_outgoing_inflight_upper_limit(m.max_inflight)
                     .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
                         &self.topics.status,
@@ -306,7 +322,7 @@ impl MqttSink {
                 let mut o = rumqttc::MqttOptions::new(client_id, m.host.clone(), m.port);
                 o.set_keep_alive(m.keep_alive)
                     .set_clean_session(true)
-                    .set_max_packet_size(s.max_packet_bytes, s.max_packet_bytes)
+                    .set_max_packet_size(control::MAX_INCOMING_PACKET_BYTES, s.max_packet_bytes)
                     .set_inflight(m.max_inflight)
                     .set_last_will(rumqttc::LastWill::new(
                         &self.topics.status,
@@ -370,6 +386,13 @@ impl MqttSink {
         let mut flow = Flow::default();
         let mut caught_up = false;
         let mut replay: Option<ReplayJob> = None;
+        // A certificate reload ends this session cleanly and starts one with the new identity.
+        let mut identity_changed = self.settings.identity.as_ref().map(|i| {
+            let mut rx = i.subscribe();
+            rx.mark_unchanged();
+            rx
+        });
+        let mut reconnecting = false;
         let mut delivered: Vec<i64> = Vec::new();
         let mut draining_since: Option<Instant> = None;
         // Send order of in-flight records, for the PUBACK timeout (stale entries skipped lazily).
@@ -465,7 +488,11 @@ impl MqttSink {
                             "DISCONNECT not confirmed in time; the broker may announce this appliance as lost"
                         );
                     }
-                    break SessionEnd::Shutdown;
+                    break if reconnecting {
+                        SessionEnd::Reconnect
+                    } else {
+                        SessionEnd::Shutdown
+                    };
                 }
             }
             while sent_order
@@ -568,6 +595,16 @@ impl MqttSink {
                                     Ok(serde_json::json!({}))
                                 }
                                 Ok(Command::Replay { feed, from_seq, limit }) => {
+                                    let running = replay.as_ref().map(|j| (j.feed.as_str(), j.remaining));
+                                    let admitted = self
+                                        .replays
+                                        .lock()
+                                        .map_err(|_| "replay limiter poisoned".to_string())
+                                        .and_then(|mut l| l.admit(std::time::Instant::now(), running));
+                                    if let Err(why) = admitted {
+                                        warn!(feed = %feed, reason = %why, "replay command refused");
+                                        Err(why)
+                                    } else {
                                     match self.replay_range(reader, feed, *from_seq).await {
                                         Ok((count, first, last)) => {
                                             let n = count.min(*limit as u64);
@@ -587,6 +624,7 @@ impl MqttSink {
                                             }))
                                         }
                                         Err(e) => Err(format!("cannot read the outbox: {e}")),
+                                    }
                                     }
                                 }
                             };
@@ -652,6 +690,19 @@ impl MqttSink {
                         control!(&self.topics.inventory, self.inventory_payload().await, true);
                         last_inventory = Some(Instant::now());
                     }
+                }
+                Ok(()) = async { match identity_changed.as_mut() { Some(rx) => rx.changed().await, None => std::future::pending().await } }, if draining_since.is_none() => {
+                    if connected_at.is_none() {
+                        break SessionEnd::Reconnect;
+                    }
+                    // Let the PUBACKs outstanding now arrive (at most SHUTDOWN_DRAIN), then a
+                    // clean DISCONNECT; whatever is unconfirmed stays pending and goes again on
+                    // the new connection.
+                    info!("reconnecting with the reloaded client certificate");
+                    reconnecting = true;
+                    draining_since = Some(Instant::now());
+                    flow.clear();
+                    replay = None;
                 }
                 _ = shutdown.requested(), if draining_since.is_none() => {
                     if connected_at.is_none() {

@@ -23,6 +23,9 @@
 //! broker.set_fault(Fault::NeverPuback);
 //! ```
 
+// libc calls and their `unsafe` blocks live in `sys.rs` alone (it allows them).
+#![deny(unsafe_code)]
+
 pub mod broker;
 pub mod client;
 pub mod mosquitto;
@@ -30,6 +33,7 @@ pub mod pki;
 pub mod proxy;
 pub mod pty;
 pub mod subscriber;
+pub mod sys;
 pub mod tls;
 pub mod tmpfs;
 

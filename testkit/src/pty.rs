@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -20,34 +20,11 @@ pub struct Pty {
 impl Pty {
     /// Open a new pty pair; the slave is closed again here (the daemon opens it by path).
     pub fn open() -> Result<Pty> {
-        let mut master: libc::c_int = -1;
-        let mut slave: libc::c_int = -1;
-        // SAFETY: openpty writes two fds into the ints we pass; name/termios/winsize may be null.
-        let rc = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
+        let (master, slave) = match crate::sys::openpty_raw() {
+            Ok(pair) => pair,
+            Err(e) => bail!("openpty failed: {e}"),
         };
-        if rc != 0 {
-            bail!("openpty failed: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: both fds were just returned by openpty and are owned by nobody else.
-        let (master, slave) =
-            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         let slave_path = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))?;
-        // Raw mode on the slave so nothing is translated before the daemon configures it.
-        // SAFETY: termios calls on an fd we own, with a zeroed struct filled by tcgetattr.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
-                libc::cfmakeraw(&mut t);
-                libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
-            }
-        }
         drop(slave);
         Ok(Pty {
             master: File::from(master),
@@ -74,15 +51,8 @@ impl Pty {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: self.master.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll on one valid pollfd.
-            let rc =
-                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-            if rc > 0 && pfd.revents & libc::POLLIN != 0 {
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            if crate::sys::poll_readable(&self.master, ms) {
                 let mut buf = [0u8; 4096];
                 match self.master.read(&mut buf) {
                     Ok(n) => return Ok(buf[..n].to_vec()),

@@ -5,8 +5,6 @@
 //! missing fault test is never mistaken for a passing one, unless `SITERELAY_SKIP_ROOT_TESTS=1`
 //! says to skip: then it prints a line saying so and returns `None` (the caller returns early).
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// Set to `1` to skip (not fail) tests that need root to mount a tmpfs.
@@ -22,22 +20,10 @@ impl Tmpfs {
     /// directory. See the module note for what happens without root.
     pub fn mount(bytes: u64) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let target = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
-        let opts = CString::new(format!("size={bytes},mode=0700")).unwrap();
-        // SAFETY: plain mount(2) with NUL-terminated strings we own.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
+        let err = match crate::sys::mount_tmpfs(dir.path(), &format!("size={bytes},mode=0700")) {
+            Ok(()) => return Some(Tmpfs { dir }),
+            Err(e) => e,
         };
-        if rc == 0 {
-            return Some(Tmpfs { dir });
-        }
-        let err = std::io::Error::last_os_error();
         if std::env::var(SKIP_ROOT_ENV).as_deref() == Ok("1") {
             eprintln!(
                 "cannot mount a tmpfs ({err}; needs root): skipping because {SKIP_ROOT_ENV}=1"
@@ -57,13 +43,7 @@ impl Tmpfs {
 
     /// Free bytes on it now.
     pub fn free(&self) -> u64 {
-        let c = CString::new(self.path().as_os_str().as_bytes()).unwrap();
-        // SAFETY: statvfs into a zeroed struct we own.
-        unsafe {
-            let mut s: libc::statvfs = std::mem::zeroed();
-            assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
-            s.f_bavail as u64 * s.f_frsize as u64
-        }
+        crate::sys::fs_free(self.path()).expect("statvfs on the tmpfs")
     }
 
     /// Fill it with a file of zeros until it is full, leaving `leave` bytes free (or less); the
@@ -85,10 +65,6 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let target = CString::new(self.path().as_os_str().as_bytes()).unwrap();
-        // SAFETY: umount2 on the path we mounted.
-        unsafe {
-            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
-        }
+        crate::sys::unmount_lazy(self.path());
     }
 }
