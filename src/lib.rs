@@ -17,7 +17,7 @@
 //!
 //! Beside the pipeline: [`telemetry`] (counters and named events), [`health`] and [`inventory`]
 //! (what the appliance reports about itself), [`shutdown`] (stopping every task at a safe point), [`status`] (the local status socket and the
-//! quarantine retry), [`watch`] (the central team's fleet view), [`config`], [`app`] (wiring),
+//! quarantine retry), [`watch`] (the central team's fleet view), [`config`], [`preflight`] (the checks `run` and `check-config` share), [`app`] (wiring),
 //! [`client`] (an MLLP client for `siterelay send` and tests). Protocol logic ([`hl7`],
 //! [`astm`], MLLP framing, time) is the `siterelay-proto` crate in `proto/`, which owns no I/O
 //! and cannot: it does not depend on tokio, tracing or rusqlite. See `docs/architecture.md`.
@@ -29,6 +29,7 @@ pub mod health;
 pub mod intake;
 pub mod inventory;
 pub mod outbox;
+pub mod preflight;
 pub mod record;
 pub mod shutdown;
 pub mod sink;

@@ -36,7 +36,9 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Run,
-    /// Check a configuration file exactly as start-up does; exit 1 on any problem.
+    /// Check a configuration file and this machine exactly as start-up does (TLS files, their
+    /// dates and pairing, the data directory, listeners, serial devices), listing every problem:
+    /// exit 1 on any error (start-up would refuse), 0 when there are only warnings.
     CheckConfig,
     /// Send HL7 messages from files over MLLP and print each ACK (exit 1 on any non-AA).
     Send {
@@ -211,25 +213,31 @@ fn small_runtime() -> tokio::runtime::Runtime {
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(cfg) => {
-            for w in config::warnings(path, &cfg) {
-                eprintln!("{}: warning: {w}", path.display());
-            }
+    let checked = siterelay::preflight::check_file(path);
+    for line in checked.lines() {
+        eprintln!("{line}");
+    }
+    let (errors, warnings) = (checked.errors.len(), checked.warnings.len());
+    match &checked.config {
+        Some(cfg) => {
             println!(
-                "{}: OK ({} MLLP feed(s), broker {}:{})",
+                "{}: OK ({} MLLP feed(s), {} serial port(s), broker {}:{}){}",
                 path.display(),
                 cfg.mllp.len(),
+                cfg.serial.len(),
                 cfg.mqtt.host,
-                cfg.mqtt.port
+                cfg.mqtt.port,
+                if warnings > 0 {
+                    format!(", {warnings} warning(s)")
+                } else {
+                    String::new()
+                }
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("{e}");
+        None => {
             eprintln!(
-                "{} problem(s) found; see docs/configuration.md",
-                e.problems.len()
+                "{errors} error(s), {warnings} warning(s): siterelay run would refuse this configuration; see docs/configuration.md"
             );
             ExitCode::FAILURE
         }
@@ -279,17 +287,22 @@ fn init_logging(log: &LogConfig) {
 }
 
 fn run(path: &Path) -> ExitCode {
-    let cfg = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("configuration error")]);
-            return ExitCode::FAILURE;
+    // The checks check-config prints: what they refuse, start-up refuses.
+    let checked = siterelay::preflight::check_file(path);
+    let Some(cfg) = checked.config.clone() else {
+        for line in checked.lines() {
+            eprintln!("{line}");
         }
+        eprintln!(
+            "{} error(s) in the configuration: not starting (siterelay check-config lists the same)",
+            checked.errors.len()
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("configuration error")]);
+        return ExitCode::FAILURE;
     };
     init_logging(&cfg.log);
-    for w in config::warnings(path, &cfg) {
-        warn!("{w}");
+    for line in checked.lines() {
+        warn!("{line}");
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -178,7 +178,9 @@ fn check_config_reports_each_problem_with_file_and_line() {
     let (ok, err) = check_config(&p);
     assert!(!ok);
     assert!(
-        err.contains(&format!("unknown.toml:{line}: unknown field `reconect`")),
+        err.contains(&format!(
+            "unknown.toml:{line}: mqtt.reconect: unknown key: remove it or fix its spelling"
+        )),
         "{err}"
     );
 

@@ -1154,7 +1154,11 @@ async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
                 for ev in el.state.events.drain(..).filter_map(v5_event) {
                     let _ = tx.send(ev).await;
                 }
-                let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
+                let _ = tx
+                    .send(SinkEvent::Failed(describe(
+                        crate::tls::describe_connection_error(&e),
+                    )))
+                    .await;
                 return;
             }
         }
@@ -1205,7 +1209,11 @@ async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
                 for ev in el.state.events.drain(..).filter_map(v311_event) {
                     let _ = tx.send(ev).await;
                 }
-                let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
+                let _ = tx
+                    .send(SinkEvent::Failed(describe(
+                        crate::tls::describe_connection_error(&e),
+                    )))
+                    .await;
                 return;
             }
         }
