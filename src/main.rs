@@ -28,6 +28,10 @@ struct Cli {
         value_name = "FILE"
     )]
     config: PathBuf,
+    /// Print JSON instead of text (status, metrics' source, queue, send's summary, watch): one
+    /// flag for every command, before or after the subcommand.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,7 +44,10 @@ enum Command {
     /// dates and pairing, the data directory, listeners, serial devices), listing every problem:
     /// exit 1 on any error (start-up would refuse), 0 when there are only warnings.
     CheckConfig,
-    /// Send HL7 messages from files over MLLP and print each ACK (exit 1 on any non-AA).
+    /// Send HL7 messages from files over MLLP and print each ACK. Exit 0 when every message is
+    /// accepted: AA (application accept) or CA (commit accept: stored, as siterelay answers
+    /// when the sender asks for enhanced acknowledgement with MSH-15); exit 1 on any AE, AR, CE
+    /// or CR, or when an ACK does not come.
     Send {
         /// Destination, HOST:PORT.
         #[arg(long)]
@@ -54,11 +61,11 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// This appliance's state, from the running daemon (or from the outbox file if it is down).
-    Status {
-        /// Print the JSON report instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    ///
+    /// Exit codes, for monitoring (Nagios-style): 0 healthy; 1 degraded (the broker is not
+    /// connected, records are held, or a certificate expires within 14 days or has expired);
+    /// 3 the daemon is not answering (down), or the configuration cannot be read.
+    Status,
     /// Watch a fleet of appliances through the central broker (central team's view).
     Watch(siterelay::watch::WatchArgs),
     /// Inspect the outbox.
@@ -133,31 +140,22 @@ enum QueueCommand {
     /// Records set aside because they cannot be published as they are (too large for the MQTT
     /// packet limit, refused by the broker for good, or unbuildable); kept until released.
     Held {
-        /// JSON output.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(subcommand)]
         command: Option<HeldCommand>,
     },
     /// Messages answered AE (unusable content), kept in quarantine instead of being forwarded.
     Rejected {
-        /// JSON output.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(subcommand)]
         command: Option<RejectedCommand>,
     },
     /// Per feed: pending, delivered, oldest pending age, bytes. Safe while the daemon runs.
-    Stats {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Stats,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = cli.config;
+    let json = cli.json;
     match cli.command {
         Command::Run => run(&config),
         Command::CheckConfig => check_config(&config),
@@ -167,16 +165,17 @@ fn main() -> ExitCode {
             files,
         } => send(&to, Duration::from_secs(timeout_secs), &files),
         Command::Queue {
-            command: QueueCommand::Stats { json },
+            command: QueueCommand::Stats,
         } => queue_stats(&config, json),
         Command::Queue {
-            command: QueueCommand::Rejected { json, command },
+            command: QueueCommand::Rejected { command },
         } => rejected(&config, json, command.unwrap_or(RejectedCommand::List)),
         Command::Queue {
-            command: QueueCommand::Held { json, command },
+            command: QueueCommand::Held { command },
         } => held(&config, json, command.unwrap_or(HeldCommand::List)),
-        Command::Status { json } => status(&config, json),
-        Command::Watch(args) => {
+        Command::Status => status(&config, json),
+        Command::Watch(mut args) => {
+            args.json = json;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -477,8 +476,43 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
         let rt = small_runtime();
         return match rt.block_on(siterelay::status::request(&sock, &line)) {
             Ok(v) => {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                if v["ok"] == true {
+                let results = v["results"].as_array().cloned().unwrap_or_default();
+                let stored = results.iter().filter(|r| r["stored"] == true).count();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else if v["ok"] != true {
+                    println!(
+                        "Nothing retried: {} (see `siterelay queue rejected`).",
+                        v["error"]
+                            .as_str()
+                            .unwrap_or("the daemon refused the request")
+                    );
+                } else {
+                    for r in &results {
+                        match (r["stored"] == true, r["seq"].as_u64()) {
+                            (true, Some(seq)) => println!(
+                                "Message {} passed this time: stored as seq {seq} of its feed and will be forwarded.",
+                                r["id"]
+                            ),
+                            (true, None) => {
+                                println!("Message {} passed this time and was stored.", r["id"])
+                            }
+                            (false, _) => println!(
+                                "Message {} still fails and stays in quarantine: {}",
+                                r["id"],
+                                r["error"].as_str().unwrap_or("refused")
+                            ),
+                        }
+                    }
+                    println!(
+                        "{stored} of {} quarantined message(s) stored{}.",
+                        results.len(),
+                        if stored == 0 { "; nothing changed" } else { "" }
+                    );
+                }
+                // Success means something was stored: nothing matched, or nothing passed, is
+                // a failure a script can see.
+                if v["ok"] == true && stored > 0 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
@@ -578,7 +612,16 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
             }
         };
         if v["ok"] != true {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!(
+                    "Nothing released: {} (see `siterelay queue held`).",
+                    v["error"]
+                        .as_str()
+                        .unwrap_or("the daemon refused the request")
+                );
+            }
             return ExitCode::FAILURE;
         }
         // Watch what becomes of each released record: delivered, or held again.
@@ -605,7 +648,24 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
                 r["state"] = (*state).into();
             }
         }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            for r in v["released"].as_array().into_iter().flatten() {
+                println!(
+                    "Row {} ({} seq {}): {}.",
+                    r["row"],
+                    r["feed"].as_str().unwrap_or("?"),
+                    r["seq"],
+                    match r["state"].as_str().unwrap_or("unknown") {
+                        "delivered" => "delivered",
+                        "held" => "held again (see `siterelay queue held show`)",
+                        "pending" => "released, not confirmed by the broker yet",
+                        other => other,
+                    }
+                );
+            }
+        }
         return if states.iter().all(|s| *s == "delivered") {
             ExitCode::SUCCESS
         } else {
@@ -713,33 +773,47 @@ fn export_bytes(raw: &[u8], out: &Path) -> ExitCode {
     }
 }
 
+/// `status` exit code: the daemon answered and is healthy.
+const STATUS_HEALTHY: u8 = 0;
+/// `status` exit code: the daemon answered and is degraded.
+const STATUS_DEGRADED: u8 = 1;
+/// `status` exit code: the daemon did not answer (or its configuration could not be read).
+const STATUS_DOWN: u8 = 3;
+
 fn status(path: &Path, json: bool) -> ExitCode {
     let Some(cfg) = load_or_report(path) else {
-        return ExitCode::FAILURE;
+        return ExitCode::from(STATUS_DOWN);
     };
     let sock = siterelay::status::socket_path(&cfg.data_dir);
     let rt = small_runtime();
     match rt.block_on(siterelay::status::query(&sock)) {
         Ok(h) => {
+            let degraded = siterelay::status::degraded(&h);
             if json {
                 println!("{}", serde_json::to_string_pretty(&h).unwrap_or_default());
             } else {
                 print!("{}", siterelay::status::render(&h));
             }
-            ExitCode::SUCCESS
+            ExitCode::from(if degraded.is_empty() {
+                STATUS_HEALTHY
+            } else {
+                STATUS_DEGRADED
+            })
         }
         Err(e) => {
-            println!(
+            let line = format!(
                 "siterelay {}: daemon NOT answering on {} ({e}); what the outbox file says:",
                 cfg.appliance_id,
                 sock.display()
             );
-            let code = queue_stats(path, json);
-            if code == ExitCode::SUCCESS {
-                ExitCode::from(3)
+            // With --json, stdout holds JSON only.
+            if json {
+                eprintln!("{line}");
             } else {
-                code
+                println!("{line}");
             }
+            let _ = queue_stats(path, json);
+            ExitCode::from(STATUS_DOWN)
         }
     }
 }

@@ -464,8 +464,9 @@ async fn a_second_daemon_on_the_same_data_directory_is_refused_and_the_first_kee
         .arg(&cfg)
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
+    assert_ne!(
+        status.status.code(),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&status.stdout)
     );
@@ -518,4 +519,42 @@ async fn a_dead_vital_task_makes_the_daemon_exit_non_zero_for_systemd_to_restart
         (v[0]["feed"].as_str(), v[0]["pending"].as_u64()),
         (Some("adt"), Some(1))
     );
+}
+
+/// `siterelay status` exit codes, as a monitoring system reads them: 1 while the broker is not
+/// connected (the text says why), 0 once it is, 3 when the daemon is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exit_codes_tell_healthy_degraded_and_down_apart() {
+    let env = Env::new();
+    let mut broker = Broker::down(Kind::InProcess, &env);
+    let (cfg, _listen, port) = one_feed_config(&env, &broker);
+    let mut p = Proc::start(&cfg, env.dir.path().join("run.log"));
+    wait_listening(port).await;
+    let status = || {
+        let out = Command::new(BIN)
+            .args(["status", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = status();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("health    DEGRADED: broker not connected"),
+        "{text}"
+    );
+
+    broker.up(&env).await;
+    let healthy = wait_until(Duration::from_secs(30), || status().0 == Some(0)).await;
+    assert!(healthy, "{}\n{}", status().1, p.log());
+    assert!(status().1.contains("health    OK"));
+
+    assert!(p.sigterm().unwrap().success());
+    let (code, text) = status();
+    assert_eq!(code, Some(3), "{text}");
+    broker.stop().await;
 }
