@@ -18,8 +18,8 @@ use siterelay::config::{self, DEFAULT_CONFIG_PATH, LogConfig, LogOutput, Timesta
     about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out"
 )]
 struct Cli {
-    /// Configuration file (used by run, check-config, status and queue). May be given before or
-    /// after the subcommand.
+    /// Configuration file (used by run, check-config, status, metrics and queue). May be given
+    /// before or after the subcommand.
     #[arg(
         long,
         global = true,
@@ -28,8 +28,8 @@ struct Cli {
         value_name = "FILE"
     )]
     config: PathBuf,
-    /// Print JSON instead of text (status, metrics' source, queue, send's summary, watch): one
-    /// flag for every command, before or after the subcommand.
+    /// Print JSON instead of text (status, queue, watch): one flag for every command that has
+    /// a JSON form, before or after the subcommand.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -66,6 +66,16 @@ enum Command {
     /// connected, records are held, or a certificate expires within 14 days or has expired);
     /// 3 the daemon is not answering (down), or the configuration cannot be read.
     Status,
+    /// The health report as Prometheus text (node_exporter's textfile collector): the same
+    /// figures as `status`, plus each feed's queue depth. Exit 0 when the daemon answered; 3
+    /// when it did not (the output then says siterelay_up 0).
+    Metrics {
+        /// Write to this file instead of stdout, atomically (a temporary file in the same
+        /// directory, renamed), as the textfile collector needs: e.g.
+        /// /var/lib/prometheus/node-exporter/siterelay.prom.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Watch a fleet of appliances through the central broker (central team's view).
     Watch(siterelay::watch::WatchArgs),
     /// Inspect the outbox.
@@ -174,6 +184,7 @@ fn main() -> ExitCode {
             command: QueueCommand::Held { command },
         } => held(&config, json, command.unwrap_or(HeldCommand::List)),
         Command::Status => status(&config, json),
+        Command::Metrics { out } => metrics(&config, out.as_deref()),
         Command::Watch(mut args) => {
             args.json = json;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -816,6 +827,44 @@ fn status(path: &Path, json: bool) -> ExitCode {
             ExitCode::from(STATUS_DOWN)
         }
     }
+}
+
+fn metrics(path: &Path, out: Option<&Path>) -> ExitCode {
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::from(STATUS_DOWN);
+    };
+    let sock = siterelay::status::socket_path(&cfg.data_dir);
+    let rt = small_runtime();
+    let (text, code) = match rt.block_on(siterelay::status::query(&sock)) {
+        Ok(h) => {
+            // Each feed's queue depth, from the outbox file (read-only, as `queue stats`).
+            let stats = siterelay::outbox::Reader::open(&cfg.outbox_path())
+                .and_then(|r| r.stats())
+                .unwrap_or_default();
+            (siterelay::metrics::render(&h, &stats), STATUS_HEALTHY)
+        }
+        Err(e) => {
+            eprintln!(
+                "siterelay {}: daemon NOT answering on {} ({e})",
+                cfg.appliance_id,
+                sock.display()
+            );
+            (siterelay::metrics::render_down(), STATUS_DOWN)
+        }
+    };
+    match out {
+        None => print!("{text}"),
+        Some(file) => {
+            let tmp = file.with_extension(format!("prom.{}.tmp", std::process::id()));
+            let written = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, file));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                eprintln!("{}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::from(code)
 }
 
 fn queue_stats(path: &Path, json: bool) -> ExitCode {
