@@ -75,6 +75,63 @@ pub fn plain(e: &rustls::Error) -> String {
     }
 }
 
+/// The number after `marker` in `text`.
+fn number_after(text: &str, marker: &str) -> Option<i64> {
+    let rest = &text[text.find(marker)? + marker.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A rustls error found in an error's text (rustls's Display), in [`plain`]'s words.
+fn plain_from_text(text: &str) -> Option<String> {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    use rustls_pki_types::UnixTime;
+    let at = |secs: i64| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs as u64));
+    if let Some(i) = text.find("received fatal alert: ") {
+        let name: String = text[i + "received fatal alert: ".len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let alert = match name.as_str() {
+            "CertificateExpired" => A::CertificateExpired,
+            "UnknownCA" => A::UnknownCA,
+            "BadCertificate" => A::BadCertificate,
+            "CertificateUnknown" => A::CertificateUnknown,
+            "CertificateRequired" => A::CertificateRequired,
+            "CertificateRevoked" => A::CertificateRevoked,
+            "HandshakeFailure" => A::HandshakeFailure,
+            "AccessDenied" => A::AccessDenied,
+            _ => return Some(format!("the broker ended the TLS handshake ({name})")),
+        };
+        return Some(plain(&E::AlertReceived(alert)));
+    }
+    if text.contains("certificate expired: verification time") {
+        let time = number_after(text, "verification time ")?;
+        let not_after = number_after(text, "not valid after ")?;
+        return Some(plain(&E::InvalidCertificate(C::ExpiredContext {
+            time: at(time),
+            not_after: at(not_after),
+        })));
+    }
+    if text.contains("certificate not valid yet: verification time") {
+        let time = number_after(text, "verification time ")?;
+        let not_before = number_after(text, "not valid before ")?;
+        return Some(plain(&E::InvalidCertificate(C::NotValidYetContext {
+            time: at(time),
+            not_before: at(not_before),
+        })));
+    }
+    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        return Some(plain(&E::InvalidCertificate(C::UnknownIssuer)));
+    }
+    if text.contains("certificate not valid for name") || text.contains("NotValidForName") {
+        return Some(plain(&E::InvalidCertificate(C::NotValidForName)));
+    }
+    None
+}
+
 /// A connection error (rumqttc's, with rustls's inside) in plain words: the rustls error found
 /// anywhere in the chain as [`plain`] says it; otherwise the text without rumqttc's
 /// misleading prefixes ("Mqtt serialization/deserialization error", "I/O").
@@ -93,10 +150,16 @@ pub fn describe_connection_error(e: &(dyn std::error::Error + 'static)) -> Strin
         cur = err.source();
     }
     let mut text = e.to_string();
+    // rumqttc keeps only the text of some errors (its own error types hold a string): read the
+    // rustls error back from it.
+    if let Some(p) = plain_from_text(&text) {
+        return p;
+    }
     for prefix in [
         "Mqtt serialization/deserialization error: ",
         "Mqtt state: ",
         "I/O: ",
+        "IO: ",
         "TLS: ",
         "TLS error: ",
     ] {
@@ -216,6 +279,27 @@ mod tests {
         assert_eq!(
             text,
             "the broker refused this appliance's client certificate: it has expired (renew mqtt.cert_file)"
+        );
+    }
+
+    #[test]
+    fn rustls_errors_rumqttc_kept_only_as_text_are_read_back_in_plain_words() {
+        // rumqttc's v5 state error keeps the text of the I/O error, not the error.
+        let expired = rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+            time: at(1_764_633_600),
+            not_after: at(1_706_745_600),
+        });
+        let wrapped = format!("Mqtt serialization/deserialization error: IO: {expired}");
+        assert!(wrapped.contains("1706745600"), "{wrapped}");
+        assert_eq!(
+            plain_from_text(&wrapped).unwrap(),
+            "the broker's certificate expired on 2024-02-01 (this box's clock says 2025-12-02)"
+        );
+        let alert = "Mqtt serialization/deserialization error: IO: received fatal alert: UnknownCA";
+        assert!(
+            plain_from_text(alert)
+                .unwrap()
+                .starts_with("the broker refused this appliance's client certificate (UnknownCA)")
         );
     }
 
