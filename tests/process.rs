@@ -561,3 +561,34 @@ async fn status_exit_codes_tell_healthy_degraded_and_down_apart() {
     assert_eq!(code, Some(3), "{text}");
     broker.stop().await;
 }
+
+/// The help a person reads says what the commands do: status's exit codes, send's exit rule
+/// (CA is an acceptance), and one --json taken before or after the subcommand.
+#[test]
+fn help_texts_give_exit_codes_and_one_json_flag_works_everywhere() {
+    let help = |args: &[&str]| String::from_utf8_lossy(&siterelay(args, None).stdout).into_owned();
+    let status = help(&["status", "--help"]);
+    assert!(
+        status.contains("0 healthy; 1 degraded")
+            && status.contains("3 the daemon is not answering"),
+        "{status}"
+    );
+    let send = help(&["send", "--help"]);
+    assert!(
+        send.contains("Exit 0 when every message is accepted: AA (application accept) or CA"),
+        "{send}"
+    );
+    for args in [
+        vec!["--json", "queue", "stats", "--help"],
+        vec!["queue", "held", "list", "--json", "--help"],
+        vec!["watch", "--json", "--help"],
+        vec!["metrics", "--help"],
+    ] {
+        let out = siterelay(&args, None);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
