@@ -2,9 +2,12 @@
 //!
 //! Every section uses `deny_unknown_fields`, so a misspelt key is an error rather than a
 //! silently ignored setting. Defaults live in named functions so that `docs/configuration.md`
-//! can point at them. [`load`] is the single entry point: it parses the file, runs every semantic
-//! check ([`Config::check`]) and returns all problems at once, each with the file, the line and
-//! what to do. `siterelay check-config` and `siterelay run` call exactly the same function.
+//! can point at them. [`parse_all`] reads a file's text, runs every semantic check
+//! ([`Config::check`]) and returns all problems at once, each with the line, the key and what to
+//! do; a value of the wrong type does not stop it. [`load`] and [`parse`] wrap it for callers
+//! that need a usable configuration. `siterelay check-config` and `siterelay run` both go
+//! through [`crate::preflight::check_file`], which adds the checks that need the machine (TLS
+//! material, the data directory, listeners, serial devices).
 
 use std::collections::HashSet;
 use std::fmt;
