@@ -2019,4 +2019,49 @@ protocol = "hl7-mllp"
         assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("1w"), None);
     }
+
+    #[test]
+    fn every_value_of_the_example_replaced_by_a_wrong_type_is_reported_at_its_line_without_a_panic()
+    {
+        // Each key/value line of the annotated example, in turn given a value of every other
+        // kind, or removed: the reading never panics, always ends, and names that line.
+        let text = include_str!("../docs/siterelay.example.toml");
+        let lines: Vec<&str> = text.lines().collect();
+        let mut checked = 0;
+        for (i, line) in lines.iter().enumerate() {
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            if key.starts_with('#') || key.contains(' ') {
+                continue;
+            }
+            for wrong in ["\"x\"", "5", "true", "[1, 2]", "{ a = 1 }", "-1"] {
+                let mut edited = lines.clone();
+                let replaced = format!("{key} = {wrong}");
+                edited[i] = &replaced;
+                let edited = edited.join("\n") + "\n";
+                let (_, problems) = parse_all(&edited);
+                for p in &problems {
+                    assert!(
+                        p.line.is_none_or(|l| l >= 1 && l <= lines.len() + 1),
+                        "line {i}: {replaced}: {p:?}"
+                    );
+                }
+                // A value the key cannot take is reported at its own line (a value it can
+                // take, e.g. a string for a string key, may pass or fail later checks).
+                let own = problems.iter().any(|p| p.line == Some(i + 1));
+                let accepted = problems.iter().all(|p| {
+                    p.key.starts_with("mqtt.ca_file")
+                        || p.key.starts_with("mqtt.cert_file")
+                        || p.key.starts_with("mqtt.key_file")
+                });
+                assert!(own || accepted, "line {}: {replaced}: {problems:?}", i + 1);
+                checked += 1;
+            }
+            let mut removed = lines.clone();
+            removed.remove(i);
+            let _ = parse_all(&(removed.join("\n") + "\n"));
+        }
+        assert!(checked > 100, "{checked} edits checked");
+    }
 }
