@@ -113,8 +113,11 @@ fi
 if [ "$1" = "purge" ]; then
     # The outbox holds patient data and undelivered messages: never deleted automatically.
     if [ -d /var/lib/siterelay ]; then
-        echo "siterelay: /var/lib/siterelay (the outbox) was kept; delete it yourself once" \
-             "'siterelay queue stats' showed nothing pending." >&2
+        echo "siterelay: /var/lib/siterelay (the outbox) was kept: it may hold undelivered" \
+             "messages and patient data. The siterelay command is gone with the package, so" \
+             "check what it holds by reinstalling siterelay and running 'siterelay queue stats'" \
+             "(or see the 'queue stats' you ran before removing it); delete the directory only" \
+             "when nothing is pending." >&2
     fi
     if [ -d /run/systemd/system ]; then
         systemctl disable siterelay.service >/dev/null 2>&1 || true

@@ -15,9 +15,9 @@
 //! 5. [`sink`]: records leave over mutual-TLS MQTT (QoS 1). **A row becomes delivered on the
 //!    PUBACK of its publish**, never on `publish()` returning.
 //!
-//! Beside the pipeline: [`telemetry`] (counters and named events), [`health`] and [`inventory`]
+//! Beside the pipeline: [`telemetry`] (counters and named events), [`health`] and [`inventory`], [`metrics`] (the health report as Prometheus text)
 //! (what the appliance reports about itself), [`shutdown`] (stopping every task at a safe point), [`status`] (the local status socket and the
-//! quarantine retry), [`watch`] (the central team's fleet view), [`config`], [`app`] (wiring),
+//! quarantine retry), [`watch`] (the central team's fleet view), [`config`], [`preflight`] (the checks `run` and `check-config` share), [`app`] (wiring),
 //! [`client`] (an MLLP client for `siterelay send` and tests). Protocol logic ([`hl7`],
 //! [`astm`], MLLP framing, time) is the `siterelay-proto` crate in `proto/`, which owns no I/O
 //! and cannot: it does not depend on tokio, tracing or rusqlite. See `docs/architecture.md`.
@@ -31,7 +31,9 @@ pub mod config;
 pub mod health;
 pub mod intake;
 pub mod inventory;
+pub mod metrics;
 pub mod outbox;
+pub mod preflight;
 pub mod record;
 pub mod shutdown;
 pub mod sink;

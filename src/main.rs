@@ -21,8 +21,8 @@ use siterelay::config::{self, DEFAULT_CONFIG_PATH, LogConfig, LogOutput, Timesta
     about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out"
 )]
 struct Cli {
-    /// Configuration file (used by run, check-config, status and queue). May be given before or
-    /// after the subcommand.
+    /// Configuration file (used by run, check-config, status, metrics and queue). May be given
+    /// before or after the subcommand.
     #[arg(
         long,
         global = true,
@@ -31,6 +31,10 @@ struct Cli {
         value_name = "FILE"
     )]
     config: PathBuf,
+    /// Print JSON instead of text (status, queue, watch): one flag for every command that has
+    /// a JSON form, before or after the subcommand.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,9 +43,14 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Run,
-    /// Check a configuration file exactly as start-up does; exit 1 on any problem.
+    /// Check a configuration file and this machine exactly as start-up does (TLS files, their
+    /// dates and pairing, the data directory, listeners, serial devices), listing every problem:
+    /// exit 1 on any error (start-up would refuse), 0 when there are only warnings.
     CheckConfig,
-    /// Send HL7 messages from files over MLLP and print each ACK (exit 1 on any non-AA).
+    /// Send HL7 messages from files over MLLP and print each ACK. Exit 0 when every message is
+    /// accepted: AA (application accept) or CA (commit accept: stored, as siterelay answers
+    /// when the sender asks for enhanced acknowledgement with MSH-15); exit 1 on any AE, AR, CE
+    /// or CR, or when an ACK does not come.
     Send {
         /// Destination, HOST:PORT.
         #[arg(long)]
@@ -55,10 +64,20 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// This appliance's state, from the running daemon (or from the outbox file if it is down).
-    Status {
-        /// Print the JSON report instead of text.
-        #[arg(long)]
-        json: bool,
+    ///
+    /// Exit codes, for monitoring (Nagios-style): 0 healthy; 1 degraded (the broker is not
+    /// connected, records are held, or a certificate expires within 14 days or has expired);
+    /// 3 the daemon is not answering (down), or the configuration cannot be read.
+    Status,
+    /// The health report as Prometheus text (node_exporter's textfile collector): the same
+    /// figures as `status`, plus each feed's queue depth. Exit 0 when the daemon answered; 3
+    /// when it did not (the output then says siterelay_up 0).
+    Metrics {
+        /// Write to this file instead of stdout, atomically (a temporary file in the same
+        /// directory, renamed), as the textfile collector needs: e.g.
+        /// /var/lib/prometheus/node-exporter/siterelay.prom.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Watch a fleet of appliances through the central broker (central team's view).
     Watch(siterelay::watch::WatchArgs),
@@ -142,31 +161,22 @@ enum QueueCommand {
     /// Records set aside because they cannot be published as they are (too large for the MQTT
     /// packet limit, refused by the broker for good, or unbuildable); kept until released.
     Held {
-        /// JSON output.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(subcommand)]
         command: Option<HeldCommand>,
     },
     /// Messages answered AE (unusable content), kept in quarantine instead of being forwarded.
     Rejected {
-        /// JSON output.
-        #[arg(long, global = true)]
-        json: bool,
         #[command(subcommand)]
         command: Option<RejectedCommand>,
     },
     /// Per feed: pending, delivered, oldest pending age, bytes. Safe while the daemon runs.
-    Stats {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Stats,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = cli.config;
+    let json = cli.json;
     match cli.command {
         Command::Run => run(&config),
         Command::CheckConfig => check_config(&config),
@@ -176,16 +186,18 @@ fn main() -> ExitCode {
             files,
         } => send(&to, Duration::from_secs(timeout_secs), &files),
         Command::Queue {
-            command: QueueCommand::Stats { json },
+            command: QueueCommand::Stats,
         } => queue_stats(&config, json),
         Command::Queue {
-            command: QueueCommand::Rejected { json, command },
+            command: QueueCommand::Rejected { command },
         } => rejected(&config, json, command.unwrap_or(RejectedCommand::List)),
         Command::Queue {
-            command: QueueCommand::Held { json, command },
+            command: QueueCommand::Held { command },
         } => held(&config, json, command.unwrap_or(HeldCommand::List)),
-        Command::Status { json } => status(&config, json),
-        Command::Watch(args) => {
+        Command::Status => status(&config, json),
+        Command::Metrics { out } => metrics(&config, out.as_deref()),
+        Command::Watch(mut args) => {
+            args.json = json;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -222,25 +234,31 @@ fn small_runtime() -> tokio::runtime::Runtime {
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(cfg) => {
-            for w in config::warnings(path, &cfg) {
-                eprintln!("{}: warning: {w}", path.display());
-            }
+    let checked = siterelay::preflight::check_file(path);
+    for line in checked.lines() {
+        eprintln!("{line}");
+    }
+    let (errors, warnings) = (checked.errors.len(), checked.warnings.len());
+    match &checked.config {
+        Some(cfg) => {
             println!(
-                "{}: OK ({} MLLP feed(s), broker {}:{})",
+                "{}: OK ({} MLLP feed(s), {} serial port(s), broker {}:{}){}",
                 path.display(),
                 cfg.mllp.len(),
+                cfg.serial.len(),
                 cfg.mqtt.host,
-                cfg.mqtt.port
+                cfg.mqtt.port,
+                if warnings > 0 {
+                    format!(", {warnings} warning(s)")
+                } else {
+                    String::new()
+                }
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("{e}");
+        None => {
             eprintln!(
-                "{} problem(s) found; see docs/configuration.md",
-                e.problems.len()
+                "{errors} error(s), {warnings} warning(s): siterelay run would refuse this configuration; see docs/configuration.md"
             );
             ExitCode::FAILURE
         }
@@ -290,17 +308,22 @@ fn init_logging(log: &LogConfig) {
 }
 
 fn run(path: &Path) -> ExitCode {
-    let cfg = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("configuration error")]);
-            return ExitCode::FAILURE;
+    // The checks check-config prints: what they refuse, start-up refuses.
+    let checked = siterelay::preflight::check_file(path);
+    let Some(cfg) = checked.config.clone() else {
+        for line in checked.lines() {
+            eprintln!("{line}");
         }
+        eprintln!(
+            "{} error(s) in the configuration: not starting (siterelay check-config lists the same)",
+            checked.errors.len()
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("configuration error")]);
+        return ExitCode::FAILURE;
     };
     init_logging(&cfg.log);
-    for w in config::warnings(path, &cfg) {
-        warn!("{w}");
+    for line in checked.lines() {
+        warn!("{line}");
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -491,8 +514,43 @@ fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
         let rt = small_runtime();
         return match rt.block_on(siterelay::status::request(&sock, &line)) {
             Ok(v) => {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                if v["ok"] == true {
+                let results = v["results"].as_array().cloned().unwrap_or_default();
+                let stored = results.iter().filter(|r| r["stored"] == true).count();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else if v["ok"] != true {
+                    println!(
+                        "Nothing retried: {} (see `siterelay queue rejected`).",
+                        v["error"]
+                            .as_str()
+                            .unwrap_or("the daemon refused the request")
+                    );
+                } else {
+                    for r in &results {
+                        match (r["stored"] == true, r["seq"].as_u64()) {
+                            (true, Some(seq)) => println!(
+                                "Message {} passed this time: stored as seq {seq} of its feed and will be forwarded.",
+                                r["id"]
+                            ),
+                            (true, None) => {
+                                println!("Message {} passed this time and was stored.", r["id"])
+                            }
+                            (false, _) => println!(
+                                "Message {} still fails and stays in quarantine: {}",
+                                r["id"],
+                                r["error"].as_str().unwrap_or("refused")
+                            ),
+                        }
+                    }
+                    println!(
+                        "{stored} of {} quarantined message(s) stored{}.",
+                        results.len(),
+                        if stored == 0 { "; nothing changed" } else { "" }
+                    );
+                }
+                // Success means something was stored: nothing matched, or nothing passed, is
+                // a failure a script can see.
+                if v["ok"] == true && stored > 0 {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
@@ -592,7 +650,16 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
             }
         };
         if v["ok"] != true {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!(
+                    "Nothing released: {} (see `siterelay queue held`).",
+                    v["error"]
+                        .as_str()
+                        .unwrap_or("the daemon refused the request")
+                );
+            }
             return ExitCode::FAILURE;
         }
         // Watch what becomes of each released record: delivered, or held again.
@@ -619,7 +686,24 @@ fn held(path: &Path, json: bool, cmd: HeldCommand) -> ExitCode {
                 r["state"] = (*state).into();
             }
         }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            for r in v["released"].as_array().into_iter().flatten() {
+                println!(
+                    "Row {} ({} seq {}): {}.",
+                    r["row"],
+                    r["feed"].as_str().unwrap_or("?"),
+                    r["seq"],
+                    match r["state"].as_str().unwrap_or("unknown") {
+                        "delivered" => "delivered",
+                        "held" => "held again (see `siterelay queue held show`)",
+                        "pending" => "released, not confirmed by the broker yet",
+                        other => other,
+                    }
+                );
+            }
+        }
         return if states.iter().all(|s| *s == "delivered") {
             ExitCode::SUCCESS
         } else {
@@ -748,35 +832,87 @@ fn export_bytes(raw: &[u8], out: &Path) -> ExitCode {
     }
 }
 
+/// `status` exit code: the daemon answered and is healthy.
+const STATUS_HEALTHY: u8 = 0;
+/// `status` exit code: the daemon answered and is degraded.
+const STATUS_DEGRADED: u8 = 1;
+/// `status` exit code: the daemon did not answer (or its configuration could not be read).
+const STATUS_DOWN: u8 = 3;
+
 fn status(path: &Path, json: bool) -> ExitCode {
     let Some(cfg) = load_or_report(path) else {
-        return ExitCode::FAILURE;
+        return ExitCode::from(STATUS_DOWN);
     };
     let sock = siterelay::status::socket_path(&cfg.data_dir);
     let rt = small_runtime();
     match rt.block_on(siterelay::status::query(&sock)) {
         Ok(h) => {
+            let degraded = siterelay::status::degraded(&h);
             if json {
                 println!("{}", serde_json::to_string_pretty(&h).unwrap_or_default());
             } else {
                 print!("{}", siterelay::status::render(&h));
             }
-            ExitCode::SUCCESS
+            ExitCode::from(if degraded.is_empty() {
+                STATUS_HEALTHY
+            } else {
+                STATUS_DEGRADED
+            })
         }
         Err(e) => {
-            println!(
+            let line = format!(
                 "siterelay {}: daemon NOT answering on {} ({e}); what the outbox file says:",
                 cfg.appliance_id,
                 sock.display()
             );
-            let code = queue_stats(path, json);
-            if code == ExitCode::SUCCESS {
-                ExitCode::from(3)
+            // With --json, stdout holds JSON only.
+            if json {
+                eprintln!("{line}");
             } else {
-                code
+                println!("{line}");
+            }
+            let _ = queue_stats(path, json);
+            ExitCode::from(STATUS_DOWN)
+        }
+    }
+}
+
+fn metrics(path: &Path, out: Option<&Path>) -> ExitCode {
+    let Some(cfg) = load_or_report(path) else {
+        return ExitCode::from(STATUS_DOWN);
+    };
+    let sock = siterelay::status::socket_path(&cfg.data_dir);
+    let rt = small_runtime();
+    let (text, code) = match rt.block_on(siterelay::status::query(&sock)) {
+        Ok(h) => {
+            // Each feed's queue depth, from the outbox file (read-only, as `queue stats`).
+            let stats = siterelay::outbox::Reader::open(&cfg.outbox_path())
+                .and_then(|r| r.stats())
+                .unwrap_or_default();
+            (siterelay::metrics::render(&h, &stats), STATUS_HEALTHY)
+        }
+        Err(e) => {
+            eprintln!(
+                "siterelay {}: daemon NOT answering on {} ({e})",
+                cfg.appliance_id,
+                sock.display()
+            );
+            (siterelay::metrics::render_down(), STATUS_DOWN)
+        }
+    };
+    match out {
+        None => print!("{text}"),
+        Some(file) => {
+            let tmp = file.with_extension(format!("prom.{}.tmp", std::process::id()));
+            let written = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, file));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                eprintln!("{}: {e}", file.display());
+                return ExitCode::FAILURE;
             }
         }
     }
+    ExitCode::from(code)
 }
 
 fn queue_stats(path: &Path, json: bool) -> ExitCode {

@@ -196,6 +196,33 @@ async fn held_retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde
     }
 }
 
+/// A certificate expiring within this many days makes `siterelay status` report degraded.
+pub const CERT_DEGRADED_DAYS: i64 = 14;
+
+/// Why a running appliance is degraded (empty: healthy): the broker not connected, held
+/// records, a certificate expiring within [`CERT_DEGRADED_DAYS`] or expired. `siterelay status`
+/// exits 1 when there is any, and the metrics carry the same figures.
+pub fn degraded(h: &Health) -> Vec<String> {
+    let mut why = Vec::new();
+    if !h.mqtt.connected {
+        why.push("broker not connected".to_string());
+    }
+    if h.outbox.held_count > 0 {
+        why.push(format!("{} held record(s)", h.outbox.held_count));
+    }
+    for (what, days) in [
+        ("client certificate", h.certificates.client_days_left),
+        ("CA certificate", h.certificates.ca_days_left),
+    ] {
+        match days {
+            Some(d) if d < 0 => why.push(format!("{what} EXPIRED")),
+            Some(d) if d < CERT_DEGRADED_DAYS => why.push(format!("{what} expires in {d} day(s)")),
+            _ => {}
+        }
+    }
+    why
+}
+
 /// Send one request line to a running daemon and read its JSON answer.
 pub async fn request(path: &Path, line: &str) -> std::io::Result<serde_json::Value> {
     let fut = async {
@@ -250,6 +277,12 @@ pub fn render(h: &Health) -> String {
         crate::units::human_secs(h.uptime_secs),
         h.at
     );
+    let degraded = degraded(h);
+    if degraded.is_empty() {
+        let _ = writeln!(o, "health    OK");
+    } else {
+        let _ = writeln!(o, "health    DEGRADED: {}", degraded.join("; "));
+    }
     let m = &h.mqtt;
     let _ = writeln!(
         o,
@@ -341,6 +374,7 @@ pub fn render(h: &Health) -> String {
     }
     let c = &h.certificates;
     let days = |d: Option<i64>| match d {
+        Some(d) if d < 0 => format!("EXPIRED {} day(s) ago", -d),
         Some(d) if d < 30 => format!("{d} days left (RENEW SOON)"),
         Some(d) => format!("{d} days left"),
         None => "unknown".into(),

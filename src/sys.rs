@@ -58,6 +58,16 @@ pub fn fs_free(path: &Path) -> Option<u64> {
     }
 }
 
+/// Whether this process may create entries in the directory `dir` (`access(W_OK | X_OK)`).
+pub fn may_write_in(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access() only reads the NUL-terminated path `c` keeps alive for the call.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
 /// The size of a memory page.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions and reads no memory of ours.

@@ -37,8 +37,8 @@ pub struct WatchArgs {
     /// A health report older than this marks an appliance stale.
     #[arg(long, default_value_t = 90)]
     pub stale_secs: u64,
-    /// Print one JSON line per update instead of a table.
-    #[arg(long)]
+    /// Print one JSON line per update instead of a table (set by the global `--json`).
+    #[arg(skip)]
     pub json: bool,
     /// MQTT client id (default: siterelay-watch-<pid>).
     #[arg(long)]
@@ -114,6 +114,10 @@ pub struct Fleet {
     appliances: BTreeMap<String, Appliance>,
     prefix: String,
     stale_secs: u64,
+    /// When this watcher started (µs): health reports are not retained, so an appliance the
+    /// retained status shows online has sent none *to this watcher* until its next report.
+    /// Until `stale_secs` have passed since then, no report yet is not "stale".
+    watching_since_us: Option<i64>,
 }
 
 impl Fleet {
@@ -123,7 +127,15 @@ impl Fleet {
             appliances: BTreeMap::new(),
             prefix: prefix.to_string(),
             stale_secs,
+            watching_since_us: None,
         }
+    }
+
+    /// The same, for a watcher that started at `now_us`: an appliance is not called stale for
+    /// want of a report this watcher could not have seen yet.
+    pub fn watching_since(mut self, now_us: i64) -> Fleet {
+        self.watching_since_us = Some(now_us);
+        self
     }
 
     /// Apply one message; returns the appliance it concerned, if it was understood.
@@ -198,7 +210,12 @@ impl Fleet {
             problems.push("offline".to_string());
         }
         let health_age = age(a.health_at_us);
-        if a.online != Some(false) && health_age.is_none_or(|s| s > self.stale_secs) {
+        let waiting_first_report = health_age.is_none()
+            && age(self.watching_since_us).is_some_and(|s| s <= self.stale_secs);
+        if a.online != Some(false)
+            && !waiting_first_report
+            && health_age.is_none_or(|s| s > self.stale_secs)
+        {
             problems.push("stale".into());
         }
         let growing = a.pending_trend.len() >= 3
@@ -352,7 +369,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         format!("{}/+/status", args.prefix),
         format!("{}/+/health", args.prefix),
     ];
-    let mut fleet = Fleet::new(&args.prefix, args.stale_secs);
+    let mut fleet =
+        Fleet::new(&args.prefix, args.stale_secs).watching_since(crate::outbox::now_us());
     let mut redraw = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -435,6 +453,27 @@ mod tests {
             ("offline", Some("lost"))
         );
         assert_eq!(r.problems, ["offline"]);
+    }
+
+    #[test]
+    fn a_watcher_that_just_started_shows_retained_online_boxes_online_not_stale() {
+        // The retained status arrives at once; the first health report only with the box's
+        // next interval. Until stale_secs have passed since the watcher started, that is
+        // not "stale"; after, a box that still sent nothing is.
+        let start = 1_000_000_000;
+        let mut f = Fleet::new("siterelay", 90).watching_since(start);
+        f.apply("siterelay/a/status", &status("online", 1), start);
+        let r = f.row("a", start + 1_000_000).unwrap();
+        assert_eq!((r.state.as_str(), r.problems.len()), ("online", 0), "{r:?}");
+        let r = f.row("a", start + 91_000_000).unwrap();
+        assert_eq!(r.problems, ["stale"]);
+        // A box that reports is judged by its report's age as before.
+        f.apply(
+            "siterelay/a/health",
+            &health(0, None, 300),
+            start + 95_000_000,
+        );
+        assert!(f.row("a", start + 96_000_000).unwrap().problems.is_empty());
     }
 
     #[test]

@@ -13,20 +13,10 @@ use common::*;
 use serde_json::Value;
 use siterelay_testkit::subscriber::Subscriber;
 
-/// The ACL docs/operations.md recommends: each appliance confined to its own subtree (its
-/// certificate's CN is its appliance_id), the central team reads everything and sends commands.
-pub const ACL: &str = "\
-pattern write siterelay/%u/records/#
-pattern write siterelay/%u/status
-pattern write siterelay/%u/health
-pattern write siterelay/%u/inventory
-pattern write siterelay/%u/cmd-reply
-pattern read siterelay/%u/cmd/#
-
-user central
-topic read siterelay/#
-topic write siterelay/+/cmd/#
-";
+/// The broker kit's ACL (docs/broker/siterelay.acl), exactly: each appliance confined to its
+/// own subtree (its certificate's CN is its appliance_id), the central team reads everything
+/// and sends commands.
+pub const ACL: &str = include_str!("../docs/broker/siterelay.acl");
 
 /// An environment whose appliance certificate's CN is the appliance id, plus a `central` client.
 struct FleetEnv {

@@ -220,9 +220,21 @@ async fn mosquitto_an_oversized_record_is_held_the_rest_flow_and_retry_delivers_
     assert_eq!(list[0]["control_id"], "BIG1");
     let (ok, out) = siterelay(&cfg, &["queue", "held"]);
     assert!(ok && out.contains("too_large"), "{out}");
+    // Held records make the appliance degraded: status exits 1 (docs/operations.md).
     let (ok, out) = siterelay(&cfg, &["status", "--json"]);
-    assert!(ok, "{out}");
+    assert!(!ok, "held records are degraded: {out}");
     assert_eq!(stdout_json(&out)["outbox"]["held_count"], 1);
+    let code = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(code.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&code.stdout).contains("health    DEGRADED: 1 held record(s)"),
+        "{}",
+        String::from_utf8_lossy(&code.stdout)
+    );
     let exported = env.dir.path().join("big.hl7");
     let (ok, out) = siterelay(
         &cfg,
@@ -258,8 +270,8 @@ async fn mosquitto_an_oversized_record_is_held_the_rest_flow_and_retry_delivers_
             .await
     );
     let reconnected = wait_until(Duration::from_secs(20), || {
-        let (ok, out) = siterelay(&cfg, &["status", "--json"]);
-        ok && {
+        let (_, out) = siterelay(&cfg, &["status", "--json"]);
+        {
             let v = stdout_json(&out);
             v["mqtt"]["connected"] == true && v["mqtt"]["broker_max_packet_bytes"] == 2_000_000
         }
@@ -268,7 +280,10 @@ async fn mosquitto_an_oversized_record_is_held_the_rest_flow_and_retry_delivers_
     assert!(reconnected, "{}", p.log());
 
     // Released: delivered with its original id and seq.
-    let (ok, out) = siterelay(&cfg, &["queue", "held", "retry", &row.to_string()]);
+    let (ok, out) = siterelay(
+        &cfg,
+        &["queue", "held", "retry", &row.to_string(), "--json"],
+    );
     assert!(ok, "{out}\n{}", p.log());
     assert_eq!(stdout_json(&out)["released"][0]["state"], "delivered");
     let (_, payload, _) = records

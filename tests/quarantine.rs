@@ -113,7 +113,7 @@ async fn rejected_messages_are_quarantined_announced_without_content_and_retried
     std::fs::write(&cfg, fixed).unwrap();
     let _p = Proc::start(&cfg, env.dir.path().join("run2.log"));
     wait_listening(port).await;
-    let (ok, out) = rejected(&cfg, &["retry", "--all"]);
+    let (ok, out) = rejected(&cfg, &["retry", "--all", "--json"]);
     assert!(ok, "{out}");
     let v: Value = serde_json::from_str(&out).unwrap();
     let results = v["results"].as_array().unwrap();
@@ -149,6 +149,25 @@ async fn rejected_messages_are_quarantined_announced_without_content_and_retried
         left.len(),
         1,
         "only the non-HL7 message stays quarantined: {out}"
+    );
+
+    // Without --json, retry answers in sentences, and a retry that stores nothing fails.
+    let (ok, out) = rejected(&cfg, &["retry", "--all"]);
+    assert!(!ok, "nothing passed, so the exit is non-zero: {out}");
+    assert!(
+        out.contains("still fails and stays in quarantine")
+            && out.contains("0 of 1 quarantined message(s) stored; nothing changed."),
+        "{out}"
+    );
+    assert!(
+        !out.trim_start().starts_with('{'),
+        "no JSON by default: {out}"
+    );
+    let (ok, out) = rejected(&cfg, &["retry", "999999"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("Nothing retried: no such quarantined message"),
+        "{out}"
     );
 }
 

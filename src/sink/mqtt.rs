@@ -168,8 +168,9 @@ impl Client {
 /// A publish queued with rumqttc, as the FIFO knows it.
 enum Queued {
     Record(Outgoing),
-    /// Status, health, inventory or a reply: nothing to mark when its PUBACK arrives.
-    Control,
+    /// Status, health, inventory, a reject notice or a reply, by topic: nothing to mark when
+    /// its PUBACK arrives (the topic names it in a refusal's warning).
+    Control(String),
 }
 
 /// A replay command being carried out, a chunk at a time (records flagged `"replay": true`).
@@ -380,7 +381,8 @@ impl MqttSink {
         // Records sent, waiting for PUBACK, by packet id.
         let mut inflight: HashMap<u16, Outgoing> = HashMap::new();
         // Control messages sent and not yet acknowledged.
-        let mut control_inflight: usize = 0;
+        // Control messages sent and not yet acknowledged, by packet id: their topics.
+        let mut control_inflight: HashMap<u16, String> = HashMap::new();
         // Records read and built, waiting for room in the window, and the feeds set apart by
         // a transient refusal (see `flow.rs`).
         let mut flow = Flow::default();
@@ -423,7 +425,7 @@ impl MqttSink {
                         "control message dropped: larger than the MQTT packet limit"
                     );
                 } else if client.try_publish(topic, payload, $retain) {
-                    queued.push_back(Queued::Control);
+                    queued.push_back(Queued::Control(topic.to_string()));
                 } else {
                     warn!(topic, "control message dropped: MQTT request queue full");
                 }
@@ -470,7 +472,7 @@ impl MqttSink {
                     .await;
             }
             if let Some(since) = draining_since {
-                let outstanding = records_in_window + control_inflight + queued.len();
+                let outstanding = records_in_window + control_inflight.len() + queued.len();
                 if outstanding == 0 || since.elapsed() >= SHUTDOWN_DRAIN {
                     // A clean DISCONNECT, so the broker discards the Last Will ("lost"); keep the
                     // event loop running until rumqttc has actually written it.
@@ -536,7 +538,9 @@ impl MqttSink {
                             sent_order.push_back((pkid, o.row_id, Instant::now()));
                             inflight.insert(pkid, o);
                         }
-                        Some(Queued::Control) => control_inflight += 1,
+                        Some(Queued::Control(topic)) => {
+                            control_inflight.insert(pkid, topic);
+                        }
                         None => {}
                     },
                     Some(SinkEvent::Acked { pkid, failure }) => {
@@ -563,10 +567,14 @@ impl MqttSink {
                                 }
                             }
                         } else {
+                            let topic = control_inflight.remove(&pkid).unwrap_or_default();
                             if let Some(r) = failure {
-                                warn!(reason = %r.describe(), "broker refused a control message");
+                                warn!(
+                                    topic = %topic,
+                                    reason = %r.describe(),
+                                    "broker refused a message on {topic}: check the broker's ACL for this topic (docs/broker/siterelay.acl)"
+                                );
                             }
-                            control_inflight = control_inflight.saturating_sub(1);
                         }
                     }
                     Some(SinkEvent::Message { topic, payload }) => {
@@ -1205,7 +1213,11 @@ async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
                 for ev in el.state.events.drain(..).filter_map(v5_event) {
                     let _ = tx.send(ev).await;
                 }
-                let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
+                let _ = tx
+                    .send(SinkEvent::Failed(describe(
+                        crate::tls::describe_connection_error(&e),
+                    )))
+                    .await;
                 return;
             }
         }
@@ -1256,7 +1268,11 @@ async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
                 for ev in el.state.events.drain(..).filter_map(v311_event) {
                     let _ = tx.send(ev).await;
                 }
-                let _ = tx.send(SinkEvent::Failed(describe(e.to_string()))).await;
+                let _ = tx
+                    .send(SinkEvent::Failed(describe(
+                        crate::tls::describe_connection_error(&e),
+                    )))
+                    .await;
                 return;
             }
         }

@@ -153,6 +153,36 @@ impl Mosquitto {
             cert = pki.server_cert_file().display(),
             key = pki.server_key_file().display(),
         );
+        Self::start_config_file(pki, bin, config_file, log_file, port, &config).await
+    }
+
+    /// Starts Mosquitto with a whole configuration given as text (e.g. a shipped
+    /// configuration file with its paths replaced), written into `dir`. The configuration must
+    /// listen with TLS on `127.0.0.1:port` with the PKI's server certificate (the readiness
+    /// probe connects there with the PKI's client certificate).
+    pub async fn start_with_config_text(
+        pki: &Pki,
+        dir: &Path,
+        port: u16,
+        config: &str,
+    ) -> Result<Mosquitto> {
+        let bin = find_mosquitto()
+            .ok_or_else(|| anyhow!("mosquitto not found (apt-get install mosquitto)"))?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let stem = format!("mosquitto-{}-{port}", pki.name());
+        let config_file = dir.join(format!("{stem}.conf"));
+        let log_file = dir.join(format!("{stem}.log"));
+        Self::start_config_file(pki, bin, config_file, log_file, port, config).await
+    }
+
+    async fn start_config_file(
+        pki: &Pki,
+        bin: PathBuf,
+        config_file: PathBuf,
+        log_file: PathBuf,
+        port: u16,
+        config: &str,
+    ) -> Result<Mosquitto> {
         fs::write(&config_file, config)
             .with_context(|| format!("writing {}", config_file.display()))?;
         let probe_tls = pki.client_tls_config()?;

@@ -224,6 +224,33 @@ impl Pki {
         Ok(path)
     }
 
+    /// Issues a client certificate valid exactly from `not_before` to `not_after` (for expired
+    /// and not-yet-valid certificates with known dates). Files are `<name>-client-<stem>.pem`
+    /// and `.key`; returns `(cert_file, key_file)`.
+    pub fn issue_client_dated(
+        &self,
+        cn: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        stem: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem).context("loading the CA key")?;
+        let issuer = Issuer::from_params(&self.ca_params, &ca_key);
+        let key = KeyPair::generate().context("generating a client key")?;
+        let mut params = leaf_params(cn, ExtendedKeyUsagePurpose::ClientAuth, 1);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .context("signing a client certificate")?;
+        let base = format!("{}-client-{}", sanitize(&self.name), sanitize(stem));
+        let cert_file = self.dir.join(format!("{base}.pem"));
+        let key_file = self.dir.join(format!("{base}.key"));
+        write_public(&cert_file, &cert.pem())?;
+        write_private(&key_file, &key.serialize_pem())?;
+        Ok((cert_file, key_file))
+    }
+
     /// The directory holding the PEM files.
     pub fn dir(&self) -> &Path {
         &self.dir
