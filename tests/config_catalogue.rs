@@ -177,7 +177,8 @@ c.toml:13: mllp[0].max_message_bytes: expected a size: a number of bytes or a st
         edits: &[("", "\n[[mllp]]\nname = \"lab\"\nlisten = \"0.0.0.0:2575\"\n")],
         ok: false,
         expected: "c.toml:18: mllp[1].listen: port 2575 is also taken by mllp[0] (\"127.0.0.1:2575\"): a feed on 0.0.0.0 or [::] takes its port on every address, so both cannot listen; give each feed its own port
-1 error(s), 0 warning(s): siterelay run would refuse this configuration; see docs/configuration.md
+c.toml: warning: mllp[1] (lab) listens on 0.0.0.0:2575 with no allow list and no client certificates: anyone who can reach the port can inject clinical messages (set allow = [\"<the senders' addresses>/32\", ...])
+1 error(s), 1 warning(s): siterelay run would refuse this configuration; see docs/configuration.md
 ",
     },
     Case {
@@ -185,7 +186,8 @@ c.toml:13: mllp[0].max_message_bytes: expected a size: a number of bytes or a st
         edits: &[("", "\n[[mllp]]\nname = \"lab\"\nlisten = \"[::]:2575\"\n")],
         ok: false,
         expected: "c.toml:18: mllp[1].listen: port 2575 is also taken by mllp[0] (\"127.0.0.1:2575\"): a feed on 0.0.0.0 or [::] takes its port on every address, so both cannot listen; give each feed its own port
-1 error(s), 0 warning(s): siterelay run would refuse this configuration; see docs/configuration.md
+c.toml: warning: mllp[1] (lab) listens on [::]:2575 with no allow list and no client certificates: anyone who can reach the port can inject clinical messages (set allow = [\"<the senders' addresses>/32\", ...])
+1 error(s), 1 warning(s): siterelay run would refuse this configuration; see docs/configuration.md
 ",
     },
     Case {
@@ -257,7 +259,7 @@ c.toml: OK (1 MLLP feed(s), 0 serial port(s), broker localhost:8883), 1 warning(
         edits: &[("{dir}/client.key", "{dir}/client.pem")],
         ok: false,
         expected: "c.toml:10: mqtt.key_file: '{dir}/client.pem' does not contain a PEM private key (-----BEGIN PRIVATE KEY----- or RSA/EC PRIVATE KEY)
-c.toml: warning: {dir}/client.pem is world-readable: the appliance's private key should be mode 0600 or 0640
+c.toml: warning: start-up will refuse this: {dir}/client.pem is readable by everyone (mode 0644): the appliance's private key must be readable by its owner only; fix it with: chmod 600 {dir}/client.pem
 1 error(s), 1 warning(s): siterelay run would refuse this configuration; see docs/configuration.md
 ",
     },
