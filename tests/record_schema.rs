@@ -591,7 +591,12 @@ fn fixture_records() -> Vec<(String, Value)> {
             raw,
             reprocessed: flags,
             control_id_reused: flags,
-            truncated_bytes: 0,
+            // A device line cut at max_message_bytes, on the lines record with every flag.
+            truncated_bytes: if flags && format == Format::Lines {
+                300
+            } else {
+                0
+            },
         };
         let v: Value = serde_json::from_slice(&builder.build_with(&row, flags)).unwrap();
         v
@@ -644,8 +649,17 @@ fn fixture_records() -> Vec<(String, Value)> {
         build(
             Format::Lines,
             b"HR 72\nSPO2 98\n".to_vec(),
-            Some(device),
+            Some(device.clone()),
             false,
+        ),
+    ));
+    out.push((
+        "lines, cut".into(),
+        build(
+            Format::Lines,
+            b"WAVEFORM 0102030405".to_vec(),
+            Some(device),
+            true,
         ),
     ));
     out
