@@ -277,6 +277,10 @@ impl DedupIndex {
                 i += 1;
             }
         }
+        if segs.is_empty() {
+            // The common case, an ordinary new message: no read, no statement.
+            return Ok(None);
+        }
         segs.sort_unstable_by(|a, b| b.cmp(a));
         segs.dedup();
         let mut stmt = conn.prepare_cached(
