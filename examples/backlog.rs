@@ -24,7 +24,12 @@ use siterelay::client::MllpClient;
 use siterelay_testkit::proxy::{Mode, Proxy};
 use siterelay_testkit::{Mosquitto, Pki, Subscriber};
 
+/// The daemon: `SITERELAY_BIN` if set (to compare two builds), else the binary beside this
+/// example in the same target directory.
 fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SITERELAY_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("own path");
     exe.parent()
         .and_then(|p| p.parent())

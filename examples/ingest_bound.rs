@@ -55,7 +55,12 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3
 }
 
+/// A binary beside this example in the same target directory; for `siterelay`,
+/// `SITERELAY_BIN` if set (to compare two builds).
 fn binary(name: &str) -> PathBuf {
+    if let (Some(p), "siterelay") = (std::env::var_os("SITERELAY_BIN"), name) {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("own path");
     exe.parent()
         .and_then(|p| p.parent())

@@ -78,7 +78,12 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
+/// The daemon: `SITERELAY_BIN` if set (to compare two builds), else the binary beside this
+/// example in the same target directory.
 fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SITERELAY_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("own path");
     exe.parent()
         .and_then(|p| p.parent())
