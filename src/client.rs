@@ -263,7 +263,7 @@ mod tests {
 /// `siterelay send` over TLS, for feeds with an `[mllp.tls]` table.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SendTlsArgs {
-    /// Connect with TLS (a feed with [mllp.tls]). Implied by --ca.
+    /// Connect with TLS (a feed with [mllp.tls]). Implied by --ca, --cert or --server-name.
     #[arg(long)]
     pub tls: bool,
     /// CA certificate(s) the feed's certificate must chain to (PEM); required with --tls (no
