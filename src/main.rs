@@ -88,6 +88,20 @@ enum Command {
     /// check the certificate the central team signed and install it with its CA. See
     /// docs/operations.md, "Enrolling a box".
     Enrol(siterelay::enrol::EnrolArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout; the
+    /// Debian package installs the bash, zsh and fish ones.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (siterelay(8), one siterelay-COMMAND(8) per command, and
+    /// siterelay.toml(5) from the configuration reference) into a directory (packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write them to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Inspect the outbox.
     Queue {
         #[command(subcommand)]
@@ -204,6 +218,31 @@ fn main() -> ExitCode {
         } => held(&config, json, command.unwrap_or(HeldCommand::List)),
         Command::Status => status(&config, json),
         Command::Enrol(args) => siterelay::enrol::cli(&config, &args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "siterelay",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Manpages { out } => {
+            use clap::CommandFactory;
+            match siterelay::manpage::write_all(Cli::command(), &out) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Metrics { out } => metrics(&config, out.as_deref()),
         Command::Watch(mut args) => {
             args.json = json;
