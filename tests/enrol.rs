@@ -385,3 +385,38 @@ fn an_existing_key_is_kept_unless_forced() {
     assert_ne!(std::fs::read(&b.key).unwrap(), before, "a new key");
     assert_eq!(mode(&b.key), 0o600);
 }
+
+#[test]
+fn a_certificate_without_client_authentication_is_refused() {
+    let env = Env::new();
+    let (b, csr) = enrolled(&env);
+    // Signed for a server, not a client: extendedKeyUsage serverAuth only.
+    let central = env.dir.path().join("central");
+    std::fs::create_dir_all(&central).unwrap();
+    std::fs::write(
+        central.join("server.ext"),
+        "basicConstraints = critical, CA:FALSE\nextendedKeyUsage = serverAuth\n",
+    )
+    .unwrap();
+    let signed = central.join("server-use.pem");
+    let st = Command::new("openssl")
+        .args(["x509", "-req", "-days", "30", "-sha256", "-extfile"])
+        .arg(central.join("server.ext"))
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(env.pki.ca_file())
+        .arg("-CAkey")
+        .arg(env.pki.ca_key_file())
+        .arg("-CAcreateserial")
+        .arg("-out")
+        .arg(&signed)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    let e = refused(&b, &signed, &env.pki.ca_file());
+    assert!(
+        e.contains("does not allow client authentication (its extendedKeyUsage lacks clientAuth)"),
+        "{e}"
+    );
+}
