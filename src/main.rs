@@ -220,12 +220,9 @@ fn main() -> ExitCode {
         Command::Enrol(args) => siterelay::enrol::cli(&config, &args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "siterelay",
-                &mut std::io::stdout(),
-            );
+            // Without the hidden packaging command (clap_complete would offer it).
+            let mut cmd = siterelay::manpage::without_hidden_subcommands(&Cli::command());
+            clap_complete::generate(shell, &mut cmd, "siterelay", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
         Command::Manpages { out } => {

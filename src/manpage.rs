@@ -103,6 +103,23 @@ fn write_command_pages(
     Ok(())
 }
 
+/// The command without its hidden subcommands (the packaging ones), for the shell completions:
+/// clap_complete offers hidden subcommands too, and clap cannot remove one, so the top level is
+/// rebuilt from its visible parts (name, version, about, arguments, subcommands).
+pub fn without_hidden_subcommands(cmd: &clap::Command) -> clap::Command {
+    let mut c = clap::Command::new("siterelay")
+        .args(cmd.get_arguments().cloned())
+        .subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+        .subcommand_required(cmd.is_subcommand_required_set());
+    if cmd.get_version().is_some() {
+        c = c.version(env!("CARGO_PKG_VERSION"));
+    }
+    if let Some(a) = cmd.get_about() {
+        c = c.about(a.clone());
+    }
+    c
+}
+
 /// `siterelay.toml(5)`.
 pub fn config_page(version: &str) -> String {
     let mut out = String::new();

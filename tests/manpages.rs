@@ -154,6 +154,10 @@ fn completions_for_bash_zsh_and_fish_know_every_command() {
         ] {
             assert!(script.contains(word), "{shell} completion lacks {word}");
         }
+        assert!(
+            !script.contains("manpages"),
+            "{shell}: the hidden packaging command is not offered"
+        );
     }
     // The bash script is valid bash.
     let out = Command::new(BIN)
