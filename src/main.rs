@@ -21,7 +21,7 @@ use siterelay::config::{self, DEFAULT_CONFIG_PATH, LogConfig, LogOutput, Timesta
     about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out"
 )]
 struct Cli {
-    /// Configuration file (used by run, check-config, status, metrics and queue). May be given
+    /// Configuration file (used by run, check-config, status, metrics, enrol and queue). May be given
     /// before or after the subcommand.
     #[arg(
         long,
@@ -62,6 +62,8 @@ enum Command {
         /// message starts with MSH), or MLLP-framed bytes.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        tls: siterelay::client::SendTlsArgs,
     },
     /// This appliance's state, from the running daemon (or from the outbox file if it is down).
     ///
@@ -81,6 +83,25 @@ enum Command {
     },
     /// Watch a fleet of appliances through the central broker (central team's view).
     Watch(siterelay::watch::WatchArgs),
+    /// Make this box's MQTT client key and certificate request (CN = appliance_id, clientAuth;
+    /// the key is written to mqtt.key_file, mode 0600, never printed), or with --install-cert
+    /// check the certificate the central team signed and install it with its CA. See
+    /// docs/operations.md, "Enrolling a box".
+    Enrol(siterelay::enrol::EnrolArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout; the
+    /// Debian package installs the bash, zsh and fish ones.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (siterelay(8), one siterelay-COMMAND(8) per command, and
+    /// siterelay.toml(5) from the configuration reference) into a directory (packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write them to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Inspect the outbox.
     Queue {
         #[command(subcommand)]
@@ -184,7 +205,8 @@ fn main() -> ExitCode {
             to,
             timeout_secs,
             files,
-        } => send(&to, Duration::from_secs(timeout_secs), &files),
+            tls,
+        } => send(&to, Duration::from_secs(timeout_secs), &files, &tls),
         Command::Queue {
             command: QueueCommand::Stats,
         } => queue_stats(&config, json),
@@ -195,6 +217,29 @@ fn main() -> ExitCode {
             command: QueueCommand::Held { command },
         } => held(&config, json, command.unwrap_or(HeldCommand::List)),
         Command::Status => status(&config, json),
+        Command::Enrol(args) => siterelay::enrol::cli(&config, &args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Without the hidden packaging command (clap_complete would offer it).
+            let mut cmd = siterelay::manpage::without_hidden_subcommands(&Cli::command());
+            clap_complete::generate(shell, &mut cmd, "siterelay", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpages { out } => {
+            use clap::CommandFactory;
+            match siterelay::manpage::write_all(Cli::command(), &out) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Metrics { out } => metrics(&config, out.as_deref()),
         Command::Watch(mut args) => {
             args.json = json;
@@ -405,7 +450,12 @@ async fn daemon(cfg: config::Config) -> anyhow::Result<()> {
     }
 }
 
-fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
+fn send(
+    to: &str,
+    timeout: Duration,
+    files: &[PathBuf],
+    tls: &siterelay::client::SendTlsArgs,
+) -> ExitCode {
     let rt = small_runtime();
     rt.block_on(async {
         let mut messages = Vec::new();
@@ -432,7 +482,45 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let mut client = MllpClient::new(stream);
+        if !tls.wanted() {
+            return send_messages(MllpClient::new(stream), &messages, timeout, to).await;
+        }
+        let (connector, name) = match tls.connector(to) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shown = name.to_str().into_owned();
+        match connector.connect(name, stream).await {
+            Ok(s) => send_messages(MllpClient::new(s), &messages, timeout, &shown).await,
+            Err(e) => {
+                eprintln!(
+                    "TLS with {to} failed: {}",
+                    siterelay::client::describe_tls_error(&e, &shown)
+                );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Send each message in turn and print its ACK (see `Command::Send` for the exit code).
+/// `server_name` is for TLS errors (a refused client certificate shows on the first read).
+async fn send_messages<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut client: MllpClient<S>,
+    messages: &[(PathBuf, Vec<u8>)],
+    timeout: Duration,
+    server_name: &str,
+) -> ExitCode {
+    {
+        let describe = |e: &siterelay::client::ClientError| match e {
+            siterelay::client::ClientError::Io(io) => {
+                siterelay::client::describe_tls_error(io, server_name)
+            }
+            other => other.to_string(),
+        };
         let mut failures = 0;
         for (i, (file, m)) in messages.iter().enumerate() {
             if siterelay::hl7::batch::is_batch(m) {
@@ -458,7 +546,12 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
                         failures += naks.len();
                     }
                     Err(e) => {
-                        println!("{} #{}: no batch ACK: {e}", file.display(), i + 1);
+                        println!(
+                            "{} #{}: no batch ACK: {}",
+                            file.display(),
+                            i + 1,
+                            describe(&e)
+                        );
                         return ExitCode::FAILURE;
                     }
                 }
@@ -483,7 +576,7 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
                     );
                 }
                 Err(e) => {
-                    println!("{} #{}: no ACK: {e}", file.display(), i + 1);
+                    println!("{} #{}: no ACK: {}", file.display(), i + 1, describe(&e));
                     return ExitCode::FAILURE;
                 }
             }
@@ -494,7 +587,7 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
         } else {
             ExitCode::SUCCESS
         }
-    })
+    }
 }
 
 fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
