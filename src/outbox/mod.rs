@@ -199,6 +199,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::clock::Clock;
+
 mod dedup;
 mod held;
 mod message;
@@ -206,6 +208,7 @@ mod prune;
 mod reader;
 mod schema;
 mod space;
+mod steps;
 #[cfg(test)]
 mod test_support;
 mod writer;
@@ -354,6 +357,12 @@ pub struct OutboxGauges {
     pub held_count: AtomicU64,
     /// Their bytes (included in `pending_bytes`).
     pub held_bytes: AtomicU64,
+    /// Steps of the wall clock the writer noticed since start (`steps.rs`).
+    pub clock_steps: AtomicU64,
+    /// The last one's size (µs, negative: back), 0 if none.
+    pub clock_last_step_us: AtomicI64,
+    /// When it was noticed (wall time after the step, µs), 0 if never.
+    pub clock_last_step_at_us: AtomicI64,
 }
 
 /// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
@@ -365,11 +374,14 @@ pub struct Outbox {
     gauges: Arc<OutboxGauges>,
     /// Rows released from hold and not yet taken by the sink (see [`Outbox::take_released`]).
     released: Arc<Mutex<Vec<i64>>>,
+    /// The wall clock the store's stamps come from (the system clock but in tests).
+    clock: Clock,
 }
 
-/// Current time in microseconds since the Unix epoch.
+/// Current time in microseconds since the Unix epoch, from the system clock. For display
+/// only: what the outbox records and compares comes from its [`Clock`] ([`Outbox::clock`]).
 pub fn now_us() -> i64 {
-    jiff::Timestamp::now().as_microsecond()
+    Clock::system().now_us()
 }
 
 /// Maps a SQLite error to an [`OutboxError`] naming the file.
@@ -383,9 +395,18 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> OutboxError + '_ {
 impl Outbox {
     /// Open (creating if needed) the outbox at `path` and start its writer thread.
     pub fn open(path: &Path, opts: OutboxOptions) -> Result<(Outbox, WriterThread), OutboxError> {
+        Outbox::open_with_clock(path, opts, Clock::system())
+    }
+
+    /// [`Outbox::open`] with the wall clock its stamps come from (a test clock, to step it).
+    pub fn open_with_clock(
+        path: &Path,
+        opts: OutboxOptions,
+        clock: Clock,
+    ) -> Result<(Outbox, WriterThread), OutboxError> {
         let conn = schema::open(path)?;
         schema::set_secure_delete(&conn, path, opts.secure_delete)?;
-        let state = WriterState::load(&conn, path, opts)?;
+        let state = WriterState::load(&conn, path, opts, clock.clone())?;
         let gauges = Arc::new(OutboxGauges::default());
         state.publish_gauges(&gauges);
         info!(
@@ -409,6 +430,7 @@ impl Outbox {
                 appended,
                 gauges,
                 released: Arc::default(),
+                clock,
             },
             thread,
         ))
@@ -551,6 +573,11 @@ impl Outbox {
     /// Notified after every commit that added rows (the sink waits on it when idle).
     pub fn appended(&self) -> Arc<Notify> {
         self.appended.clone()
+    }
+
+    /// The wall clock the store's stamps come from: the intake stamps `received_at` with it.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Live counters.
