@@ -133,6 +133,26 @@
 //!   (space short, or over the cap) are counted (`pruned_early`, `retention_cut_at` in health)
 //!   and logged. Pending rows and quarantine are never pruned early.
 //!
+//! **Time and clock steps** (`steps.rs`). Stamps are wall time from the outbox's [`Clock`]
+//! (the system clock but in tests; the intake stamps `received_at` with the same one), and
+//! retention compares them with it: `delivered.delivered_at_us` for `retain_delivered`,
+//! `rejected.received_at_us` for `retain_rejected`, `dedup_log.received_at_us` for the
+//! duplicate window and `dedup_keep`; `held.since_us` is only shown. The wall clock steps (a Pi
+//! without an RTC boots in 1970 and NTP steps it to 2026; an RTC drifts back), so:
+//! - the writer compares the wall clock with the monotonic clock before every group and every
+//!   prune; a move of more than 10 s is a step, and every stamp this run wrote before it is
+//!   moved by the step (by primary-key range from the first row this run stamped, 10,000 rows
+//!   per transaction; the duplicate index's in-memory entries too). Ages stay true across the
+//!   step: nothing retained is pruned at it, and a resend within the window is still found;
+//! - at open and after every step, stamps that cannot be right (more than 10 s in the future,
+//!   or before 2026 while the clock reads 2026 or later) are made now, read from the newest
+//!   row of each table backwards until a right one: such rows are kept at most one period
+//!   longer than due, never shorter, never for ever;
+//! - `messages.received_at_us` (the record's `received_at`) is never rewritten;
+//! - pending and held rows are never pruned by time, and pruning under pressure ignores stamps.
+//! A failed restamp is logged and not repeated; rows keep their stamps. Timers never read this
+//! clock (monotonic time: `tokio::time`, `Instant`).
+//!
 //! **States.** insert -> pending (a `pending` row) -> delivered (a `delivered` row instead) ->
 //! deleted by pruning once delivered longer than `retain_delivered` ago, or earlier under
 //! pressure (above). A pending row is never deleted or overwritten: when there is no room,
@@ -188,6 +208,7 @@
 //! - `prune.rs`: retention (what pruning deletes, and when).
 //! - `space.rs`: bytes counted against the cap, the space reserve, vacuuming.
 //! - `dedup.rs`: duplicate detection (keys, content hashes, the index of where keys are).
+//! - `steps.rs`: clock steps (noticing them, moving stamps with them, stamps that cannot be right).
 //! - `held.rs`: held rows (what held means, why a row is held, the hold and unhold answers).
 //! - `reader.rs`: read-only queries ([`Reader`]).
 
