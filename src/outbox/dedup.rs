@@ -306,11 +306,11 @@ impl DedupIndex {
         Ok(None)
     }
 
-    /// The stamps of log rows from `from_id` on were rewritten (a clock step, `steps.rs`):
-    /// the entries held whole in memory follow (older keys are read from disk anyway).
-    pub(super) fn restamp(&mut self, from_id: i64, f: impl Fn(i64) -> i64) {
+    /// The stamps of log rows `ids` were rewritten (a clock step, `steps.rs`): the entries
+    /// held whole in memory follow (older keys are read from disk anyway).
+    pub(super) fn restamp(&mut self, ids: std::ops::Range<i64>, f: impl Fn(i64) -> i64) {
         for (id, e) in self.recent.values_mut() {
-            if *id >= from_id {
+            if ids.contains(id) {
                 e.at_us = f(e.at_us);
             }
         }

@@ -111,10 +111,13 @@ impl Steps {
     }
 
     /// Make certainly wrong stamps now (rule 3): in each table, the rows below this run's
-    /// first key, newest first, until a right one. Returns, per table, the first key
-    /// restamped (if any).
-    fn settle(&mut self, conn: &Connection, now: i64) -> rusqlite::Result<[Option<i64>; 3]> {
-        let mut from = [None; 3];
+    /// first key, newest first, until a right one. Returns, per table, the keys restamped.
+    fn settle(
+        &mut self,
+        conn: &Connection,
+        now: i64,
+    ) -> rusqlite::Result<[std::ops::Range<i64>; 3]> {
+        let mut from = [0..0, 0..0, 0..0];
         for (i, (table, key, at)) in TABLES.into_iter().enumerate() {
             let mut lowest = None;
             {
@@ -139,8 +142,8 @@ impl Steps {
                 "stamps the clock cannot have written (in the future, or before the clock was \
                  set) made now: their retention starts again from now"
             );
+            from[i] = lowest..self.first[i];
             self.first[i] = lowest;
-            from[i] = Some(lowest);
         }
         conn.execute(
             "UPDATE held SET since_us = ?1 WHERE since_us > ?1 + ?2 \
@@ -176,11 +179,7 @@ impl Steps {
             error!(error = %e, "could not move the outbox's stamps after a clock step");
         }
         match self.settle(conn, now) {
-            Ok(from) => {
-                if let Some(k) = from[DEDUP] {
-                    dedup.restamp(k, |_| now);
-                }
-            }
+            Ok(from) => dedup.restamp(from[DEDUP].clone(), |_| now),
             Err(e) => {
                 error!(error = %e, "could not correct the outbox's stamps after a clock step")
             }
@@ -205,7 +204,7 @@ impl Steps {
                 format!("UPDATE {table} SET {at} = {at} + ?3 WHERE {key} >= ?1 AND {key} < ?2");
             chunked(conn, &sql, self.first[i], end, delta)?;
             if i == DEDUP {
-                dedup.restamp(self.first[i], |at| at + delta);
+                dedup.restamp(self.first[i]..end, |at| at + delta);
             }
         }
         conn.execute(
@@ -481,6 +480,39 @@ mod tests {
         assert!(
             held[0].since_us <= clock.now_us(),
             "no hold since the future"
+        );
+        drop(ob);
+        w.join();
+    }
+
+    /// A step back while running can leave what an earlier run stored "in the future": that
+    /// is made now, and what this run stored keeps its own (moved) stamp, in memory too: a key
+    /// stored 12 hours before the step is 25 hours old 13 hours after it, out of a one-day
+    /// window.
+    #[tokio::test]
+    async fn a_step_back_makes_an_earlier_runs_stamps_now_and_moves_this_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let clock = Clock::manual(synced());
+        {
+            let (ob, w) = Outbox::open_with_clock(&path, week(), clock.clone()).unwrap();
+            ob.append(one_day("P1", clock.now_us())).await.unwrap();
+            drop(ob);
+            w.join();
+        }
+        clock.advance(Duration::from_secs(3600));
+        let (ob, w) = Outbox::open_with_clock(&path, week(), clock.clone()).unwrap();
+        ob.append(one_day("K1", clock.now_us())).await.unwrap();
+        clock.advance(12 * 60 * MINUTE);
+        clock.step(-3 * DAY_US);
+        ob.flush().await;
+        clock.advance(13 * 60 * MINUTE);
+        let k = ob.append(one_day("K1", clock.now_us())).await.unwrap();
+        assert!(!k.duplicate, "K1 was stored 25 hours ago");
+        let p = ob.append(one_day("P1", clock.now_us())).await.unwrap();
+        assert!(
+            p.duplicate,
+            "P1's stamp was made now at the step, 13 hours ago"
         );
         drop(ob);
         w.join();
