@@ -27,6 +27,7 @@
 
 pub mod app;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod enrol;
 pub mod health;

@@ -17,8 +17,11 @@ use crate::sink::mqtt::INVENTORY_KEY;
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 
 /// Open the outbox and start its writer thread.
-pub(super) fn open(cfg: &Config) -> anyhow::Result<(Outbox, WriterThread)> {
-    Outbox::open(
+pub(super) fn open(
+    cfg: &Config,
+    clock: crate::clock::Clock,
+) -> anyhow::Result<(Outbox, WriterThread)> {
+    Outbox::open_with_clock(
         &cfg.outbox_path(),
         OutboxOptions {
             max_bytes: cfg.store.max_bytes,
@@ -33,6 +36,7 @@ pub(super) fn open(cfg: &Config) -> anyhow::Result<(Outbox, WriterThread)> {
                 .unwrap_or_default(),
             secure_delete: cfg.store.secure_delete,
         },
+        clock,
     )
     .context("opening the outbox")
 }

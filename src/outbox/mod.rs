@@ -133,6 +133,26 @@
 //!   (space short, or over the cap) are counted (`pruned_early`, `retention_cut_at` in health)
 //!   and logged. Pending rows and quarantine are never pruned early.
 //!
+//! **Time and clock steps** (`steps.rs`). Stamps are wall time from the outbox's [`Clock`]
+//! (the system clock but in tests; the intake stamps `received_at` with the same one), and
+//! retention compares them with it: `delivered.delivered_at_us` for `retain_delivered`,
+//! `rejected.received_at_us` for `retain_rejected`, `dedup_log.received_at_us` for the
+//! duplicate window and `dedup_keep`; `held.since_us` is only shown. The wall clock steps (a Pi
+//! without an RTC boots in 1970 and NTP steps it to 2026; an RTC drifts back), so:
+//! - the writer compares the wall clock with the monotonic clock before every group and every
+//!   prune; a move of more than 10 s is a step, and every stamp this run wrote before it is
+//!   moved by the step (by primary-key range from the first row this run stamped, 10,000 rows
+//!   per transaction; the duplicate index's in-memory entries too). Ages stay true across the
+//!   step: nothing retained is pruned at it, and a resend within the window is still found;
+//! - at open and after every step, stamps that cannot be right (more than 10 s in the future,
+//!   or before 2026 while the clock reads 2026 or later) are made now, read from the newest
+//!   row of each table backwards until a right one: such rows are kept at most one period
+//!   longer than due, never shorter, never for ever;
+//! - `messages.received_at_us` (the record's `received_at`) is never rewritten;
+//! - pending and held rows are never pruned by time, and pruning under pressure ignores stamps.
+//! A failed restamp is logged and not repeated; rows keep their stamps. Timers never read this
+//! clock (monotonic time: `tokio::time`, `Instant`).
+//!
 //! **States.** insert -> pending (a `pending` row) -> delivered (a `delivered` row instead) ->
 //! deleted by pruning once delivered longer than `retain_delivered` ago, or earlier under
 //! pressure (above). A pending row is never deleted or overwritten: when there is no room,
@@ -188,6 +208,7 @@
 //! - `prune.rs`: retention (what pruning deletes, and when).
 //! - `space.rs`: bytes counted against the cap, the space reserve, vacuuming.
 //! - `dedup.rs`: duplicate detection (keys, content hashes, the index of where keys are).
+//! - `steps.rs`: clock steps (noticing them, moving stamps with them, stamps that cannot be right).
 //! - `held.rs`: held rows (what held means, why a row is held, the hold and unhold answers).
 //! - `reader.rs`: read-only queries ([`Reader`]).
 
@@ -199,6 +220,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::clock::Clock;
+
 mod dedup;
 mod held;
 mod message;
@@ -206,6 +229,7 @@ mod prune;
 mod reader;
 mod schema;
 mod space;
+mod steps;
 #[cfg(test)]
 mod test_support;
 mod writer;
@@ -354,6 +378,12 @@ pub struct OutboxGauges {
     pub held_count: AtomicU64,
     /// Their bytes (included in `pending_bytes`).
     pub held_bytes: AtomicU64,
+    /// Steps of the wall clock the writer noticed since start (`steps.rs`).
+    pub clock_steps: AtomicU64,
+    /// The last one's size (µs, negative: back), 0 if none.
+    pub clock_last_step_us: AtomicI64,
+    /// When it was noticed (wall time after the step, µs), 0 if never.
+    pub clock_last_step_at_us: AtomicI64,
 }
 
 /// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
@@ -365,11 +395,14 @@ pub struct Outbox {
     gauges: Arc<OutboxGauges>,
     /// Rows released from hold and not yet taken by the sink (see [`Outbox::take_released`]).
     released: Arc<Mutex<Vec<i64>>>,
+    /// The wall clock the store's stamps come from (the system clock but in tests).
+    clock: Clock,
 }
 
-/// Current time in microseconds since the Unix epoch.
+/// Current time in microseconds since the Unix epoch, from the system clock. For display
+/// only: what the outbox records and compares comes from its [`Clock`] ([`Outbox::clock`]).
 pub fn now_us() -> i64 {
-    jiff::Timestamp::now().as_microsecond()
+    Clock::system().now_us()
 }
 
 /// Maps a SQLite error to an [`OutboxError`] naming the file.
@@ -383,9 +416,18 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> OutboxError + '_ {
 impl Outbox {
     /// Open (creating if needed) the outbox at `path` and start its writer thread.
     pub fn open(path: &Path, opts: OutboxOptions) -> Result<(Outbox, WriterThread), OutboxError> {
+        Outbox::open_with_clock(path, opts, Clock::system())
+    }
+
+    /// [`Outbox::open`] with the wall clock its stamps come from (a test clock, to step it).
+    pub fn open_with_clock(
+        path: &Path,
+        opts: OutboxOptions,
+        clock: Clock,
+    ) -> Result<(Outbox, WriterThread), OutboxError> {
         let conn = schema::open(path)?;
         schema::set_secure_delete(&conn, path, opts.secure_delete)?;
-        let state = WriterState::load(&conn, path, opts)?;
+        let state = WriterState::load(&conn, path, opts, clock.clone())?;
         let gauges = Arc::new(OutboxGauges::default());
         state.publish_gauges(&gauges);
         info!(
@@ -409,6 +451,7 @@ impl Outbox {
                 appended,
                 gauges,
                 released: Arc::default(),
+                clock,
             },
             thread,
         ))
@@ -551,6 +594,11 @@ impl Outbox {
     /// Notified after every commit that added rows (the sink waits on it when idle).
     pub fn appended(&self) -> Arc<Notify> {
         self.appended.clone()
+    }
+
+    /// The wall clock the store's stamps come from: the intake stamps `received_at` with it.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Live counters.

@@ -43,10 +43,12 @@ use tracing::{debug, error, warn};
 use super::dedup::{self, DedupEntry, DedupIndex, Seen, dedup_key};
 use super::held::{Hold, HoldOutcome, Unheld};
 use super::space::{self, Space};
+use super::steps::Steps;
 use super::{
     AppendError, Full, NewMessage, OutboxError, OutboxGauges, OutboxOptions, RejectedMessage,
-    Stored, now_us, prune, sqlite,
+    Stored, prune, sqlite,
 };
+use crate::clock::Clock;
 
 /// Depth of the command channel into the writer thread (bounded: sources wait when it is full).
 const CMD_CHANNEL_DEPTH: usize = 8192;
@@ -209,6 +211,8 @@ pub(super) struct WriterState {
     /// table only for a row that is held.
     held: HashMap<i64, u64>,
     held_bytes: u64,
+    /// The wall clock, and the steps noticed in it (`steps.rs`).
+    pub(super) steps: Steps,
 }
 
 /// What a failed group puts back: everything its commands may have advanced.
@@ -240,9 +244,13 @@ impl WriterState {
         conn: &Connection,
         path: &Path,
         opts: OutboxOptions,
+        clock: Clock,
     ) -> Result<Self, OutboxError> {
         let e = sqlite(path);
         limit_wal(conn, opts.max_bytes).map_err(&e)?;
+        // Stamps the clock cannot have written are corrected before anything reads them (the
+        // duplicate index below included).
+        let steps = Steps::open(conn, clock).map_err(&e)?;
         let mut last_seq = HashMap::new();
         let mut stmt = conn
             .prepare("SELECT feed, last_seq FROM feed_seq")
@@ -338,7 +346,18 @@ impl WriterState {
             dedup,
             held,
             held_bytes,
+            steps,
         })
+    }
+
+    /// The wall clock now (µs).
+    pub(super) fn now_us(&self) -> i64 {
+        self.steps.clock.now_us()
+    }
+
+    /// Notice a step of the wall clock and move the stamps with it (`steps.rs`).
+    pub(super) fn check_clock(&mut self, conn: &Connection) {
+        self.steps.check(conn, &mut self.dedup);
     }
 
     /// Bytes on disk that pruning cannot free: everything but the delivered messages' bytes.
@@ -370,6 +389,11 @@ impl WriterState {
         g.held_count
             .store(self.held.len() as u64, Ordering::Relaxed);
         g.held_bytes.store(self.held_bytes, Ordering::Relaxed);
+        g.clock_steps.store(self.steps.count, Ordering::Relaxed);
+        if let Some(step) = self.steps.last {
+            g.clock_last_step_us.store(step.delta_us, Ordering::Relaxed);
+            g.clock_last_step_at_us.store(step.at_us, Ordering::Relaxed);
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -537,6 +561,8 @@ fn commit_group(
     batch: &mut Vec<Cmd>,
     gauges: &OutboxGauges,
 ) -> bool {
+    // Before anything is stamped: a step since the last group moves what was stamped before it.
+    state.check_clock(conn);
     let n = batch.len();
     // Final answers of the commands taken out of the group.
     let mut settled: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
@@ -830,8 +856,8 @@ impl<'t> Group<'t> {
             insert_pending: db.prepare_cached(INSERT_PENDING)?,
             take_pending: db.prepare_cached(TAKE_PENDING)?,
             log_delivered: db.prepare_cached(LOG_DELIVERED)?,
+            now: state.now_us(),
             state,
-            now: now_us(),
             added: 0,
             logged: Vec::new(),
             logged_latest: HashMap::new(),
@@ -1299,7 +1325,7 @@ mod tests {
             feed: Arc::from("a"),
             source_kind: SourceKind::Mllp,
             peer: None,
-            received_at_us: now_us(),
+            received_at_us: super::super::now_us(),
             error_code: 100,
             error_location: Some("MSH-10".into()),
             reason: reason.into(),
