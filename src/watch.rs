@@ -103,7 +103,8 @@ pub struct Row {
     /// Held records (set aside on the appliance; `siterelay queue held` there).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held: Option<u64>,
-    /// Problems: `offline`, `stale`, `backlog-growing`, `held`, `cert-expiring`, `clock`,
+    /// Problems: `offline`, `stale`, `backlog-growing`, `held`, `damaged-store` (a store found
+    /// damaged at start and not yet salvaged), `cert-expiring`, `clock`,
     /// `duplicate-id` (births alternate between two machines: two boxes share this id).
     pub problems: Vec<String>,
 }
@@ -228,6 +229,9 @@ impl Fleet {
         let held = h.map(|h| h.outbox.held_count).filter(|&n| n > 0);
         if held.is_some() {
             problems.push("held".into());
+        }
+        if h.is_some_and(|h| h.outbox.damaged_stores.iter().any(|d| !d.salvaged)) {
+            problems.push("damaged-store".into());
         }
         let cert = h.and_then(|h| h.certificates.client_days_left);
         if cert.is_some_and(|d| d < 30) {
