@@ -234,6 +234,9 @@ pub enum SalvageError {
     /// The path is not a regular file.
     #[error("{0}: not a file")]
     NotAFile(PathBuf),
+    /// The output directory already holds a salvage.
+    #[error("{0} already holds a salvage (index.json): give another --out, or remove it")]
+    OutputUsed(PathBuf),
     /// Reading the file or writing the output failed.
     #[error("{path}: {source}")]
     Io {
@@ -330,6 +333,9 @@ pub fn salvage(file: &Path, out: &Path) -> Result<SalvageReport, SalvageError> {
     let meta = std::fs::metadata(file).map_err(io(file))?;
     if !meta.is_file() {
         return Err(SalvageError::NotAFile(file.to_path_buf()));
+    }
+    if out.join("index.json").exists() {
+        return Err(SalvageError::OutputUsed(out.to_path_buf()));
     }
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -526,4 +532,35 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), SalvageError> {
         .open(path)
         .and_then(|mut f| f.write_all(bytes))
         .map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_bad_region;
+
+    /// Rowids 10..=19 sit on a bad page: seeking into them fails, seeking past them works.
+    #[test]
+    fn skipping_a_bad_region_lands_on_the_first_rowid_after_it() {
+        let mut probes = 0;
+        let mut next_ge = |x: i64| {
+            probes += 1;
+            if (10..=19).contains(&x) {
+                Err(())
+            } else if x <= 40 {
+                Ok(Some(x.max(20)))
+            } else {
+                Ok(None)
+            }
+        };
+        assert_eq!(skip_bad_region(10, &mut next_ge), Some(20));
+        assert!(probes < 20, "{probes} probes");
+    }
+
+    /// A region reaching past every rowid ends the scan; so does one at the top of the range.
+    #[test]
+    fn skipping_never_loops_and_gives_up_at_the_end_of_the_rowid_range() {
+        let mut all_bad = |_x: i64| Err(());
+        assert_eq!(skip_bad_region(1, &mut all_bad), None);
+        assert_eq!(skip_bad_region(i64::MAX - 1, &mut all_bad), None);
+    }
 }
