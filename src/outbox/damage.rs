@@ -9,10 +9,15 @@
 //! Anything else (a permission, an I/O error, a busy lock) is not damage: start-up fails with
 //! that error and the file is left alone. A missing or empty file is a new store.
 //!
-//! **Moving aside** ([`set_aside`]). The file and its `-wal` and `-shm` are renamed into
-//! `<data_dir>/damaged/<UTC time>/` (mode 0700; both directories fsynced), with
-//! `damaged.json` (reason, time, what was carried over; no message content). One `ERROR` log
-//! line names the file, where it went and why.
+//! **Moving aside** ([`set_aside`]). The fresh store is made and seeded first, beside the
+//! damaged one (`outbox.sqlite.fresh`); then the file and its `-wal` and `-shm` are renamed into
+//! `<data_dir>/damaged/<UTC time>/` (mode 0700), with `damaged.json` (reason, time, what was
+//! carried over; no message content); then the fresh store is renamed into place; every
+//! directory fsynced. A crash at any point leaves the damaged store in place (found again) or
+//! the fresh one beside an empty place (put there at the next start): never no store, which
+//! would start every feed at `seq` 1 again. A file that is empty although a store was there
+//! (its WAL has content, or the space reserve exists) is damaged too. One `ERROR` log line
+//! names the file, where it went and why.
 //!
 //! **Carrying on** ([`carry_over`]). The moved file is read row by row (`salvage::scan`) for
 //! what must keep increasing: each feed's last `seq` (the `feed_seq` floors and every readable
@@ -90,7 +95,19 @@ pub fn check(path: &Path) -> Result<Verdict, OutboxError> {
                 source,
             });
         }
-        Ok(m) if m.len() == 0 => return Ok(Verdict::Healthy),
+        Ok(m) if m.len() == 0 => {
+            // A store in use is never empty (WAL mode writes page 1 when the store is made):
+            // empty beside a WAL with content or the space reserve, it was cut to nothing.
+            let wal = std::fs::metadata(with_suffix(path, "-wal")).is_ok_and(|m| m.len() > 0);
+            let reserve = path.with_extension("reserve").exists();
+            return Ok(if wal || reserve {
+                Verdict::Damaged(
+                    "the file is empty, but a store was there (its WAL or reserve)".into(),
+                )
+            } else {
+                Verdict::Healthy
+            });
+        }
         Ok(_) => {}
     }
     let verdict = |e: rusqlite::Error| {
@@ -164,6 +181,7 @@ impl ExtendStartTimeout {
 /// over into a fresh store and say so (the returned note). The caller then opens `path` as
 /// usual.
 pub fn check_at_start(path: &Path) -> Result<Option<DamageNote>, OutboxError> {
+    finish_replacement(path)?;
     let verdict = {
         let _extend = ExtendStartTimeout::start();
         check(path)?
@@ -212,20 +230,58 @@ pub struct FeedResume {
     pub next_seq: u64,
 }
 
-/// Move the damaged store at `path` aside, then make a fresh store there carrying its numbers.
-pub fn set_aside(path: &Path, reason: &str) -> Result<DamageNote, OutboxError> {
-    let data_dir = path
-        .parent()
+/// The fresh store, made and seeded under this name before the damaged one is moved away, then
+/// renamed into place: a crash at any step leaves either the damaged store in place (found
+/// again at the next start) or this file, which [`finish_replacement`] puts in place. Never no
+/// store at all, which would start every feed again at `seq` 1.
+fn fresh_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".fresh")
+}
+
+/// A replacement interrupted after the damaged store was moved away: put the fresh store in
+/// place.
+fn finish_replacement(path: &Path) -> Result<(), OutboxError> {
+    let fresh = fresh_path(path);
+    if path.exists() || !fresh.exists() {
+        return Ok(());
+    }
+    std::fs::rename(&fresh, path)
+        .and_then(|()| sync_dir(parent_dir(path)))
+        .map_err(|source| OutboxError::Io {
+            path: fresh.clone(),
+            source,
+        })
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("."))
+}
+
+/// Move the damaged store at `path` aside and put a fresh store carrying its numbers in its
+/// place. In this order: read the numbers (read-only), make and seed the fresh store beside it,
+/// move the damaged files into `damaged/<time>/` with the note, rename the fresh store into
+/// place; each directory fsynced.
+pub fn set_aside(path: &Path, reason: &str) -> Result<DamageNote, OutboxError> {
+    let data_dir = parent_dir(path);
     let ioerr = |p: &Path| {
         let p = p.to_path_buf();
         move |source| OutboxError::Io { path: p, source }
     };
     let moved_at_us = now_us();
+    let carried = carry_over(path);
     let dir = new_damage_dir(data_dir, moved_at_us).map_err(ioerr(data_dir))?;
-    let name = path.file_name().unwrap_or_default();
-    let file = dir.join(name);
+    let file = dir.join(path.file_name().unwrap_or_default());
+    let note = carried.note(path, &file, moved_at_us, reason);
+    let fresh = fresh_path(path);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(with_suffix(&fresh, suffix));
+    }
+    seed_fresh_store(&fresh, &carried, &note)?;
+    std::fs::File::open(&fresh)
+        .and_then(|f| f.sync_all())
+        .map_err(ioerr(&fresh))?;
     for suffix in ["", "-wal", "-shm"] {
         let from = with_suffix(path, suffix);
         match std::fs::rename(&from, with_suffix(&file, suffix)) {
@@ -234,10 +290,16 @@ pub fn set_aside(path: &Path, reason: &str) -> Result<DamageNote, OutboxError> {
             Err(e) => return Err(ioerr(&from)(e)),
         }
     }
+    let note_path = dir.join(DAMAGE_NOTE);
+    std::fs::write(
+        &note_path,
+        serde_json::to_vec_pretty(&note).unwrap_or_default(),
+    )
+    .and_then(|()| std::fs::File::open(&note_path)?.sync_all())
+    .map_err(ioerr(&note_path))?;
     sync_dir(&dir).map_err(ioerr(&dir))?;
+    std::fs::rename(&fresh, path).map_err(ioerr(&fresh))?;
     sync_dir(data_dir).map_err(ioerr(data_dir))?;
-    let carried = carry_over(&file);
-    let note = carried.note(path, &file, moved_at_us, reason);
     error!(
         path = %path.display(),
         moved_to = %dir.display(),
@@ -250,14 +312,6 @@ pub fn set_aside(path: &Path, reason: &str) -> Result<DamageNote, OutboxError> {
          \"A damaged store\")",
         file.display()
     );
-    let note_path = dir.join(DAMAGE_NOTE);
-    std::fs::write(
-        &note_path,
-        serde_json::to_vec_pretty(&note).unwrap_or_default(),
-    )
-    .and_then(|()| std::fs::File::open(&note_path)?.sync_all())
-    .map_err(ioerr(&note_path))?;
-    seed_fresh_store(path, &carried, &note)?;
     Ok(note)
 }
 
@@ -461,7 +515,12 @@ fn seed_fresh_store(path: &Path, c: &Carried, note: &DamageNote) -> Result<(), O
         )
         .map_err(&e)?;
     }
-    tx.commit().map_err(&e)
+    tx.commit().map_err(&e)?;
+    // Everything into the main file before it is renamed into place (closing removes the WAL).
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .map_err(&e)?;
+    drop(conn);
+    Ok(())
 }
 
 /// A damaged store as health lists it.
@@ -534,4 +593,87 @@ pub fn record_salvaged(file: &Path, summary: &serde_json::Value) -> std::io::Res
     )?;
     std::fs::File::open(&path)?.sync_all()?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{msg, opts};
+    use super::super::{Outbox, now_us};
+    use super::*;
+
+    async fn store_with(path: &Path, feed: &str, n: usize) {
+        let (ob, w) = Outbox::open(path, opts(1 << 30)).unwrap();
+        for i in 0..n {
+            ob.append(msg(feed, &format!("m{i}"))).await.unwrap();
+        }
+        drop(ob);
+        w.join();
+    }
+
+    async fn next_seq(path: &Path, feed: &str) -> u64 {
+        let (ob, w) = Outbox::open(path, opts(1 << 30)).unwrap();
+        let seq = ob.append(msg(feed, "next")).await.unwrap().seq;
+        drop(ob);
+        w.join();
+        seq
+    }
+
+    /// A power cut after the damaged files moved away and before the fresh store was renamed
+    /// into place: the next start puts it there, so the feed carries on instead of restarting
+    /// at 1.
+    #[tokio::test]
+    async fn an_interrupted_replacement_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        store_with(&path, "a", 3).await;
+        let note = set_aside(&path, "test").unwrap();
+        assert!(note.seq_complete);
+        std::fs::rename(&path, fresh_path(&path)).unwrap();
+        assert_eq!(check_at_start(&path).unwrap().map(|n| n.reason), None);
+        assert_eq!(next_seq(&path, "a").await, 4);
+    }
+
+    /// A store cut to nothing is damaged, not new; an empty file alone (a store being made when
+    /// the power went) is new.
+    #[tokio::test]
+    async fn an_empty_file_where_a_store_was_is_damaged_and_one_alone_is_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        store_with(&path, "a", 2).await;
+        assert!(path.with_extension("reserve").exists());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(matches!(check(&path).unwrap(), Verdict::Damaged(_)));
+        let alone = dir.path().join("sub/outbox.sqlite");
+        std::fs::create_dir_all(alone.parent().unwrap()).unwrap();
+        std::fs::File::create(&alone).unwrap();
+        assert_eq!(check(&alone).unwrap(), Verdict::Healthy);
+    }
+
+    /// Not a database: nothing can be read, so every feed, also one the damaged store never
+    /// named, carries on above the time floor.
+    #[tokio::test]
+    async fn after_an_unreadable_store_every_feed_starts_above_the_time_floor() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        store_with(&path, "a", 2).await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"garbage garbage garbage")
+            .unwrap();
+        let before = now_us() as u64;
+        let note = check_at_start(&path).unwrap().expect("damaged");
+        assert!(!note.seq_complete);
+        assert!(note.seq_floor >= before, "{note:?}");
+        assert_eq!(list(dir.path()).len(), 1);
+        assert!(next_seq(&path, "a").await > note.seq_floor);
+        assert!(next_seq(&path, "never-seen").await > note.seq_floor);
+    }
 }

@@ -175,6 +175,10 @@
 //!   reserve is made again if there is room, otherwise the store starts short.
 //! - Holding or releasing a row: one statement in the group's transaction; a crash before the
 //!   commit leaves the row as it was (held or not), and the sink decides again.
+//! - While a damaged store is replaced at start (`damage.rs`): the fresh store is seeded beside
+//!   it before the damaged files move, and renamed into place last; a crash leaves either the
+//!   damaged store in place (found again) or the seeded fresh one beside an empty place (put
+//!   there at the next start), never no store (which would restart every `seq` at 1).
 //! - During a migration at open: the version-3 key move and the version-5 state move are one
 //!   transaction each (the latter leaves a marker in `meta`); the version-4 `held` table is
 //!   created with `IF NOT EXISTS` at every open (so a version-5 file made without it gains it);
