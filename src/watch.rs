@@ -519,6 +519,26 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_store_not_salvaged_is_a_problem_and_a_salvaged_one_is_not() {
+        let mut f = Fleet::new("siterelay", 90);
+        f.apply("siterelay/a/status", &status("online", 1), 0);
+        let mut v: serde_json::Value = serde_json::from_slice(&health(3, Some(1.0), 300)).unwrap();
+        let store = |salvaged: bool| {
+            serde_json::json!({
+                "path": "/var/lib/siterelay/damaged/20261203T081500Z/outbox.sqlite",
+                "reason": "database disk image is malformed", "salvaged": salvaged,
+                "salvage_hint": "siterelay queue salvage ...", "seq_complete": true,
+            })
+        };
+        v["outbox"]["damaged_stores"] = serde_json::json!([store(false)]);
+        f.apply("siterelay/a/health", &serde_json::to_vec(&v).unwrap(), 0);
+        assert_eq!(f.row("a", 0).unwrap().problems, ["damaged-store"]);
+        v["outbox"]["damaged_stores"] = serde_json::json!([store(true)]);
+        f.apply("siterelay/a/health", &serde_json::to_vec(&v).unwrap(), 0);
+        assert!(f.row("a", 0).unwrap().problems.is_empty());
+    }
+
+    #[test]
     fn rows_list_problem_appliances_first() {
         let mut f = Fleet::new("siterelay", 90);
         f.apply("siterelay/b-ok/status", &status("online", 1), 0);
