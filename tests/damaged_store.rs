@@ -585,3 +585,38 @@ async fn a_store_left_by_a_sigkill_mid_write_is_healthy_and_kept() {
         .unwrap();
     assert!(h.outbox.damaged_stores.is_empty());
 }
+
+/// Under systemd, the check and the moving aside extend the start timeout (a large store on an
+/// SD card takes a while to read), before `READY=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_start_timeout_is_extended_while_the_store_is_checked() {
+    let env = Env::new();
+    make_store(&store_path(&env), 2, 2).await;
+    garbage_header(&store_path(&env));
+    let sock_path = env.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let broker = Broker::down(Kind::InProcess, &env);
+    let (cfg, _listen, port) = config(&env, &broker);
+    let p = Proc::start_with_env(
+        &cfg,
+        env.dir.path().join("run.log"),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !said.iter().any(|m: &String| m.contains("READY=1")) {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{e}: {said:?}\n{}", p.log()));
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let extend = said
+        .iter()
+        .position(|m| m.contains("EXTEND_TIMEOUT_USEC=30000000"));
+    let ready = said.iter().position(|m| m.contains("READY=1"));
+    assert!(extend.is_some() && extend < ready, "{said:?}");
+    wait_listening(port).await;
+    assert_eq!(damaged_dirs(&env).len(), 1);
+}

@@ -149,8 +149,8 @@ fn bounded(s: &str) -> String {
     crate::text::bounded(&s.chars().take(REASON_MAX).collect::<String>()).into_owned()
 }
 
-/// Sends systemd `EXTEND_TIMEOUT_USEC` every 10 s while a long start-up step runs (a no-op
-/// outside systemd), so a large store's check is not killed by `TimeoutStartSec`.
+/// Sends systemd `EXTEND_TIMEOUT_USEC` (and `WATCHDOG=1`) every 10 s while a long start-up step
+/// runs (a no-op outside systemd), so a large store's check is not killed by `TimeoutStartSec`.
 struct ExtendStartTimeout {
     /// Dropped when the step ends: the thread stops.
     _stop: Option<std::sync::mpsc::Sender<()>>,
@@ -164,7 +164,10 @@ impl ExtendStartTimeout {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             loop {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000)]);
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
+                    sd_notify::NotifyState::Watchdog,
+                ]);
                 if !matches!(
                     rx.recv_timeout(Duration::from_secs(10)),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
@@ -182,11 +185,8 @@ impl ExtendStartTimeout {
 /// usual.
 pub fn check_at_start(path: &Path) -> Result<Option<DamageNote>, OutboxError> {
     finish_replacement(path)?;
-    let verdict = {
-        let _extend = ExtendStartTimeout::start();
-        check(path)?
-    };
-    match verdict {
+    let _extend = ExtendStartTimeout::start();
+    match check(path)? {
         Verdict::Healthy => Ok(None),
         Verdict::Damaged(reason) => set_aside(path, &reason).map(Some),
     }
