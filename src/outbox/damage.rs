@@ -32,8 +32,8 @@
 //! follows the same rule when `meta` was not read whole. The fresh store gets these as its
 //! `feed_seq` rows and `meta` keys before the writer opens it, so nothing else changes.
 //!
-//! **Health** ([`list`]). Every directory under `damaged/` is listed in the health report
-//! (`outbox.damaged_stores[]`) until someone deletes it; one without `salvaged.json` (written
+//! **Health** ([`list`]). Every directory under `damaged/` that holds its store file is listed
+//! in the health report (`outbox.damaged_stores[]`) until someone deletes it; one without `salvaged.json` (written
 //! by `siterelay queue salvage` next to the file) makes `siterelay status` report degraded.
 
 use std::collections::BTreeMap;
@@ -261,8 +261,8 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// Move the damaged store at `path` aside and put a fresh store carrying its numbers in its
 /// place. In this order: read the numbers (read-only), make and seed the fresh store beside it,
-/// move the damaged files into `damaged/<time>/` with the note, rename the fresh store into
-/// place; each directory fsynced.
+/// write the note into `damaged/<time>/`, move the damaged files there, rename the fresh store
+/// into place; each directory fsynced.
 pub fn set_aside(path: &Path, reason: &str) -> Result<DamageNote, OutboxError> {
     let data_dir = parent_dir(path);
     let ioerr = |p: &Path| {
@@ -282,14 +282,6 @@ pub fn set_aside(path: &Path, reason: &str) -> Result<DamageNote, OutboxError> {
     std::fs::File::open(&fresh)
         .and_then(|f| f.sync_all())
         .map_err(ioerr(&fresh))?;
-    for suffix in ["", "-wal", "-shm"] {
-        let from = with_suffix(path, suffix);
-        match std::fs::rename(&from, with_suffix(&file, suffix)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !suffix.is_empty() => {}
-            Err(e) => return Err(ioerr(&from)(e)),
-        }
-    }
     let note_path = dir.join(DAMAGE_NOTE);
     std::fs::write(
         &note_path,
@@ -297,6 +289,16 @@ pub fn set_aside(path: &Path, reason: &str) -> Result<DamageNote, OutboxError> {
     )
     .and_then(|()| std::fs::File::open(&note_path)?.sync_all())
     .map_err(ioerr(&note_path))?;
+    // The WAL first: a crash between two renames must never leave the damaged store's WAL
+    // beside the fresh store (SQLite would replay it into the fresh one).
+    for suffix in ["-wal", "-shm", ""] {
+        let from = with_suffix(path, suffix);
+        match std::fs::rename(&from, with_suffix(&file, suffix)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !suffix.is_empty() => {}
+            Err(e) => return Err(ioerr(&from)(e)),
+        }
+    }
     sync_dir(&dir).map_err(ioerr(&dir))?;
     std::fs::rename(&fresh, path).map_err(ioerr(&fresh))?;
     sync_dir(data_dir).map_err(ioerr(data_dir))?;
@@ -538,7 +540,8 @@ pub struct DamagedStore {
 pub const DAMAGED_LISTED: usize = 10;
 
 /// The damaged stores under `<data_dir>/damaged/`, oldest first (at most the newest
-/// [`DAMAGED_LISTED`]). Reads two small files per entry; an unreadable entry is still listed.
+/// [`DAMAGED_LISTED`]): each directory that still holds its store file. Reads two small files
+/// per entry; one whose note cannot be read is still listed.
 pub fn list(data_dir: &Path) -> Vec<DamagedStore> {
     let Ok(entries) = std::fs::read_dir(data_dir.join(DAMAGED_DIR)) else {
         return Vec::new();
@@ -549,10 +552,9 @@ pub fn list(data_dir: &Path) -> Vec<DamagedStore> {
         .map(|e| e.path())
         .collect();
     dirs.sort();
-    let skip = dirs.len().saturating_sub(DAMAGED_LISTED);
-    dirs.into_iter()
-        .skip(skip)
-        .map(|dir| {
+    let found: Vec<DamagedStore> = dirs
+        .into_iter()
+        .filter_map(|dir| {
             let read = |name: &str| {
                 std::fs::read(dir.join(name))
                     .ok()
@@ -560,16 +562,22 @@ pub fn list(data_dir: &Path) -> Vec<DamagedStore> {
             };
             let note: Option<DamageNote> =
                 read(DAMAGE_NOTE).and_then(|b| serde_json::from_slice(&b).ok());
-            DamagedStore {
-                path: note
-                    .as_ref()
-                    .map(|n| n.file.clone())
-                    .unwrap_or_else(|| dir.join("outbox.sqlite")),
+            let name = note
+                .as_ref()
+                .and_then(|n| n.file.file_name().map(|n| n.to_owned()))
+                .unwrap_or_else(|| "outbox.sqlite".into());
+            // Without its file (a moving aside cut short, or deleted by trust IT): nothing to
+            // salvage there.
+            let path = dir.join(name);
+            path.is_file().then(|| DamagedStore {
+                path,
                 note,
                 salvaged: read(SALVAGED_NOTE).and_then(|b| serde_json::from_slice(&b).ok()),
-            }
+            })
         })
-        .collect()
+        .collect();
+    let skip = found.len().saturating_sub(DAMAGED_LISTED);
+    found.into_iter().skip(skip).collect()
 }
 
 /// After `siterelay queue salvage FILE`: when FILE is a moved-aside store
