@@ -198,9 +198,9 @@
 //! may not be the last one used: every feed then carries on above the time floor (the current
 //! time in µs, or the damaged files' mtimes if later; a feed stores at most one message per µs
 //! from `seq` 1), and `meta.seq_floor` gives the same floor to any feed not seen; `bdseq` too
-//! when `meta` was not read whole. The health report lists every directory under `damaged/` that
-//! still holds its store file (`outbox.damaged_stores[]`); one without `salvaged.json` (written by `siterelay queue
-//! salvage`) makes the appliance degraded. The damaged file itself is never modified: salvage
+//! when `meta` was not read whole. The health report lists every directory under `damaged/`
+//! that still holds its store file (`outbox.damaged_stores[]`); one without `salvaged.json`
+//! (written by `siterelay queue salvage`) makes the appliance degraded. The damaged file itself is never modified: salvage
 //! reads a copy; the start-up read opens it read-only (SQLite may add a `-shm` beside it).
 //!
 //! # Files
