@@ -164,6 +164,61 @@ pub struct OutboxHealth {
     /// Their bytes (included in `pending_bytes`).
     #[serde(default)]
     pub held_bytes: u64,
+    /// Stores found damaged at start and moved aside (`<data_dir>/damaged/`), oldest first, at
+    /// most 10; listed until someone deletes their directory. One not yet salvaged makes the
+    /// appliance degraded.
+    #[serde(default)]
+    pub damaged_stores: Vec<DamagedStoreHealth>,
+}
+
+/// A damaged store moved aside at start (no message content).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DamagedStoreHealth {
+    /// The moved file, on the appliance.
+    pub path: String,
+    /// When it was moved aside.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub moved_at: Option<String>,
+    /// Why it was taken as damaged (SQLite's words).
+    pub reason: String,
+    /// `siterelay queue salvage` has been run on it (its undelivered messages were exported).
+    pub salvaged: bool,
+    /// What to run on the appliance.
+    pub salvage_hint: String,
+    /// Every feed's last `seq` could be read: each feed carried on at its last `seq` + 1. If
+    /// false, every feed carried on above `seq_floor`.
+    pub seq_complete: bool,
+    /// When `seq_complete` is false: every feed's `seq`s in the fresh store are above this
+    /// (µs since the epoch when the store was replaced).
+    #[serde(default)]
+    pub seq_floor: u64,
+    /// Each feed seen in the damaged store: the last `seq` read there and the first `seq` of
+    /// the fresh store. The `seq`s between that the central side has not received were in the
+    /// damaged store (pending there, or never used): they will not arrive.
+    #[serde(default)]
+    pub feeds: Vec<crate::outbox::damage::FeedResume>,
+}
+
+impl DamagedStoreHealth {
+    /// From what the data directory holds.
+    pub fn from_store(d: &crate::outbox::damage::DamagedStore) -> DamagedStoreHealth {
+        let path = d.path.display().to_string();
+        DamagedStoreHealth {
+            salvage_hint: format!(
+                "siterelay queue salvage {path} (docs/operations.md, \"A damaged store\")"
+            ),
+            path,
+            moved_at: d.note.as_ref().map(|n| rfc3339_us(n.moved_at_us)),
+            reason: d.note.as_ref().map_or_else(
+                || "unknown (damaged.json unreadable)".to_owned(),
+                |n| crate::text::bounded(&n.reason).into_owned(),
+            ),
+            salvaged: d.salvaged.is_some(),
+            seq_complete: d.note.as_ref().is_some_and(|n| n.seq_complete),
+            seq_floor: d.note.as_ref().map_or(0, |n| n.seq_floor),
+            feeds: d.note.as_ref().map(|n| n.feeds.clone()).unwrap_or_default(),
+        }
+    }
 }
 
 /// One held record in the health report: enough to tell "held on the box" from "not arrived
@@ -520,6 +575,10 @@ impl HealthContext {
                 },
                 held_count: ld(&g.held_count),
                 held_bytes: ld(&g.held_bytes),
+                damaged_stores: crate::outbox::damage::list(&self.data_dir)
+                    .iter()
+                    .map(DamagedStoreHealth::from_store)
+                    .collect(),
             },
             feeds,
             held: store

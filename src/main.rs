@@ -68,7 +68,8 @@ enum Command {
     /// This appliance's state, from the running daemon (or from the outbox file if it is down).
     ///
     /// Exit codes, for monitoring (Nagios-style): 0 healthy; 1 degraded (the broker is not
-    /// connected, records are held, or a certificate expires within 14 days or has expired);
+    /// connected, records are held, a damaged store moved aside at start is not salvaged, or a
+    /// certificate expires within 14 days or has expired);
     /// 3 the daemon is not answering (down), or the configuration cannot be read.
     Status,
     /// The health report as Prometheus text (node_exporter's textfile collector): the same
@@ -192,6 +193,18 @@ enum QueueCommand {
     },
     /// Per feed: pending, delivered, oldest pending age, bytes. Safe while the daemon runs.
     Stats,
+    /// Read what can still be read from a damaged store (one the daemon moved to
+    /// DATA_DIR/damaged/ at start) and write each message the broker never confirmed, bytes
+    /// exactly as received, to a file, with index.json. The file is never modified (a copy is
+    /// read). Exit 0: everything read; 1: some rows unreadable; 2: not a file, or no output.
+    Salvage {
+        /// The damaged store (e.g. /var/lib/siterelay/damaged/20261203T081500Z/outbox.sqlite).
+        file: PathBuf,
+        /// Output directory (created 0700; files 0600: patient data). Default: `salvaged/`
+        /// next to FILE.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -210,6 +223,9 @@ fn main() -> ExitCode {
         Command::Queue {
             command: QueueCommand::Stats,
         } => queue_stats(&config, json),
+        Command::Queue {
+            command: QueueCommand::Salvage { file, out },
+        } => salvage(&file, out, json),
         Command::Queue {
             command: QueueCommand::Rejected { command },
         } => rejected(&config, json, command.unwrap_or(RejectedCommand::List)),
@@ -923,6 +939,68 @@ fn export_bytes(raw: &[u8], out: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `queue salvage`: export what a damaged store still holds. Needs no configuration.
+fn salvage(file: &Path, out: Option<PathBuf>, json: bool) -> ExitCode {
+    use siterelay::outbox::{damage, salvage};
+    let out = out.unwrap_or_else(|| file.parent().unwrap_or(Path::new(".")).join("salvaged"));
+    let r = match salvage::salvage(file, &out) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("siterelay queue salvage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let summary = serde_json::json!({
+        "salvaged_at": r.salvaged_at, "out_dir": r.out_dir, "rows_read": r.rows_read,
+        "pending_exported": r.pending_exported, "rows_unreadable": r.rows_unreadable,
+        "regions_unreadable": r.regions_unreadable, "pending_lost": r.pending_lost,
+        "complete": r.complete,
+    });
+    if let Err(e) = damage::record_salvaged(file, &summary) {
+        eprintln!(
+            "could not record the salvage next to {} ({e}): health still lists it as not salvaged",
+            file.display()
+        );
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{}: {} message row(s) read, {} undelivered exported to {} (index.json), {} delivered left out",
+            file.display(),
+            r.rows_read,
+            r.pending_exported,
+            out.display(),
+            r.delivered_skipped
+        );
+        println!(
+            "unreadable: {} row(s), {} damaged stretch(es) of rows, {} undelivered message(s) named but not readable{}{}",
+            r.rows_unreadable,
+            r.regions_unreadable,
+            r.pending_lost,
+            if r.state_complete {
+                ""
+            } else {
+                "; delivery state incomplete: messages of unknown state exported too"
+            },
+            if r.header_repaired {
+                "; header repaired (in the copy)"
+            } else {
+                ""
+            }
+        );
+        if r.pending_exported > 0 {
+            println!(
+                "next: re-send the .hl7 files to their feed (siterelay send --to HOST:PORT FILE...), see docs/operations.md, \"A damaged store\""
+            );
+        }
+    }
+    ExitCode::from(if r.complete { 0 } else { 1 })
 }
 
 /// `status` exit code: the daemon answered and is healthy.

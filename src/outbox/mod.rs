@@ -47,8 +47,10 @@
 //!   highest `seq` still in `messages`.
 //! - `meta(key PRIMARY KEY, value)`: small appliance state that must survive restarts: `bdseq`
 //!   (the MQTT birth sequence, incremented per connection), `inventory` (what each feed has
-//!   carried, as JSON), the high-water marks `last_row_id` and `last_rejected_id`, and the
-//!   version-5 marker. Written by the same writer thread.
+//!   carried, as JSON), the high-water marks `last_row_id` and `last_rejected_id`, the
+//!   version-5 marker, and `seq_floor` (only in a store started after a damaged one whose
+//!   numbers could not be read whole: the last `seq` of any feed without a `feed_seq` row).
+//!   Written by the same writer thread.
 //! - `rejected(...)`: quarantined (`AE`) messages, kept for `retain_rejected`. Ids are assigned
 //!   by the writer and never reused either (`meta.last_rejected_id`, written whenever
 //!   quarantine rows are deleted). A frame that is not HL7 at all keeps only its first 4 KiB
@@ -193,10 +195,33 @@
 //!   reserve is made again if there is room, otherwise the store starts short.
 //! - Holding or releasing a row: one statement in the group's transaction; a crash before the
 //!   commit leaves the row as it was (held or not), and the sink decides again.
+//! - While a damaged store is replaced at start (`damage.rs`): the fresh store is seeded beside
+//!   it before the damaged files move, and renamed into place last; a crash leaves either the
+//!   damaged store in place (found again) or the seeded fresh one beside an empty place (put
+//!   there at the next start), never no store (which would restart every `seq` at 1).
 //! - During a migration at open: the version-3 key move and the version-5 state move are one
 //!   transaction each (the latter leaves a marker in `meta`); the version-4 `held` table is
 //!   created with `IF NOT EXISTS` at every open (so a version-5 file made without it gains it);
 //!   the version stamp is written last.
+//!
+//! **A damaged store at start** (`damage.rs`). Before the writer opens the file, a read-only
+//! connection runs `PRAGMA quick_check` (one read of the whole file; start-up already reads
+//! every row once). A file SQLite refuses ("not a database", "malformed") or that the check
+//! faults is moved with its `-wal` and `-shm` into `<data_dir>/damaged/<UTC time>/` (both
+//! directories fsynced; `damaged.json` beside it), logged once at `ERROR`, and replaced by a
+//! fresh store; an open that still fails as malformed does the same. Other errors (permission,
+//! I/O) fail start-up and leave the file alone. A SIGKILL or power cut on a sound disk is not
+//! damage (the WAL). What must keep increasing is read from the moved file row by row
+//! (`salvage.rs`) and written into the fresh store before the writer opens it: each feed's
+//! last `seq` (as `feed_seq` rows), `bdseq`, `last_row_id`, `last_rejected_id` and the
+//! inventory (in `meta`). When `feed_seq` or `messages` could not be read whole, a `seq` read
+//! may not be the last one used: every feed then carries on above the time floor (the current
+//! time in µs, or the damaged files' mtimes if later; a feed stores at most one message per µs
+//! from `seq` 1), and `meta.seq_floor` gives the same floor to any feed not seen; `bdseq` too
+//! when `meta` was not read whole. The health report lists every directory under `damaged/`
+//! that still holds its store file (`outbox.damaged_stores[]`); one without `salvaged.json`
+//! (written by `siterelay queue salvage`) makes the appliance degraded. The damaged file itself is never modified: salvage
+//! reads a copy; the start-up read opens it read-only (SQLite may add a `-shm` beside it).
 //!
 //! # Files
 //!
@@ -211,6 +236,9 @@
 //! - `steps.rs`: clock steps (noticing them, moving stamps with them, stamps that cannot be right).
 //! - `held.rs`: held rows (what held means, why a row is held, the hold and unhold answers).
 //! - `reader.rs`: read-only queries ([`Reader`]).
+//! - `damage.rs`: the start-up check, moving a damaged store aside, what the fresh store
+//!   carries over, the list health shows.
+//! - `salvage.rs`: reading a damaged file row by row; `siterelay queue salvage`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -222,11 +250,13 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 
+pub mod damage;
 mod dedup;
 mod held;
 mod message;
 mod prune;
 mod reader;
+pub mod salvage;
 mod schema;
 mod space;
 mod steps;

@@ -179,6 +179,9 @@ pub(super) fn spawn(
 pub(super) struct WriterState {
     pub(super) opts: OutboxOptions,
     pub(super) last_seq: HashMap<Arc<str>, u64>,
+    /// The last `seq` of a feed with none of its own yet (0; above it after a damaged store
+    /// whose numbers could not be read whole: `damage.rs`, `meta.seq_floor`).
+    pub(super) seq_floor: u64,
     /// Next row id: only ever increases, across restarts too (see [`LAST_ROW_ID_KEY`]).
     pub(super) next_id: i64,
     /// Next quarantine id, likewise.
@@ -306,6 +309,9 @@ impl WriterState {
             )
             .map_err(&e)?;
         let max_rejected = max_rejected.max(meta_i64(conn, LAST_REJECTED_ID_KEY).map_err(&e)?);
+        let seq_floor = meta_i64(conn, super::damage::SEQ_FLOOR_KEY)
+            .map_err(&e)?
+            .max(0) as u64;
         let dedup = dedup::load_index(conn).map_err(&e)?;
         let wal = wal_path(path);
         let used_bytes = space::used_bytes(conn, &wal).map_err(&e)?;
@@ -330,6 +336,7 @@ impl WriterState {
         Ok(WriterState {
             opts,
             last_seq,
+            seq_floor,
             next_id: max_id + 1,
             next_rejected_id: max_rejected + 1,
             pending_count: pending_count as u64,
@@ -941,7 +948,13 @@ impl<'t> Group<'t> {
             return Ok(Err(full));
         }
         let row_id = self.state.next_id;
-        let seq = self.state.last_seq.get(&msg.feed).copied().unwrap_or(0) + 1;
+        let seq = self
+            .state
+            .last_seq
+            .get(&msg.feed)
+            .copied()
+            .unwrap_or(self.state.seq_floor)
+            + 1;
         let record_id = uuid::Uuid::now_v7().to_string();
         self.insert.execute(params![
             record_id,
