@@ -106,6 +106,10 @@ pub(super) fn open(path: &Path) -> Result<Connection, OutboxError> {
     }
     create_private_file(path)?;
     let conn = Connection::open(path).map_err(sqlite(path))?;
+    // The writer keeps about 25 distinct cached statements (appends, marks, the dedup log,
+    // pruning, the size pragmas); rusqlite's default cache of 16 would evict and re-parse some
+    // on every group.
+    conn.set_prepared_statement_cache_capacity(64);
     init_schema(&conn, path)?;
     Ok(conn)
 }
