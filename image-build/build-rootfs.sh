@@ -71,7 +71,7 @@ deb="$(cd "$(dirname "$deb")" && pwd)/$(basename "$deb")"
 
 packages=(
     systemd systemd-sysv systemd-timesyncd systemd-resolved udev dbus
-    openssh-server nftables cryptsetup-bin e2fsprogs sudo kmod iproute2 adduser
+    openssh-server nftables cryptsetup-bin e2fsprogs sudo kmod iproute2 adduser netbase
     # systemd-cryptenroll seals the data partition's key to a TPM 2.0 with these.
     libtss2-esys-3.0.2-0 libtss2-rc0
 )
@@ -98,9 +98,9 @@ mmdebstrap --mode=root --variant=minbase --arch="$arch" --components="$component
     --skip=essential/unlink \
     --setup-hook="mkdir -p \"\$1\"/var/cache/apt/archives/" \
     --setup-hook="sync-in '$cache' /var/cache/apt/archives/" \
+    --customize-hook="sync-out /var/cache/apt/archives '$cache'" \
     --customize-hook="copy-in '$deb' /tmp/" \
     --customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends /tmp/$(basename "$deb")" \
-    --customize-hook="sync-out /var/cache/apt/archives '$cache'" \
     --customize-hook="rm -f \"\$1\"/tmp/$(basename "$deb")" \
     bookworm "$out" \
     "deb $mirror bookworm ${components//,/ }" \

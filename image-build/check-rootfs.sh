@@ -52,8 +52,10 @@ sshd_conf() {
     local key
     key="$(mktemp -u /tmp/check-rootfs-hostkey.XXXXXX)"
     ssh-keygen -q -t ed25519 -N '' -f "$dir$key" >/dev/null 2>&1 || return 1
+    mkdir -p "$dir/run/sshd"
     chroot "$dir" /usr/sbin/sshd -T -h "$key" -C user=admin,host=x,addr=192.0.2.1 2>/dev/null
     rm -f "$dir$key" "$dir$key.pub"
+    rmdir "$dir/run/sshd" 2>/dev/null
 }
 sshd_out="$(sshd_conf)"
 for want in 'permitrootlogin no' 'passwordauthentication no' 'kbdinteractiveauthentication no' \
@@ -119,9 +121,9 @@ check "firewall from another config: exactly the [[mllp]] ports 2600 and 12575" 
     only_ports "$other" 2600,12575
 ssh_only() { grep -q 'tcp dport 22 accept' "$1" && [ "$(grep -c 'tcp dport' "$1")" = 1 ]; }
 check "the shipped default /etc/nftables.conf admits SSH only" ssh_only "$dir/etc/nftables.conf"
-if command -v nft >/dev/null 2>&1; then
-    check "nft --check accepts the generated rules" nft --check -f - <<<"$conf_rules"
-fi
+nft_check() { chroot "$dir" /usr/sbin/nft --check -f - <<<"$1"; }
+check "nft --check (the image's nft) accepts the rules from the shipped config" nft_check "$conf_rules"
+check "nft --check accepts the shipped default /etc/nftables.conf" chroot "$dir" /usr/sbin/nft --check -f /etc/nftables.conf
 
 echo "check-rootfs: $passed passed, $failed failed"
 [ "$failed" = 0 ]

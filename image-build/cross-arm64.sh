@@ -68,8 +68,12 @@ export CARGO_INCREMENTAL=0
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
-# Test binaries run under user-mode emulation with the cross libc as their root.
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+# Test binaries run under user-mode emulation with the cross libc (libc6-arm64-cross) as their
+# root. LD_LIBRARY_PATH keeps the emulated loader from taking libc.so.6 from the host's
+# ld.so.cache: libstd-rust-web-dev:arm64 brings Debian's multiarch libc6:arm64 too, a different
+# build of glibc 2.36, and that loader/libc mix hangs the first pthread_create (seen here).
+qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib)
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="${qemu[*]}"
 
 echo "cross-arm64: $version, $($cargo --version), target dir $tdir"
 start=$(date +%s)
@@ -79,9 +83,9 @@ aarch64-linux-gnu-strip -o "$bin.stripped" "$bin"
 file "$bin.stripped" | grep -q 'ARM aarch64' || { echo "cross-arm64: $bin.stripped is not an aarch64 binary:" >&2; file "$bin.stripped" >&2; exit 1; }
 # The binary itself, emulated: it starts, and it checks the shipped example config (which names
 # certificates that are not there: a clear complaint, not a crash).
-qemu-aarch64 -L /usr/aarch64-linux-gnu "$bin.stripped" --version
+"${qemu[@]}" "$bin.stripped" --version
 set +e
-qemu-aarch64 -L /usr/aarch64-linux-gnu "$bin.stripped" check-config --config "$root/docs/siterelay.example.toml" > "$tdir/check-config-arm64.txt" 2>&1
+"${qemu[@]}" "$bin.stripped" check-config --config "$root/docs/siterelay.example.toml" > "$tdir/check-config-arm64.txt" 2>&1
 rc=$?
 set -e
 if [ "$rc" -ne 1 ] || ! grep -q 'ca.pem' "$tdir/check-config-arm64.txt"; then
