@@ -101,7 +101,12 @@ if [ "$tests" = 1 ]; then
 fi
 
 if [ "$make_deb" = 1 ]; then
-    deb="$("$here/build-deb.sh" --binary "$bin.stripped" --arch arm64 | tail -n 1)"
+    # build-deb.sh may run `strip` on the binary it packages: on this amd64 machine that must be
+    # the aarch64 one (a no-op on an already stripped binary).
+    shim="$(mktemp -d)"
+    ln -s "$(command -v aarch64-linux-gnu-strip)" "$shim/strip"
+    deb="$(PATH="$shim:$PATH" "$here/build-deb.sh" --binary "$bin.stripped" --arch arm64 | tail -n 1)"
+    rm -rf "$shim"
     [ "$(dpkg-deb --field "$deb" Architecture)" = arm64 ] || { echo "cross-arm64: $deb is not Architecture: arm64" >&2; exit 1; }
     x="$(mktemp -d)"
     dpkg-deb --extract "$deb" "$x"
