@@ -86,7 +86,7 @@ chmod 0640 "$root/etc/siterelay/siterelay.toml"
 cat > "$root/etc/systemd/system/boot-test-report.service" <<'EOF'
 [Unit]
 Description=siterelay boot test report
-After=multi-user.target siterelay.service
+After=basic.target
 
 [Service]
 Type=oneshot
@@ -94,7 +94,8 @@ StandardOutput=tty
 StandardError=tty
 TTYPath=/dev/ttyS0
 ExecStart=/bin/sh -c '\
-  for i in $(seq 1 300); do s=$(systemctl is-active siterelay.service); [ "$s" = active ] && break; sleep 2; done; \
+  for i in $(seq 1 300); do s=$(systemctl is-active siterelay.service); [ "$s" = active ] && break; \
+    [ $((i % 15)) = 0 ] && { echo "BOOT-TEST waiting: siterelay.service $s"; journalctl -b -u siterelay --no-pager -o cat -n 4; }; sleep 2; done; \
   echo "BOOT-TEST siterelay.service is-active: $s"; \
   echo "BOOT-TEST systemctl show: $(systemctl show -p Type -p ActiveState -p SubState -p StatusText siterelay.service | tr "\\n" " ")"; \
   echo "BOOT-TEST --- journal (siterelay units) ---"; \
@@ -116,6 +117,9 @@ ExecStart=/bin/sh -c '\
 WantedBy=multi-user.target
 EOF
 chroot "$root" systemctl enable boot-test-report.service >/dev/null 2>&1
+# No login prompt on the serial console: systemd stops printing unit status lines there while a
+# getty holds it, and this test reads them.
+chroot "$root" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1
 
 # Disks: root as a bare ext4 image (/dev/vda), data as a GPT disk with the named partition.
 size_mib=$(( $(du -sm "$root" | cut -f1) + 512 ))
