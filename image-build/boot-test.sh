@@ -56,10 +56,14 @@ openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=boot-t
 printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' > "$pki/ext"
 openssl x509 -req -in "$pki/client.csr" -CA "$pki/ca.pem" -CAkey "$pki/ca.key" -CAcreateserial \
     -days 90 -extfile "$pki/ext" -out "$pki/client.pem" 2>/dev/null
-for f in ca.pem client.pem client.key; do
+for f in ca.pem client.pem; do
     install -m 0640 "$pki/$f" "$root/etc/siterelay/tls/$f"
     chroot "$root" chown root:siterelay "/etc/siterelay/tls/$f"
 done
+# The private key: readable by its owner only, and the owner is the daemon's user (start-up
+# refuses anything else).
+install -m 0600 "$pki/client.key" "$root/etc/siterelay/tls/client.key"
+chroot "$root" chown siterelay:siterelay /etc/siterelay/tls/client.key
 
 cat > "$root/etc/siterelay/siterelay.toml" <<'EOF'
 # siterelay boot test (image-build/boot-test.sh): the broker is unreachable on purpose.
@@ -95,7 +99,7 @@ StandardError=tty
 TTYPath=/dev/ttyS0
 ExecStart=/bin/sh -c '\
   for i in $(seq 1 300); do s=$(systemctl is-active siterelay.service); [ "$s" = active ] && break; \
-    [ $((i % 15)) = 0 ] && { echo "BOOT-TEST waiting: siterelay.service $s"; journalctl -b -u siterelay --no-pager -o cat -n 4; }; sleep 2; done; \
+    [ $((i % 15)) = 0 ] && { echo "BOOT-TEST waiting: siterelay.service $s"; journalctl -b -u siterelay --no-pager -o cat -n 8; }; sleep 2; done; \
   echo "BOOT-TEST siterelay.service is-active: $s"; \
   echo "BOOT-TEST systemctl show: $(systemctl show -p Type -p ActiveState -p SubState -p StatusText siterelay.service | tr "\\n" " ")"; \
   echo "BOOT-TEST --- journal (siterelay units) ---"; \
