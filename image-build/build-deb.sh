@@ -1,131 +1,148 @@
 #!/usr/bin/env bash
-# Build the siterelay Debian package from this checkout.
+# Build the siterelay Debian package with cargo-deb, from Cargo.toml's [package.metadata.deb].
 #
-#   image-build/build-deb.sh                       # cargo build --release, package for this machine
-#   image-build/build-deb.sh --binary PATH --arch ARCH   # package an already built binary
+#   image-build/build-deb.sh                                  # release build for this machine
+#   image-build/build-deb.sh --target aarch64-unknown-linux-gnu   # cross release build (needs the
+#                                                             # target's toolchain), then package
+#   image-build/build-deb.sh --binary PATH [--target TRIPLE | --arch amd64|arm64]
+#                                                             # package an already built binary
+# Options:
+#   --tools-binary PATH  a siterelay that runs on this machine, to write the man pages and
+#                        completions (they do not depend on the architecture). Default: the
+#                        packaged binary if it runs here, else CARGO_TARGET_DIR's release or debug
+#                        build for this machine, else one is built (cargo build).
+#   --deb-version V      package version (default: Cargo.toml's version, revision 1)
+#   --output DIR         where the .deb goes (default: <target dir>/deb)
 #
-# Output: target/deb/siterelay_<version>_<arch>.deb. Needs only dpkg-deb (Debian/Ubuntu base).
-# What the package does is described in image-build/README.md.
+# Prints the path of the .deb. Honours CARGO_TARGET_DIR. Needs cargo-deb
+# (`cargo install --locked cargo-deb`), gzip, and cargo (for `cargo tree`: the copyright file
+# lists the bundled crates). What the package does: image-build/README.md.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 binary=""
-arch="$(dpkg --print-architecture)"
+tools=""
+triple=""
+arch=""
+deb_version=""
+output=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --binary) binary="$2"; shift 2 ;;
+        --target) triple="$2"; shift 2 ;;
         --arch) arch="$2"; shift 2 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-        *) echo "build-deb.sh: unknown argument $1" >&2; exit 2 ;;
+        --tools-binary) tools="$2"; shift 2 ;;
+        --deb-version) deb_version="$2"; shift 2 ;;
+        --output) output="$2"; shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) echo "build-deb.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+die() { echo "build-deb.sh: $*" >&2; exit 1; }
+
+# Debian architecture <-> Rust target triple.
+triple_of() {
+    case "$1" in
+        amd64) echo x86_64-unknown-linux-gnu ;;
+        arm64) echo aarch64-unknown-linux-gnu ;;
+        *) die "no target triple known for architecture '$1' (amd64 or arm64)" ;;
+    esac
+}
+arch_of() {
+    case "$1" in
+        x86_64-unknown-linux-gnu) echo amd64 ;;
+        aarch64-unknown-linux-gnu) echo arm64 ;;
+        *) die "no Debian architecture known for target '$1'" ;;
+    esac
+}
+if [ -z "$triple" ]; then
+    triple="$(triple_of "${arch:-$(dpkg --print-architecture)}")"
+fi
+[ -z "$arch" ] || [ "$(triple_of "$arch")" = "$triple" ] || die "--arch $arch does not match --target $triple"
+arch="$(arch_of "$triple")"
+
+cd "$root"
+cargo deb --version >/dev/null 2>&1 || die "cargo-deb is not installed: cargo install --locked cargo-deb"
+# The target directory as cargo sees it (CARGO_TARGET_DIR, .cargo/config).
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+[ -n "$target_dir" ] || die "cargo metadata gave no target directory"
+output="${output:-$target_dir/deb}"
+
 if [ -z "$binary" ]; then
-    (cd "$root" && cargo build --release --locked --bin siterelay)
-    binary="$root/target/release/siterelay"
+    if [ "$triple" = "$(triple_of "$(dpkg --print-architecture)")" ]; then
+        cargo build --release --locked --bin siterelay >&2
+        binary="$target_dir/release/siterelay"
+    else
+        cargo build --release --locked --bin siterelay --target "$triple" >&2
+        binary="$target_dir/$triple/release/siterelay"
+    fi
 fi
-[ -x "$binary" ] || { echo "build-deb.sh: $binary is not an executable" >&2; exit 1; }
+[ -f "$binary" ] && [ -x "$binary" ] || die "$binary is not an executable"
 
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)"
-pkg="$root/target/deb/siterelay_${version}_${arch}"
-rm -rf "$pkg"
-install -d "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/lib/systemd/system" "$pkg/etc/siterelay/tls" \
-    "$pkg/usr/share/doc/siterelay/schema"
-
-install -m 0755 "$binary" "$pkg/usr/bin/siterelay"
+# cargo-deb packages what is in <its target dir>/<triple>/release/: a staging directory of our
+# own, so a debug binary packaged here never lands where cargo keeps its release build.
+stage="$target_dir/deb-stage"
+rel="$stage/$triple/release"
+rm -rf "$stage"
+mkdir -p "$rel/deb-generated/man8" "$rel/deb-generated/man5" "$rel/deb-generated/completions" "$output"
+install -m 0755 "$binary" "$rel/siterelay"
 # Debug information is for developers, not for an SD card.
-if command -v strip >/dev/null 2>&1; then
-    strip --strip-debug "$pkg/usr/bin/siterelay"
+strip_tool=strip
+[ "$arch" = arm64 ] && command -v aarch64-linux-gnu-strip >/dev/null 2>&1 && strip_tool=aarch64-linux-gnu-strip
+if ! "$strip_tool" --strip-debug "$rel/siterelay" 2>/dev/null; then
+    echo "build-deb.sh: note: $strip_tool could not strip the $arch binary; packaged as it is" >&2
 fi
-install -m 0644 "$root/systemd-units/siterelay.service" "$pkg/lib/systemd/system/siterelay.service"
-install -m 0640 "$root/docs/siterelay.example.toml" "$pkg/etc/siterelay/siterelay.toml"
-install -m 0644 "$root/README.md" "$root/docs/"*.md "$pkg/usr/share/doc/siterelay/"
-install -m 0644 "$root/docs/siterelay.example.toml" "$pkg/usr/share/doc/siterelay/"
-install -m 0644 "$root/hardware/README.md" "$pkg/usr/share/doc/siterelay/hardware.md"
-install -m 0644 "$root/docs/schema/"*.json "$pkg/usr/share/doc/siterelay/schema/"
 
-size_kib="$(du -sk "$pkg" | cut -f1)"
-cat > "$pkg/DEBIAN/control" <<EOF
-Package: siterelay
-Version: ${version}
-Architecture: ${arch}
-Maintainer: siterelay developers <siterelay@invalid>
-Installed-Size: ${size_kib}
-Depends: adduser, libc6
-Recommends: systemd
-Section: net
-Priority: optional
-Homepage: https://github.com/siterelay/siterelay
-Description: HL7 v2 and device edge relay for hospital information sharing
- Listens to HL7 v2 feeds over MLLP and to analysers and devices on serial
- lines, stores every message durably in SQLite before acknowledging it, and
- forwards normalised JSON records over mutual-TLS MQTT to a central
- integration layer, reporting its own health so a fleet can be watched.
-EOF
-echo "/etc/siterelay/siterelay.toml" > "$pkg/DEBIAN/conffiles"
-
-cat > "$pkg/DEBIAN/postinst" <<'EOF'
-#!/bin/sh
-set -e
-if [ "$1" = "configure" ]; then
-    if ! getent passwd siterelay >/dev/null; then
-        install -d -m 0700 /var/lib/siterelay
-        adduser --system --group --home /var/lib/siterelay --no-create-home \
-            --gecos "siterelay edge relay" siterelay >/dev/null
-    fi
-    # The outbox directory (systemd's StateDirectory= also creates it with these rights).
-    install -d -m 0700 -o siterelay -g siterelay /var/lib/siterelay
-    # Serial analysers and devices.
-    if getent group dialout >/dev/null; then
-        adduser siterelay dialout >/dev/null 2>&1 || true
-    fi
-    chown root:siterelay /etc/siterelay /etc/siterelay/tls /etc/siterelay/siterelay.toml
-    chmod 0750 /etc/siterelay /etc/siterelay/tls
-    chmod 0640 /etc/siterelay/siterelay.toml
-    if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload >/dev/null || true
-        # Enabled, not started: the box needs its certificates and config first.
-        systemctl enable siterelay.service >/dev/null || true
-        if systemctl is-active --quiet siterelay.service; then
-            systemctl restart siterelay.service || true
+# Man pages and completions, from a siterelay that runs here.
+if [ -z "$tools" ]; then
+    for candidate in "$rel/siterelay" "$target_dir/release/siterelay" "$target_dir/debug/siterelay"; do
+        if [ -x "$candidate" ] && "$candidate" --version >/dev/null 2>&1; then
+            tools="$candidate"
+            break
         fi
-    fi
-    echo "siterelay: edit /etc/siterelay/siterelay.toml, put the TLS files in /etc/siterelay/tls/,"
-    echo "           run 'sudo -u siterelay siterelay check-config',"
-    echo "           then 'systemctl start siterelay'."
+    done
 fi
-exit 0
-EOF
-cat > "$pkg/DEBIAN/prerm" <<'EOF'
-#!/bin/sh
-set -e
-if [ -d /run/systemd/system ] && [ "$1" = "remove" ]; then
-    systemctl stop siterelay.service >/dev/null 2>&1 || true
+if [ -z "$tools" ]; then
+    cargo build --locked --bin siterelay >&2
+    tools="$target_dir/debug/siterelay"
 fi
-exit 0
-EOF
-cat > "$pkg/DEBIAN/postrm" <<'EOF'
-#!/bin/sh
-set -e
-if [ -d /run/systemd/system ]; then
-    systemctl daemon-reload >/dev/null 2>&1 || true
-fi
-if [ "$1" = "purge" ]; then
-    # The outbox holds patient data and undelivered messages: never deleted automatically.
-    if [ -d /var/lib/siterelay ]; then
-        echo "siterelay: /var/lib/siterelay (the outbox) was kept: it may hold undelivered" \
-             "messages and patient data. The siterelay command is gone with the package, so" \
-             "check what it holds by reinstalling siterelay and running 'siterelay queue stats'" \
-             "(or see the 'queue stats' you ran before removing it); delete the directory only" \
-             "when nothing is pending." >&2
-    fi
-    if [ -d /run/systemd/system ]; then
-        systemctl disable siterelay.service >/dev/null 2>&1 || true
-    fi
-fi
-exit 0
-EOF
-chmod 0755 "$pkg/DEBIAN/postinst" "$pkg/DEBIAN/prerm" "$pkg/DEBIAN/postrm"
+"$tools" --version >/dev/null 2>&1 || die "--tools-binary $tools does not run on this machine"
+"$tools" manpages --out "$stage/man" >/dev/null
+for page in "$stage"/man/*.8; do gzip -9n -c "$page" > "$rel/deb-generated/man8/$(basename "$page").gz"; done
+for page in "$stage"/man/*.5; do gzip -9n -c "$page" > "$rel/deb-generated/man5/$(basename "$page").gz"; done
+"$tools" completions bash > "$rel/deb-generated/completions/siterelay"
+"$tools" completions zsh > "$rel/deb-generated/completions/_siterelay"
+"$tools" completions fish > "$rel/deb-generated/completions/siterelay.fish"
 
-dpkg-deb --root-owner-group --build "$pkg" "$pkg.deb" >/dev/null
-echo "$pkg.deb"
+# copyright: the DEP-5 header and licences (pkg/deb/copyright.in), then one Files paragraph per
+# licence of the crates linked into this architecture's binary (normal dependencies, no proc
+# macros), from Cargo.lock. vendor/<crate>-<version>/ is where `cargo vendor --versioned-dirs`
+# puts each crate's source.
+{
+    cat pkg/deb/copyright.in
+    cargo tree --locked -p siterelay -e normal,no-proc-macro --target "$triple" --prefix none \
+        -f '{p}|{l}' \
+        | sed 's/ (\*)$//' | grep -v '^siterelay' | sort -u \
+        | awk -F'|' '{
+                split($1, nv, " v"); lic = $2
+                gsub("/", " OR ", lic); gsub(" OR ", " or ", lic); gsub(" AND ", " and ", lic)
+                print lic "|" nv[1] "-" nv[2]
+            }' \
+        | sort -t'|' -k1,1 -k2,2 \
+        | awk -F'|' '
+            $1 != lic {
+                if (lic != "") printf "Copyright: the authors of each crate (its Cargo.toml and licence file)\nLicense: %s\n", lic
+                lic = $1; printf "\nFiles:"
+            }
+            { printf " vendor/%s/*\n", $2 }
+            END { if (lic != "") printf "Copyright: the authors of each crate (its Cargo.toml and licence file)\nLicense: %s\n", lic }'
+} > "$rel/deb-generated/copyright"
+
+version_args=()
+[ -z "$deb_version" ] || version_args=(--deb-version "$deb_version")
+CARGO_TARGET_DIR="$stage" cargo deb --no-build --no-strip --locked --target "$triple" \
+    --output "$output" "${version_args[@]}" >/dev/null
+deb="$(ls -t "$output"/siterelay_*_"$arch".deb | head -1)"
+echo "$deb"

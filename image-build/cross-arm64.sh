@@ -61,6 +61,7 @@ if ! printf '%s\n%s\n' "$min_rustc" "$(echo "$version" | awk '{print $2}')" | so
 fi
 [ -d "/usr/lib/rustlib/$target/lib" ] || { echo "cross-arm64: no $target standard library in /usr/lib/rustlib" >&2; exit 1; }
 
+caller_target_dir="${CARGO_TARGET_DIR:-}"
 # Its own target directory: artifacts of two compilers would keep invalidating each other.
 tdir="${CARGO_TARGET_DIR:-$root/target}/debian-rustc"
 export CARGO_TARGET_DIR="$tdir"
@@ -105,7 +106,14 @@ if [ "$make_deb" = 1 ]; then
     # the aarch64 one (a no-op on an already stripped binary).
     shim="$(mktemp -d)"
     ln -s "$(command -v aarch64-linux-gnu-strip)" "$shim/strip"
-    deb="$(PATH="$shim:$PATH" "$here/build-deb.sh" --binary "$bin.stripped" --arch arm64 | tail -n 1)"
+    # build-deb.sh runs with the caller's environment (rustup's cargo, the caller's target
+    # directory, where it finds an amd64 siterelay to write the man pages with), not this
+    # script's Debian-compiler settings.
+    deb="$(
+        unset RUSTC RUSTDOC CARGO_INCREMENTAL
+        if [ -n "$caller_target_dir" ]; then export CARGO_TARGET_DIR="$caller_target_dir"; else unset CARGO_TARGET_DIR; fi
+        PATH="$shim:$PATH" "$here/build-deb.sh" --binary "$bin.stripped" --arch arm64 | tail -n 1
+    )"
     rm -rf "$shim"
     [ "$(dpkg-deb --field "$deb" Architecture)" = arm64 ] || { echo "cross-arm64: $deb is not Architecture: arm64" >&2; exit 1; }
     x="$(mktemp -d)"

@@ -1,5 +1,6 @@
 //! A small MLLP client: `siterelay send`, the load generator and the tests use it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -256,5 +257,145 @@ mod tests {
             (a.code.as_str(), a.control_id.as_str(), a.text.as_str()),
             ("AE", "CTRL1", "bad thing")
         );
+    }
+}
+
+/// `siterelay send` over TLS, for feeds with an `[mllp.tls]` table.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SendTlsArgs {
+    /// Connect with TLS (a feed with [mllp.tls]). Implied by --ca, --cert or --server-name.
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificate(s) the feed's certificate must chain to (PEM); required with --tls (no
+    /// system trust store is consulted).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate to present (PEM), for a feed with tls.client_ca_file.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+    /// Name the feed's certificate must carry (DNS name or IP address). Default: the host
+    /// part of --to.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+}
+
+impl SendTlsArgs {
+    /// Whether TLS was asked for.
+    pub fn wanted(&self) -> bool {
+        self.tls || self.ca.is_some() || self.cert.is_some() || self.server_name.is_some()
+    }
+
+    /// The connector and the name to verify, for a connection to `to` (`HOST:PORT`).
+    pub fn connector(
+        &self,
+        to: &str,
+    ) -> Result<
+        (
+            tokio_rustls::TlsConnector,
+            rustls_pki_types::ServerName<'static>,
+        ),
+        String,
+    > {
+        let Some(ca) = &self.ca else {
+            return Err(
+                "--tls needs --ca FILE: the CA certificate the feed's certificate chains to".into(),
+            );
+        };
+        let host = match &self.server_name {
+            Some(n) => n.clone(),
+            None => host_of(to).to_string(),
+        };
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|_| format!("'{host}' is not a DNS name or IP address (--server-name)"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in crate::tls::load_certs(ca).map_err(|e| e.to_string())? {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: not a usable CA certificate: {e}", ca.display()))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(
+                    crate::tls::load_certs(cert).map_err(|e| e.to_string())?,
+                    crate::tls::load_key(key).map_err(|e| e.to_string())?,
+                )
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => format!(
+                        "--cert {} and --key {} are not a pair: the certificate was issued for another key",
+                        cert.display(),
+                        key.display()
+                    ),
+                    other => other.to_string(),
+                })?,
+            _ => builder.with_no_client_auth(),
+        };
+        Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+    }
+}
+
+/// `host` of `host:port`, `[v6]:port` or `v6` alone.
+fn host_of(to: &str) -> &str {
+    if let Some(rest) = to.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match to.rsplit_once(':') {
+        Some((h, _)) if !h.contains(':') => h,
+        _ => to,
+    }
+}
+
+/// A TLS failure seen by `siterelay send` (at the handshake or, with TLS 1.3, on the first
+/// read after it), in an installer's words: what the feed's certificate or the feed said.
+pub fn describe_tls_error(e: &std::io::Error, server_name: &str) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    let d = |t: rustls_pki_types::UnixTime| crate::tls::date(t.as_secs() as i64);
+    match r {
+        E::InvalidCertificate(c) => match c {
+            C::UnknownIssuer | C::BadSignature => {
+                "the feed's certificate does not chain to the CA given with --ca".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+                "the feed's certificate does not name '{server_name}': connect by a name in it, or give that name with --server-name"
+            ),
+            C::ExpiredContext { time, not_after } => format!(
+                "the feed's certificate expired on {} (this machine's clock says {})",
+                d(*not_after),
+                d(*time)
+            ),
+            C::NotValidYetContext { time, not_before } => format!(
+                "the feed's certificate is not valid until {} (this machine's clock says {})",
+                d(*not_before),
+                d(*time)
+            ),
+            other => format!("the feed's certificate was not accepted: {other:?}"),
+        },
+        E::AlertReceived(a) => match a {
+            A::CertificateRequired => {
+                "the feed requires a client certificate: give --cert and --key".into()
+            }
+            A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::AccessDenied => format!(
+                "the feed refused this client's certificate ({a:?}): it accepts certificates issued by its tls.client_ca_file CA (and, with allow_names, only those names)"
+            ),
+            A::CertificateExpired => {
+                "the feed refused this client's certificate: it has expired".into()
+            }
+            A::CertificateRevoked => {
+                "the feed refused this client's certificate: it is revoked".into()
+            }
+            other => format!("the feed ended the TLS handshake ({other:?})"),
+        },
+        other => other.to_string(),
     }
 }

@@ -65,6 +65,9 @@ pub struct HealthContext {
     pub started_at_us: i64,
     /// Process start (monotonic).
     pub started: Instant,
+    /// The wall clock reports are stamped with and certificate expiry is measured against (the
+    /// outbox's: the system clock but in tests).
+    pub clock: crate::clock::Clock,
     /// Counters.
     pub telemetry: Arc<Telemetry>,
     /// Outbox counters.
@@ -161,6 +164,61 @@ pub struct OutboxHealth {
     /// Their bytes (included in `pending_bytes`).
     #[serde(default)]
     pub held_bytes: u64,
+    /// Stores found damaged at start and moved aside (`<data_dir>/damaged/`), oldest first, at
+    /// most 10; listed until someone deletes their directory. One not yet salvaged makes the
+    /// appliance degraded.
+    #[serde(default)]
+    pub damaged_stores: Vec<DamagedStoreHealth>,
+}
+
+/// A damaged store moved aside at start (no message content).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DamagedStoreHealth {
+    /// The moved file, on the appliance.
+    pub path: String,
+    /// When it was moved aside.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub moved_at: Option<String>,
+    /// Why it was taken as damaged (SQLite's words).
+    pub reason: String,
+    /// `siterelay queue salvage` has been run on it (its undelivered messages were exported).
+    pub salvaged: bool,
+    /// What to run on the appliance.
+    pub salvage_hint: String,
+    /// Every feed's last `seq` could be read: each feed carried on at its last `seq` + 1. If
+    /// false, every feed carried on above `seq_floor`.
+    pub seq_complete: bool,
+    /// When `seq_complete` is false: every feed's `seq`s in the fresh store are above this
+    /// (µs since the epoch when the store was replaced).
+    #[serde(default)]
+    pub seq_floor: u64,
+    /// Each feed seen in the damaged store: the last `seq` read there and the first `seq` of
+    /// the fresh store. The `seq`s between that the central side has not received were in the
+    /// damaged store (pending there, or never used): they will not arrive.
+    #[serde(default)]
+    pub feeds: Vec<crate::outbox::damage::FeedResume>,
+}
+
+impl DamagedStoreHealth {
+    /// From what the data directory holds.
+    pub fn from_store(d: &crate::outbox::damage::DamagedStore) -> DamagedStoreHealth {
+        let path = d.path.display().to_string();
+        DamagedStoreHealth {
+            salvage_hint: format!(
+                "siterelay queue salvage {path} (docs/operations.md, \"A damaged store\")"
+            ),
+            path,
+            moved_at: d.note.as_ref().map(|n| rfc3339_us(n.moved_at_us)),
+            reason: d.note.as_ref().map_or_else(
+                || "unknown (damaged.json unreadable)".to_owned(),
+                |n| crate::text::bounded(&n.reason).into_owned(),
+            ),
+            salvaged: d.salvaged.is_some(),
+            seq_complete: d.note.as_ref().is_some_and(|n| n.seq_complete),
+            seq_floor: d.note.as_ref().map_or(0, |n| n.seq_floor),
+            feeds: d.note.as_ref().map(|n| n.feeds.clone()).unwrap_or_default(),
+        }
+    }
 }
 
 /// One held record in the health report: enough to tell "held on the box" from "not arrived
@@ -320,9 +378,20 @@ pub struct ClockHealth {
     /// (adjtimex), microseconds; only meaningful while `synchronized`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub offset_us: Option<i64>,
-    /// True when the wall clock is obviously wrong: before this build was made, or before the
-    /// client certificate's start of validity.
+    /// True when the wall clock is obviously wrong: before 2026-01-01 (this software did not
+    /// exist), or before the client certificate's start of validity. Times this appliance
+    /// stamps meanwhile (`received_at` of records, `at` of reports) are the clock's reading.
     pub suspect: bool,
+    /// Steps of the wall clock the outbox noticed since start (jumps of more than 10 s against
+    /// the monotonic clock; its retention stamps were moved with them).
+    #[serde(default)]
+    pub steps: u64,
+    /// The last step: how far the clock jumped (seconds; negative: back).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_step_secs: Option<f64>,
+    /// When it was noticed (RFC 3339, after the step).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_step_at: Option<String>,
 }
 
 /// Days from now until the certificate(s) in a PEM file expire: the earliest one.
@@ -341,8 +410,17 @@ pub fn cert_days_left(path: &Path) -> Option<i64> {
         .map(|not_after| (not_after - now).div_euclid(86_400))
 }
 
-/// The kernel's view of clock synchronisation (adjtimex), when available.
+/// The kernel's view of clock synchronisation (adjtimex), when available, with the system
+/// clock.
 pub fn clock_state(client_cert_not_before: Option<i64>) -> ClockHealth {
+    clock_state_at(&crate::clock::Clock::system(), client_cert_not_before)
+}
+
+/// [`clock_state`] judged by `clock` (steps are filled in by the report).
+pub fn clock_state_at(
+    clock: &crate::clock::Clock,
+    client_cert_not_before: Option<i64>,
+) -> ClockHealth {
     let r = crate::sys::clock_reading();
     let (synchronized, max_error_us, est_error_us, offset_us) = (
         r.map(|r| r.synchronized),
@@ -350,16 +428,17 @@ pub fn clock_state(client_cert_not_before: Option<i64>) -> ClockHealth {
         r.map(|r| r.est_error_us),
         r.map(|r| r.offset_us),
     );
-    let now = jiff::Timestamp::now().as_second();
-    // Built on or after this date: a clock reading earlier is certainly wrong.
-    const NOT_BEFORE_2026: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+    let now = clock.now_secs();
     let cert_start = client_cert_not_before.unwrap_or(0);
     ClockHealth {
         synchronized,
         max_error_us,
         est_error_us,
         offset_us,
-        suspect: now < NOT_BEFORE_2026 || now < cert_start,
+        suspect: clock.implausible() || now < cert_start,
+        steps: 0,
+        last_step_secs: None,
+        last_step_at: None,
     }
 }
 
@@ -423,7 +502,7 @@ impl HealthContext {
     /// caller's bookkeeping.
     pub fn report(&self, store: &StoreView, delivered_last_interval: u64) -> Health {
         let oldest_pending_us = store.oldest_pending_us;
-        let now_us = crate::outbox::now_us();
+        let now_us = self.clock.now_us();
         let now_secs = now_us.div_euclid(1_000_000);
         let in_use = self.identity.as_ref().map(|i| i.current());
         let g = &self.gauges;
@@ -496,6 +575,10 @@ impl HealthContext {
                 },
                 held_count: ld(&g.held_count),
                 held_bytes: ld(&g.held_bytes),
+                damaged_stores: crate::outbox::damage::list(&self.data_dir)
+                    .iter()
+                    .map(DamagedStoreHealth::from_store)
+                    .collect(),
             },
             feeds,
             held: store
@@ -530,7 +613,18 @@ impl HealthContext {
                 client_days_left: in_use.as_ref().map(|i| i.days_left(now_secs)),
                 ca_days_left: in_use.as_ref().and_then(|i| i.ca_days_left(now_secs)),
             },
-            clock: clock_state(in_use.as_ref().map(|i| i.not_before)),
+            clock: ClockHealth {
+                steps: ld(&g.clock_steps),
+                last_step_secs: match g.clock_last_step_us.load(Ordering::Relaxed) {
+                    0 => None,
+                    d => Some(d as f64 / 1e6),
+                },
+                last_step_at: match g.clock_last_step_at_us.load(Ordering::Relaxed) {
+                    0 => None,
+                    t => Some(rfc3339_us(t)),
+                },
+                ..clock_state_at(&self.clock, in_use.as_ref().map(|i| i.not_before))
+            },
         }
     }
 }

@@ -18,7 +18,7 @@
 //! Beside the pipeline: [`telemetry`] (counters and named events), [`health`] and [`inventory`], [`metrics`] (the health report as Prometheus text)
 //! (what the appliance reports about itself), [`shutdown`] (stopping every task at a safe point), [`status`] (the local status socket and the
 //! quarantine retry), [`watch`] (the central team's fleet view), [`config`], [`preflight`] (the checks `run` and `check-config` share), [`app`] (wiring),
-//! [`client`] (an MLLP client for `siterelay send` and tests). Protocol logic ([`hl7`],
+//! [`client`] (an MLLP client for `siterelay send` and tests), [`enrol`] (the appliance's key, request and certificate), [`manpage`] (the manual pages). Protocol logic ([`hl7`],
 //! [`astm`], MLLP framing, time) is the `siterelay-proto` crate in `proto/`, which owns no I/O
 //! and cannot: it does not depend on tokio, tracing or rusqlite. See `docs/architecture.md`.
 
@@ -27,10 +27,13 @@
 
 pub mod app;
 pub mod client;
+pub mod clock;
 pub mod config;
+pub mod enrol;
 pub mod health;
 pub mod intake;
 pub mod inventory;
+pub mod manpage;
 pub mod metrics;
 pub mod outbox;
 pub mod preflight;

@@ -21,7 +21,7 @@ use siterelay::config::{self, DEFAULT_CONFIG_PATH, LogConfig, LogOutput, Timesta
     about = "HL7 v2 / device edge relay: MLLP and serial in, durable SQLite outbox, mutual-TLS MQTT out"
 )]
 struct Cli {
-    /// Configuration file (used by run, check-config, status, metrics and queue). May be given
+    /// Configuration file (used by run, check-config, status, metrics, enrol and queue). May be given
     /// before or after the subcommand.
     #[arg(
         long,
@@ -62,11 +62,14 @@ enum Command {
         /// message starts with MSH), or MLLP-framed bytes.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        tls: siterelay::client::SendTlsArgs,
     },
     /// This appliance's state, from the running daemon (or from the outbox file if it is down).
     ///
     /// Exit codes, for monitoring (Nagios-style): 0 healthy; 1 degraded (the broker is not
-    /// connected, records are held, or a certificate expires within 14 days or has expired);
+    /// connected, records are held, a damaged store moved aside at start is not salvaged, or a
+    /// certificate expires within 14 days or has expired);
     /// 3 the daemon is not answering (down), or the configuration cannot be read.
     Status,
     /// The health report as Prometheus text (node_exporter's textfile collector): the same
@@ -81,6 +84,25 @@ enum Command {
     },
     /// Watch a fleet of appliances through the central broker (central team's view).
     Watch(siterelay::watch::WatchArgs),
+    /// Make this box's MQTT client key and certificate request (CN = appliance_id, clientAuth;
+    /// the key is written to mqtt.key_file, mode 0600, never printed), or with --install-cert
+    /// check the certificate the central team signed and install it with its CA. See
+    /// docs/operations.md, "Enrolling a box".
+    Enrol(siterelay::enrol::EnrolArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout; the
+    /// Debian package installs the bash, zsh and fish ones.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (siterelay(8), one siterelay-COMMAND(8) per command, and
+    /// siterelay.toml(5) from the configuration reference) into a directory (packaging).
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write them to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Inspect the outbox.
     Queue {
         #[command(subcommand)]
@@ -171,6 +193,18 @@ enum QueueCommand {
     },
     /// Per feed: pending, delivered, oldest pending age, bytes. Safe while the daemon runs.
     Stats,
+    /// Read what can still be read from a damaged store (one the daemon moved to
+    /// DATA_DIR/damaged/ at start) and write each message the broker never confirmed, bytes
+    /// exactly as received, to a file, with index.json. The file is never modified (a copy is
+    /// read). Exit 0: everything read; 1: some rows unreadable; 2: not a file, or no output.
+    Salvage {
+        /// The damaged store (e.g. /var/lib/siterelay/damaged/20261203T081500Z/outbox.sqlite).
+        file: PathBuf,
+        /// Output directory (created 0700; files 0600: patient data). Default: `salvaged/`
+        /// next to FILE.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -184,10 +218,14 @@ fn main() -> ExitCode {
             to,
             timeout_secs,
             files,
-        } => send(&to, Duration::from_secs(timeout_secs), &files),
+            tls,
+        } => send(&to, Duration::from_secs(timeout_secs), &files, &tls),
         Command::Queue {
             command: QueueCommand::Stats,
         } => queue_stats(&config, json),
+        Command::Queue {
+            command: QueueCommand::Salvage { file, out },
+        } => salvage(&file, out, json),
         Command::Queue {
             command: QueueCommand::Rejected { command },
         } => rejected(&config, json, command.unwrap_or(RejectedCommand::List)),
@@ -195,6 +233,29 @@ fn main() -> ExitCode {
             command: QueueCommand::Held { command },
         } => held(&config, json, command.unwrap_or(HeldCommand::List)),
         Command::Status => status(&config, json),
+        Command::Enrol(args) => siterelay::enrol::cli(&config, &args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Without the hidden packaging command (clap_complete would offer it).
+            let mut cmd = siterelay::manpage::without_hidden_subcommands(&Cli::command());
+            clap_complete::generate(shell, &mut cmd, "siterelay", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpages { out } => {
+            use clap::CommandFactory;
+            match siterelay::manpage::write_all(Cli::command(), &out) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Metrics { out } => metrics(&config, out.as_deref()),
         Command::Watch(mut args) => {
             args.json = json;
@@ -405,7 +466,12 @@ async fn daemon(cfg: config::Config) -> anyhow::Result<()> {
     }
 }
 
-fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
+fn send(
+    to: &str,
+    timeout: Duration,
+    files: &[PathBuf],
+    tls: &siterelay::client::SendTlsArgs,
+) -> ExitCode {
     let rt = small_runtime();
     rt.block_on(async {
         let mut messages = Vec::new();
@@ -432,7 +498,45 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let mut client = MllpClient::new(stream);
+        if !tls.wanted() {
+            return send_messages(MllpClient::new(stream), &messages, timeout, to).await;
+        }
+        let (connector, name) = match tls.connector(to) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shown = name.to_str().into_owned();
+        match connector.connect(name, stream).await {
+            Ok(s) => send_messages(MllpClient::new(s), &messages, timeout, &shown).await,
+            Err(e) => {
+                eprintln!(
+                    "TLS with {to} failed: {}",
+                    siterelay::client::describe_tls_error(&e, &shown)
+                );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Send each message in turn and print its ACK (see `Command::Send` for the exit code).
+/// `server_name` is for TLS errors (a refused client certificate shows on the first read).
+async fn send_messages<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut client: MllpClient<S>,
+    messages: &[(PathBuf, Vec<u8>)],
+    timeout: Duration,
+    server_name: &str,
+) -> ExitCode {
+    {
+        let describe = |e: &siterelay::client::ClientError| match e {
+            siterelay::client::ClientError::Io(io) => {
+                siterelay::client::describe_tls_error(io, server_name)
+            }
+            other => other.to_string(),
+        };
         let mut failures = 0;
         for (i, (file, m)) in messages.iter().enumerate() {
             if siterelay::hl7::batch::is_batch(m) {
@@ -458,7 +562,12 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
                         failures += naks.len();
                     }
                     Err(e) => {
-                        println!("{} #{}: no batch ACK: {e}", file.display(), i + 1);
+                        println!(
+                            "{} #{}: no batch ACK: {}",
+                            file.display(),
+                            i + 1,
+                            describe(&e)
+                        );
                         return ExitCode::FAILURE;
                     }
                 }
@@ -483,7 +592,7 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
                     );
                 }
                 Err(e) => {
-                    println!("{} #{}: no ACK: {e}", file.display(), i + 1);
+                    println!("{} #{}: no ACK: {}", file.display(), i + 1, describe(&e));
                     return ExitCode::FAILURE;
                 }
             }
@@ -494,7 +603,7 @@ fn send(to: &str, timeout: Duration, files: &[PathBuf]) -> ExitCode {
         } else {
             ExitCode::SUCCESS
         }
-    })
+    }
 }
 
 fn rejected(path: &Path, json: bool, cmd: RejectedCommand) -> ExitCode {
@@ -830,6 +939,68 @@ fn export_bytes(raw: &[u8], out: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `queue salvage`: export what a damaged store still holds. Needs no configuration.
+fn salvage(file: &Path, out: Option<PathBuf>, json: bool) -> ExitCode {
+    use siterelay::outbox::{damage, salvage};
+    let out = out.unwrap_or_else(|| file.parent().unwrap_or(Path::new(".")).join("salvaged"));
+    let r = match salvage::salvage(file, &out) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("siterelay queue salvage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let summary = serde_json::json!({
+        "salvaged_at": r.salvaged_at, "out_dir": r.out_dir, "rows_read": r.rows_read,
+        "pending_exported": r.pending_exported, "rows_unreadable": r.rows_unreadable,
+        "regions_unreadable": r.regions_unreadable, "pending_lost": r.pending_lost,
+        "complete": r.complete,
+    });
+    if let Err(e) = damage::record_salvaged(file, &summary) {
+        eprintln!(
+            "could not record the salvage next to {} ({e}): health still lists it as not salvaged",
+            file.display()
+        );
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{}: {} message row(s) read, {} undelivered exported to {} (index.json), {} delivered left out",
+            file.display(),
+            r.rows_read,
+            r.pending_exported,
+            out.display(),
+            r.delivered_skipped
+        );
+        println!(
+            "unreadable: {} row(s), {} damaged stretch(es) of rows, {} undelivered message(s) named but not readable{}{}",
+            r.rows_unreadable,
+            r.regions_unreadable,
+            r.pending_lost,
+            if r.state_complete {
+                ""
+            } else {
+                "; delivery state incomplete: messages of unknown state exported too"
+            },
+            if r.header_repaired {
+                "; header repaired (in the copy)"
+            } else {
+                ""
+            }
+        );
+        if r.pending_exported > 0 {
+            println!(
+                "next: re-send the .hl7 files to their feed (siterelay send --to HOST:PORT FILE...), see docs/operations.md, \"A damaged store\""
+            );
+        }
+    }
+    ExitCode::from(if r.complete { 0 } else { 1 })
 }
 
 /// `status` exit code: the daemon answered and is healthy.

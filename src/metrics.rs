@@ -94,7 +94,7 @@ pub fn render(h: &Health, stats: &[FeedStats]) -> String {
     o.one(
         "siterelay_degraded",
         "gauge",
-        "1 when siterelay status would exit 1: broker not connected, held records, or a certificate expiring within 14 days.",
+        "1 when siterelay status would exit 1: broker not connected, held records, a damaged store not salvaged, or a certificate expiring within 14 days.",
         flag(!crate::status::degraded(h).is_empty()),
     );
     o.one(
@@ -128,6 +128,12 @@ pub fn render(h: &Health, stats: &[FeedStats]) -> String {
         "gauge",
         "Records held: they cannot be published as they are (siterelay queue held).",
         b.held_count as f64,
+    );
+    o.one(
+        "siterelay_outbox_damaged_stores",
+        "gauge",
+        "Stores found damaged at start and moved aside, not yet salvaged (siterelay queue salvage; docs/operations.md).",
+        b.damaged_stores.iter().filter(|d| !d.salvaged).count() as f64,
     );
     o.one(
         "siterelay_outbox_held_bytes",

@@ -200,7 +200,7 @@ async fn held_retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde
 pub const CERT_DEGRADED_DAYS: i64 = 14;
 
 /// Why a running appliance is degraded (empty: healthy): the broker not connected, held
-/// records, a certificate expiring within [`CERT_DEGRADED_DAYS`] or expired. `siterelay status`
+/// records, a damaged store moved aside at start and not yet salvaged, a certificate expiring within [`CERT_DEGRADED_DAYS`] or expired. `siterelay status`
 /// exits 1 when there is any, and the metrics carry the same figures.
 pub fn degraded(h: &Health) -> Vec<String> {
     let mut why = Vec::new();
@@ -209,6 +209,15 @@ pub fn degraded(h: &Health) -> Vec<String> {
     }
     if h.outbox.held_count > 0 {
         why.push(format!("{} held record(s)", h.outbox.held_count));
+    }
+    let damaged = h
+        .outbox
+        .damaged_stores
+        .iter()
+        .filter(|d| !d.salvaged)
+        .count();
+    if damaged > 0 {
+        why.push(format!("{damaged} damaged store(s) not salvaged"));
     }
     for (what, days) in [
         ("client certificate", h.certificates.client_days_left),
@@ -350,6 +359,30 @@ pub fn render(h: &Health) -> String {
                 o,
                 "  row {:<8} {} seq {}: {} ({})",
                 hr.row, hr.feed, hr.seq, hr.reason, hr.detail
+            );
+        }
+    }
+    for d in &b.damaged_stores {
+        let _ = writeln!(
+            o,
+            "DAMAGED   store moved aside{}: {}",
+            d.moved_at
+                .as_deref()
+                .map(|t| format!(" at {t}"))
+                .unwrap_or_default(),
+            crate::text::for_terminal(&d.reason)
+        );
+        if d.salvaged {
+            let _ = writeln!(
+                o,
+                "          salvaged; delete its directory once its messages are re-sent: {}",
+                d.path
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "          its undelivered messages were NOT forwarded: {}",
+                crate::text::for_terminal(&d.salvage_hint)
             );
         }
     }

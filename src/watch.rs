@@ -103,7 +103,8 @@ pub struct Row {
     /// Held records (set aside on the appliance; `siterelay queue held` there).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held: Option<u64>,
-    /// Problems: `offline`, `stale`, `backlog-growing`, `held`, `cert-expiring`, `clock`,
+    /// Problems: `offline`, `stale`, `backlog-growing`, `held`, `damaged-store` (a store found
+    /// damaged at start and not yet salvaged), `cert-expiring`, `clock`,
     /// `duplicate-id` (births alternate between two machines: two boxes share this id).
     pub problems: Vec<String>,
 }
@@ -228,6 +229,9 @@ impl Fleet {
         let held = h.map(|h| h.outbox.held_count).filter(|&n| n > 0);
         if held.is_some() {
             problems.push("held".into());
+        }
+        if h.is_some_and(|h| h.outbox.damaged_stores.iter().any(|d| !d.salvaged)) {
+            problems.push("damaged-store".into());
         }
         let cert = h.and_then(|h| h.certificates.client_days_left);
         if cert.is_some_and(|d| d < 30) {
@@ -512,6 +516,26 @@ mod tests {
             (r.held, r.problems.as_slice()),
             (Some(2), &["held".to_string()][..])
         );
+    }
+
+    #[test]
+    fn a_damaged_store_not_salvaged_is_a_problem_and_a_salvaged_one_is_not() {
+        let mut f = Fleet::new("siterelay", 90);
+        f.apply("siterelay/a/status", &status("online", 1), 0);
+        let mut v: serde_json::Value = serde_json::from_slice(&health(3, Some(1.0), 300)).unwrap();
+        let store = |salvaged: bool| {
+            serde_json::json!({
+                "path": "/var/lib/siterelay/damaged/20261203T081500Z/outbox.sqlite",
+                "reason": "database disk image is malformed", "salvaged": salvaged,
+                "salvage_hint": "siterelay queue salvage ...", "seq_complete": true,
+            })
+        };
+        v["outbox"]["damaged_stores"] = serde_json::json!([store(false)]);
+        f.apply("siterelay/a/health", &serde_json::to_vec(&v).unwrap(), 0);
+        assert_eq!(f.row("a", 0).unwrap().problems, ["damaged-store"]);
+        v["outbox"]["damaged_stores"] = serde_json::json!([store(true)]);
+        f.apply("siterelay/a/health", &serde_json::to_vec(&v).unwrap(), 0);
+        assert!(f.row("a", 0).unwrap().problems.is_empty());
     }
 
     #[test]

@@ -132,9 +132,19 @@ fn by_name(
 impl Daemon {
     /// Start everything described by `cfg` (already checked by [`crate::config::load`]).
     pub async fn start(cfg: &Config) -> anyhow::Result<Daemon> {
+        Daemon::start_with_clock(cfg, crate::clock::Clock::system()).await
+    }
+
+    /// [`Daemon::start`] with the wall clock the daemon stamps and compares calendar times
+    /// with (`received_at`, retention, the duplicate window, reports, certificate expiry): a
+    /// test clock, to step it. Timers, timeouts and backoff never read it (monotonic time).
+    pub async fn start_with_clock(
+        cfg: &Config,
+        clock: crate::clock::Clock,
+    ) -> anyhow::Result<Daemon> {
         let lock = lock::DataDirLock::acquire(&cfg.data_dir)?;
         let identity = sink::client_identity(cfg)?;
-        let (outbox, writer) = store::open(cfg)?;
+        let (outbox, writer) = store::open(cfg, clock)?;
         let names = store::feed_names(cfg);
         let telemetry = Arc::new(Telemetry::new(names.iter().copied()));
         let inventories = store::saved_inventories(&outbox, &names);

@@ -21,8 +21,9 @@ pub(super) fn health(
 ) -> HealthContext {
     HealthContext {
         appliance: cfg.appliance_id.clone(),
-        started_at_us: crate::outbox::now_us(),
+        started_at_us: shared.outbox.clock().now_us(),
         started: std::time::Instant::now(),
+        clock: shared.outbox.clock().clone(),
         telemetry: shared.telemetry.clone(),
         gauges: shared.outbox.gauges(),
         store_max_bytes: cfg.store.max_bytes,

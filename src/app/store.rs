@@ -10,30 +10,41 @@ use anyhow::Context;
 
 use crate::config::Config;
 use crate::inventory::{FeedInventory, FeedInventoryData};
-use crate::outbox::{Outbox, OutboxOptions, WriterThread};
+use crate::outbox::{Outbox, OutboxOptions, WriterThread, damage};
 use crate::sink::mqtt::INVENTORY_KEY;
 
 /// How often delivered rows past retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 
-/// Open the outbox and start its writer thread.
-pub(super) fn open(cfg: &Config) -> anyhow::Result<(Outbox, WriterThread)> {
-    Outbox::open(
-        &cfg.outbox_path(),
-        OutboxOptions {
-            max_bytes: cfg.store.max_bytes,
-            quarantine_max_bytes: cfg.store.quarantine_budget(),
-            retain_delivered: cfg.store.retain_delivered,
-            retain_rejected: cfg.store.retain_rejected,
-            dedup_keep: cfg
-                .mllp
-                .iter()
-                .map(|f| f.dedup_window)
-                .max()
-                .unwrap_or_default(),
-            secure_delete: cfg.store.secure_delete,
-        },
-    )
+/// Open the outbox and start its writer thread. A damaged store (`quick_check`, or an open
+/// that SQLite refuses as malformed) is moved aside and a fresh one started in its place
+/// (`crate::outbox::damage`), so the daemon starts instead of failing again at every restart.
+pub(super) fn open(
+    cfg: &Config,
+    clock: crate::clock::Clock,
+) -> anyhow::Result<(Outbox, WriterThread)> {
+    let path = cfg.outbox_path();
+    let opts = OutboxOptions {
+        max_bytes: cfg.store.max_bytes,
+        quarantine_max_bytes: cfg.store.quarantine_budget(),
+        retain_delivered: cfg.store.retain_delivered,
+        retain_rejected: cfg.store.retain_rejected,
+        dedup_keep: cfg
+            .mllp
+            .iter()
+            .map(|f| f.dedup_window)
+            .max()
+            .unwrap_or_default(),
+        secure_delete: cfg.store.secure_delete,
+    };
+    damage::check_at_start(&path).context("checking the outbox")?;
+    match Outbox::open_with_clock(&path, opts.clone(), clock.clone()) {
+        Err(e) if damage::is_damage(&e) => {
+            damage::set_aside(&path, &e.to_string()).context("moving a damaged outbox aside")?;
+            Outbox::open_with_clock(&path, opts, clock)
+        }
+        opened => opened,
+    }
     .context("opening the outbox")
 }
 

@@ -4,7 +4,7 @@
 //! final-frame ACK only after this returns `Ok`).
 
 use super::FeedIntake;
-use crate::outbox::{AppendError, Format, NewMessage, now_us};
+use crate::outbox::{AppendError, Format, NewMessage};
 use crate::telemetry::mllp as event;
 
 impl FeedIntake {
@@ -33,7 +33,7 @@ impl FeedIntake {
             format,
             control_id: None,
             raw,
-            received_at_us: now_us(),
+            received_at_us: self.outbox.clock().now_us(),
             reprocessed: false,
             dedup: None,
             truncated_bytes,
@@ -57,8 +57,12 @@ impl FeedIntake {
                     ),
                     None => (None, Vec::new()),
                 };
-                self.inventory
-                    .observe_device(instrument.as_deref(), &codes, size, now_us());
+                self.inventory.observe_device(
+                    instrument.as_deref(),
+                    &codes,
+                    size,
+                    self.outbox.clock().now_us(),
+                );
                 Ok(s.seq)
             }
             Err(e) => {

@@ -17,7 +17,7 @@ use crate::hl7::charset::Charset;
 use crate::hl7::header::Header;
 use crate::hl7::intake::{self, Intake};
 use crate::inventory::{Hl7Facts, segment_ids};
-use crate::outbox::{AppendError, Format, NewMessage, QuarantinedRow, SourceKind, now_us};
+use crate::outbox::{AppendError, Format, NewMessage, QuarantinedRow, SourceKind};
 use crate::telemetry::mllp as event;
 
 /// The text of the `AR` when the store could not take a message (or its quarantine entry).
@@ -112,7 +112,7 @@ impl FeedIntake {
                     .await,
             );
         }
-        let received_at_us = now_us();
+        let received_at_us = self.outbox.clock().now_us();
         match self.decide(&msg, received_at_us, shutting_down) {
             Decision::Store(p, new) => {
                 let new = NewMessage {
@@ -366,7 +366,15 @@ impl FeedIntake {
                     &self.responder.facility,
                 );
                 return self
-                    .quarantine(frame, peer, now_us(), &reason, &error, None, Some(nak))
+                    .quarantine(
+                        frame,
+                        peer,
+                        self.outbox.clock().now_us(),
+                        &reason,
+                        &error,
+                        None,
+                        Some(nak),
+                    )
                     .await
                     .unwrap_or_default();
             }
@@ -395,7 +403,7 @@ impl FeedIntake {
         for (g, group) in batch.groups.iter().enumerate() {
             for range in &group.messages {
                 let msg = frame[range.clone()].to_vec();
-                let received_at_us = now_us();
+                let received_at_us = self.outbox.clock().now_us();
                 match self.decide(&msg, received_at_us, shutting_down) {
                     Decision::Store(p, new) => {
                         to_store.push(NewMessage {

@@ -306,6 +306,16 @@ impl DedupIndex {
         Ok(None)
     }
 
+    /// The stamps of log rows `ids` were rewritten (a clock step, `steps.rs`): the entries
+    /// held whole in memory follow (older keys are read from disk anyway).
+    pub(super) fn restamp(&mut self, ids: std::ops::Range<i64>, f: impl Fn(i64) -> i64) {
+        for (id, e) in self.recent.values_mut() {
+            if ids.contains(id) {
+                e.at_us = f(e.at_us);
+            }
+        }
+    }
+
     /// The log now starts at `first_id` (pruning deleted the rows before it), or is empty
     /// (`None`): forget the segments wholly before it.
     pub(super) fn expire_before(&mut self, first_id: Option<i64>) {

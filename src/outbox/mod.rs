@@ -47,8 +47,10 @@
 //!   highest `seq` still in `messages`.
 //! - `meta(key PRIMARY KEY, value)`: small appliance state that must survive restarts: `bdseq`
 //!   (the MQTT birth sequence, incremented per connection), `inventory` (what each feed has
-//!   carried, as JSON), the high-water marks `last_row_id` and `last_rejected_id`, and the
-//!   version-5 marker. Written by the same writer thread.
+//!   carried, as JSON), the high-water marks `last_row_id` and `last_rejected_id`, the
+//!   version-5 marker, and `seq_floor` (only in a store started after a damaged one whose
+//!   numbers could not be read whole: the last `seq` of any feed without a `feed_seq` row).
+//!   Written by the same writer thread.
 //! - `rejected(...)`: quarantined (`AE`) messages, kept for `retain_rejected`. Ids are assigned
 //!   by the writer and never reused either (`meta.last_rejected_id`, written whenever
 //!   quarantine rows are deleted). A frame that is not HL7 at all keeps only its first 4 KiB
@@ -133,6 +135,26 @@
 //!   (space short, or over the cap) are counted (`pruned_early`, `retention_cut_at` in health)
 //!   and logged. Pending rows and quarantine are never pruned early.
 //!
+//! **Time and clock steps** (`steps.rs`). Stamps are wall time from the outbox's [`Clock`]
+//! (the system clock but in tests; the intake stamps `received_at` with the same one), and
+//! retention compares them with it: `delivered.delivered_at_us` for `retain_delivered`,
+//! `rejected.received_at_us` for `retain_rejected`, `dedup_log.received_at_us` for the
+//! duplicate window and `dedup_keep`; `held.since_us` is only shown. The wall clock steps (a Pi
+//! without an RTC boots in 1970 and NTP steps it to 2026; an RTC drifts back), so:
+//! - the writer compares the wall clock with the monotonic clock before every group and every
+//!   prune; a move of more than 10 s is a step, and every stamp this run wrote before it is
+//!   moved by the step (by primary-key range from the first row this run stamped, 10,000 rows
+//!   per transaction; the duplicate index's in-memory entries too). Ages stay true across the
+//!   step: nothing retained is pruned at it, and a resend within the window is still found;
+//! - at open and after every step, stamps that cannot be right (more than 10 s in the future,
+//!   or before 2026 while the clock reads 2026 or later) are made now, read from the newest
+//!   row of each table backwards until a right one: such rows are kept at most one period
+//!   longer than due, never shorter, never for ever;
+//! - `messages.received_at_us` (the record's `received_at`) is never rewritten;
+//! - pending and held rows are never pruned by time, and pruning under pressure ignores stamps.
+//! A failed restamp is logged and not repeated; rows keep their stamps. Timers never read this
+//! clock (monotonic time: `tokio::time`, `Instant`).
+//!
 //! **States.** insert -> pending (a `pending` row) -> delivered (a `delivered` row instead) ->
 //! deleted by pruning once delivered longer than `retain_delivered` ago, or earlier under
 //! pressure (above). A pending row is never deleted or overwritten: when there is no room,
@@ -173,10 +195,33 @@
 //!   reserve is made again if there is room, otherwise the store starts short.
 //! - Holding or releasing a row: one statement in the group's transaction; a crash before the
 //!   commit leaves the row as it was (held or not), and the sink decides again.
+//! - While a damaged store is replaced at start (`damage.rs`): the fresh store is seeded beside
+//!   it before the damaged files move, and renamed into place last; a crash leaves either the
+//!   damaged store in place (found again) or the seeded fresh one beside an empty place (put
+//!   there at the next start), never no store (which would restart every `seq` at 1).
 //! - During a migration at open: the version-3 key move and the version-5 state move are one
 //!   transaction each (the latter leaves a marker in `meta`); the version-4 `held` table is
 //!   created with `IF NOT EXISTS` at every open (so a version-5 file made without it gains it);
 //!   the version stamp is written last.
+//!
+//! **A damaged store at start** (`damage.rs`). Before the writer opens the file, a read-only
+//! connection runs `PRAGMA quick_check` (one read of the whole file; start-up already reads
+//! every row once). A file SQLite refuses ("not a database", "malformed") or that the check
+//! faults is moved with its `-wal` and `-shm` into `<data_dir>/damaged/<UTC time>/` (both
+//! directories fsynced; `damaged.json` beside it), logged once at `ERROR`, and replaced by a
+//! fresh store; an open that still fails as malformed does the same. Other errors (permission,
+//! I/O) fail start-up and leave the file alone. A SIGKILL or power cut on a sound disk is not
+//! damage (the WAL). What must keep increasing is read from the moved file row by row
+//! (`salvage.rs`) and written into the fresh store before the writer opens it: each feed's
+//! last `seq` (as `feed_seq` rows), `bdseq`, `last_row_id`, `last_rejected_id` and the
+//! inventory (in `meta`). When `feed_seq` or `messages` could not be read whole, a `seq` read
+//! may not be the last one used: every feed then carries on above the time floor (the current
+//! time in µs, or the damaged files' mtimes if later; a feed stores at most one message per µs
+//! from `seq` 1), and `meta.seq_floor` gives the same floor to any feed not seen; `bdseq` too
+//! when `meta` was not read whole. The health report lists every directory under `damaged/`
+//! that still holds its store file (`outbox.damaged_stores[]`); one without `salvaged.json`
+//! (written by `siterelay queue salvage`) makes the appliance degraded. The damaged file itself is never modified: salvage
+//! reads a copy; the start-up read opens it read-only (SQLite may add a `-shm` beside it).
 //!
 //! # Files
 //!
@@ -188,8 +233,12 @@
 //! - `prune.rs`: retention (what pruning deletes, and when).
 //! - `space.rs`: bytes counted against the cap, the space reserve, vacuuming.
 //! - `dedup.rs`: duplicate detection (keys, content hashes, the index of where keys are).
+//! - `steps.rs`: clock steps (noticing them, moving stamps with them, stamps that cannot be right).
 //! - `held.rs`: held rows (what held means, why a row is held, the hold and unhold answers).
 //! - `reader.rs`: read-only queries ([`Reader`]).
+//! - `damage.rs`: the start-up check, moving a damaged store aside, what the fresh store
+//!   carries over, the list health shows.
+//! - `salvage.rs`: reading a damaged file row by row; `siterelay queue salvage`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -199,13 +248,18 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::clock::Clock;
+
+pub mod damage;
 mod dedup;
 mod held;
 mod message;
 mod prune;
 mod reader;
+pub mod salvage;
 mod schema;
 mod space;
+mod steps;
 #[cfg(test)]
 mod test_support;
 mod writer;
@@ -354,6 +408,12 @@ pub struct OutboxGauges {
     pub held_count: AtomicU64,
     /// Their bytes (included in `pending_bytes`).
     pub held_bytes: AtomicU64,
+    /// Steps of the wall clock the writer noticed since start (`steps.rs`).
+    pub clock_steps: AtomicU64,
+    /// The last one's size (µs, negative: back), 0 if none.
+    pub clock_last_step_us: AtomicI64,
+    /// When it was noticed (wall time after the step, µs), 0 if never.
+    pub clock_last_step_at_us: AtomicI64,
 }
 
 /// Handle to the outbox. Cheap to clone; the writer thread stops when every handle is dropped.
@@ -365,11 +425,14 @@ pub struct Outbox {
     gauges: Arc<OutboxGauges>,
     /// Rows released from hold and not yet taken by the sink (see [`Outbox::take_released`]).
     released: Arc<Mutex<Vec<i64>>>,
+    /// The wall clock the store's stamps come from (the system clock but in tests).
+    clock: Clock,
 }
 
-/// Current time in microseconds since the Unix epoch.
+/// Current time in microseconds since the Unix epoch, from the system clock. For display
+/// only: what the outbox records and compares comes from its [`Clock`] ([`Outbox::clock`]).
 pub fn now_us() -> i64 {
-    jiff::Timestamp::now().as_microsecond()
+    Clock::system().now_us()
 }
 
 /// Maps a SQLite error to an [`OutboxError`] naming the file.
@@ -383,9 +446,18 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> OutboxError + '_ {
 impl Outbox {
     /// Open (creating if needed) the outbox at `path` and start its writer thread.
     pub fn open(path: &Path, opts: OutboxOptions) -> Result<(Outbox, WriterThread), OutboxError> {
+        Outbox::open_with_clock(path, opts, Clock::system())
+    }
+
+    /// [`Outbox::open`] with the wall clock its stamps come from (a test clock, to step it).
+    pub fn open_with_clock(
+        path: &Path,
+        opts: OutboxOptions,
+        clock: Clock,
+    ) -> Result<(Outbox, WriterThread), OutboxError> {
         let conn = schema::open(path)?;
         schema::set_secure_delete(&conn, path, opts.secure_delete)?;
-        let state = WriterState::load(&conn, path, opts)?;
+        let state = WriterState::load(&conn, path, opts, clock.clone())?;
         let gauges = Arc::new(OutboxGauges::default());
         state.publish_gauges(&gauges);
         info!(
@@ -409,6 +481,7 @@ impl Outbox {
                 appended,
                 gauges,
                 released: Arc::default(),
+                clock,
             },
             thread,
         ))
@@ -551,6 +624,11 @@ impl Outbox {
     /// Notified after every commit that added rows (the sink waits on it when idle).
     pub fn appended(&self) -> Arc<Notify> {
         self.appended.clone()
+    }
+
+    /// The wall clock the store's stamps come from: the intake stamps `received_at` with it.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Live counters.

@@ -22,7 +22,6 @@
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tracing::{info, warn};
 
-use super::now_us;
 use super::space;
 use super::writer::{LAST_REJECTED_ID_KEY, LAST_ROW_ID_KEY, WriterState, record_high_water};
 
@@ -46,7 +45,9 @@ fn under_pressure(conn: &Connection, state: &WriterState) -> rusqlite::Result<bo
 /// then old duplicate keys and old quarantined messages; then give the space back. Never
 /// touches pending rows.
 pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::Result<()> {
-    let now = now_us();
+    // A step since the last group moves the stamps first: ages are then measured sensibly.
+    state.check_clock(conn);
+    let now = state.now_us();
     let cutoff = now - state.opts.retain_delivered.as_micros() as i64;
     let mut removed = 0u64;
     let mut early = 0u64;
@@ -126,7 +127,7 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
     }
     // Duplicate keys older than the longest window: the log is in time order, so find the first
     // row to keep (reading only the rows that go) and delete everything before it.
-    let dedup_cutoff = now_us() - state.opts.dedup_keep.as_micros() as i64;
+    let dedup_cutoff = now - state.opts.dedup_keep.as_micros() as i64;
     let first_kept: Option<i64> = conn
         .query_row(
             "SELECT id FROM dedup_log WHERE received_at_us >= ?1 ORDER BY id LIMIT 1",
@@ -139,7 +140,7 @@ pub(super) fn run(conn: &mut Connection, state: &mut WriterState) -> rusqlite::R
         None => conn.execute("DELETE FROM dedup_log", [])?,
     } as u64;
     state.dedup.expire_before(first_kept);
-    let rejected_cutoff = now_us() - state.opts.retain_rejected.as_micros() as i64;
+    let rejected_cutoff = now - state.opts.retain_rejected.as_micros() as i64;
     {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let gone: i64 = tx.query_row(

@@ -106,6 +106,10 @@ pub(super) fn open(path: &Path) -> Result<Connection, OutboxError> {
     }
     create_private_file(path)?;
     let conn = Connection::open(path).map_err(sqlite(path))?;
+    // The writer keeps about 25 distinct cached statements (appends, marks, the dedup log,
+    // pruning, the size pragmas); rusqlite's default cache of 16 would evict and re-parse some
+    // on every group.
+    conn.set_prepared_statement_cache_capacity(64);
     init_schema(&conn, path)?;
     Ok(conn)
 }
@@ -641,10 +645,10 @@ mod tests {
                detail TEXT NOT NULL, since_us INTEGER NOT NULL);
              INSERT INTO messages (id, record_id, feed, seq, received_at_us, source_kind,
                format, size, raw, state, delivered_at_us)
-               VALUES (1, 'r1', 'a', 1, 1, 'mllp', 'hl7v2', 3, X'616263', 1, 5),
+               VALUES (1, 'r1', 'a', 1, 1, 'mllp', 'hl7v2', 3, X'616263', 1, 1796000000000005),
                       (2, 'r2', 'a', 2, 2, 'mllp', 'hl7v2', 3, X'646566', 0, NULL),
                       (3, 'r3', 'a', 3, 3, 'mllp', 'hl7v2', 3, X'676869', 0, NULL);
-             INSERT INTO held VALUES (2, 'too_large', 'record 3 bytes, limit 2', 7),
+             INSERT INTO held VALUES (2, 'too_large', 'record 3 bytes, limit 2', 1796000000000007),
                                      (1, 'refused', 'stale', 6);
              PRAGMA user_version = 4;",
         )
@@ -673,7 +677,7 @@ mod tests {
             assert_eq!(held.len(), 1);
             assert_eq!(
                 (held[0].row_id, held[0].reason.as_str(), held[0].since_us),
-                (2, "too_large", 7)
+                (2, "too_large", 1_796_000_000_000_007)
             );
             assert_eq!(r.row_state(1).unwrap(), None, "delivered row 1 pruned");
             assert_eq!(r.row_state(2).unwrap(), Some("held"));
@@ -720,7 +724,7 @@ mod tests {
              ALTER TABLE messages ADD COLUMN reprocessed INTEGER NOT NULL DEFAULT 0;
              INSERT INTO messages (id, record_id, feed, seq, received_at_us, source_kind,
                format, size, raw, state, delivered_at_us)
-               VALUES (1, 'r1', 'a', 1, 1, 'mllp', 'hl7v2', 3, X'616263', 1, 5),
+               VALUES (1, 'r1', 'a', 1, 1, 'mllp', 'hl7v2', 3, X'616263', 1, 1796000000000005),
                       (2, 'r2', 'a', 2, 2, 'mllp', 'hl7v2', 3, X'646566', 0, NULL);
              PRAGMA user_version = 2;",
         )
@@ -772,6 +776,10 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(logged, [(1, 5)], "moved once, not twice");
+        assert_eq!(
+            logged,
+            [(1, 1_796_000_000_000_005)],
+            "moved once, not twice"
+        );
     }
 }

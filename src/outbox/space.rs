@@ -48,11 +48,16 @@ pub(super) fn used_bytes(conn: &Connection, wal: &Path) -> rusqlite::Result<u64>
     Ok((pages - free) * size + wal)
 }
 
-/// (page count, free pages, page size) of the main database.
+/// (page count, free pages, page size) of the main database. Asked after every group commit,
+/// so the statements are cached: parsing three pragmas each time was 13% of the instructions
+/// the daemon spent per message with one sender (docs/performance.md, "Where the time goes").
 pub(super) fn page_counts(conn: &Connection) -> rusqlite::Result<(u64, u64, u64)> {
-    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let one = |sql: &str| -> rusqlite::Result<i64> {
+        conn.prepare_cached(sql)?.query_row([], |r| r.get(0))
+    };
+    let pages = one("PRAGMA page_count")?;
+    let free = one("PRAGMA freelist_count")?;
+    let size = one("PRAGMA page_size")?;
     Ok((pages as u64, (free.min(pages)) as u64, size as u64))
 }
 

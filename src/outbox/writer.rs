@@ -43,10 +43,12 @@ use tracing::{debug, error, warn};
 use super::dedup::{self, DedupEntry, DedupIndex, Seen, dedup_key};
 use super::held::{Hold, HoldOutcome, Unheld};
 use super::space::{self, Space};
+use super::steps::Steps;
 use super::{
     AppendError, Full, NewMessage, OutboxError, OutboxGauges, OutboxOptions, RejectedMessage,
-    Stored, now_us, prune, sqlite,
+    Stored, prune, sqlite,
 };
+use crate::clock::Clock;
 
 /// Depth of the command channel into the writer thread (bounded: sources wait when it is full).
 const CMD_CHANNEL_DEPTH: usize = 8192;
@@ -177,6 +179,9 @@ pub(super) fn spawn(
 pub(super) struct WriterState {
     pub(super) opts: OutboxOptions,
     pub(super) last_seq: HashMap<Arc<str>, u64>,
+    /// The last `seq` of a feed with none of its own yet (0; above it after a damaged store
+    /// whose numbers could not be read whole: `damage.rs`, `meta.seq_floor`).
+    pub(super) seq_floor: u64,
     /// Next row id: only ever increases, across restarts too (see [`LAST_ROW_ID_KEY`]).
     pub(super) next_id: i64,
     /// Next quarantine id, likewise.
@@ -209,6 +214,8 @@ pub(super) struct WriterState {
     /// table only for a row that is held.
     held: HashMap<i64, u64>,
     held_bytes: u64,
+    /// The wall clock, and the steps noticed in it (`steps.rs`).
+    pub(super) steps: Steps,
 }
 
 /// What a failed group puts back: everything its commands may have advanced.
@@ -240,9 +247,13 @@ impl WriterState {
         conn: &Connection,
         path: &Path,
         opts: OutboxOptions,
+        clock: Clock,
     ) -> Result<Self, OutboxError> {
         let e = sqlite(path);
         limit_wal(conn, opts.max_bytes).map_err(&e)?;
+        // Stamps the clock cannot have written are corrected before anything reads them (the
+        // duplicate index below included).
+        let steps = Steps::open(conn, clock).map_err(&e)?;
         let mut last_seq = HashMap::new();
         let mut stmt = conn
             .prepare("SELECT feed, last_seq FROM feed_seq")
@@ -298,6 +309,9 @@ impl WriterState {
             )
             .map_err(&e)?;
         let max_rejected = max_rejected.max(meta_i64(conn, LAST_REJECTED_ID_KEY).map_err(&e)?);
+        let seq_floor = meta_i64(conn, super::damage::SEQ_FLOOR_KEY)
+            .map_err(&e)?
+            .max(0) as u64;
         let dedup = dedup::load_index(conn).map_err(&e)?;
         let wal = wal_path(path);
         let used_bytes = space::used_bytes(conn, &wal).map_err(&e)?;
@@ -322,6 +336,7 @@ impl WriterState {
         Ok(WriterState {
             opts,
             last_seq,
+            seq_floor,
             next_id: max_id + 1,
             next_rejected_id: max_rejected + 1,
             pending_count: pending_count as u64,
@@ -338,7 +353,18 @@ impl WriterState {
             dedup,
             held,
             held_bytes,
+            steps,
         })
+    }
+
+    /// The wall clock now (µs).
+    pub(super) fn now_us(&self) -> i64 {
+        self.steps.clock.now_us()
+    }
+
+    /// Notice a step of the wall clock and move the stamps with it (`steps.rs`).
+    pub(super) fn check_clock(&mut self, conn: &Connection) {
+        self.steps.check(conn, &mut self.dedup);
     }
 
     /// Bytes on disk that pruning cannot free: everything but the delivered messages' bytes.
@@ -370,6 +396,11 @@ impl WriterState {
         g.held_count
             .store(self.held.len() as u64, Ordering::Relaxed);
         g.held_bytes.store(self.held_bytes, Ordering::Relaxed);
+        g.clock_steps.store(self.steps.count, Ordering::Relaxed);
+        if let Some(step) = self.steps.last {
+            g.clock_last_step_us.store(step.delta_us, Ordering::Relaxed);
+            g.clock_last_step_at_us.store(step.at_us, Ordering::Relaxed);
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -537,6 +568,8 @@ fn commit_group(
     batch: &mut Vec<Cmd>,
     gauges: &OutboxGauges,
 ) -> bool {
+    // Before anything is stamped: a step since the last group moves what was stamped before it.
+    state.check_clock(conn);
     let n = batch.len();
     // Final answers of the commands taken out of the group.
     let mut settled: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
@@ -830,8 +863,8 @@ impl<'t> Group<'t> {
             insert_pending: db.prepare_cached(INSERT_PENDING)?,
             take_pending: db.prepare_cached(TAKE_PENDING)?,
             log_delivered: db.prepare_cached(LOG_DELIVERED)?,
+            now: state.now_us(),
             state,
-            now: now_us(),
             added: 0,
             logged: Vec::new(),
             logged_latest: HashMap::new(),
@@ -915,7 +948,13 @@ impl<'t> Group<'t> {
             return Ok(Err(full));
         }
         let row_id = self.state.next_id;
-        let seq = self.state.last_seq.get(&msg.feed).copied().unwrap_or(0) + 1;
+        let seq = self
+            .state
+            .last_seq
+            .get(&msg.feed)
+            .copied()
+            .unwrap_or(self.state.seq_floor)
+            + 1;
         let record_id = uuid::Uuid::now_v7().to_string();
         self.insert.execute(params![
             record_id,
@@ -1299,7 +1338,7 @@ mod tests {
             feed: Arc::from("a"),
             source_kind: SourceKind::Mllp,
             peer: None,
-            received_at_us: now_us(),
+            received_at_us: super::super::now_us(),
             error_code: 100,
             error_location: Some("MSH-10".into()),
             reason: reason.into(),

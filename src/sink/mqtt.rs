@@ -636,7 +636,7 @@ impl MqttSink {
                                     }
                                 }
                             };
-                            let now = rfc3339_us(crate::outbox::now_us());
+                            let now = rfc3339_us(self.outbox.clock().now_us());
                             control!(&self.topics.replies, control::reply(appliance, &req, result, &now), false);
                         }
                     }
@@ -717,7 +717,7 @@ impl MqttSink {
                         break SessionEnd::Shutdown;
                     }
                     debug!(outstanding = records_in_window, "publishing shutdown status, waiting briefly for outstanding PUBACKs");
-                    let now = rfc3339_us(crate::outbox::now_us());
+                    let now = rfc3339_us(self.outbox.clock().now_us());
                     control!(&self.topics.status, control::death(appliance, bdseq, "shutdown", Some(&now)), true);
                     // Save what the inventory learned.
                     self.inventory_payload().await;
@@ -884,7 +884,7 @@ impl MqttSink {
             &rfc3339_us(fleet.health.started_at_us),
             &fleet.host,
             &fleet.health.feeds,
-            &rfc3339_us(crate::outbox::now_us()),
+            &rfc3339_us(self.outbox.clock().now_us()),
         )
     }
 
@@ -964,7 +964,7 @@ impl MqttSink {
         serde_json::to_vec(&serde_json::json!({
             "schema": control::INVENTORY_SCHEMA,
             "appliance": self.settings.appliance_id,
-            "at": rfc3339_us(crate::outbox::now_us()),
+            "at": rfc3339_us(self.outbox.clock().now_us()),
             "feeds": feeds,
         }))
         .expect("inventory serialises")
