@@ -4,8 +4,9 @@
 #
 #   image-build/cross-arm64.sh [--deb] [--no-tests]
 #
-#   --deb        also package the stripped binary (build-deb.sh --binary ... --arch arm64) and
-#                check the package's architecture and binary
+#   --deb        also package the stripped binary (build-deb.sh --binary ... --arch arm64),
+#                check the package's architecture and binary, and inspect it
+#                (smoke-test-deb.sh --inspect)
 #   --no-tests   build the binary only
 #
 # Output: $CARGO_TARGET_DIR (or target/)/debian-rustc/aarch64-unknown-linux-gnu/release/siterelay
@@ -121,6 +122,8 @@ if [ "$make_deb" = 1 ]; then
     file "$x/usr/bin/siterelay" | grep -q 'ARM aarch64' || { echo "cross-arm64: $deb holds no aarch64 /usr/bin/siterelay" >&2; exit 1; }
     rm -rf "$x"
     echo "cross-arm64: package $deb (Architecture: arm64, aarch64 binary)"
+    # The package's own checks, without installing it (smoke-test-deb.sh's inspection).
+    "$here/smoke-test-deb.sh" --inspect "$deb"
 fi
 
 echo "cross-arm64: stripped arm64 binary $(stat -c %s "$bin.stripped") bytes ($bin.stripped), $(( $(date +%s) - start )) s"
