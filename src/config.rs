@@ -1072,10 +1072,34 @@ enum PemKind {
     Key,
 }
 
+/// The largest PEM file read (a certificate chain or a key is a few KiB).
+pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
+/// A PEM file's bytes: a regular file (a device such as `/dev/zero` would be read until memory
+/// runs out, a FIFO would block for ever) of at most [`MAX_PEM_BYTES`].
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let m = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !m.is_file() {
+        return Err("not a regular file (a PEM file is expected)".into());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!(
+            "larger than {} KiB: not a certificate or key file",
+            MAX_PEM_BYTES / 1024
+        ));
+    }
+    Ok(bytes)
+}
+
 fn check_pem(path: &Path, kind: PemKind, key: &str, p: &mut Vec<Problem>) {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_pem_file(path) {
         Ok(b) => b,
         Err(e) => {
             p.push(Problem::at(
@@ -1805,6 +1829,34 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `config_loader` fuzz campaign's review: `ca_file = "/dev/zero"` made
+    /// check-config (and start-up) read until memory ran out; a FIFO would block it for ever.
+    #[test]
+    fn a_pem_path_naming_a_device_a_fifo_or_a_huge_file_is_refused_without_reading_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'A'; (super::MAX_PEM_BYTES + 1) as usize]).unwrap();
+        for (path, expect) in [
+            (std::path::PathBuf::from("/dev/zero"), "not a regular file"),
+            (fifo, "not a regular file"),
+            (big, "larger than 1024 KiB"),
+        ] {
+            let mut p = Vec::new();
+            super::check_pem(&path, super::PemKind::Certs, "mqtt.ca_file", &mut p);
+            assert_eq!(p.len(), 1, "{path:?}");
+            assert!(p[0].message.contains(expect), "{path:?}: {}", p[0].message);
+            assert!(p[0].message.contains(&path.display().to_string()));
+        }
+    }
+
     use super::*;
 
     fn problems(text: &str) -> Vec<Problem> {

@@ -162,3 +162,84 @@ fn a_private_key_readable_by_others_stops_start_up_with_the_chmod_that_fixes_it(
         "{err}"
     );
 }
+
+/// Certificates in use that expire within 30 days: at start, a WARN for the MQTT client
+/// certificate and one for the TLS MLLP feed's server certificate, each with its days left,
+/// and health reports both (the certificates in use). The daily repeat is shown with paused
+/// time by `app::expiry::tests::certificates_expiring_within_30_days_warn_at_start_and_then_every_day`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_expiring_within_30_days_are_warned_about_at_start_and_shown_in_health() {
+    use siterelay_testkit::pki::{Pki, PkiOptions};
+    let env = Env::new();
+    let broker = Broker::start(Kind::InProcess, &env).await;
+    let mut health = broker.subscribe(&env, "siterelay/test-box/health").await;
+    let (cert, key) = env
+        .pki
+        .issue_client_for_days(env.pki.client_cn(), 10)
+        .unwrap();
+    let listener_dir = env.dir.path().join("listener");
+    std::fs::create_dir(&listener_dir).unwrap();
+    let listener = Pki::generate_with(
+        &listener_dir,
+        "listener",
+        PkiOptions {
+            server_valid_days: 20,
+            ..PkiOptions::default()
+        },
+    )
+    .unwrap();
+    let port = siterelay_testkit::free_port();
+    let text = env
+        .config_text(broker.port, &[], "health_interval = \"5s\"")
+        .replace(
+            &env.pki.client_cert_file().display().to_string(),
+            &cert.display().to_string(),
+        )
+        .replace(
+            &env.pki.client_key_file().display().to_string(),
+            &key.display().to_string(),
+        )
+        + &format!(
+            "\n[[mllp]]\nname = \"lab\"\nlisten = \"127.0.0.1:{port}\"\n[mllp.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            listener.server_cert_file().display(),
+            listener.server_key_file().display()
+        );
+    let cfg = env.write_config("s.toml", &text);
+    let p = Proc::start(&cfg, env.dir.path().join("run.log"));
+    wait_listening(port).await;
+    let warned = |what: &str| {
+        p.log()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(what))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || !warned(
+            "MLLP server certificate in use expires soon"
+        )
+        .is_empty())
+        .await,
+        "{}",
+        p.log()
+    );
+    let mqtt = warned("MQTT client certificate in use expires soon");
+    let mllp = warned("MLLP server certificate in use expires soon");
+    assert_eq!(mqtt.len(), 1, "{}", p.log());
+    assert_eq!(mllp.len(), 1, "{}", p.log());
+    // The certificates run from yesterday to 10 (20) days from now.
+    assert!(mqtt[0].contains("days_left=9") || mqtt[0].contains("days_left=10"));
+    assert!(mllp[0].contains("days_left=19") || mllp[0].contains("days_left=20"));
+    assert!(mllp[0].contains("feed=lab"), "{}", mllp[0]);
+    let h = next_health(&mut health).await;
+    let client = h["certificates"]["client_days_left"].as_i64().unwrap();
+    assert!((9..=10).contains(&client), "{h}");
+    let lab = h["feeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "lab")
+        .unwrap();
+    let listener_days = lab["tls_certificate"]["days_left"].as_i64().unwrap();
+    assert!((19..=20).contains(&listener_days), "{h}");
+}

@@ -730,3 +730,132 @@ async fn a_command_larger_than_the_incoming_packet_limit_is_not_taken() {
         }
     }
 }
+
+/// A broker-side packet far over the appliance's 64 KiB incoming limit (a 1 MiB *retained*
+/// message on a command topic it subscribes to, so the broker offers it again at every
+/// (re)subscription) neither crashes nor wedges the sink: records sent before and after it are
+/// delivered, a small command is still answered, and the process is still running. Against a
+/// real Mosquitto (with the broker kit's ACL), for the protocol version in `protocol`.
+async fn an_oversized_retained_command_does_not_wedge_the_sink(protocol: &str) {
+    let f = FleetEnv::new();
+    let mut broker = Broker::down(Kind::Mosquitto, &f.env);
+    broker.acl = Some(ACL.into());
+    broker.up(&f.env).await;
+    // The 1 MiB command is on the broker, retained, before the appliance first connects.
+    let big = format!(r#"{{"id":"big"{}}}"#, " ".repeat(1024 * 1024));
+    f.publish_with(
+        broker.central_port(),
+        "siterelay/test-box/cmd/ping",
+        &big,
+        true,
+    )
+    .await;
+    // Not `#`: the test's own clients would be sent the 1 MiB message too.
+    let mut central = f
+        .central(broker.central_port(), "siterelay/test-box/records/#")
+        .await;
+    let mut replies = f
+        .central(broker.central_port(), "siterelay/test-box/cmd-reply")
+        .await;
+    let port = siterelay_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let extra = format!("protocol = \"{protocol}\"");
+    let cfg = f
+        .env
+        .write_config("s.toml", &f.config_text(broker.port, &listen, &extra));
+    let mut p = Proc::start(&cfg, f.env.dir.path().join("run.log"));
+    wait_listening(port).await;
+    let mut c = connect(listen.parse().unwrap()).await;
+    for i in 0..5 {
+        let id = format!("BEFORE{i}");
+        assert_eq!(c.send(&adt(&id), ACK_WAIT).await.unwrap().code, "AA");
+    }
+    // A small command after the big one: the subscription works.
+    f.publish(
+        broker.central_port(),
+        "siterelay/test-box/cmd/ping",
+        r#"{"id":"small"}"#,
+    )
+    .await;
+    for i in 0..5 {
+        let id = format!("AFTER{i}");
+        assert_eq!(c.send(&adt(&id), ACK_WAIT).await.unwrap().code, "AA");
+    }
+    let mut records = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while records.len() < 10 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some((_, payload, _)) = central.recv(left).await else {
+            panic!(
+                "MQTT {protocol}: {} of 10 records delivered; log:\n{}",
+                records.len(),
+                p.log()
+            );
+        };
+        records.insert(
+            json(&payload)["hl7"]["control_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let log = p.log();
+    if protocol == "5" {
+        // The broker was told the limit at CONNECT and drops the big one: commands go on.
+        loop {
+            let Some((_, payload, _)) = replies.recv(Duration::from_secs(30)).await else {
+                panic!("MQTT 5: the small command was not answered; log:\n{log}");
+            };
+            let r: Value = serde_json::from_slice(&payload).unwrap();
+            assert_ne!(r["id"], "big", "a 1 MiB command was taken");
+            if r["id"] == "small" {
+                break;
+            }
+        }
+        assert!(!log.contains("over the incoming limit"), "{log}");
+    } else {
+        // MQTT 3.1.1 cannot tell the broker: the big packet ends the connection once, then the
+        // appliance connects without the command subscription (saying why and what to do),
+        // instead of reconnecting into the same retained message for ever.
+        assert!(
+            log.contains("the broker sent a packet over the incoming limit"),
+            "{log}"
+        );
+        assert!(log.contains("mosquitto_pub -r -n -t"), "{log}");
+        let connections = log.matches("connected to MQTT broker").count();
+        assert!(connections <= 3, "{connections} connections:\n{log}");
+        assert!(
+            replies.recv(Duration::from_secs(2)).await.is_none(),
+            "no command is taken while the subscription is paused"
+        );
+    }
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "the daemon is still running"
+    );
+    let log = p.log();
+    assert!(!log.contains("panicked"), "{log}");
+    println!(
+        "MQTT {protocol}: 10 records delivered after a 1 MiB retained command; \
+         sink connections in the log: {}",
+        log.matches("connected to MQTT broker").count()
+    );
+    assert!(p.sigterm().unwrap().success());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_an_oversized_retained_command_does_not_wedge_the_sink() {
+    if !mosquitto_or_skip() {
+        return;
+    }
+    an_oversized_retained_command_does_not_wedge_the_sink("5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt311_an_oversized_retained_command_does_not_wedge_the_sink() {
+    if !mosquitto_or_skip() {
+        return;
+    }
+    an_oversized_retained_command_does_not_wedge_the_sink("3.1.1").await;
+}

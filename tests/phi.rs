@@ -1,9 +1,12 @@
-//! No patient data where it does not belong: the whole HL7 fixture corpus through the real
-//! daemon at `debug` log level; the log, health, inventory, status, reject notices and the
+//! No patient data where it does not belong: the whole fixture corpus through the real daemon
+//! at `debug` log level, the HL7 fixtures over MLLP and the ASTM fixtures from an emulated
+//! analyser on a real pty; the log, health, inventory, status, reject notices and the
 //! `status` / `queue` command replies must not contain any patient name, identifier, birth date
-//! or postcode from it. The identifiers are extracted by the independent `hl7-parser` oracle
-//! (PID-3, PID-5, PID-7, PID-11 postcode, NK1-2), not hand-picked. Records themselves carry
-//! patient data by design (docs/contract.md) and are not searched.
+//! or postcode from it. The identifiers are extracted from the fixtures, not hand-picked: from
+//! HL7 by the independent `hl7-parser` oracle (PID-3, PID-5, PID-7, PID-11 postcode, NK1-2),
+//! from ASTM by a reading written here (P-3, P-4, P-5, P-6, P-8, P-11 postcode; the H record's
+//! password too). Records themselves carry patient data by design (docs/contract.md) and are
+//! not searched.
 
 mod common;
 
@@ -11,8 +14,10 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
+use common::analyser::analyser_send;
 use common::*;
 use hl7_parser::Message;
+use siterelay_testkit::pty::Pty;
 
 /// Every message of every HL7 fixture (batch envelopes dropped, files split at each MSH).
 fn messages() -> Vec<String> {
@@ -91,6 +96,76 @@ fn secrets(text: &str, into: &mut BTreeSet<String>) {
     }
 }
 
+/// Every ASTM fixture, as an analyser sends it (records ended by CR).
+fn astm_messages() -> Vec<Vec<u8>> {
+    let dir = format!("{}/tests/fixtures/astm", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "astm"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10);
+    files
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            let mut out = Vec::new();
+            for rec in bytes.split(|&b| b == b'\r' || b == b'\n') {
+                if !rec.is_empty() {
+                    out.extend_from_slice(rec);
+                    out.push(b'\r');
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// Patient names, identifiers, birth dates and postcodes in an ASTM message (and the header's
+/// password), by a reading independent of siterelay's parser: the H record's first four bytes
+/// give the field, repeat and component delimiters (E1394 7.1.3); P-3, P-4 and P-5 are
+/// identifiers, P-6 the name (last, first), P-8 the birth date, P-11 the address (postcode:
+/// component 4); H-4 is the access password.
+fn astm_secrets(message: &[u8], into: &mut BTreeSet<String>) {
+    let text: String = message.iter().map(|&b| char::from(b)).collect();
+    let Some(h) = text.split('\r').find(|r| r.starts_with('H')) else {
+        return;
+    };
+    let d: Vec<char> = h.chars().skip(1).take(3).collect();
+    let (field, repeat, component) = (d[0], d[1], d[2]);
+    let mut add = |v: &str, min: usize| {
+        let v = v.trim();
+        if v.len() >= min {
+            into.insert(v.to_string());
+        }
+    };
+    if let Some(pw) = h.split(field).nth(3) {
+        add(pw, 4);
+    }
+    for rec in text.split('\r').filter(|r| r.starts_with('P')) {
+        let fields: Vec<&str> = rec.split(field).collect();
+        let get = |n: usize| fields.get(n - 1).copied().unwrap_or("");
+        for (n, comps, min) in [
+            (3, &[1][..], 5),
+            (4, &[1], 5),
+            (5, &[1], 5),
+            (6, &[1, 2], 4),
+            (8, &[1], 8),
+            (11, &[4], 5),
+        ] {
+            for r in get(n).split(repeat) {
+                let parts: Vec<&str> = r.split(component).collect();
+                for &c in comps {
+                    let v = parts.get(c - 1).copied().unwrap_or("");
+                    // A birth date's day, without the time that may follow.
+                    add(if n == 8 { &v[..v.len().min(8)] } else { v }, min);
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_patient_data_reaches_logs_health_inventory_notices_or_command_replies() {
     let corpus = messages();
@@ -102,17 +177,38 @@ async fn no_patient_data_reaches_logs_health_inventory_notices_or_command_replie
         secret.len() >= 20,
         "the oracle found identifiers: {secret:?}"
     );
+    let astm = astm_messages();
+    let mut astm_secret = BTreeSet::new();
+    for m in &astm {
+        astm_secrets(m, &mut astm_secret);
+    }
+    assert!(
+        astm_secret.len() >= 20,
+        "the ASTM reading found identifiers: {astm_secret:?}"
+    );
+    eprintln!(
+        "searching for {} HL7 and {} ASTM values",
+        secret.len(),
+        astm_secret.len()
+    );
 
     let env = Env::new();
     let broker = Broker::start(Kind::InProcess, &env).await;
     let mut all = broker.subscribe(&env, "siterelay/test-box/#").await;
     let port = siterelay_testkit::free_port();
     let listen = format!("127.0.0.1:{port}");
+    let mut pty = Pty::open().unwrap();
+    let tty = env.dir.path().join("ttyANALYSER");
+    pty.link_at(&tty).unwrap();
     let text = env
         .config_text(broker.port, &[], "health_interval = \"5s\"")
         .replace("level = \"info\"", "level = \"debug\"")
         + "\n[records]\npublish_rejects = true\n"
-        + &format!("\n[[mllp]]\nname = \"adt\"\nlisten = \"{listen}\"\n");
+        + &format!("\n[[mllp]]\nname = \"adt\"\nlisten = \"{listen}\"\n")
+        + &format!(
+            "\n[[serial]]\nname = \"chem1\"\ndevice = \"{}\"\nprotocol = \"astm\"\nbaud = 9600\nreopen_max = \"1s\"\n",
+            tty.display()
+        );
     let cfg = env.write_config("s.toml", &text);
     let p = Proc::start_with_env(
         &cfg,
@@ -133,6 +229,23 @@ async fn no_patient_data_reaches_logs_health_inventory_notices_or_command_replie
         }
     }
     eprintln!("messages without an ACK: {unanswered:?}");
+    // The ASTM fixtures from the analyser, one transmission each, once the port is open.
+    assert!(
+        wait_until(Duration::from_secs(15), || p
+            .log()
+            .contains("serial port open"))
+        .await,
+        "the daemon opened the pty"
+    );
+    let astm_count = astm.len();
+    tokio::task::spawn_blocking(move || {
+        for m in &astm {
+            analyser_send(&mut pty, m, None);
+        }
+        pty
+    })
+    .await
+    .unwrap();
 
     // What the box publishes besides records, until a health report shows everything sent.
     let mut published = String::new();
@@ -150,8 +263,15 @@ async fn no_patient_data_reaches_logs_health_inventory_notices_or_command_replie
         let text = String::from_utf8_lossy(&payload).into_owned();
         if topic.ends_with("/health") {
             let h: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let received = |name: &str| {
+                h["feeds"]
+                    .as_array()
+                    .and_then(|f| f.iter().find(|f| f["name"] == name))
+                    .and_then(|f| f["received"].as_u64())
+            };
             done = h["outbox"]["pending_count"] == 0
-                && h["feeds"][0]["received"].as_u64() >= Some(corpus.len() as u64);
+                && received("adt") >= Some(corpus.len() as u64)
+                && received("chem1") >= Some(astm_count as u64);
         }
         published.push_str(&topic);
         published.push('\n');
@@ -169,6 +289,16 @@ async fn no_patient_data_reaches_logs_health_inventory_notices_or_command_replie
         "only {in_records} of {} identifiers found in the records",
         secret.len()
     );
+    let astm_in_records = astm_secret
+        .iter()
+        .filter(|s| records.contains(s.as_str()))
+        .count();
+    assert!(
+        astm_in_records * 2 > astm_secret.len(),
+        "only {astm_in_records} of {} ASTM identifiers found in the records",
+        astm_secret.len()
+    );
+    secret.extend(astm_secret);
 
     let cli = |args: &[&str]| {
         let out = Command::new(BIN)

@@ -8,7 +8,10 @@ use siterelay_proto::hl7::intake::{self, Intake, Responder};
 use siterelay_proto::hl7::normalise::{NormaliseOptions, normalise_with_delimiters};
 
 fuzz_target!(|data: &[u8]| {
-    let me = Responder { application: "SITERELAY".into(), facility: "FUZZ".into() };
+    let me = Responder {
+        application: "SITERELAY".into(),
+        facility: "FUZZ".into(),
+    };
     let strict = data.last().is_some_and(|b| b & 1 == 1);
     if let Intake::Store(h) = intake::assess(data, Charset::Utf8, strict, &me) {
         if let Some(e) = intake::missing_segment(&h, data) {
@@ -25,13 +28,20 @@ fuzz_target!(|data: &[u8]| {
             let mut group_acks = Vec::new();
             for range in &group.messages {
                 assert!(range.start <= range.end && range.end <= data.len());
-                if let Intake::Store(h) = intake::assess(&data[range.clone()], Charset::Utf8, strict, &me) {
+                if let Intake::Store(h) =
+                    intake::assess(&data[range.clone()], Charset::Utf8, strict, &me)
+                {
                     group_acks.extend(intake::answer_refused(&h, "full"));
                 }
             }
             acks.push(group_acks);
         }
-        let _ = siterelay_proto::hl7::ack::build_batch_ack(&batch, &acks, jiff::ZonedDateTime::now(), || "X".into());
+        let _ = siterelay_proto::hl7::ack::build_batch_ack(
+            &batch,
+            &acks,
+            jiff::ZonedDateTime::now(),
+            || "X".into(),
+        );
     }
     let _ = intake::answer_oversized(data, 1024, &me);
     // What the record builder does with the stored bytes: decode them as MSH-18 says (or

@@ -27,6 +27,7 @@
 //! unacknowledged), then waits for the status socket, the sink and pruning, then for the outbox
 //! writer to commit its last batch.
 
+pub mod expiry;
 mod feeds;
 mod lock;
 mod serial;
@@ -194,6 +195,14 @@ impl Daemon {
             shutdown_rx.clone(),
         ));
         others.spawn(sink.run(shutdown_rx.clone()));
+        aux.spawn(expiry::run(
+            expiry::Watched {
+                mqtt: identity.clone(),
+                mllp: mllp_tls.clone(),
+            },
+            expiry::EVERY,
+            shutdown_rx.clone(),
+        ));
         if let Some(id) = identity {
             aux.spawn(id.watch(shutdown_rx.clone()));
         }

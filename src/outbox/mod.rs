@@ -396,6 +396,9 @@ pub struct OutboxGauges {
     pub retention_cut_at_us: AtomicI64,
     /// Commits performed (each one fsync).
     pub commits: AtomicU64,
+    /// Of those, commits that wrote quarantine entries (the rejected messages of one batch
+    /// share one).
+    pub quarantine_commits: AtomicU64,
     /// Messages appended since start.
     pub appended: AtomicU64,
     /// Messages marked delivered since start.

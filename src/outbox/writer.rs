@@ -665,6 +665,12 @@ fn commit_group(
                 state.dedup.logged(log_id, key, entry);
             }
             gauges.commits.fetch_add(1, Ordering::Relaxed);
+            let quarantined = batch.iter().zip(&settled).any(|(c, s)| {
+                s.is_none() && matches!(c, Cmd::Quarantine(..) | Cmd::QuarantineAll(..))
+            });
+            if quarantined {
+                gauges.quarantine_commits.fetch_add(1, Ordering::Relaxed);
+            }
             gauges
                 .appended
                 .fetch_add(applied.appended, Ordering::Relaxed);
@@ -1399,8 +1405,10 @@ mod tests {
         let g = ob.gauges();
         let before = g.commits.load(Ordering::Relaxed);
         let batch: Vec<_> = (0..2600).map(|i| rejected(&format!("r{i}"))).collect();
+        let q_before = g.quarantine_commits.load(Ordering::Relaxed);
         let (kept, stored) = ob.quarantine_and_append(batch, Vec::new()).await;
         assert_eq!(g.commits.load(Ordering::Relaxed) - before, 1);
+        assert_eq!(g.quarantine_commits.load(Ordering::Relaxed) - q_before, 1);
         assert!(stored.is_empty());
         let ids: Vec<i64> = kept.into_iter().map(Result::unwrap).collect();
         assert_eq!(ids.len(), 2600);

@@ -8,7 +8,7 @@
 //! the sink reconnects with it (after the PUBACKs outstanding at that moment, or 2 s; nothing
 //! is lost: unconfirmed records stay pending and are sent again on the new connection).
 //! Health reports the certificate in use, never the file on disk. From 30 days before expiry,
-//! a warning is logged once a day.
+//! a warning is logged at start and once a day (`app::expiry`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -238,8 +238,8 @@ impl ClientIdentity {
         false
     }
 
-    /// Until shutdown: reload on SIGHUP and when the files change; the expiry warning at start
-    /// and then once a day.
+    /// Until shutdown: reload on SIGHUP and when the files change. (The expiry warning, at
+    /// start and then once a day, is `app::expiry`'s, with the MLLP feeds' certificates.)
     pub async fn watch(self: Arc<Self>, shutdown: crate::shutdown::Shutdown) {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hup = match signal(SignalKind::hangup()) {
@@ -251,7 +251,6 @@ impl ClientIdentity {
         };
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut daily = tokio::time::interval(Duration::from_secs(86_400));
         loop {
             tokio::select! {
                 _ = shutdown.requested() => break,
@@ -262,9 +261,6 @@ impl ClientIdentity {
                     if self.files_changed() {
                         let _ = self.reload("file changed");
                     }
-                }
-                _ = daily.tick() => {
-                    self.warn_if_expiring(jiff::Timestamp::now().as_second());
                 }
             }
         }

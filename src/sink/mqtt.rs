@@ -64,6 +64,12 @@ const CHANGE_CHECK_EVERY: Duration = Duration::from_secs(1);
 const HEALTH_MIN_GAP: Duration = Duration::from_secs(5);
 /// The inventory is republished at least this often, and at most every `INVENTORY_MIN_GAP`.
 const INVENTORY_EVERY: Duration = Duration::from_secs(3600);
+/// After the broker sent a packet over [`control::MAX_INCOMING_PACKET_BYTES`] (which ends the
+/// connection: the stream cannot be read past it), connections go without the command
+/// subscription this long, so records keep flowing. An MQTT 5 broker never sends one (the
+/// limit is announced at CONNECT); an MQTT 3.1.1 broker cannot be told, and would send a
+/// retained one again at every subscription.
+pub const COMMANDS_PAUSE_AFTER_OVERSIZED: Duration = Duration::from_secs(600);
 const INVENTORY_MIN_GAP: Duration = Duration::from_secs(10);
 /// Key of the birth sequence number in the outbox's `meta` table.
 const BDSEQ_KEY: &str = "bdseq";
@@ -123,6 +129,8 @@ enum SinkEvent {
     },
     /// Our DISCONNECT has been written: the broker will not publish the Last Will.
     Disconnected,
+    /// The broker sent a packet larger than we accept (its size); the connection ends next.
+    OversizedIncoming(usize),
     Failed(String),
 }
 
@@ -199,6 +207,9 @@ pub struct MqttSink {
     topics: Topics,
     /// Replays started recently (one at a time, `mqtt.replays_per_hour`), across reconnects.
     replays: std::sync::Mutex<control::ReplayLimit>,
+    /// Until when connections skip the command subscription, after the broker sent a packet
+    /// over the incoming limit ([`COMMANDS_PAUSE_AFTER_OVERSIZED`]); across reconnects.
+    commands_paused_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl MqttSink {
@@ -209,6 +220,7 @@ impl MqttSink {
             std::sync::Mutex::new(control::ReplayLimit::new(settings.mqtt.replays_per_hour));
         MqttSink {
             replays,
+            commands_paused_until: std::sync::Mutex::new(None),
             settings,
             outbox,
             telemetry,
@@ -524,7 +536,13 @@ impl MqttSink {
                             "connected to MQTT broker"
                         );
                         control!(&self.topics.status, self.birth_payload(bdseq), true);
-                        if !client.try_subscribe(&self.topics.commands) {
+                        let paused = *self.commands_paused_until.lock().unwrap_or_else(|e| e.into_inner());
+                        if paused.is_some_and(|t| Instant::now() < t) {
+                            warn!(
+                                topic = %self.topics.commands,
+                                "not subscribed to commands on this connection (the broker sent a packet over the incoming limit); records flow, commands resume later"
+                            );
+                        } else if !client.try_subscribe(&self.topics.commands) {
                             warn!("could not subscribe to commands");
                         }
                         control!(&self.topics.inventory, self.inventory_payload().await, true);
@@ -642,6 +660,20 @@ impl MqttSink {
                     }
                     Some(SinkEvent::BrokerDisconnect(reason)) => broker_disconnect = Some(reason),
                     Some(SinkEvent::Disconnected) => {}
+                    Some(SinkEvent::OversizedIncoming(bytes)) => {
+                        *self.commands_paused_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Instant::now() + COMMANDS_PAUSE_AFTER_OVERSIZED);
+                        error!(
+                            bytes,
+                            limit = control::MAX_INCOMING_PACKET_BYTES,
+                            topic = %self.topics.commands,
+                            pause_secs = COMMANDS_PAUSE_AFTER_OVERSIZED.as_secs(),
+                            "the broker sent a packet over the incoming limit, which ends the connection: \
+                             reconnecting without the command subscription for a while so records keep flowing. \
+                             A retained message on a command topic is the usual cause: clear it \
+                             (mosquitto_pub -r -n -t TOPIC), or use MQTT 5, whose brokers are told the limit"
+                        );
+                    }
                     Some(SinkEvent::Failed(error)) => break SessionEnd::Failed {
                         error: match broker_disconnect.take() {
                             Some(reason) => format!("{error} (the broker sent DISCONNECT: {reason})"),
@@ -1213,6 +1245,19 @@ async fn pump_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<SinkEvent>) {
                 for ev in el.state.events.drain(..).filter_map(v5_event) {
                     let _ = tx.send(ev).await;
                 }
+                use rumqttc::v5::mqttbytes::Error as E;
+                use rumqttc::v5::{ConnectionError as C, StateError as S};
+                let oversized = match &e {
+                    C::MqttState(S::Deserialization(E::PayloadSizeLimitExceeded {
+                        pkt_size,
+                        ..
+                    })) => Some(*pkt_size),
+                    C::MqttState(S::IncomingPacketTooLarge { pkt_size, .. }) => Some(*pkt_size),
+                    _ => None,
+                };
+                if let Some(n) = oversized {
+                    let _ = tx.send(SinkEvent::OversizedIncoming(n)).await;
+                }
                 let _ = tx
                     .send(SinkEvent::Failed(describe(
                         crate::tls::describe_connection_error(&e),
@@ -1267,6 +1312,12 @@ async fn pump_v311(mut el: rumqttc::EventLoop, tx: mpsc::Sender<SinkEvent>) {
             Err(e) => {
                 for ev in el.state.events.drain(..).filter_map(v311_event) {
                     let _ = tx.send(ev).await;
+                }
+                if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                    rumqttc::Error::PayloadSizeLimitExceeded(n),
+                )) = &e
+                {
+                    let _ = tx.send(SinkEvent::OversizedIncoming(*n)).await;
                 }
                 let _ = tx
                     .send(SinkEvent::Failed(describe(

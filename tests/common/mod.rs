@@ -2,6 +2,7 @@
 //! Mosquitto), a config file written the way a user would, and synthetic HL7 messages.
 #![allow(dead_code)]
 
+pub mod analyser;
 pub mod scenarios;
 
 use std::path::{Path, PathBuf};

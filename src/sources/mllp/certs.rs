@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::ListenerTls;
 use crate::telemetry::{CertInUse, FeedCounters};
@@ -127,6 +127,27 @@ impl MllpTls {
                 Err(e)
             }
         }
+    }
+
+    /// Log the expiry warning when the certificate in use expires within
+    /// [`crate::app::expiry::WARN_DAYS`] days (or has expired); answers whether it did.
+    pub fn warn_if_expiring(&self, now_secs: i64) -> bool {
+        let Some(c) = self.counters.tls_certificate() else {
+            return false;
+        };
+        let days = (c.not_after - now_secs).div_euclid(86_400);
+        if days > crate::app::expiry::WARN_DAYS {
+            return false;
+        }
+        warn!(
+            feed = %self.feed,
+            days_left = days,
+            subject = %c.subject,
+            not_after = %crate::record::rfc3339_us(c.not_after * 1_000_000),
+            "the MLLP server certificate in use expires soon: renew it (replace the files; \
+             siterelay takes the new ones without a restart or a dropped connection)"
+        );
+        true
     }
 
     /// Reload when any of the files has changed since it was last loaded (or tried).
