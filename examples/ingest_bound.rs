@@ -410,7 +410,7 @@ listen = "127.0.0.1:{port}"
         );
     }
     println!(
-        "ACKs while draining / broker down: {:.2} ({during} of {backlog} backlog records had arrived when that run ended; all {want} arrived after {all:.1} s)",
+        "ACKs while draining / broker down: {:.2} (a backlog of {backlog}; {during} records had reached the subscriber when that run ended, all {want} after {all:.1} s)",
         sd.rate / s8.rate
     );
     drop(broker);
