@@ -1077,7 +1077,7 @@ pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
 /// A PEM file's bytes: a regular file (a device such as `/dev/zero` would be read until memory
 /// runs out, a FIFO would block for ever) of at most [`MAX_PEM_BYTES`].
-fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let m = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if !m.is_file() {

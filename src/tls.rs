@@ -183,8 +183,8 @@ fn file_err(path: &Path, reason: impl std::fmt::Display) -> TlsSetupError {
 
 /// Read every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
+    let bytes = pem_bytes(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))?;
     if certs.is_empty() {
@@ -195,7 +195,13 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupE
 
 /// Read the private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
+    PrivateKeyDer::from_pem_slice(&pem_bytes(path)?).map_err(|e| file_err(path, e))
+}
+
+/// A PEM file's bytes, through the same guard as the start-up checks: a regular file of at most
+/// 1 MiB, so a reload (SIGHUP, file change) cannot be made to read `/dev/zero` or block on a FIFO.
+fn pem_bytes(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
+    crate::config::read_pem_file(path).map_err(|e| file_err(path, e))
 }
 
 fn roots(ca_file: &Path) -> Result<RootCertStore, TlsSetupError> {
@@ -225,8 +231,8 @@ pub fn mqtt_client_config(
 pub fn load_crls(
     path: &Path,
 ) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsSetupError> {
-    let crls = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
+    let bytes = pem_bytes(path)?;
+    let crls = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))?;
     if crls.is_empty() {
@@ -350,5 +356,15 @@ mod tests {
         let text = e.to_string();
         assert!(!text.contains("KeyMismatch"), "{text}");
         assert!(text.contains("are not a pair"), "{text}");
+    }
+
+    #[test]
+    fn a_certificate_reload_refuses_a_device_or_fifo_instead_of_reading_it() {
+        let e = load_certs(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = load_key(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = load_crls(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }
