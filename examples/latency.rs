@@ -21,6 +21,10 @@ struct Args {
     rates: Vec<u32>,
     seconds: u32,
     broker: String,
+    /// Print every message slower than this (ms), with its send time from the start of its rate.
+    show_slow: Option<f64>,
+    /// Start Mosquitto with `set_tcp_nodelay true` (docs/broker/mosquitto.conf has it).
+    broker_nodelay: bool,
 }
 
 fn args() -> Args {
@@ -28,6 +32,8 @@ fn args() -> Args {
         rates: vec![20, 200, 1000],
         seconds: 10,
         broker: "mosquitto".into(),
+        show_slow: None,
+        broker_nodelay: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -36,9 +42,11 @@ fn args() -> Args {
             "--rates" => a.rates = v().split(',').map(|r| r.parse().expect("rate")).collect(),
             "--seconds" => a.seconds = v().parse().expect("seconds"),
             "--broker" => a.broker = v(),
+            "--broker-nodelay" => a.broker_nodelay = true,
+            "--show-slow" => a.show_slow = Some(v().parse().expect("milliseconds")),
             "-h" | "--help" => {
                 println!(
-                    "latency [--rates 20,200,1000] [--seconds 10] [--broker mosquitto|inprocess]"
+                    "latency [--rates 20,200,1000] [--seconds 10] [--broker mosquitto|inprocess] [--broker-nodelay] [--show-slow MS]"
                 );
                 std::process::exit(0);
             }
@@ -76,6 +84,7 @@ async fn arrivals(
     n: usize,
     sent: &tokio::sync::Mutex<HashMap<String, Instant>>,
     key: impl Fn(&[u8]) -> String,
+    show_slow: Option<(f64, &str, Instant)>,
 ) -> Vec<Duration> {
     let mut lat = Vec::with_capacity(n);
     let mut got = Vec::with_capacity(n);
@@ -88,7 +97,17 @@ async fn arrivals(
     let sent = sent.lock().await;
     for (at, k) in got {
         if let Some(t) = sent.get(&k) {
-            lat.push(at.saturating_duration_since(*t));
+            let d = at.saturating_duration_since(*t);
+            if let Some((limit, who, start)) = show_slow {
+                if ms(d) > limit {
+                    eprintln!(
+                        "slow ({who}): {k} sent at {:.3} s took {:.2} ms",
+                        t.saturating_duration_since(start).as_secs_f64(),
+                        ms(d)
+                    );
+                }
+            }
+            lat.push(d);
         }
     }
     lat.sort_unstable();
@@ -109,7 +128,14 @@ async fn main() -> anyhow::Result<()> {
             Box::new(TestBroker::start(BrokerOptions::from_pki(&pki).with_port(port)).await?)
         }
         "mosquitto" => {
-            Box::new(Mosquitto::start_on(&pki, &dir.path().join("mosq"), None, port).await?)
+            let extra = if a.broker_nodelay {
+                "set_tcp_nodelay true"
+            } else {
+                ""
+            };
+            Box::new(
+                Mosquitto::start_with(&pki, &dir.path().join("mosq"), None, port, extra).await?,
+            )
         }
         other => anyhow::bail!("--broker must be mosquitto or inprocess, not {other}"),
     };
@@ -159,8 +185,14 @@ listen = "127.0.0.1:0"
     let _ = records.collect(20, Duration::from_secs(20)).await;
 
     println!(
-        "latency: broker {}, {} s per rate; send -> arrival at a subscriber, ms",
-        a.broker, a.seconds
+        "latency: broker {}{}, {} s per rate; send -> arrival at a subscriber, ms",
+        a.broker,
+        if a.broker_nodelay {
+            " (set_tcp_nodelay true)"
+        } else {
+            ""
+        },
+        a.seconds
     );
     println!(
         "| Rate | siterelay p50 / p99 / max | plain publisher p50 / p99 / max | p99 difference |"
@@ -187,13 +219,20 @@ listen = "127.0.0.1:0"
             }
             c
         });
-        let ours = arrivals(&mut records, n as usize, &sent, |p| {
-            let v: serde_json::Value = serde_json::from_slice(p).unwrap_or_default();
-            v["hl7"]["control_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
+        let t0 = Instant::now();
+        let ours = arrivals(
+            &mut records,
+            n as usize,
+            &sent,
+            |p| {
+                let v: serde_json::Value = serde_json::from_slice(p).unwrap_or_default();
+                v["hl7"]["control_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            },
+            a.show_slow.map(|l| (l, "siterelay", t0)),
+        )
         .await;
         c = sender.await?;
 
@@ -201,6 +240,7 @@ listen = "127.0.0.1:0"
         let sent = std::sync::Arc::new(tokio::sync::Mutex::new(HashMap::new()));
         let s2 = sent.clone();
         let p2 = publisher.clone();
+        let t0 = Instant::now();
         let payload_len = 1_000;
         let sender = tokio::spawn(async move {
             let start = tokio::time::Instant::now();
@@ -215,13 +255,19 @@ listen = "127.0.0.1:0"
                     .unwrap();
             }
         });
-        let base = arrivals(&mut plain, n as usize, &sent, |p| {
-            String::from_utf8_lossy(p)
-                .split(' ')
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
+        let base = arrivals(
+            &mut plain,
+            n as usize,
+            &sent,
+            |p| {
+                String::from_utf8_lossy(p)
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            },
+            a.show_slow.map(|l| (l, "plain", t0)),
+        )
         .await;
         sender.await?;
         println!(
