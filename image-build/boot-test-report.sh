@@ -111,6 +111,9 @@ if [ -f $t/upgrade.deb ]; then
 fi
 
 say "--- 4. the box ---"
+# health.clock comes from adjtimex inside the daemon's sandbox: "unknown" means the unit's
+# system call filter refused it.
+say "clock (the running daemon): $(runuser -u siterelay -- siterelay status 2>&1 | grep '^clock' | tr -s ' ')"
 echo "BOOT-TEST --- journal (siterelay units) ---"
 journalctl -b --no-pager -o short-monotonic -u siterelay-data -u siterelay-firewall -u siterelay-firstboot -u siterelay | tail -n 40
 echo "BOOT-TEST --- mounts ---"
