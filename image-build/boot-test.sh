@@ -26,7 +26,9 @@
 #      accept times (some must fall on each side), and the store's pending count, which must
 #      equal the messages sent (nothing lost, nothing stored twice);
 #   4. the journal, mounts, firewall, time sync and journald; then powers off.
-# PASSED needs 1 (and 3 when asked for) to have come out right.
+#   The daemon's clock line must not say "synchronisation unknown" (adjtimex refused by the
+#   unit's system call filter).
+# PASSED needs 1, that clock line (and 3 when asked for) to have come out right.
 #
 # The disk: the root file system as an ext4 image (mkfs.ext4 -d: no loop devices, no mounts) on
 # the first virtio disk, and a second disk with one GPT partition named siterelay-data, which the
@@ -185,6 +187,10 @@ log="$work/serial.log"
 fail=()
 grep -aq 'BOOT-TEST enrol --install-cert exit: 0' "$log" || fail+=("enrol --install-cert did not succeed")
 grep -aq 'BOOT-TEST siterelay.service is-active: active' "$log" || fail+=("siterelay.service did not reach READY (active) after enrolment")
+# adjtimex inside the sandbox: "unknown" means the unit's system call filter refused it.
+line="$(grep -a 'BOOT-TEST clock (the running daemon)' "$log" || true)"
+[[ "$line" =~ synchronised ]] && [[ ! "$line" =~ unknown ]] \
+    || fail+=("the daemon could not read the clock state under the unit's sandbox: ${line:-no result}")
 if [ -n "$upgrade_deb" ]; then
     line="$(grep -a 'BOOT-TEST upgrade: [0-9]* of' "$log" || true)"
     [[ "$line" =~ upgrade:\ ([0-9]+)\ of\ ([0-9]+)\ messages\ accepted,\ [0-9]+\ sends\ retried,\ ([0-9]+)\ pending ]] \
