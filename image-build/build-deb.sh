@@ -14,6 +14,11 @@
 #   --deb-version V      package version (default: Cargo.toml's version, revision 1)
 #   --output DIR         where the .deb goes (default: <target dir>/deb)
 #
+# The Maintainer field names whoever builds and answers for the package a trust installs (a
+# regional team, a supplier): set DEBFULLNAME and DEBEMAIL (Debian's convention) or
+# SITERELAY_DEB_MAINTAINER="Name <address>". Without them the package carries Cargo.toml's
+# placeholder (siterelay@example.org) and this script says so on stderr.
+#
 # Prints the path of the .deb. Honours CARGO_TARGET_DIR. Needs cargo-deb
 # (`cargo install --locked cargo-deb`), gzip, and cargo (for `cargo tree`: the copyright file
 # lists the bundled crates). What the package does: image-build/README.md.
@@ -142,6 +147,16 @@ for page in "$stage"/man/*.5; do gzip -9n -c "$page" > "$rel/deb-generated/man5/
 
 version_args=()
 [ -z "$deb_version" ] || version_args=(--deb-version "$deb_version")
+maintainer="${SITERELAY_DEB_MAINTAINER:-}"
+if [ -z "$maintainer" ] && [ -n "${DEBFULLNAME:-}" ] && [ -n "${DEBEMAIL:-}" ]; then
+    maintainer="$DEBFULLNAME <$DEBEMAIL>"
+fi
+if [ -n "$maintainer" ]; then
+    [[ "$maintainer" =~ ^[^\<\>]+\ \<[^\<\>@\ ]+@[^\<\>\ ]+\>$ ]] || die "Maintainer must read 'Name <address>', not: $maintainer"
+    version_args+=(--maintainer "$maintainer")
+else
+    echo "build-deb.sh: note: Maintainer is Cargo.toml's placeholder; set DEBFULLNAME and DEBEMAIL (or SITERELAY_DEB_MAINTAINER) to the team that ships this package" >&2
+fi
 CARGO_TARGET_DIR="$stage" cargo deb --no-build --no-strip --locked --target "$triple" \
     --output "$output" "${version_args[@]}" >/dev/null
 deb="$(ls -t "$output"/siterelay_*_"$arch".deb | head -1)"
