@@ -51,13 +51,26 @@ fi
 [ -z "$keys" ] || [ -r "$keys" ] || { echo "build-rootfs.sh: cannot read $keys" >&2; exit 1; }
 
 need=(mmdebstrap)
-[ "$arch" = "$(dpkg --print-architecture)" ] || need+=(qemu-user-static binfmt-support)
+[ "$arch" = "$(dpkg --print-architecture)" ] || need+=(qemu-user-static binfmt-support arch-test)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "build-rootfs.sh: installing ${missing[*]} from Debian's packages"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# A foreign tree's package scripts run under qemu-user through binfmt_misc. In a container
+# without systemd nothing mounts or registers it: do both (seen on the development machine).
+if [ "$arch" != "$(dpkg --print-architecture)" ]; then
+    bm=/proc/sys/fs/binfmt_misc
+    [ -e "$bm/register" ] || mount -t binfmt_misc binfmt_misc "$bm"
+    if [ ! -e "$bm/qemu-aarch64" ] && [ "$arch" = arm64 ]; then
+        if [ -f /usr/lib/binfmt.d/qemu-aarch64.conf ]; then
+            grep -v '^#' /usr/lib/binfmt.d/qemu-aarch64.conf > "$bm/register"
+        else
+            update-binfmts --enable qemu-aarch64
+        fi
+    fi
 fi
 
 # The package: given, or built through build-deb.sh's command line (its only coupling here).

@@ -122,8 +122,17 @@ check "firewall from another config: exactly the [[mllp]] ports 2600 and 12575" 
 ssh_only() { grep -q 'tcp dport 22 accept' "$1" && [ "$(grep -c 'tcp dport' "$1")" = 1 ]; }
 check "the shipped default /etc/nftables.conf admits SSH only" ssh_only "$dir/etc/nftables.conf"
 nft_check() { chroot "$dir" /usr/sbin/nft --check -f - <<<"$1"; }
-check "nft --check (the image's nft) accepts the rules from the shipped config" nft_check "$conf_rules"
-check "nft --check accepts the shipped default /etc/nftables.conf" chroot "$dir" /usr/sbin/nft --check -f /etc/nftables.conf
+not_run=0
+tree_arch="$(dpkg-query --admindir="$dir/var/lib/dpkg" -W -f '${Architecture}' dpkg)"
+if [ "$tree_arch" = "$(dpkg --print-architecture)" ]; then
+    check "nft --check (the image's nft) accepts the rules from the shipped config" nft_check "$conf_rules"
+    check "nft --check accepts the shipped default /etc/nftables.conf" chroot "$dir" /usr/sbin/nft --check -f /etc/nftables.conf
+else
+    # The image's nft under qemu-user cannot open a netlink socket ("Protocol not supported"),
+    # and nft --check needs one. Said, not hidden: the booted image loads them for real.
+    echo "NOT RUN: nft --check of the shipped rules: a $tree_arch nft under user-mode emulation has no netlink (image-build/boot-test.sh --arch $tree_arch loads them in the booted image)"
+    not_run=2
+fi
 
-echo "check-rootfs: $passed passed, $failed failed"
+if [ "$not_run" = 0 ]; then echo "check-rootfs: $passed passed, $failed failed"; else echo "check-rootfs: $passed passed, $failed failed, $not_run not run (above)"; fi
 [ "$failed" = 0 ]
