@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Assemble a Raspberry Pi 4/5 SD-card image from an arm64 root file system made by
-# `build-rootfs.sh OUTDIR --arch arm64` (Debian's linux-image-arm64 and raspi-firmware in it).
+# Assemble a Raspberry Pi 4 SD-card image (Pi 400, CM4 too; a Pi 5 needs a kernel with the
+# bcm2712 device trees, which Debian 12's 6.1 has not: they are copied when present) from an
+# arm64 root file system made by `build-rootfs.sh OUTDIR --arch arm64` (Debian's linux-image-arm64 and raspi-firmware in it).
 #
 #   image-build/build-pi-image.sh ROOTFS OUT.img [--root-mib N] [--data-mib N]
 #
-# The card (GPT, which the Pi 4/5 boot ROM reads):
+# The card (GPT, which the Pi 4's boot ROM reads):
 #   1. RASPIFIRM  FAT32, 256 MiB: the Pi firmware (start4.elf, fixup4.dat, ...), the kernel and
-#                 initramfs, the Pi 4/5 device trees, config.txt and cmdline.txt
+#                 initramfs, the Pi 4 device trees, config.txt and cmdline.txt
 #                 (root=LABEL=siterelay-root ro)
 #   2. siterelay-root  ext4, the tree (mounted read-only at run time; fstab in the tree)
 #   3. siterelay-data  left empty: the first boot makes it the LUKS2 data partition
@@ -15,8 +16,8 @@
 # runs in a container. Write it with `dd if=OUT.img of=/dev/sdX bs=4M conv=fsync` or Raspberry
 # Pi Imager's "Use custom". Needs root (to read the tree), e2fsprogs, dosfstools, mtools, fdisk.
 #
-# What is checked here: the layout and the files on the card (`--check`-like lines at the end).
-# What is not: booting on a Pi (no hardware here). The same arm64 tree boots on QEMU's generic
+# It prints the partition table and the boot partition's files at the end. Not checked here:
+# booting on a Pi (no hardware here). The same arm64 tree boots on QEMU's generic
 # arm64 machine (boot-test.sh --arch arm64), which skips the Pi's firmware.
 set -euo pipefail
 
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --root-mib) root_mib="$2"; shift 2 ;;
         --data-mib) data_mib="$2"; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         -*) echo "build-pi-image.sh: unknown option $1" >&2; exit 2 ;;
         *) if [ -z "$src" ]; then src="$1"; elif [ -z "$out" ]; then out="$1"; else
                echo "usage: build-pi-image.sh ROOTFS OUT.img" >&2; exit 2; fi
