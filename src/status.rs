@@ -154,6 +154,7 @@ async fn retry(ctx: &StatusContext, db: &Path, which: Option<i64>) -> serde_json
                 policy: intake::Policy::default(),
                 dedup_window: None,
                 max_batch_messages: crate::config::DEFAULT_MAX_BATCH_MESSAGES,
+                batch_permits: crate::intake::batch_permits(),
             }),
         };
         let outcome = intake.retry(&row).await;

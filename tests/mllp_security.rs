@@ -311,6 +311,57 @@ async fn a_batch_over_max_batch_messages_is_answered_ae_and_nothing_of_it_is_sto
     d.stop().await;
 }
 
+/// Batches are handled `BATCHES_AT_ONCE` at a time over all feeds, each held whole in memory
+/// while it is checked and committed (issue 13: eight big batches at once multiplied the
+/// daemon's memory). While every permit is taken, a batch waits: no answer and nothing stored.
+/// A batch over `max_batch_messages` does not wait: it is answered `AE` at once. When a permit
+/// comes back, the waiting batch is stored and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_its_turn_and_one_over_the_limit_is_answered_at_once() {
+    let env = Env::new();
+    let d = daemon(&env, "max_batch_messages = 10").await;
+    let addr = d.addr("adt").unwrap();
+    let held = d
+        .batch_permits()
+        .acquire_many_owned(siterelay::intake::BATCHES_AT_ONCE as u32)
+        .await
+        .unwrap();
+    let messages: Vec<String> = (0..11)
+        .map(|i| String::from_utf8(adt(&format!("W{i}"))).unwrap())
+        .collect();
+    let mut waiting = from(GENUINE, addr).await;
+    waiting
+        .write_raw(&siterelay::sources::mllp::framing::encode(&batch(
+            &messages[..10],
+        )))
+        .await
+        .unwrap();
+    let mut big = from(HOSTILE, addr).await;
+    big.write_raw(&siterelay::sources::mllp::framing::encode(&batch(
+        &messages,
+    )))
+    .await
+    .unwrap();
+    let ack = parse_ack(&big.read_frame(ACK_WAIT).await.unwrap()).unwrap();
+    assert_eq!(ack.code, "AE", "over the limit: answered without waiting");
+    assert!(
+        waiting
+            .read_frame(Duration::from_millis(700))
+            .await
+            .is_err(),
+        "no answer while every permit is held"
+    );
+    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 0);
+    drop(held);
+    let acks = parse_batch_ack(&waiting.read_frame(ACK_WAIT).await.unwrap()).unwrap();
+    assert!(
+        acks.is_empty() || acks.iter().all(|a| a.code == "AA"),
+        "{acks:?}"
+    );
+    assert_eq!(d.outbox().gauges().appended.load(Ordering::Relaxed), 10);
+    d.stop().await;
+}
+
 /// The bound docs/contract.md ("Batches") states for a batch acknowledgement: per message not
 /// accepted, three times its MSH segment plus 512 bytes; per FHS/BHS, three times that segment
 /// plus 512 bytes, and 512 more.

@@ -58,6 +58,7 @@ pub(super) async fn bind(f: &MllpFeedConfig, shared: &Shared) -> anyhow::Result<
         policy: policy(f),
         dedup_window: (!f.dedup_window.is_zero()).then_some(f.dedup_window),
         max_batch_messages: f.max_batch_messages,
+        batch_permits: shared.batch_permits.clone(),
     });
     let allow = AllowList::parse(&f.allow)
         .map_err(|(i, why)| anyhow::anyhow!("feed {}: allow[{i}]: {why}", f.name))?;

@@ -76,6 +76,8 @@ pub struct Daemon {
     telemetry: Arc<Telemetry>,
     /// The TLS of every MLLP feed that has it (reloaded on SIGHUP).
     mllp_tls: crate::sources::mllp::certs::Reloader,
+    /// The permits batches wait for (shared with every feed's intake).
+    batch_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// What every feed's receive stage is built from, besides the feed's own settings.
@@ -90,6 +92,8 @@ struct Shared {
     rejects: Option<mpsc::Sender<RejectNotice>>,
     /// The MQTT client identity in use (None with `insecure_plaintext`).
     identity: Option<Arc<crate::sink::identity::ClientIdentity>>,
+    /// Batches worked on at once, over all feeds (`intake::BATCHES_AT_ONCE`).
+    batch_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -157,7 +161,9 @@ impl Daemon {
             inventories,
             rejects,
             identity: identity.clone(),
+            batch_permits: crate::intake::batch_permits(),
         };
+        let batch_permits = shared.batch_permits.clone();
 
         let mut mllp = Vec::new();
         for f in &cfg.mllp {
@@ -236,6 +242,7 @@ impl Daemon {
             writer,
             telemetry,
             mllp_tls,
+            batch_permits,
         })
     }
 
@@ -258,6 +265,12 @@ impl Daemon {
     /// Live counters.
     pub fn telemetry(&self) -> Arc<Telemetry> {
         self.telemetry.clone()
+    }
+
+    /// The permits a batch frame waits for before it is handled (`intake::BATCHES_AT_ONCE`),
+    /// for tests that hold them.
+    pub fn batch_permits(&self) -> Arc<tokio::sync::Semaphore> {
+        self.batch_permits.clone()
     }
 
     /// The outbox handle (for stats in tests and tools).

@@ -48,6 +48,7 @@ pub(super) fn prepare(sc: &SerialConfig, cfg: &Config, shared: &Shared) -> anyho
         policy: Policy::default(),
         dedup_window: None,
         max_batch_messages: crate::config::DEFAULT_MAX_BATCH_MESSAGES,
+        batch_permits: shared.batch_permits.clone(),
     });
     Ok(Port {
         name: sc.name.clone(),

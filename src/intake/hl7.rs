@@ -383,6 +383,9 @@ impl FeedIntake {
         if count > self.max_batch_messages {
             return self.refuse_large_batch(size, peer, count);
         }
+        // Its turn among the batches of every feed (`BATCHES_AT_ONCE`): what follows holds every
+        // message of it in memory until the one commit. The semaphore is never closed.
+        let _turn = self.batch_permits.acquire().await;
         for note in &batch.notes {
             warn!(
                 feed,
@@ -397,8 +400,8 @@ impl FeedIntake {
             Quarantine(Box<super::quarantine::ToQuarantine>),
             Done(Answer),
         }
-        let mut slots: Vec<(usize, Slot)> = Vec::new();
-        let mut to_store = Vec::new();
+        let mut slots: Vec<(usize, Slot)> = Vec::with_capacity(count);
+        let mut to_store = Vec::with_capacity(count);
         let mut to_quarantine = Vec::new();
         for (g, group) in batch.groups.iter().enumerate() {
             for range in &group.messages {
