@@ -17,7 +17,8 @@ pub struct FeedCounters {
     pub frames: AtomicU64,
     /// Messages stored in the outbox.
     pub stored: AtomicU64,
-    /// ACKs sent, by MSA-1 code.
+    /// Messages stored: answered `AA` or `CA`, or not answered where none is sent (MSH-15
+    /// `NE`, device lines). Health's `acks.AA`.
     pub ack_aa: AtomicU64,
     /// `AE` answers (unusable content).
     pub ack_ae: AtomicU64,
