@@ -21,21 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use siterelay::client::MllpClient;
+use siterelay_testkit::bench::{daemon_binary, proc_status_kib};
 use siterelay_testkit::proxy::{Mode, Proxy};
 use siterelay_testkit::{Mosquitto, Pki, Subscriber};
-
-/// The daemon: `SITERELAY_BIN` if set (to compare two builds), else the binary beside this
-/// example in the same target directory.
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SITERELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("siterelay"))
-        .expect("target directory")
-}
 
 fn message(i: u64) -> Vec<u8> {
     format!(
@@ -46,16 +34,6 @@ OBX|1|NM|NA^Sodium^L||139|mmol/L|133-146||||F\r\
 OBX|2|NM|K^Potassium^L||4.1|mmol/L|3.5-5.3||||F\r"
     )
     .into_bytes()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -109,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
-    let bin = binary();
+    let bin = daemon_binary();
     anyhow::ensure!(
         bin.exists(),
         "{} not found: cargo build --release",
@@ -136,29 +114,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = dir.path().join("siterelay.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"appliance_id = "backlog"
-organisation = "RXX"
-data_dir = "{data}"
-[log]
-level = "warn"
-[mqtt]
-host = "localhost"
-port = {port}
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-reconnect_max = "1s"
-[[mllp]]
-name = "lab"
-listen = "127.0.0.1:{listen}"
-"#,
-            data = data.display(),
-            port = proxy.port(),
-            ca = pki.ca_file().display(),
-            cert = pki.client_cert_file().display(),
-            key = pki.client_key_file().display(),
-        ),
+        siterelay_testkit::bench::config_text("backlog", &data, proxy.port(), &pki, "lab", listen),
     )?;
 
     // RSS sampler: (seconds since start, phase, KiB) for whichever daemon pid is current.
@@ -172,7 +128,7 @@ listen = "127.0.0.1:{listen}"
             loop {
                 let p = pid.load(Ordering::SeqCst) as u32;
                 if p != 0 {
-                    let r = rss_kib(p);
+                    let r = proc_status_kib(p, "VmRSS:");
                     if r > 0 {
                         let ph = *phase.lock().unwrap();
                         series
@@ -215,7 +171,7 @@ listen = "127.0.0.1:{listen}"
                 eprintln!(
                     "backlog: {} stored, rss {} KiB",
                     acked.load(Ordering::SeqCst),
-                    rss_kib(child.id())
+                    proc_status_kib(child.id(), "VmRSS:")
                 );
                 last_report = Instant::now();
             }
@@ -225,7 +181,7 @@ listen = "127.0.0.1:{listen}"
     }
     let build_secs = t1.elapsed().as_secs_f64();
     let stored = acked.load(Ordering::SeqCst);
-    let build_rss_end = rss_kib(child.id());
+    let build_rss_end = proc_status_kib(child.id(), "VmRSS:");
 
     // Phase 2: restart with the backlog and the full duplicate window.
     *phase.lock().unwrap() = "restart";
@@ -237,7 +193,7 @@ listen = "127.0.0.1:{listen}"
     child = c2;
     pid.store(child.id() as u64, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_after_restart = rss_kib(child.id());
+    let rss_after_restart = proc_status_kib(child.id(), "VmRSS:");
 
     // Phase 3: the broker comes back; drain.
     *phase.lock().unwrap() = "drain";
@@ -259,7 +215,7 @@ listen = "127.0.0.1:{listen}"
     }
     let drain_secs = last_at.duration_since(t3).as_secs_f64();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_after_drain = rss_kib(child.id());
+    let rss_after_drain = proc_status_kib(child.id(), "VmRSS:");
     siterelay_testkit::sys::sigterm(child.id())?;
     child.wait()?;
     pid.store(0, Ordering::SeqCst);

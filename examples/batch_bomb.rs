@@ -18,36 +18,15 @@
 //!
 //! `SITERELAY_BIN` runs another build of the daemon.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use siterelay::client::{MllpClient, parse_ack, parse_batch_ack};
 use siterelay_testkit::Pki;
+use siterelay_testkit::bench::{daemon_binary, proc_status_kib};
 
 /// The default `max_batch_messages` (docs/configuration.md).
 const CAP: usize = 10_000;
-
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SITERELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("siterelay"))
-        .expect("target directory")
-}
-
-/// `VmRSS` or `VmHWM` of `pid` in KiB.
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// One batch frame's content: `n` messages, each from `one(sender, i)`.
 fn batch(sender: usize, n: usize, one: fn(usize, usize) -> String) -> Vec<u8> {
@@ -95,30 +74,9 @@ async fn round(pki: &Pki, r: &Round, senders: usize) -> anyhow::Result<()> {
     let cfg = dir.path().join("siterelay.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"appliance_id = "bomb-box"
-organisation = "RXX"
-data_dir = "{data}"
-[log]
-level = "warn"
-[mqtt]
-host = "localhost"
-port = {broker}
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-reconnect_max = "1s"
-[[mllp]]
-name = "lab"
-listen = "127.0.0.1:{port}"
-"#,
-            data = data.display(),
-            ca = pki.ca_file().display(),
-            cert = pki.client_cert_file().display(),
-            key = pki.client_key_file().display(),
-        ),
+        siterelay_testkit::bench::config_text("bomb-box", &data, broker, pki, "lab", port),
     )?;
-    let mut d = Command::new(binary())
+    let mut d = Command::new(daemon_binary())
         .args(["run", "--config"])
         .arg(&cfg)
         .stdout(Stdio::null())
@@ -137,7 +95,7 @@ listen = "127.0.0.1:{port}"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = proc_kib(pid, "VmRSS:");
+    let idle = proc_status_kib(pid, "VmRSS:");
     let frames: Vec<Vec<u8>> = (0..senders)
         .map(|s| siterelay::sources::mllp::framing::encode(&batch(s, r.messages, r.one)))
         .collect();
@@ -157,9 +115,12 @@ listen = "127.0.0.1:{port}"
     for task in tasks {
         answers.push(task.await??);
     }
-    let peak = proc_kib(pid, "VmHWM:");
-    let after = proc_kib(pid, "VmRSS:");
-    let (anon, file) = (proc_kib(pid, "RssAnon:"), proc_kib(pid, "RssFile:"));
+    let peak = proc_status_kib(pid, "VmHWM:");
+    let after = proc_status_kib(pid, "VmRSS:");
+    let (anon, file) = (
+        proc_status_kib(pid, "RssAnon:"),
+        proc_status_kib(pid, "RssFile:"),
+    );
     // SIGTERM: the daemon's own orderly stop (and a profiler wrapped around it writes its file).
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = d.wait();

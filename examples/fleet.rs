@@ -20,6 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use siterelay::client::MllpClient;
+use siterelay_testkit::bench::proc_status_kib;
 use siterelay_testkit::{Mosquitto, Pki, Subscriber};
 
 const ACL: &str = include_str!("../docs/broker/siterelay.acl");
@@ -42,16 +43,6 @@ fn mosquitto_pid(config: &Path) -> Option<u32> {
         let cmd = String::from_utf8_lossy(&cmd);
         (cmd.contains("mosquitto") && cmd.contains(&want)).then_some(pid)
     })
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// utime + stime of a process, seconds.
@@ -128,8 +119,8 @@ async fn run(n: usize, records: usize) -> anyhow::Result<bool> {
     .await?;
     let mut recs =
         Subscriber::connect(broker.port(), &pki, Some(central), "siterelay/+/records/#").await?;
-    let own_before = rss_kib(std::process::id());
-    let mosq_rss_before = rss_kib(mosq);
+    let own_before = proc_status_kib(std::process::id(), "VmRSS:");
+    let mosq_rss_before = proc_status_kib(mosq, "VmRSS:");
     let mosq_cpu_before = cpu_secs(mosq);
 
     let t0 = Instant::now();
@@ -214,9 +205,9 @@ listen = "127.0.0.1:0"
         }
     }
     let deliver_secs = t1.elapsed().as_secs_f64();
-    let mosq_rss = rss_kib(mosq);
+    let mosq_rss = proc_status_kib(mosq, "VmRSS:");
     let mosq_cpu = cpu_secs(mosq) - mosq_cpu_before;
-    let own = rss_kib(std::process::id()).saturating_sub(own_before);
+    let own = proc_status_kib(std::process::id(), "VmRSS:").saturating_sub(own_before);
     let lost = acked.saturating_sub(got.len());
     println!(
         "| {n} | {online_n}/{n} in {online_secs:.1} s | {}/{want} ({acked} ACKed) in {deliver_secs:.1} s | {:.0} | {:.1} MiB (idle {:.1} MiB) | {mosq_cpu:.1} s | {:.2} MiB | {lost} |",

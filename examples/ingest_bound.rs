@@ -25,7 +25,7 @@
 
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,19 +53,6 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
         return f64::NAN;
     }
     v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3
-}
-
-/// A binary beside this example in the same target directory; for `siterelay`,
-/// `SITERELAY_BIN` if set (to compare two builds).
-fn binary(name: &str) -> PathBuf {
-    if let (Some(p), "siterelay") = (std::env::var_os("SITERELAY_BIN"), name) {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join(name))
-        .expect("target directory")
 }
 
 /// The bare receiver: frames, reads MSH-10, answers AA. Stores nothing.
@@ -252,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
-    let bin = binary("siterelay");
+    let bin = siterelay_testkit::bench::daemon_binary();
     anyhow::ensure!(
         bin.exists(),
         "{} not found: cargo build --release",
@@ -345,29 +332,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = dir.path().join("siterelay.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"appliance_id = "bound"
-organisation = "RXX"
-data_dir = "{data}"
-[log]
-level = "warn"
-[mqtt]
-host = "localhost"
-port = {proxy}
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-reconnect_max = "1s"
-[[mllp]]
-name = "lab"
-listen = "127.0.0.1:{port}"
-"#,
-            data = data.display(),
-            proxy = proxy.port(),
-            ca = pki.ca_file().display(),
-            cert = pki.client_cert_file().display(),
-            key = pki.client_key_file().display(),
-        ),
+        siterelay_testkit::bench::config_text("bound", &data, proxy.port(), &pki, "lab", port),
     )?;
     let mut d = Command::new(&bin)
         .args(["run", "--config"])

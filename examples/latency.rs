@@ -139,26 +139,14 @@ async fn main() -> anyhow::Result<()> {
         }
         other => anyhow::bail!("--broker must be mosquitto or inprocess, not {other}"),
     };
-    let cfg_text = format!(
-        r#"appliance_id = "latency"
-organisation = "RXX"
-data_dir = "{data}"
-[log]
-level = "warn"
-[mqtt]
-host = "localhost"
-port = {port}
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-[[mllp]]
-name = "lab"
-listen = "127.0.0.1:0"
-"#,
-        data = dir.path().join("data").display(),
-        ca = pki.ca_file().display(),
-        cert = pki.client_cert_file().display(),
-        key = pki.client_key_file().display(),
+    // Broker up for the whole run: the shared config's reconnect_max never comes into play.
+    let cfg_text = siterelay_testkit::bench::config_text(
+        "latency",
+        &dir.path().join("data"),
+        port,
+        &pki,
+        "lab",
+        0,
     );
     let path = dir.path().join("siterelay.toml");
     std::fs::write(&path, cfg_text)?;

@@ -12,7 +12,6 @@
 //! lost (acknowledged and never delivered). Exits non-zero if anything was lost.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,15 +37,6 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    // target/<profile>/examples/sigkill_soak -> target/<profile>/siterelay
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("siterelay"))
-        .expect("target directory")
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut cycles = 50usize;
@@ -57,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
-    let bin = binary();
+    let bin = siterelay_testkit::bench::daemon_binary();
     anyhow::ensure!(
         bin.exists(),
         "{} not found: run `cargo build` first",
@@ -89,28 +79,13 @@ async fn main() -> anyhow::Result<()> {
     let cfg = dir.path().join("siterelay.toml");
     std::fs::write(
         &cfg,
-        format!(
-            r#"appliance_id = "soak"
-organisation = "RXX"
-data_dir = "{data}"
-[log]
-level = "warn"
-[mqtt]
-host = "localhost"
-port = {broker}
-ca_file = "{ca}"
-cert_file = "{cert}"
-key_file = "{key}"
-reconnect_max = "1s"
-[[mllp]]
-name = "adt"
-listen = "127.0.0.1:{port}"
-"#,
-            broker = broker.port(),
-            data = dir.path().join("data").display(),
-            ca = pki.ca_file().display(),
-            cert = pki.client_cert_file().display(),
-            key = pki.client_key_file().display(),
+        siterelay_testkit::bench::config_text(
+            "soak",
+            &dir.path().join("data"),
+            broker.port(),
+            &pki,
+            "adt",
+            port,
         ),
     )?;
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();

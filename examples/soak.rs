@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use siterelay::client::MllpClient;
+use siterelay_testkit::bench::{daemon_binary, proc_status_kib};
 use siterelay_testkit::proxy::{Mode, Proxy};
 use siterelay_testkit::{Mosquitto, Pki, Subscriber};
 
@@ -78,19 +79,6 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// The daemon: `SITERELAY_BIN` if set (to compare two builds), else the binary beside this
-/// example in the same target directory.
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SITERELAY_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("siterelay"))
-        .expect("target directory")
-}
-
 fn message(i: u64) -> Vec<u8> {
     format!(
         "MSH|^~\\&|SOAK|RXX|SITERELAY|HUB|20261203093000||ORU^R01^ORU_R01|S{i}|P|2.4\r\
@@ -100,16 +88,6 @@ OBX|1|NM|NA^Sodium^L||139|mmol/L|133-146||||F\r\
 OBX|2|NM|K^Potassium^L||4.1|mmol/L|3.5-5.3||||F\r"
     )
     .into_bytes()
-}
-
-fn proc_status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -170,7 +148,7 @@ struct Sample {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
-    let bin = binary();
+    let bin = daemon_binary();
     anyhow::ensure!(
         bin.exists(),
         "{} not found: run `cargo build --release` first",

@@ -10,6 +10,7 @@
 //!   swallow, throttle).
 //! - [`tmpfs`]: [`Tmpfs`], a small tmpfs to fill up (disk-full tests; needs root).
 //! - [`tls`], [`client`]: rustls configs (always the `ring` provider) and rumqttc options.
+//! - [`bench`]: the daemon binary, `/proc` figures and configuration the examples share.
 //!
 //! Typical use in a `#[tokio::test]`:
 //!
@@ -26,6 +27,7 @@
 // libc calls and their `unsafe` blocks live in `sys.rs` alone (it allows them).
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod mosquitto;
